@@ -1,0 +1,5 @@
+"""Shipped middleboxes, one per module; importing this package registers them."""
+
+from vmbox.functions import ratelimit
+
+__all__ = ["ratelimit"]

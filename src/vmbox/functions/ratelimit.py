@@ -1,0 +1,74 @@
+"""Per-source rate-limiting firewall: the first shipped middlebox.
+
+Each source IP gets a counter per fixed window (aligned to the epoch so every
+replica's windows coincide). Once a source's count reaches this replica's share
+of the global `limit`, its packets are dropped until the window resets. The
+share comes from the split of `limit` among the live replicas.
+
+Memory is bounded: the table holds at most `max_sources` sources per window;
+further new sources share one overflow counter held to the same share, so a
+flood of fresh addresses can neither grow memory nor get through unlimited.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from vmbox.middlebox import Group, Middlebox, StateItem, encode_int, parse_positive_int, register
+from vmbox.packet import Packet, Verdict
+from vmbox.state import sharing
+
+OVERFLOW = "<overflow>"
+
+
+@register("ratelimit")
+class RateLimit(Middlebox):
+    """Drop a source's packets past its share of `limit` per window."""
+
+    state = (StateItem(name="limit", config_key="limit", parse=parse_positive_int, encode=encode_int),)
+
+    def __init__(self, config: Mapping[str, Any], group: Group) -> None:
+        super().__init__(config, group)
+        self.window = float(config.get("window", 1.0))
+        if self.window <= 0:
+            raise ValueError("window must be positive")
+        self.max_sources = int(config.get("max_sources", 65536))
+        self.counts: dict[str, int] = {}
+        self.window_id = -1
+        self.share = 0
+        self.overflowed = 0
+        self.recompute()
+
+    def recompute(self) -> None:
+        self.share = sharing.even(int(self.values["limit"]), self.group.members, self.group.me)
+
+    def process(self, packet: Packet, now: float) -> Verdict:
+        window_id = math.floor(now / self.window)
+        if window_id != self.window_id:
+            # A new window resets every counter: dropping the table is both the
+            # reset and what keeps it bounded to one window's sources.
+            self.window_id = window_id
+            self.counts = {}
+        key = packet.src
+        count = self.counts.get(key)
+        if count is None:
+            if len(self.counts) >= self.max_sources:
+                key = OVERFLOW
+                self.overflowed += 1
+                count = self.counts.get(OVERFLOW, 0)
+            else:
+                count = 0
+        if count >= self.share:
+            return Verdict.DROP
+        self.counts[key] = count + 1
+        return Verdict.PASS
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "share": float(self.share),
+            "limit": float(self.values["limit"]),
+            "sources": float(len(self.counts)),
+            "overflowed_sources": float(self.overflowed),
+        }

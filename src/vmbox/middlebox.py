@@ -1,0 +1,128 @@
+"""The Middlebox base class, declared state items, and the registry of functions.
+
+A middlebox class declares its state items (`state = (StateItem(...), ...)`)
+and registers itself under a function name with `@register("name")`. The
+replica (vmbox.replica) looks the class up by the spec's `middlebox.function`,
+builds one view per shared item, and calls `update()` whenever a value or the
+replica group changes. `process()` is synchronous, does no I/O and never reads
+the clock: the driver passes `now` in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from vmbox.packet import Packet, Verdict
+
+
+class StateValueError(ValueError):
+    """A stored state value could not be parsed; the caller keeps the last good one."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateItem:
+    """A named value a middlebox declares.
+
+    `shared` items live under /vmbox/<service>/state/<name> and are refreshed by
+    a view in the spec's consistency mode; `config_key` names the spec field
+    that seeds the item. `parse` turns stored bytes into a value and raises
+    StateValueError on garbage.
+    """
+
+    name: str
+    config_key: str
+    parse: Callable[[bytes], Any]
+    encode: Callable[[Any], bytes]
+    shared: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The live replicas of a service as one replica sees them."""
+
+    members: tuple[str, ...]
+    me: str
+
+    @property
+    def size(self) -> int:
+        """Live replicas, counting this one even before its registration is seen."""
+        return len(self.members) + (0 if self.me in self.members else 1)
+
+
+class Middlebox(ABC):
+    """Processing logic plus declared state.
+
+    Subclasses set `state`, implement `process`, and react to `update`.
+    """
+
+    state: ClassVar[tuple[StateItem, ...]] = ()
+
+    def __init__(self, config: Mapping[str, Any], group: Group) -> None:
+        self.config = dict(config)
+        self.values: dict[str, Any] = {item.name: config[item.config_key] for item in self.state}
+        self.group = group
+
+    @abstractmethod
+    def process(self, packet: Packet, now: float) -> Verdict:
+        """Decide one packet. Synchronous, no I/O; `now` is seconds since the epoch."""
+
+    def update(self, values: Mapping[str, Any] | None = None, group: Group | None = None) -> None:
+        """Take new state values and/or a new replica group, then recompute."""
+        if values:
+            self.values.update(values)
+        if group is not None:
+            self.group = group
+        self.recompute()
+
+    def recompute(self) -> None:  # noqa: B027 - optional hook
+        """Derive whatever the middlebox needs from `values` and `group`."""
+
+    def gauges(self) -> dict[str, float]:
+        """Numbers worth exporting as metrics (e.g. the current share)."""
+        return {}
+
+
+M = TypeVar("M", bound=type[Middlebox])
+_REGISTRY: dict[str, type[Middlebox]] = {}
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator: make a middlebox available as `middlebox.function: name`."""
+
+    def wrap(cls: M) -> M:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"middlebox function {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_function(name: str) -> type[Middlebox]:
+    """The middlebox class registered as `name`; imports the shipped ones first."""
+    import vmbox.functions  # noqa: F401 - registers the shipped middleboxes
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise KeyError(f"unknown middlebox function {name!r} (known: {known})") from None
+
+
+def parse_positive_int(raw: bytes) -> int:
+    """Parse a stored positive integer such as b'100'; garbage raises StateValueError."""
+    try:
+        value = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise StateValueError(f"not an integer: {raw[:40]!r}") from None
+    if value <= 0:
+        raise StateValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def encode_int(value: Any) -> bytes:
+    """Encode an integer the way etcdctl users would write it."""
+    return str(int(value)).encode("ascii")
