@@ -1,0 +1,47 @@
+"""The etcd key layout of DESIGN.md, in one place.
+
+Every module that names a key calls these functions, so the layout operators
+read with etcdctl is the layout the code writes.
+"""
+
+from __future__ import annotations
+
+ROOT = "/vmbox/"
+
+
+def service_prefix(service: str) -> str:
+    return f"{ROOT}{service}/"
+
+
+def spec_key(service: str) -> str:
+    return f"{ROOT}{service}/spec"
+
+
+def desired_key(service: str) -> str:
+    return f"{ROOT}{service}/desired"
+
+
+def state_key(service: str, item: str) -> str:
+    return f"{ROOT}{service}/state/{item}"
+
+
+def members_prefix(service: str) -> str:
+    return f"{ROOT}{service}/members/"
+
+
+def member_key(service: str, replica: str) -> str:
+    return f"{ROOT}{service}/members/{replica}"
+
+
+def events_prefix(service: str) -> str:
+    return f"{ROOT}{service}/events/"
+
+
+def event_key(service: str, seq: int) -> str:
+    # Zero-padded so etcd's lexical order is the order events happened in.
+    return f"{ROOT}{service}/events/{seq:012d}"
+
+
+def last_segment(key: str) -> str:
+    """'/vmbox/web/members/r1' -> 'r1'."""
+    return key.rsplit("/", 1)[-1]
