@@ -1,0 +1,347 @@
+"""The UDP data-plane driver: an asyncio relay between clients and one upstream.
+
+vmbox.replica runs one UdpRelay per replica (on uvloop). Every replica of a
+service binds the service address with SO_REUSEPORT, so the kernel spreads
+client flows across them. Each datagram becomes a `Packet`; `decide` (the
+middlebox) returns a `Verdict`; passed datagrams go upstream through a
+connected socket per client, so upstream replies find their way back to
+exactly that client. In the `strong` consistency mode a `barrier` (a store
+read) must complete, having started after a packet arrived, before the packet
+is decided; packets that arrive while one read is pending share the next.
+
+Nothing a client or the upstream sends can stop the relay: errors are counted
+in `Counters` and logged at most once per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from vmbox.dataplane.counters import Counters
+from vmbox.dataplane.sockets import Address, AddressInUse, BindError, bind_udp, resolve
+from vmbox.packet import Packet, Verdict
+
+__all__ = ["AddressInUse", "BindError", "UdpRelay"]
+
+log = logging.getLogger(__name__)
+
+# What the kernel reports as a peer: (host, port) for IPv4, 4 items for IPv6.
+Peer = tuple[str | Any, int]
+Decide = Callable[[Packet, float], Verdict]
+Barrier = Callable[[], Awaitable[None]]
+
+# Datagrams queued for a client whose upstream socket is still being created.
+FLOW_QUEUE = 256
+# Packets waiting for a strong-mode barrier; beyond it new arrivals are dropped
+# so a stalled store cannot grow memory without bound.
+MAX_PENDING = 65536
+# Bytes a transport may buffer in user space before we drop instead of queueing.
+WRITE_LIMIT = 4 * 1024 * 1024
+
+
+class _RateLimitedLog:
+    """Log each kind of trouble at most once per `interval` seconds."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+
+    def warning(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            self.last[key] = now
+            log.warning(message, *args, exc_info=exc_info)
+
+
+class _Flow(asyncio.DatagramProtocol):
+    """One client's connected upstream socket, its pending queue and last activity."""
+
+    def __init__(self, relay: UdpRelay, addr: Peer, now: float) -> None:
+        self.relay = relay
+        self.addr = addr
+        self.last_seen = now
+        self.queue: deque[bytes] = deque()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def datagram_received(self, data: bytes, addr: Peer) -> None:
+        self.relay._on_reply(self, data)
+
+    def error_received(self, exc: Exception) -> None:
+        # Typically ConnectionRefused: the upstream port has no listener.
+        self.relay.counters.upstream_errors += 1
+        self.relay._trouble.warning("upstream", "relay: upstream error: %s", exc)
+
+
+class _ListenProtocol(asyncio.DatagramProtocol):
+    def __init__(self, relay: UdpRelay) -> None:
+        self.relay = relay
+
+    def datagram_received(self, data: bytes, addr: Peer) -> None:
+        self.relay._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for a reply we sent to a client that has gone away.
+        self.relay._trouble.warning("client", "relay: error sending to a client: %s", exc)
+
+
+def _backlog(transport: asyncio.DatagramTransport) -> int:
+    """Bytes buffered in user space (both asyncio and uvloop transports have it)."""
+    return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
+
+
+class UdpRelay:
+    """Relay datagrams from `listen` to `upstream` as `decide` allows."""
+
+    def __init__(
+        self,
+        listen: Address,
+        upstream: Address,
+        decide: Decide,
+        *,
+        barrier: Barrier | None = None,
+        counters: Counters | None = None,
+        idle_timeout: float = 30.0,
+        max_flows: int = 65536,
+        reuse_port: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if idle_timeout <= 0 or max_flows < 1:
+            raise ValueError("idle_timeout must be positive and max_flows at least 1")
+        self.listen = listen
+        self.upstream = upstream
+        self.decide = decide
+        self.barrier = barrier
+        self.counters = counters if counters is not None else Counters()
+        self.idle_timeout = idle_timeout
+        self.max_flows = max_flows
+        self.reuse_port = reuse_port
+        self.clock = clock
+        self._flows: OrderedDict[Peer, _Flow] = OrderedDict()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._upstream_addr: tuple[socket.AddressFamily, Address] | None = None
+        self._pending: list[tuple[bytes, Peer]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._trouble = _RateLimitedLog()
+
+    @property
+    def local_address(self) -> Address:
+        """The address actually bound (the real port when `listen` asked for 0)."""
+        if self._transport is None:
+            raise RuntimeError("the relay is not started")
+        name = self._transport.get_extra_info("sockname")
+        return (str(name[0]), int(name[1]))
+
+    async def start(self) -> None:
+        """Bind the listen address and start the owned background tasks."""
+        loop = asyncio.get_running_loop()
+        self._upstream_addr = await resolve(self.upstream)
+        sock = self._sock = await bind_udp(self.listen, "listen", reuse_port=self.reuse_port)
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _ListenProtocol(self), sock=sock
+        )
+        self._tasks.append(loop.create_task(self._sweep_loop(), name="relay-sweep"))
+        if self.barrier is not None:
+            self._tasks.append(loop.create_task(self._barrier_loop(), name="relay-barrier"))
+
+    async def close(self) -> None:
+        """Cancel the owned tasks and close every socket."""
+        tasks = self._tasks + [f.task for f in self._flows.values() if f.task is not None]
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for flow in list(self._flows.values()):
+            self._remove_flow(flow)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- the packet path -------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: Peer) -> None:
+        counters = self.counters
+        counters.received += 1
+        counters.bytes_received += len(data)
+        if self.barrier is None:
+            self._decide_and_forward(data, addr)
+        elif len(self._pending) < MAX_PENDING:
+            self._pending.append((data, addr))
+            self._wake.set()
+        else:
+            counters.queue_drops += 1
+
+    def _decide_and_forward(self, data: bytes, addr: Peer) -> None:
+        counters = self.counters
+        try:
+            verdict = self.decide(Packet(addr[0], addr[1], len(data)), self.clock())
+        except Exception:
+            # A middlebox bug must not kill the relay: treat it as a drop.
+            self._trouble.warning("decide", "relay: decide() failed", exc_info=True)
+            verdict = Verdict.DROP
+        if verdict is Verdict.PASS:
+            counters.passed += 1
+            counters.bytes_passed += len(data)
+            self._forward(data, addr)
+        else:
+            counters.dropped += 1
+
+    def _forward(self, data: bytes, addr: Peer) -> None:
+        flow = self._flows.get(addr)
+        if flow is None:
+            flow = self._open_flow(addr)
+        else:
+            self._flows.move_to_end(addr)
+            flow.last_seen = time.monotonic()
+        transport = flow.transport
+        if transport is None:
+            if len(flow.queue) < FLOW_QUEUE:
+                flow.queue.append(data)
+            else:
+                self.counters.queue_drops += 1
+        else:
+            self._send(transport, flow.sock, data, None)
+
+    def _send(
+        self,
+        transport: asyncio.DatagramTransport,
+        sock: socket.socket | None,
+        data: bytes,
+        addr: Peer | None,
+    ) -> None:
+        if data and _backlog(transport) < WRITE_LIMIT:
+            transport.sendto(data, addr)
+        elif data:
+            self.counters.queue_drops += 1
+        elif sock is not None:
+            # asyncio's transports silently skip empty datagrams; UDP allows them.
+            try:
+                if addr is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
+            except OSError:
+                # Only an upstream failure is counted; a vanished client is not ours.
+                if addr is None:
+                    self.counters.upstream_errors += 1
+
+    def _on_reply(self, flow: _Flow, data: bytes) -> None:
+        if self._flows.get(flow.addr) is not flow or self._transport is None:
+            return  # the flow was evicted; its client gets no late replies
+        flow.last_seen = time.monotonic()
+        self._flows.move_to_end(flow.addr)
+        self.counters.replies += 1
+        self.counters.bytes_replied += len(data)
+        self._send(self._transport, self._sock, data, flow.addr)
+
+    # -- flows -------------------------------------------------------------
+
+    def _open_flow(self, addr: Peer) -> _Flow:
+        while len(self._flows) >= self.max_flows:
+            _, oldest = self._flows.popitem(last=False)
+            self._drop_flow(oldest)
+            self.counters.flows_evicted += 1
+        flow = _Flow(self, addr, time.monotonic())
+        self._flows[addr] = flow
+        self.counters.flows = len(self._flows)
+        flow.task = asyncio.get_running_loop().create_task(self._connect(flow))
+        return flow
+
+    async def _connect(self, flow: _Flow) -> None:
+        """Create the flow's connected upstream socket, then send what queued meanwhile."""
+        assert self._upstream_addr is not None
+        family, upstream = self._upstream_addr
+        loop = asyncio.get_running_loop()
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect(upstream)
+                transport, _ = await loop.create_datagram_endpoint(lambda: flow, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            flow.task = None  # finishing now; nothing left to cancel
+            self.counters.upstream_errors += 1
+            self._trouble.warning("connect", "relay: cannot open upstream socket: %s", exc)
+            self.counters.queue_drops += len(flow.queue)
+            self._remove_flow(flow)
+            return
+        flow.task = None
+        if self._flows.get(flow.addr) is not flow:
+            transport.close()  # evicted or closed while connecting
+            return
+        flow.transport, flow.sock = transport, sock
+        while flow.queue:
+            self._send(transport, sock, flow.queue.popleft(), None)
+
+    def _remove_flow(self, flow: _Flow) -> None:
+        if self._flows.get(flow.addr) is flow:
+            del self._flows[flow.addr]
+        self._drop_flow(flow)
+
+    def _drop_flow(self, flow: _Flow) -> None:
+        """Release the sockets of a flow already taken out of the table."""
+        if flow.task is not None:
+            flow.task.cancel()  # its own except/cleanup closes the socket
+            flow.task = None
+        if flow.transport is not None:
+            flow.transport.close()
+            flow.transport = flow.sock = None
+        flow.queue.clear()
+        self.counters.flows = len(self._flows)
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Close flows idle for `idle_timeout` seconds; returns how many."""
+        cutoff = (time.monotonic() if now is None else now) - self.idle_timeout
+        expired = 0
+        # The table is in least-recently-used order, so the scan stops at the
+        # first live flow: the cost is the number of flows expired.
+        while self._flows:
+            flow = next(iter(self._flows.values()))
+            if flow.last_seen > cutoff:
+                break
+            self._remove_flow(flow)
+            expired += 1
+        self.counters.flows_expired += expired
+        return expired
+
+    async def _sweep_loop(self) -> None:
+        interval = min(1.0, max(0.02, self.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_idle()
+
+    # -- strong consistency --------------------------------------------------
+
+    async def _barrier_loop(self) -> None:
+        """Decide each batch of packets only after a barrier that began after they arrived."""
+        assert self.barrier is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                await self.barrier()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Fail-static: the middlebox keeps its last known state.
+                self.counters.barrier_errors += 1
+                self._trouble.warning(
+                    "barrier", "relay: store read failed, deciding on last state: %s", exc
+                )
+            for data, addr in batch:
+                self._decide_and_forward(data, addr)

@@ -1,0 +1,166 @@
+"""Prometheus exposition of a replica's traffic, and the client side that reads it.
+
+vmbox.replica builds a `ReplicaMetrics` over its relay's `Counters` and its
+middlebox gauges and serves it on /metrics; the local runtime records the
+bound port in the replica's membership info. `vmbox status`
+(vmbox.control.status) and the monitor `scrape` each replica twice and turn
+the difference into per-second rates.
+
+Metrics live in a registry of their own (not prometheus_client's global one),
+so several replicas or tests in one process never collide. The collector reads
+the counters at scrape time, so the packet path pays nothing for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from vmbox.dataplane.counters import Counters
+from vmbox.dataplane.sockets import bind_error
+
+# (metric name without _total, Counters field, help)
+COUNTERS = (
+    ("vmbox_packets_received", "received", "Datagrams received from clients."),
+    ("vmbox_packets_passed", "passed", "Datagrams the middlebox passed upstream."),
+    ("vmbox_packets_dropped", "dropped", "Datagrams the middlebox dropped."),
+    ("vmbox_bytes_received", "bytes_received", "Bytes received from clients."),
+    ("vmbox_bytes_passed", "bytes_passed", "Bytes passed upstream."),
+    ("vmbox_replies", "replies", "Datagrams relayed back from the upstream."),
+    ("vmbox_upstream_errors", "upstream_errors", "Errors talking to the upstream."),
+    ("vmbox_barrier_errors", "barrier_errors", "Strong-mode store reads that failed."),
+    ("vmbox_queue_drops", "queue_drops", "Datagrams dropped because a queue was full."),
+    ("vmbox_flows_expired", "flows_expired", "Upstream flows closed after idling."),
+)
+LABELS = ("service", "replica")
+MAX_RESPONSE = 8 * 1024 * 1024  # a scrape larger than this is not a vmbox replica
+
+
+class ScrapeError(Exception):
+    """A replica's /metrics could not be read; str() is one line."""
+
+
+class _ReplicaCollector(Collector):
+    def __init__(
+        self, labels: list[str], counters: Counters, gauges: Callable[[], Mapping[str, float]]
+    ) -> None:
+        self.labels = labels
+        self.counters = counters
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        for name, attr, doc in COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(self.labels, float(getattr(self.counters, attr)))
+            yield family
+        flows = GaugeMetricFamily("vmbox_flows", "Active upstream flows.", labels=LABELS)
+        flows.add_metric(self.labels, float(self.counters.flows))
+        yield flows
+        for key, value in sorted(self.gauges().items()):
+            gauge = GaugeMetricFamily(f"vmbox_{key}", f"Middlebox gauge {key}.", labels=LABELS)
+            gauge.add_metric(self.labels, float(value))
+            yield gauge
+
+
+class ReplicaMetrics:
+    """The /metrics endpoint of one replica.
+
+    `gauges` is called from the HTTP server's thread at scrape time: it must
+    only read (the middlebox's gauges() does).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        replica: str,
+        counters: Counters,
+        gauges: Callable[[], Mapping[str, float]],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ReplicaCollector([service, replica], counters, gauges))
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve /metrics on host:port; returns the bound port. A busy port raises one line."""
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise bind_error(exc, (host, port), "metrics port") from None
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        """Stop serving (blocks up to the server's 0.5 s poll interval)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sample name -> value summed over label sets (e.g. 'vmbox_packets_received_total')."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+    return values
+
+
+def _split(address: str) -> tuple[str, int]:
+    address = address.removeprefix("http://").split("/", 1)[0]
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ScrapeError(f"metrics address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+async def scrape(address: str, timeout: float = 1.0) -> dict[str, float]:  # noqa: ASYNC109
+    """GET http://address/metrics and parse it; raises ScrapeError (one line) on any failure.
+
+    Raising rather than returning {} lets callers tell "no traffic" from
+    "unreachable"; `vmbox status` shows the error in the replica's row.
+    """
+    host, port = _split(address)
+    try:
+        body = await asyncio.wait_for(_get(host, port, "/metrics"), timeout)
+    except TimeoutError:
+        raise ScrapeError(f"{address}: no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise ScrapeError(f"{address}: {exc.strerror or exc}") from None
+    try:
+        return parse_metrics(body.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise ScrapeError(f"{address}: not Prometheus text: {exc}") from None
+
+
+async def _get(host: str, port: int, path: str) -> bytes:
+    """A minimal HTTP/1.0 GET: the server closes the connection after the body."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode("ascii"))
+        await writer.drain()
+        response = await reader.read(MAX_RESPONSE)
+        while chunk := await reader.read(MAX_RESPONSE):
+            if len(response) + len(chunk) > MAX_RESPONSE:
+                raise ScrapeError(f"{host}:{port}: response larger than {MAX_RESPONSE} bytes")
+            response += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 200 " not in f"{status} ":
+        raise ScrapeError(f"{host}:{port}{path}: HTTP status {status!r}")
+    return body
