@@ -111,6 +111,9 @@ class Spec(_Model):
     store: Literal["managed"] | list[str] = "managed"
     metrics_host: str = "127.0.0.1"
     lease_ttl: PositiveInt = 3
+    # Per-client upstream sockets a replica keeps; also capped by its file limit.
+    max_flows: PositiveInt = 16384
+    flow_idle_timeout: Duration = 30.0
 
     @field_validator("store", mode="before")
     @classmethod
@@ -143,9 +146,8 @@ def _describe(error: Any) -> str:
     elif error["type"] == "string_pattern_mismatch":
         message = "must be lowercase letters, digits and '-' (a DNS label)"
     got = error.get("input")
-    shown = "" if error["type"] in {"missing", "extra_forbidden"} or isinstance(got, dict) else (
-        f" (got {got!r})"
-    )
+    quiet = error["type"] in {"missing", "extra_forbidden"} or "got " in message
+    shown = "" if quiet or isinstance(got, dict | list) else f" (got {got!r})"
     return f"{location or 'spec'}: {message}{shown}"
 
 

@@ -27,7 +27,9 @@ OVERFLOW = "<overflow>"
 class RateLimit(Middlebox):
     """Drop a source's packets past its share of `limit` per window."""
 
-    state = (StateItem(name="limit", config_key="limit", parse=parse_positive_int, encode=encode_int),)
+    state = (
+        StateItem(name="limit", config_key="limit", parse=parse_positive_int, encode=encode_int),
+    )
 
     def __init__(self, config: Mapping[str, Any], group: Group) -> None:
         super().__init__(config, group)

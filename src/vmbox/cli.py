@@ -1,0 +1,244 @@
+"""The `vmbox` command: up, status, scale, demo, echo, load (and the hidden replica).
+
+Behaves like the tools operators know: --help that explains, one clear line
+and a non-zero exit for every error the user can cause (bad spec, unreachable
+etcd, busy port), never a traceback for those.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+
+from vmbox import context
+from vmbox.control.controller import PermanentError
+from vmbox.dataplane.sockets import BindError
+from vmbox.etcdserver import EtcdNotFound, EtcdStartError
+from vmbox.spec import SpecError, load_spec, parse_address
+from vmbox.state.store import StoreError
+
+T = TypeVar("T")
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def run(coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on uvloop, turning user-caused errors into one line."""
+    import uvloop
+
+    try:
+        return uvloop.run(coro())
+    except SpecError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except (
+        StoreError,
+        PermanentError,
+        EtcdNotFound,
+        EtcdStartError,
+        context.NoContext,
+        BindError,
+    ) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _etcd(value: str | None) -> list[str] | None:
+    return context.parse_endpoints(value) if value else None
+
+
+def _address(value: str, name: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+
+
+ETCD_HELP = "etcd endpoints HOST:PORT[,...]; default: the one `vmbox up` recorded"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """vmbox runs network middleboxes as elastic groups of replicas whose
+    shared state lives in etcd.
+
+    \b
+    Try it:   vmbox demo
+    Run one:  vmbox up examples/ratelimit.yaml
+    Inspect:  vmbox status        Resize: vmbox scale web 3
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="vmbox: %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--etcd", help="Use these etcd endpoints instead of the spec's store.")
+@click.option("--live/--no-live", default=True, help="Live status table (default on a terminal).")
+def up(spec: str, etcd: str | None, live: bool) -> None:
+    """Run the service described by SPEC until Ctrl-C.
+
+    Starts a private etcd when the spec says `store: managed`, writes the spec
+    and desired count to etcd, starts the replicas as child processes (crashed
+    ones are restarted with backoff) and shows their status. Ctrl-C stops
+    every replica and the private etcd.
+    """
+    from vmbox.service import run_service
+
+    loaded = load_spec_or_fail(spec)
+    run(lambda: run_service(loaded, _etcd(etcd), live))
+
+
+def load_spec_or_fail(path: str) -> Any:
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.option("--etcd", help=ETCD_HELP)
+@click.option("-w", "--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(service: str | None, etcd: str | None, watch: bool) -> None:
+    """Show a service's replicas, shares, per-second traffic and recent events."""
+    from vmbox.cli_status import show_status
+
+    name, endpoints = _target(service, etcd)
+    run(lambda: show_status(name, endpoints, watch))
+
+
+@main.command()
+@click.argument("service")
+@click.argument("replicas", type=click.IntRange(min=0))
+@click.option("--etcd", help=ETCD_HELP)
+def scale(service: str, replicas: int, etcd: str | None) -> None:
+    """Set the desired replica count of SERVICE; a running `vmbox up` follows within a second."""
+    from vmbox.cli_status import set_desired
+
+    name, endpoints = _target(service, etcd)
+    run(lambda: set_desired(name, endpoints, replicas))
+
+
+def _target(service: str | None, etcd: str | None) -> tuple[str, list[str]]:
+    if etcd:
+        if not service:
+            fail("name the SERVICE when you pass --etcd", EXIT_USAGE)
+        return service, context.parse_endpoints(etcd)
+    try:
+        return context.lookup(service)
+    except context.NoContext as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--duration", default=90.0, show_default=True, help="Seconds the whole run may take.")
+def demo(duration: float) -> None:
+    """The reference experiment in one command.
+
+    A private etcd, an echo server, a ratelimit service at 100 packets/s and a
+    client ramping from 10 to 300 packets/s; the service is scaled 1 -> 2 -> 4
+    replicas during the run. Ends with a summary table.
+    """
+    from vmbox.demo import run_demo
+
+    if duration < 20:
+        fail("--duration must be at least 20 seconds", EXIT_USAGE)
+    run(lambda: run_demo(duration, Console()))
+
+
+@main.command()
+@click.option("--listen", required=True, help="HOST:PORT to echo on.")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), help="Write second,received rows here."
+)
+@click.option(
+    "--duration", type=float, help="Stop after this many seconds (default: until Ctrl-C)."
+)
+def echo(listen: str, csv_path: str | None, duration: float | None) -> None:
+    """A UDP echo server that reports datagrams received per second."""
+    from vmbox.tools.echo import echo_main
+
+    address = _address(listen, "--listen")
+    run(lambda: echo_main(address, csv_path, duration))
+
+
+@main.command()
+@click.option("--target", required=True, help="HOST:PORT to send to (the service address).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Packets per second.")
+@click.option("--ramp", help="FROM:TO:STEP_PER_S, e.g. 10:300:20.")
+@click.option(
+    "--sources",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 253),
+    help="Distinct source addresses 127.0.0.2 ...",
+)
+@click.option(
+    "--flows",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="UDP flows (source ports), spread over the sources.",
+)
+@click.option(
+    "--duration", default=10.0, show_default=True, type=click.FloatRange(0, 3600, min_open=True)
+)
+def load(
+    target: str, rate: float | None, ramp: str | None, sources: int, flows: int, duration: float
+) -> None:
+    """Send a bounded UDP load and report per second what was sent and what came back."""
+    from vmbox.tools.load import LoadPlan, load_main
+
+    if (rate is None) == (ramp is None):
+        fail("give exactly one of --rate and --ramp", EXIT_USAGE)
+    ramp_tuple = _ramp(ramp) if ramp else None
+    address = _address(target, "--target")
+    try:  # the plan validates flows against sources and the like, in one line each
+        LoadPlan(address, rate, ramp_tuple, sources, flows, duration)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    run(lambda: load_main(address, rate, ramp_tuple, sources, flows, duration))
+
+
+def _ramp(value: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(part) for part in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(
+            "expected FROM:TO:STEP_PER_S, e.g. 10:300:20", param_hint="--ramp"
+        ) from None
+    if start <= 0 or stop <= 0 or step < 0:
+        raise click.BadParameter("rates must be positive", param_hint="--ramp")
+    return start, stop, step
+
+
+@main.command(hidden=True)
+@click.option("--service", required=True)
+@click.option("--id", "replica_id", required=True)
+@click.option("--etcd", required=True)
+@click.option("--metrics-port", default=0, type=int)
+def replica(service: str, replica_id: str, etcd: str, metrics_port: int) -> None:
+    """Run one replica (started by a runtime, not by hand)."""
+    from vmbox.replica import ReplicaConfigError, replica_main
+    from vmbox.runtime.base import EXIT_CONFIG
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        code = run(
+            lambda: replica_main(service, replica_id, context.parse_endpoints(etcd), metrics_port)
+        )
+    except ReplicaConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(code)

@@ -1,0 +1,65 @@
+"""Where `vmbox up` records the etcd it uses, so `status` and `scale` need no flags.
+
+Written by `vmbox up` and `vmbox demo`, read by `vmbox status` and `vmbox scale`.
+One small JSON file per service under the state directory ($VMBOX_STATE_DIR,
+else ~/.local/state/vmbox), like kubectl's current context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class NoContext(LookupError):
+    """No running service recorded an etcd; the user must pass --etcd."""
+
+
+def state_dir() -> Path:
+    base = os.environ.get("VMBOX_STATE_DIR")
+    path = Path(base) if base else Path.home() / ".local" / "state" / "vmbox"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _file(service: str) -> Path:
+    return state_dir() / "services" / f"{service}.json"
+
+
+def record(service: str, endpoints: list[str], pid: int | None = None) -> None:
+    path = _file(service)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"service": service, "endpoints": endpoints, "pid": pid or os.getpid()})
+    )
+
+
+def forget(service: str) -> None:
+    _file(service).unlink(missing_ok=True)
+
+
+def known_services() -> list[str]:
+    folder = state_dir() / "services"
+    if not folder.exists():
+        return []
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.stem for p in files]
+
+
+def lookup(service: str | None) -> tuple[str, list[str]]:
+    """(service, endpoints) for `service`, or for the most recently started one."""
+    names = [service] if service else known_services()
+    for name in names:
+        try:
+            data = json.loads(_file(name).read_text())
+            return name, [str(e) for e in data["endpoints"]]
+        except (OSError, ValueError, KeyError):
+            continue
+    what = f"service {service!r}" if service else "any service"
+    raise NoContext(f"no running `vmbox up` recorded an etcd for {what}: pass --etcd HOST:PORT")
+
+
+def parse_endpoints(value: str) -> list[str]:
+    """'a:1,b:2' -> ['a:1', 'b:2'] (an http:// prefix is accepted and dropped)."""
+    return [part.strip().removeprefix("http://") for part in value.split(",") if part.strip()]

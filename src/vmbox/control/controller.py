@@ -1,0 +1,216 @@
+"""The reconcile loop of one service: keep it at its desired replica count.
+
+Called by `vmbox up` (and `vmbox demo`). Level-based, like controller-runtime:
+each pass reads what is (running replicas, desired count in etcd) and acts
+toward what should be; a missed event is healed by the next pass. Store errors
+requeue the pass with backoff; a replica that cannot start for a reason no
+restart fixes (busy port, bad spec) raises PermanentError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmbox.control import events
+from vmbox.middlebox import get_function
+from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
+from vmbox.spec import Spec
+from vmbox.state import keys
+from vmbox.state.membership import list_members
+from vmbox.state.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+STABLE_AFTER = 30.0  # a replica that ran this long has its crash backoff reset
+
+
+class PermanentError(Exception):
+    """The service cannot run as specified; retrying will not help."""
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    not_before: float = 0.0
+
+
+def restart_delay(failures: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff for the n-th consecutive crash (pure, unit-tested)."""
+    return float(min(cap, base * 2 ** max(0, failures - 1)))
+
+
+class Controller:
+    """Keeps one service at its desired count on a runtime."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        store: Store,
+        runtime: Runtime,
+        *,
+        tick: float = 1.0,
+        on_event: Callable[[events.Event], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.runtime = runtime
+        self.tick = tick
+        self.on_event = on_event
+        self.desired = spec.replicas.count
+        self.backoff: dict[str, _Backoff] = {}
+        self.wake = asyncio.Event()
+
+    @property
+    def service(self) -> str:
+        return self.spec.service
+
+    def replica_id(self, index: int) -> str:
+        return f"{self.service}-{index}"
+
+    async def event(self, kind: str, message: str, **data: object) -> None:
+        log.info("%s: %s", kind, message)
+        try:
+            ev = await events.record(self.store, self.service, kind, message, **data)
+        except StoreError:
+            ev = events.Event(time.time(), kind, message, dict(data))
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    async def setup(self) -> None:
+        """Write the spec, desired count and state seeds; adopt running replicas."""
+        old = await self.store.get(keys.spec_key(self.service))
+        old_spec = json.loads(old.value) if old is not None else None
+        await self.store.put(keys.spec_key(self.service), self.spec.to_json().encode())
+        await self._seed_state(old_spec)
+        current = await self.store.get(keys.desired_key(self.service))
+        count_changed = old_spec is None or old_spec.get("replicas", {}).get("count") != (
+            self.spec.replicas.count
+        )
+        if current is None or count_changed:
+            await self.store.put(keys.desired_key(self.service), str(self.desired).encode())
+        await self._adopt()
+
+    async def _seed_state(self, old_spec: dict[str, object] | None) -> None:
+        config = self.spec.middlebox.model_dump()
+        old_config = old_spec.get("middlebox", {}) if old_spec else {}
+        assert isinstance(old_config, dict)
+        for item in get_function(self.spec.middlebox.function).state:
+            if not item.shared:
+                continue
+            value = item.encode(config[item.config_key])
+            key = keys.state_key(self.service, item.name)
+            if old_config.get(item.config_key) != config[item.config_key]:
+                await self.store.put(key, value)  # the operator changed the spec
+            else:
+                await self.store.compare_and_swap(key, None, value)
+
+    async def _adopt(self) -> None:
+        members = await list_members(self.store, self.service)
+        for rid, member in sorted(members.items()):
+            pid = member.info.get("pid")
+            if isinstance(pid, int) and self.runtime.adopt(rid, pid):
+                await self.event("adopt", f"adopted running replica {rid} (pid {pid})", replica=rid)
+
+    async def read_desired(self) -> int:
+        kv = await self.store.get(keys.desired_key(self.service))
+        lo, hi = self.spec.replicas.min, self.spec.replicas.max
+        try:
+            wanted = int(kv.value) if kv is not None else self.spec.replicas.count
+        except ValueError:
+            log.warning("ignoring unparseable desired count %r", kv.value if kv else None)
+            return self.desired
+        return max(lo, min(hi, wanted))
+
+    async def reconcile(self) -> None:
+        """One level-based pass."""
+        for exited in self.runtime.reap():
+            await self._on_exit(exited)
+        desired = await self.read_desired()
+        if desired != self.desired:
+            await self.event(
+                "scale",
+                f"desired replicas {self.desired} -> {desired}",
+                old=self.desired,
+                new=desired,
+            )
+            self.desired = desired
+        running = self.runtime.running()
+        wanted = [self.replica_id(i) for i in range(1, self.desired + 1)]
+        now = time.monotonic()
+        for rid in wanted:
+            if rid not in running and self.backoff.get(rid, _Backoff()).not_before <= now:
+                self.runtime.start(rid)
+                await self.event("start", f"started replica {rid}", replica=rid)
+        for rid in sorted(set(running) - set(wanted), reverse=True):
+            await asyncio.to_thread(self.runtime.stop, rid)
+            self.backoff.pop(rid, None)
+            await self.event("stop", f"stopped replica {rid}", replica=rid)
+
+    async def _on_exit(self, exited: Exited) -> None:
+        rid = exited.replica_id
+        await self._revoke_member(rid)
+        if exited.exit_code == EXIT_CONFIG:
+            await self.event("failed", f"replica {rid} cannot run: {exited.last_log_line}")
+            raise PermanentError(
+                exited.last_log_line or f"replica {rid} exited with a config error"
+            )
+        state = self.backoff.setdefault(rid, _Backoff())
+        state.failures = 1 if exited.ran_for >= STABLE_AFTER else state.failures + 1
+        delay = restart_delay(state.failures)
+        state.not_before = time.monotonic() + delay
+        detail = f": {exited.last_log_line}" if exited.last_log_line else ""
+        await self.event(
+            "crash",
+            f"replica {rid} exited (code {exited.exit_code}){detail}; restarting in {delay:.1f}s",
+            replica=rid,
+            code=exited.exit_code,
+        )
+
+    async def _revoke_member(self, rid: str) -> None:
+        """Remove a dead replica's member key now rather than at lease expiry."""
+        with contextlib.suppress(StoreError):
+            member = (await list_members(self.store, self.service)).get(rid)
+            if member is not None and member.lease:
+                await self.store.revoke_lease(member.lease)
+
+    async def _watch_desired(self) -> None:
+        while True:
+            with contextlib.suppress(StoreError):
+                async for _ in self.store.watch_prefix(keys.desired_key(self.service)):
+                    self.wake.set()
+            await asyncio.sleep(1.0)
+
+    async def run(self) -> None:
+        """Reconcile until cancelled; store errors are retried with backoff."""
+        watcher = asyncio.create_task(self._watch_desired())
+        delay = 0.2
+        try:
+            while True:
+                try:
+                    await self.reconcile()
+                    delay = 0.2
+                except StoreError as exc:
+                    log.warning("reconcile failed (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+                    continue
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.tick)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def shutdown(self) -> None:
+        """Stop every replica (each leaves the membership first) and mark the service down."""
+        await asyncio.to_thread(self.runtime.stop_all)
+        with contextlib.suppress(StoreError):
+            await self.store.delete(keys.desired_key(self.service))
+            await self.event("down", "service stopped")

@@ -1,0 +1,173 @@
+"""A replica process: spec + store + middlebox + driver + metrics.
+
+Started by a runtime (`vmbox replica --service S --id R --etcd ...`, normally
+by vmbox.runtime.local). It reads the service spec from etcd, builds the
+middlebox, keeps its shared state fresh through one view per item, binds the
+service address (SO_REUSEPORT, shared with its siblings), serves Prometheus
+metrics, and registers itself under members/<id> on a lease. SIGTERM leaves
+the membership first (so the siblings' shares grow at once) and then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from vmbox.dataplane.counters import Counters
+from vmbox.dataplane.udp import UdpRelay
+from vmbox.metrics import ReplicaMetrics
+from vmbox.middlebox import Group, Middlebox, get_function
+from vmbox.spec import Spec, parse_spec
+from vmbox.state import keys
+from vmbox.state.membership import Membership, watch_members
+from vmbox.state.store import Store, StoreError
+from vmbox.state.views import StrongView, View, make_view
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaConfigError(Exception):
+    """A problem no restart can fix; the process exits with EXIT_CONFIG."""
+
+
+def flow_budget(wanted: int, reserve: int = 256) -> int:
+    """Upstream sockets this process may hold: raise the soft file limit, keep a reserve."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(16, min(wanted, soft - reserve))
+
+
+async def load_service_spec(store: Store, service: str) -> Spec:
+    """The spec the controller wrote for `service`."""
+    kv = await store.get(keys.spec_key(service))
+    if kv is None:
+        raise ReplicaConfigError(
+            f"no spec for service {service!r} in etcd (is `vmbox up` running?)"
+        )
+    return parse_spec(json.loads(kv.value), f"etcd {keys.spec_key(service)}")
+
+
+class Replica:
+    """One data-plane replica of a service, wired from its spec."""
+
+    def __init__(self, spec: Spec, replica_id: str, store: Store, *, metrics_port: int = 0) -> None:
+        self.spec = spec
+        self.replica_id = replica_id
+        self.store = store
+        self.metrics_port = metrics_port
+        config = spec.middlebox.model_dump()
+        self.middlebox: Middlebox = get_function(spec.middlebox.function)(
+            config, Group(members=(), me=replica_id)
+        )
+        self.counters = Counters()
+        self.views: dict[str, View] = {}
+        self.members = 0
+        for item in type(self.middlebox).state:
+            if item.shared:
+                self.views[item.name] = make_view(
+                    spec.middlebox.consistency,
+                    store,
+                    keys.state_key(spec.service, item.name),
+                    item,
+                    config[item.config_key],
+                    poll_interval=spec.middlebox.poll_interval,
+                    on_change=self._on_change(item.name),
+                )
+        strong = [v for v in self.views.values() if isinstance(v, StrongView)]
+        self.relay = UdpRelay(
+            spec.listen,
+            spec.upstream,
+            self.middlebox.process,
+            barrier=self._barrier(strong) if strong else None,
+            counters=self.counters,
+            idle_timeout=spec.flow_idle_timeout,
+            max_flows=flow_budget(spec.max_flows),
+        )
+        self.metrics = ReplicaMetrics(spec.service, replica_id, self.counters, self.gauges)
+        self.membership: Membership | None = None
+        self.stopping = asyncio.Event()
+
+    def _on_change(self, name: str) -> Callable[[Any], None]:
+        def apply(value: Any) -> None:
+            self.middlebox.update(values={name: value})
+
+        return apply
+
+    def _barrier(self, views: list[StrongView]) -> Callable[[], Awaitable[None]]:
+        async def read_all() -> None:
+            for view in views:
+                await view.read()
+
+        return read_all
+
+    def gauges(self) -> dict[str, float]:
+        values = dict(self.middlebox.gauges())
+        values["members"] = float(self.members)
+        values["store_stale"] = float(any(v.stale for v in self.views.values()))
+        return values
+
+    async def _follow_members(self) -> None:
+        # Survives store outages: watch_members re-lists after reconnecting.
+        async for snapshot in watch_members(self.store, self.spec.service):
+            members = tuple(sorted(snapshot))
+            self.members = len(set(members) | {self.replica_id})
+            self.middlebox.update(group=Group(members=members, me=self.replica_id))
+
+    async def run(self) -> None:
+        """Serve until `stop()` or cancellation; leave the group on the way out."""
+        try:
+            await self.relay.start()
+        except OSError as exc:
+            raise ReplicaConfigError(str(exc)) from None
+        port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
+        info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
+        self.membership = Membership(
+            self.store, self.spec.service, self.replica_id, info, ttl=self.spec.lease_ttl
+        )
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(view.run()) for view in self.views.values()]
+            tasks.append(group.create_task(self._follow_members()))
+            tasks.append(group.create_task(self.membership.run()))
+            await self.stopping.wait()
+            await self._leave()
+            for task in tasks:
+                task.cancel()
+        await self.relay.close()
+        self.metrics.stop()
+
+    async def _leave(self) -> None:
+        if self.membership is not None:
+            with contextlib.suppress(StoreError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.membership.leave(), 2.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+async def replica_main(
+    service: str, replica_id: str, endpoints: list[str], metrics_port: int
+) -> int:
+    """Entry point of a replica process; returns the exit code."""
+    from vmbox.state.etcd import connect
+
+    store = await connect(endpoints)
+    try:
+        spec = await load_service_spec(store, service)
+        replica = Replica(spec, replica_id, store, metrics_port=metrics_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, replica.stop)
+        await replica.run()
+        return 0
+    finally:
+        await store.close()

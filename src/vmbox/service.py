@@ -1,0 +1,140 @@
+"""`vmbox up`: run one service on this machine until Ctrl-C.
+
+Called by the CLI. Starts the store when the spec says `store: managed`,
+records its endpoint for `status`/`scale`, checks the listen port, runs the
+controller with the local runtime, and shows a live status. On the way out it
+stops every replica, then the private etcd: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from vmbox import context
+from vmbox.control.controller import Controller, PermanentError
+from vmbox.control.status import RateTracker, ServiceStatus, render, snapshot
+from vmbox.etcdserver import EtcdServer
+from vmbox.runtime.local import LocalRuntime
+from vmbox.spec import Spec
+from vmbox.state.etcd import connect
+from vmbox.state.store import Store, StoreError
+
+
+def check_listen(address: tuple[str, int]) -> None:
+    """Fail early, in one line, when the service port is held by another program."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        host, port = address
+        raise PermanentError(
+            f"listen address {host}:{port} is not available ({exc.strerror}): "
+            "choose another `listen` port or stop the program using it"
+        ) from None
+    finally:
+        sock.close()
+
+
+@asynccontextmanager
+async def open_store(spec: Spec, etcd: list[str] | None) -> AsyncIterator[tuple[Store, list[str]]]:
+    """Connect to the given etcd, the spec's endpoints, or a private one started here."""
+    server: EtcdServer | None = None
+    if etcd:
+        endpoints = etcd
+    elif spec.store == "managed":
+        server = EtcdServer()
+        await asyncio.to_thread(server.start)
+        endpoints = server.endpoints
+    else:
+        endpoints = list(spec.store)
+    try:
+        store = await connect(endpoints)
+        try:
+            yield store, endpoints
+        finally:
+            await store.close()
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+async def _live(store: Store, spec: Spec, live: bool) -> None:
+    tracker = RateTracker()
+    console = Console()
+    if live and console.is_terminal:
+        with Live(console=console, refresh_per_second=2, transient=False) as view:
+            while True:
+                with contextlib.suppress(StoreError):
+                    view.update(render(await snapshot(store, spec.service, tracker)))
+                await asyncio.sleep(1.0)
+    while True:  # not a terminal: one plain line per interval
+        with contextlib.suppress(StoreError):
+            status = await snapshot(store, spec.service, tracker)
+            print(_line(status), flush=True)
+        await asyncio.sleep(5.0)
+
+
+def _line(status: ServiceStatus) -> str:
+    shares = ",".join(f"{r.values.get('share', 0):.0f}" for r in status.replicas)
+    return (
+        f"{status.service}: replicas={len(status.replicas)}/{status.desired} "
+        f"shares=[{shares}] received/s={status.total_rate('packets_received_total'):.0f} "
+        f"passed/s={status.total_rate('packets_passed_total'):.0f} "
+        f"dropped/s={status.total_rate('packets_dropped_total'):.0f}"
+    )
+
+
+async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> None:
+    """Run until SIGINT/SIGTERM; raise PermanentError or StoreUnavailable on failure."""
+    check_listen(spec.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_store(spec, etcd) as (store, endpoints):
+        context.record(spec.service, endpoints)
+        log_dir = Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
+        controller = Controller(spec, store, LocalRuntime(spec.service, endpoints, log_dir))
+        try:
+            await controller.setup()
+            print(
+                f"vmbox: service {spec.service} on {spec.listen[0]}:{spec.listen[1]} -> "
+                f"{spec.upstream[0]}:{spec.upstream[1]}, etcd {','.join(endpoints)}, "
+                f"replica logs in {log_dir}",
+                file=sys.stderr,
+            )
+            await _until_stopped(controller, store, spec, live, stop)
+        finally:
+            await controller.shutdown()
+            context.forget(spec.service)
+
+
+async def _until_stopped(
+    controller: Controller, store: Store, spec: Spec, live: bool, stop: asyncio.Event
+) -> None:
+    reconcile = asyncio.create_task(controller.run())
+    tasks = [
+        reconcile,
+        asyncio.create_task(_live(store, spec, live)),
+        asyncio.create_task(stop.wait()),
+    ]
+    try:
+        await asyncio.wait({reconcile, tasks[2]}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if not reconcile.cancelled() and reconcile.exception() is not None:
+        raise reconcile.exception()  # type: ignore[misc]

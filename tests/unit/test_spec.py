@@ -1,0 +1,108 @@
+"""Spec validation: every problem is one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmbox.spec import SpecError, load_spec, parse_duration, parse_spec
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "ratelimit.yaml"
+
+
+def good() -> dict[str, Any]:
+    return {
+        "service": "web",
+        "listen": "127.0.0.1:9000",
+        "upstream": "127.0.0.1:9100",
+        "middlebox": {"function": "ratelimit", "limit": 100},
+    }
+
+
+def test_the_example_spec_loads() -> None:
+    spec = load_spec(EXAMPLE)
+    assert spec.middlebox.limit == 100
+    assert spec.middlebox.poll_interval == pytest.approx(0.1)
+    assert spec.listen == ("127.0.0.1", 9000)
+    assert spec.store == "managed"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("middlebox", "limit"), -5, "middlebox.limit"),
+        (("middlebox", "consistency"), "eventual", "middlebox.consistency"),
+        (("middlebox", "window"), "soon", "middlebox.window"),
+        (("middlebox", "poll_interval"), "0ms", "middlebox.poll_interval"),
+        (("listen",), "127.0.0.1", "listen"),
+        (("upstream",), "127.0.0.1:99999", "upstream"),
+        (("service",), "Web Server", "service"),
+        (("store",), [], "store"),
+    ],
+)
+def test_a_bad_field_is_named(path: tuple[str, ...], value: Any, field: str) -> None:
+    data = good()
+    target = data
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, "web.yaml")
+    message = str(err.value)
+    assert message.startswith(f"web.yaml: {field}: ")
+    assert "\n" not in message
+
+
+def test_unknown_and_missing_fields() -> None:
+    data = good()
+    data["middlebox"]["limt"] = 5
+    with pytest.raises(SpecError, match=r"middlebox\.limt: unknown field"):
+        parse_spec(data)
+    del data["middlebox"]["limt"]
+    del data["middlebox"]["limit"]
+    with pytest.raises(SpecError, match=r"middlebox\.limit: is required"):
+        parse_spec(data)
+
+
+def test_replica_bounds() -> None:
+    data = good() | {"replicas": {"count": 5, "min": 1, "max": 4}}
+    with pytest.raises(SpecError, match="replicas: count"):
+        parse_spec(data)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("service: [web\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
+
+
+def test_durations() -> None:
+    assert parse_duration("100ms") == pytest.approx(0.1)
+    assert parse_duration("2m") == 120
+    assert parse_duration(1.5) == 1.5
+    for bad in ("fast", -1, True, "1d"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
+)
+def test_any_input_gives_a_spec_or_one_line(data: Any) -> None:
+    try:
+        parse_spec(data, "x.yaml")
+    except SpecError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("x.yaml: ")
