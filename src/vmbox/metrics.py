@@ -125,7 +125,7 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def scrape(address: str, timeout: float = 1.0) -> dict[str, float]:  # noqa: ASYNC109
+async def scrape(address: str, timeout: float = 1.0) -> dict[str, float]:
     """GET http://address/metrics and parse it; raises ScrapeError (one line) on any failure.
 
     Raising rather than returning {} lets callers tell "no traffic" from

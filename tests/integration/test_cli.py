@@ -60,12 +60,14 @@ def test_help_explains_every_command() -> None:
     assert result.returncode == 0
     for command in ("up", "status", "scale", "demo", "echo", "load"):
         assert command in result.stdout
-    assert "replica" not in result.stdout.split("Commands:")[1]  # internal, hidden
+    commands = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines()
+                if line.startswith("  ") and line.strip()]
+    assert "replica" not in commands  # internal: started by runtimes, hidden
     assert "desired replica count" in vmbox("scale", "--help").stdout
 
 
 def test_malformed_spec_names_the_field(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "bad.yaml", 9000, 9100).read_text().replace("100", "-5")
+    spec = write_spec(tmp_path / "bad.yaml", 9000, 9100).read_text().replace("limit: 100", "limit: -5")
     (tmp_path / "bad.yaml").write_text(spec)
     line = one_error_line(vmbox("up", str(tmp_path / "bad.yaml")))
     assert "middlebox.limit" in line

@@ -1,0 +1,311 @@
+"""Find, start, health-check and stop a private etcd (one member or a small cluster).
+
+Called by the CLI when a spec says `store: managed`, and by the test suite
+(tests/conftest.py) to get a real etcd on loopback. Members listen on free
+loopback ports, keep their data in a temporary directory unless one is given,
+and die with the process that started them (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+_PR_SET_PDEATHSIG = 1
+# Short raft timers: a lost leader is replaced in about a second, which keeps
+# failover tests fast and is still far above loopback latency.
+_TUNING = ("--heartbeat-interval", "50", "--election-timeout", "500")
+
+
+class EtcdNotFound(RuntimeError):
+    """No etcd binary on this machine."""
+
+
+class EtcdStartError(RuntimeError):
+    """etcd exited or did not become healthy; str() names the cause."""
+
+
+def find_etcd() -> str:
+    """The path of the etcd binary, or EtcdNotFound with what to install."""
+    found = shutil.which("etcd")
+    if found:
+        return found
+    if os.access("/usr/bin/etcd", os.X_OK):
+        return "/usr/bin/etcd"
+    raise EtcdNotFound("etcd is not installed: run `apt-get install etcd-server` (or `make setup`)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the parent dies (even by
+    # SIGKILL), the kernel kills etcd too, so no orphan keeps the ports.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _http_json(url: str, timeout: float, body: bytes | None = None) -> Any:
+    request = urllib.request.Request(url, data=body, method="POST" if body else "GET")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _last_relevant(log: Path) -> str:
+    """The last error line of an etcd (zap JSON) log, else its last line."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        entry = _parse_log_line(line)
+        if entry and entry.get("level") in {"error", "fatal", "panic"}:
+            return _describe_log(entry)
+    last = _parse_log_line(lines[-1]) if lines else None
+    return _describe_log(last) if last else (lines[-1] if lines else "empty log")
+
+
+def _parse_log_line(line: str) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _describe_log(entry: dict[str, Any]) -> str:
+    error = entry.get("error")
+    return f"{entry.get('msg')}: {error}" if error else str(entry.get("msg"))
+
+
+class _Member:
+    """One etcd process: its ports, its directory, its log."""
+
+    def __init__(self, name: str, client_port: int, peer_port: int, root: Path) -> None:
+        self.name = name
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.root = root
+        self.log_path = root / "etcd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def spawn(self, initial_cluster: str, state: str, token: str) -> None:
+        # A busy port would let /health reach somebody else's etcd and pass.
+        for port in (self.client_port, self.peer_port):
+            if not _port_free(port):
+                raise EtcdStartError(
+                    f"cannot start etcd {self.name}: 127.0.0.1:{port} is already in use"
+                )
+        client_url = f"http://{self.endpoint}"
+        args = [
+            find_etcd(), "--name", self.name, "--data-dir", str(self.root / "data"),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
+            "--initial-cluster-token", token,
+            "--enable-v2=false", "--logger", "zap", "--log-outputs", "stderr", *_TUNING,
+        ]  # fmt: skip
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in reap()
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent, start_new_session=True,
+        )  # fmt: skip
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout: float = 0.5) -> bool:
+        try:
+            answer = _http_json(f"http://{self.endpoint}/health", timeout)
+        except (OSError, ValueError):
+            return False
+        return isinstance(answer, dict) and answer.get("health") == "true"
+
+    def failure(self) -> str:
+        code = self.proc.returncode if self.proc is not None else None
+        tail = _last_relevant(self.log_path)
+        return f"etcd {self.name} on {self.endpoint} exited ({code}): {tail}"
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.running() and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def reap(self, timeout: float) -> None:
+        """Wait for the process (SIGKILL after `timeout`) and close its log."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _wait_healthy(members: Sequence[_Member], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(members)
+    while pending:
+        for member in pending:
+            if not member.running():
+                raise EtcdStartError(member.failure())
+        pending = [m for m in pending if not m.healthy()]
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(m.endpoint for m in pending)
+            tail = _last_relevant(pending[0].log_path)
+            raise EtcdStartError(f"etcd at {names} not healthy after {timeout:.0f}s: {tail}")
+        if pending:
+            time.sleep(0.05)
+
+
+class EtcdCluster:
+    """N etcd members on loopback; `with EtcdCluster(3) as c: c.endpoints`."""
+
+    def __init__(self, size: int = 3, *, data_dir: str | os.PathLike[str] | None = None) -> None:
+        self._owned = data_dir is None
+        self.root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="vmbox-etcd-"))
+        self.members = [
+            _Member(f"m{i}", free_port(), free_port(), self.root / f"m{i}") for i in range(size)
+        ]
+        self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        # One token per cluster, so members of two test clusters never merge.
+        self._token = f"vmbox-{os.getpid()}-{id(self)}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 15) -> Self:
+        """Start every member and wait until all report healthy."""
+        # All members must be running before any can elect a leader.
+        try:
+            for member in self.members:
+                member.spawn(self._initial, "new", self._token)
+            _wait_healthy(self.members, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 5) -> None:
+        """SIGTERM every member, SIGKILL stragglers, remove a temp data dir."""
+        # One at a time, leader last: members told to stop together try to hand
+        # leadership to each other and each waits seconds for it.
+        leader = self.leader_index() if len(self.members) > 1 else None
+        for index in sorted(range(len(self.members)), key=lambda i: i == leader):
+            self.stop_member(index, timeout)
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def stop_member(self, index: int, timeout: float = 5) -> None:
+        self.members[index].signal(signal.SIGTERM)
+        self.members[index].reap(timeout)
+
+    def kill_member(self, index: int) -> None:
+        self.members[index].signal(signal.SIGKILL)
+        self.members[index].reap(5)
+
+    def start_member(self, index: int, timeout: float = 15) -> None:
+        """Restart a stopped member on its old ports and data; it rejoins the cluster."""
+        member = self.members[index]
+        if member.running():
+            return
+        member.spawn(self._initial, "existing", self._token)
+        _wait_healthy([member], timeout)
+
+    def leader_index(self, timeout: float = 1.0) -> int | None:
+        """Index of the member that is the raft leader, None if none answers as such."""
+        for index, member in enumerate(self.members):
+            if not member.running():
+                continue
+            try:
+                status = _http_json(
+                    f"http://{member.endpoint}/v3/maintenance/status", timeout, body=b"{}"
+                )
+            except (OSError, ValueError):
+                continue
+            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                return index
+        return None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:  # fmt: skip
+        self.stop()
+
+
+class EtcdServer(EtcdCluster):
+    """One private etcd member: `with EtcdServer() as etcd: etcd.endpoint`."""
+
+    def __init__(
+        self,
+        *,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(1, data_dir=data_dir)
+        member = self.members[0]
+        member.client_port = client_port or member.client_port
+        member.peer_port = peer_port or member.peer_port
+        member.root = self.root
+        member.log_path = self.root / "etcd.log"
+        self._initial = f"{member.name}={member.peer_url}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.members[0].endpoint
+
+    @property
+    def log_path(self) -> Path:
+        return self.members[0].log_path
+
+    def restart(self, timeout: float = 15) -> None:
+        """Start again after stop_member(0)/kill_member(0), with the same data."""
+        self.start_member(0, timeout)
+
+    def healthy(self) -> bool:
+        return self.members[0].healthy()

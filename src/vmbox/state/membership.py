@@ -1,0 +1,193 @@
+"""Replica registration on leases, and reading or following who is registered.
+
+A replica (vmbox.replica) runs one `Membership`: its key
+/vmbox/<service>/members/<replica> holds JSON info (pid, metrics address) and
+lives on a lease the replica keeps alive, so a replica that dies disappears
+within the lease TTL, and one that leaves (or is revoked by the controller)
+disappears at once. The controller and `vmbox status` call `list_members`;
+replicas follow the group with `watch_members` to re-divide shared budgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmbox.state import keys
+from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """One registered replica as read from its member key."""
+
+    replica: str
+    info: dict[str, Any] = field(default_factory=dict)
+    lease: int = 0
+    mod_revision: int = 0
+
+
+def _member(kv: KeyValue) -> MemberInfo:
+    try:
+        info = json.loads(kv.value)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        # Someone wrote a non-JSON value by hand: the replica is still a member.
+        info = {"raw": kv.value.decode(errors="replace")}
+    return MemberInfo(keys.last_segment(kv.key), info, kv.lease, kv.mod_revision)
+
+
+async def list_members(store: Store, service: str) -> dict[str, MemberInfo]:
+    """The replicas registered right now, by replica id (a linearizable read)."""
+    kvs, _ = await store.get_prefix(keys.members_prefix(service))
+    return {member.replica: member for member in map(_member, kvs)}
+
+
+async def watch_members(
+    store: Store, service: str, *, retry: float = 0.5
+) -> AsyncIterator[dict[str, MemberInfo]]:
+    """A full snapshot first, then a new snapshot after each change, forever.
+
+    Store errors never end the iteration: it re-lists (yielding only if the
+    group changed meanwhile) and watches again from the listing's revision.
+    """
+    prefix = keys.members_prefix(service)
+    last: dict[str, MemberInfo] | None = None
+    while True:
+        try:
+            kvs, revision = await store.get_prefix(prefix)
+            members = {member.replica: member for member in map(_member, kvs)}
+            if members != last:
+                last = dict(members)
+                yield dict(members)
+            async for event in store.watch_prefix(prefix, revision + 1):
+                replica = keys.last_segment(event.key)
+                if event.kind == "delete":
+                    members.pop(replica, None)
+                else:
+                    kv = KeyValue(event.key, event.value, event.revision)
+                    members[replica] = _member(kv)
+                last = dict(members)
+                yield dict(members)
+        except StoreError as exc:
+            log.debug("member watch of %s interrupted: %s", service, exc)
+        await asyncio.sleep(retry)
+
+
+class Membership:
+    """Keeps one replica registered until cancelled or `leave()` is called."""
+
+    def __init__(
+        self, store: Store, service: str, replica_id: str, info: dict[str, Any], ttl: int = 3
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.replica_id = replica_id
+        self.info = dict(info)
+        self.ttl = ttl
+        self.key = keys.member_key(service, replica_id)
+        self.lease = 0
+        self.registered = asyncio.Event()  # set at the first registration, stays set
+        self.registrations = 0
+        self.last_error: str | None = None
+        self._left = False
+        # Registration, set_info and leave must not interleave: a leave() in the
+        # middle of a re-registration would otherwise leave a fresh key behind.
+        self._lock = asyncio.Lock()
+
+    def _value(self) -> bytes:
+        return json.dumps(self.info, sort_keys=True).encode()
+
+    async def run(self) -> None:
+        """Register, keep alive, re-register when the lease is lost; never raises StoreError."""
+        delay = 0.1
+        while not self._left:
+            try:
+                await self._register()
+                delay = 0.1
+                await self._keep_alive()
+            except LeaseLost as exc:
+                log.warning("replica %s lost its membership lease (%s); registering again",
+                            self.replica_id, exc)  # fmt: skip
+            except StoreError as exc:
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    def _failed(self, exc: StoreError) -> None:
+        if self.last_error is None:
+            log.warning("replica %s cannot register: %s (retrying)", self.replica_id, exc)
+        self.last_error = str(exc)
+
+    async def _register(self) -> None:
+        async with self._lock:
+            if self._left:
+                return
+            lease = await self.store.grant_lease(self.ttl)
+            try:
+                await self.store.put(self.key, self._value(), lease=lease)
+            except StoreError:
+                # Do not let an orphan lease wait out its TTL if we can help it.
+                await _quietly(self.store.revoke_lease(lease))
+                raise
+            self.lease = lease
+            self.registrations += 1
+            if self.last_error is not None:
+                log.info("replica %s registered again", self.replica_id)
+            self.last_error = None
+            self.registered.set()
+
+    async def _keep_alive(self) -> None:
+        """Refresh every ttl/3 s; returns after leave(), raises LeaseLost when the lease is gone."""
+        interval = max(self.ttl / 3, 0.1)
+        while not self._left:
+            await asyncio.sleep(interval)
+            lease = self.lease
+            if self._left or not lease:
+                return
+            try:
+                await self.store.refresh_lease(lease)
+            except LeaseLost:
+                raise
+            except StoreError as exc:
+                # Keep the same lease: if etcd comes back before the TTL runs
+                # out, nothing changed for the others. If not, LeaseLost follows.
+                self._failed(exc)
+                continue
+            if self.last_error is not None:
+                log.info("replica %s reaches the store again", self.replica_id)
+                self.last_error = None
+
+    async def set_info(self, info: dict[str, Any]) -> None:
+        """Replace the registered info, on the same lease (the next registration uses it too)."""
+        async with self._lock:
+            self.info = dict(info)
+            if self.lease and not self._left:
+                # On LeaseLost run() re-registers soon, with the new info.
+                with contextlib.suppress(LeaseLost):
+                    await self.store.put(self.key, self._value(), lease=self.lease)
+
+    async def leave(self) -> None:
+        """Revoke the lease so the member key disappears now; run() then returns."""
+        async with self._lock:
+            self._left = True
+            lease, self.lease = self.lease, 0
+            if lease:
+                await self.store.revoke_lease(lease)
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    try:
+        await call
+    except StoreError as exc:
+        log.debug("ignored: %s", exc)

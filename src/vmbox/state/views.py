@@ -1,0 +1,235 @@
+"""The consistency modes of DESIGN.md as view classes over one shared state item.
+
+The replica (vmbox.replica) builds one view per shared item with `make_view`,
+runs `view.run()` as a task, and gets each new value through `on_change`. The
+data plane awaits `StrongView.read()` before deciding a batch of packets.
+
+All views are fail-static: when the store cannot be reached they keep the
+last value, set `stale`, and log once when that starts and once when it ends.
+A stored value that does not parse (StateValueError) is logged, counted in
+`bad_values`, shown in `last_error`, and the last good value is kept. A deleted
+key also keeps the last value: the controller seeds items, it does not unset them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from vmbox.middlebox import StateItem, StateValueError
+from vmbox.state.store import KeyValue, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 2.0
+
+
+class View:
+    """The current value of one item, kept fresh by `run()` according to the mode."""
+
+    mode: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        store: Store | None,
+        key: str,
+        item: StateItem,
+        initial: Any,
+        *,
+        on_change: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.item = item
+        self.value: Any = initial
+        self.on_change = on_change
+        self.stale = False
+        self.last_error: str | None = None
+        self.updates = 0  # times the value changed (on_change calls)
+        self.bad_values = 0
+        self.reads = 0  # successful reads or watch events handled
+        self._seen_revision = 0
+
+    async def run(self) -> None:
+        """Keep the value fresh until cancelled; never raises on store errors."""
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError(f"{type(self).__name__} for {self.key} has no store")
+        return self.store
+
+    def apply(self, raw: bytes, revision: int) -> None:
+        """Take a stored value seen at `revision` (older or already seen ones are ignored)."""
+        self.reads += 1
+        # Revisions only grow, so an older read racing a newer watch event
+        # cannot undo it, and one garbage value is reported once, not per read.
+        if revision and revision <= self._seen_revision:
+            return
+        self._seen_revision = max(self._seen_revision, revision)
+        try:
+            value = self.item.parse(raw)
+        except StateValueError as exc:
+            self.bad_values += 1
+            self.last_error = f"{self.key}: {exc}; keeping {self.value!r}"
+            log.warning("bad value for %s: %s; keeping %r", self.key, exc, self.value)
+            return
+        self.last_error = None
+        if value != self.value:
+            self.value = value
+            self.updates += 1
+            if self.on_change is not None:
+                self.on_change(value)
+
+    def apply_kv(self, kv: KeyValue | None) -> None:
+        if kv is not None:
+            self.apply(kv.value, kv.mod_revision)
+        else:
+            self.reads += 1
+
+    def mark_stale(self, exc: StoreError) -> None:
+        if not self.stale:
+            log.warning("%s is stale, keeping %r: %s", self.key, self.value, exc)
+        self.stale = True
+        self.last_error = str(exc)
+
+    def mark_fresh(self) -> None:
+        if self.stale:
+            log.info("%s is fresh again (value %r)", self.key, self.value)
+            self.stale = False
+            self.last_error = None
+
+    async def refresh(self, timeout: float | None = None) -> bool:
+        """One linearizable read applied to the view; False (and stale) if it failed."""
+        try:
+            kv = await self._store().get(self.key, timeout=timeout)
+        except StoreError as exc:
+            self.mark_stale(exc)
+            return False
+        self.mark_fresh()
+        self.apply_kv(kv)
+        return True
+
+
+class LocalView(View):
+    """The configured value alone: nothing to refresh, `run()` returns at once."""
+
+    mode = "local"
+
+
+class PollView(View):
+    """A linearizable read every `interval` seconds (backing off while etcd is away)."""
+
+    mode = "poll"
+
+    def __init__(self, *args: Any, interval: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interval = interval
+
+    async def run(self) -> None:
+        delay = self.interval
+        while True:
+            ok = await self.refresh(max(self.interval, 1.0))
+            delay = self.interval if ok else min(max(delay * 2, self.interval), _MAX_BACKOFF)
+            await asyncio.sleep(delay)
+
+
+class WatchView(View):
+    """An initial read, then the etcd watch from that read's revision on.
+
+    A watch stream says nothing while etcd is away (or has lost quorum), so a
+    cheap read every `probe_interval` seconds tells `stale` apart from quiet;
+    it also heals any change the watch could have missed.
+    """
+
+    mode = "watch"
+
+    def __init__(self, *args: Any, probe_interval: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.probe_interval = probe_interval
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow())
+            group.create_task(self._probe())
+
+    async def _follow(self) -> None:
+        store = self._store()
+        delay = 0.1
+        while True:
+            try:
+                # get_prefix rather than get: it returns the store revision,
+                # so the watch starts exactly after what was read.
+                kvs, revision = await store.get_prefix(self.key)
+                self.mark_fresh()
+                self.apply_kv(next((kv for kv in kvs if kv.key == self.key), None))
+                delay = 0.1
+                async for event in store.watch_prefix(self.key, revision + 1):
+                    if event.key == self.key and event.kind == "put":
+                        self.apply(event.value, event.revision)
+            except StoreError as exc:
+                # Includes a watch whose history was compacted: re-read, re-watch.
+                self.mark_stale(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            await self.refresh(max(self.probe_interval, 1.0))
+
+
+class StrongView(View):
+    """A linearizable read per `read()` call: the data plane awaits it per packet batch.
+
+    While etcd is away `read()` returns the last value at once (fail-static)
+    instead of making every batch wait for a timeout; `run()` keeps probing
+    with backoff and strong reads resume when etcd answers again.
+    """
+
+    mode = "strong"
+
+    def __init__(self, *args: Any, read_timeout: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+        self._lost = asyncio.Event()
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            if await self.refresh(self.read_timeout):
+                delay = 0.1
+                self._lost.clear()
+                await self._lost.wait()  # read() sets it when it finds etcd gone
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def read(self) -> Any:
+        """The value after one linearizable read (the last value if etcd is away)."""
+        if not self.stale and not await self.refresh(self.read_timeout):
+            self._lost.set()  # run() probes in the background until etcd is back
+        return self.value
+
+
+def make_view(
+    mode: str,
+    store: Store,
+    key: str,
+    item: StateItem,
+    initial: Any,
+    *,
+    poll_interval: float = 0.1,
+    on_change: Callable[[Any], None] | None = None,
+) -> View:
+    """The view for a spec's consistency mode ('local', 'poll', 'watch', 'strong')."""
+    if mode == "local":
+        return LocalView(store, key, item, initial, on_change=on_change)
+    if mode == "poll":
+        return PollView(store, key, item, initial, interval=poll_interval, on_change=on_change)
+    if mode == "watch":
+        return WatchView(store, key, item, initial, on_change=on_change)
+    if mode == "strong":
+        return StrongView(store, key, item, initial, on_change=on_change)
+    raise ValueError(f"unknown consistency mode {mode!r} (use local, poll, watch or strong)")
