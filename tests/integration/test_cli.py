@@ -67,7 +67,8 @@ def test_help_explains_every_command() -> None:
 
 
 def test_malformed_spec_names_the_field(tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "bad.yaml", 9000, 9100).read_text().replace("limit: 100", "limit: -5")
+    spec = write_spec(tmp_path / "bad.yaml", 9000, 9100).read_text()
+    spec = spec.replace("limit: 100", "limit: -5")
     (tmp_path / "bad.yaml").write_text(spec)
     line = one_error_line(vmbox("up", str(tmp_path / "bad.yaml")))
     assert "middlebox.limit" in line

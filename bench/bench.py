@@ -1,0 +1,177 @@
+"""`make bench`: the data plane's cost, as ratios against a plain relay measured in the same run.
+
+Each variant runs in its own process on uvloop, between the same load
+generator (this process) and the same echo server (its own process):
+
+- `plain`: the UDP relay forwarding everything, no middlebox, no store;
+- `local`, `poll`, `watch`, `strong`: a real replica running ratelimit with a
+  limit far above the offered load, its `limit` kept fresh in that mode
+  against a private etcd.
+
+Printed: throughput (datagrams passed per second at a saturating offer) and
+per-packet round-trip latency at 1,000 packets/s, each beside the plain
+relay's as a ratio. The machine is shared and noisy, so only the ratios of
+one run mean anything; run it twice before believing a difference under 10%.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from rich.console import Console
+from rich.table import Table
+
+from vmbox.demo import free_udp_port
+from vmbox.etcdserver import EtcdServer
+from vmbox.spec import parse_spec
+from vmbox.state import keys
+from vmbox.state.etcd import EtcdStore, connect
+from vmbox.state.membership import list_members
+from vmbox.tools.load import LoadPlan, run_load
+
+HERE = Path(__file__).parent
+MODES = ("local", "poll", "watch", "strong")
+BLAST_RATE, BLAST_SECONDS = float(os.environ.get("BENCH_RATE", 100_000)), 3.0
+LATENCY_RATE, LATENCY_PACKETS = 1_000.0, 3_000
+
+
+@dataclass
+class Figures:
+    throughput: float
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def measure(target: tuple[str, int]) -> Figures:
+    """Warm up, blast for throughput, then a paced run for latency."""
+    await run_load(LoadPlan(target, rate=500.0, flows=8, duration=1.0))
+    blast = await run_load(LoadPlan(target, rate=BLAST_RATE, flows=16, duration=BLAST_SECONDS))
+    paced = await run_load(
+        LoadPlan(target, rate=LATENCY_RATE, flows=4, duration=LATENCY_PACKETS / LATENCY_RATE)
+    )
+    assert paced.latency is not None, "no packet came back: is the variant running?"
+    return Figures(
+        blast.received / BLAST_SECONDS,
+        paced.latency.mean_ms,
+        paced.latency.p50_ms,
+        paced.latency.p99_ms,
+    )
+
+
+def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def plain(upstream: tuple[str, int]) -> Figures:
+    listen = ("127.0.0.1", free_udp_port())
+    proc = spawn(
+        [str(HERE / "plain_relay.py"), f"{listen[0]}:{listen[1]}", f"{upstream[0]}:{upstream[1]}"]
+    )
+    try:
+        await asyncio.sleep(1.0)
+        return await measure(listen)
+    finally:
+        stop(proc)
+
+
+async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Figures:
+    service = f"bench-{mode}"
+    spec = parse_spec(
+        {
+            "service": service,
+            "listen": f"127.0.0.1:{free_udp_port()}",
+            "upstream": f"{upstream[0]}:{upstream[1]}",
+            "middlebox": {"limit": 1_000_000_000, "consistency": mode, "poll_interval": "100ms"},
+        }
+    )
+    await store.put(keys.spec_key(service), spec.to_json().encode())
+    await store.put(keys.state_key(service, "limit"), b"1000000000")
+    proc = spawn(
+        [
+            "-m",
+            "vmbox",
+            "replica",
+            "--service",
+            service,
+            "--id",
+            "r1",
+            "--etcd",
+            ",".join(store.endpoints),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not await list_members(store, service):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"replica for {mode} did not start")
+            await asyncio.sleep(0.1)
+        return await measure(spec.listen)
+    finally:
+        stop(proc)
+        await store.delete_prefix(keys.service_prefix(service))
+
+
+def report(results: dict[str, Figures]) -> Table:
+    base = results["plain"]
+    table = Table(
+        title=f"vmbox bench: throughput at an offer of {BLAST_RATE:.0f}/s, latency "
+        f"(round trip) at {LATENCY_RATE:.0f}/s; ratios against the plain relay",
+        title_justify="left",
+    )
+    for name in ("variant", "passed/s", "x plain", "mean ms", "x plain", "p50 ms", "p99 ms"):
+        table.add_column(name, justify="left" if name == "variant" else "right")
+    for name, f in results.items():
+        table.add_row(
+            name,
+            f"{f.throughput:,.0f}",
+            f"{f.throughput / base.throughput:.2f}",
+            f"{f.mean_ms:.3f}",
+            f"{f.mean_ms / base.mean_ms:.2f}",
+            f"{f.p50_ms:.3f}",
+            f"{f.p99_ms:.3f}",
+        )
+    return table
+
+
+async def main() -> None:
+    console = Console()
+    upstream = ("127.0.0.1", free_udp_port())
+    echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
+    with EtcdServer() as server:
+        store = await connect(server.endpoints)
+        try:
+            results = {"plain": await plain(upstream)}
+            console.print(f"plain relay: {results['plain']}")
+            for mode in MODES:
+                results[mode] = await replica(store, mode, upstream)
+                console.print(f"{mode}: {results[mode]}")
+        finally:
+            await store.close()
+            stop(echo)
+    console.print(report(results))
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
