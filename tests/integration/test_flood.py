@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -13,9 +14,16 @@ from tests.integration.harness import make_spec, running_service
 SOURCES = 100_000
 
 
-def flood(target: tuple[str, int], count: int) -> None:
-    """One datagram from each of `count` distinct 127.x.y.z source addresses."""
+def flood(target: tuple[str, int], count: int, rate: float = 20_000) -> None:
+    """One datagram from each of `count` distinct 127.x.y.z source addresses.
+
+    Paced at `rate` (still twice the table's bound per window) so what is
+    measured is the replica's table, not the kernel dropping a burst.
+    """
+    start = time.monotonic()
     for i in range(count):
+        if i % 500 == 0:
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
         src = f"127.{10 + (i >> 16)}.{(i >> 8) & 255}.{i & 255 or 1}"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind((src, 0))
@@ -40,8 +48,7 @@ def test_100k_sources_keep_memory_bounded(etcd, tmp_path: Path) -> None:
         f"replica RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB after "
         f"{SOURCES} sources; gauges {gauges}"
     )
-    # The kernel may drop part of a flood this fast; enough arrives to overflow the table.
-    assert gauges["vmbox_packets_received_total"] >= 0.5 * SOURCES
+    assert gauges["vmbox_packets_received_total"] >= 0.9 * SOURCES
     assert gauges["vmbox_overflowed_sources"] > 0
     assert gauges["vmbox_sources"] <= 10_001
     assert gauges["vmbox_flows"] <= 16_384
