@@ -228,8 +228,15 @@ def _ramp(value: str) -> tuple[float, float, float]:
 @click.option("--id", "replica_id", required=True)
 @click.option("--etcd", required=True)
 @click.option("--metrics-port", default=0, type=int)
-def replica(service: str, replica_id: str, etcd: str, metrics_port: int) -> None:
+@click.option("--parent-pid", type=int, help="Exit (SIGTERM) when this parent process dies.")
+def replica(
+    service: str, replica_id: str, etcd: str, metrics_port: int, parent_pid: int | None
+) -> None:
     """Run one replica (started by a runtime, not by hand)."""
+    from vmbox.proc import exit_with_parent
+
+    if parent_pid is not None and not exit_with_parent(parent_pid):
+        fail(f"parent process {parent_pid} is gone; not starting")
     from vmbox.replica import ReplicaConfigError, replica_main
     from vmbox.runtime.base import EXIT_CONFIG
 

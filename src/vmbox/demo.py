@@ -145,7 +145,10 @@ async def run_demo(duration: float = 90.0, console: Console | None = None) -> De
         await echo.start()
         log_dir = Path(tempfile.mkdtemp(prefix="vmbox-demo-"))
         controller = Controller(
-            spec, store, LocalRuntime(spec.service, server.endpoints, log_dir), tick=0.5
+            spec,
+            store,
+            LocalRuntime(spec.service, server.endpoints, log_dir, adoptable=False),
+            tick=0.5,
         )
         try:
             await controller.setup()

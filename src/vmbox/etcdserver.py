@@ -9,7 +9,6 @@ and die with the process that started them (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -24,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-_PR_SET_PDEATHSIG = 1
+from vmbox.proc import signal_on_parent_death
+
 # Short raft timers: a lost leader is replaced in about a second, which keeps
 # failover tests fast and is still far above loopback latency.
 _TUNING = ("--heartbeat-interval", "50", "--election-timeout", "500")
@@ -65,11 +65,9 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the parent dies (even by
-    # SIGKILL), the kernel kills etcd too, so no orphan keeps the ports.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+# If the parent dies (even by SIGKILL), the kernel kills etcd too, so no
+# orphan keeps the ports.
+_die_with_parent = signal_on_parent_death(signal.SIGKILL)
 
 
 def _http_json(url: str, timeout: float, body: bytes | None = None) -> Any:

@@ -69,15 +69,19 @@ class Middlebox(ABC):
     def process(self, packet: Packet, now: float) -> Verdict:
         """Decide one packet. Synchronous, no I/O; `now` is seconds since the epoch."""
 
+    def start(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Called once, with the time, when the replica begins to serve traffic."""
+
     def update(self, values: Mapping[str, Any] | None = None, group: Group | None = None) -> None:
         """Take new state values and/or a new replica group, then recompute."""
         if values:
             self.values.update(values)
+        group_changed = group is not None and group != self.group
         if group is not None:
             self.group = group
-        self.recompute()
+        self.recompute(group_changed=group_changed)
 
-    def recompute(self) -> None:  # noqa: B027 - optional hook
+    def recompute(self, group_changed: bool = False) -> None:  # noqa: B027 - optional hook
         """Derive whatever the middlebox needs from `values` and `group`."""
 
     def gauges(self) -> dict[str, float]:

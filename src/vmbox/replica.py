@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -125,6 +126,7 @@ class Replica:
 
     async def run(self) -> None:
         """Serve until `stop()` or cancellation; leave the group on the way out."""
+        self.middlebox.start(time.time())
         try:
             await self.relay.start()
         except OSError as exc:

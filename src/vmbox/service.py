@@ -13,10 +13,8 @@ import contextlib
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -48,8 +46,13 @@ def check_listen(address: tuple[str, int]) -> None:
 
 
 @asynccontextmanager
-async def open_store(spec: Spec, etcd: list[str] | None) -> AsyncIterator[tuple[Store, list[str]]]:
-    """Connect to the given etcd, the spec's endpoints, or a private one started here."""
+async def open_store(
+    spec: Spec, etcd: list[str] | None
+) -> AsyncIterator[tuple[Store, list[str], bool]]:
+    """Connect to the given etcd, the spec's endpoints, or a private one started here.
+
+    Yields the store, its endpoints, and whether the etcd is private to this process.
+    """
     server: EtcdServer | None = None
     if etcd:
         endpoints = etcd
@@ -62,7 +65,7 @@ async def open_store(spec: Spec, etcd: list[str] | None) -> AsyncIterator[tuple[
     try:
         store = await connect(endpoints)
         try:
-            yield store, endpoints
+            yield store, endpoints, server is not None
         finally:
             await store.close()
     finally:
@@ -101,12 +104,13 @@ async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> 
     check_listen(spec.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: the terminal closed
         loop.add_signal_handler(sig, stop.set)
-    async with open_store(spec, etcd) as (store, endpoints):
+    async with open_store(spec, etcd) as (store, endpoints, private):
         context.record(spec.service, endpoints)
-        log_dir = Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
-        controller = Controller(spec, store, LocalRuntime(spec.service, endpoints, log_dir))
+        log_dir = context.state_dir() / "logs" / spec.service
+        runtime = LocalRuntime(spec.service, endpoints, log_dir, adoptable=not private)
+        controller = Controller(spec, store, runtime)
         try:
             await controller.setup()
             print(

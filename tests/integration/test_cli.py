@@ -5,6 +5,7 @@ Each error the user can cause ends in one line and a non-zero exit, never a trac
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -60,8 +61,11 @@ def test_help_explains_every_command() -> None:
     assert result.returncode == 0
     for command in ("up", "status", "scale", "demo", "echo", "load"):
         assert command in result.stdout
-    commands = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines()
-                if line.startswith("  ") and line.strip()]
+    commands = [
+        line.split()[0]
+        for line in result.stdout.split("Commands:")[1].splitlines()
+        if line.startswith("  ") and line.strip()
+    ]
     assert "replica" not in commands  # internal: started by runtimes, hidden
     assert "desired replica count" in vmbox("scale", "--help").stdout
 
@@ -140,3 +144,34 @@ def _wait_replicas(env: dict[str, str], count: int, timeout: float = 30) -> str:
             return out
         time.sleep(0.3)
     pytest.fail(f"never saw {count} replicas: {out}")
+
+
+def test_a_killed_up_with_a_private_etcd_leaves_nothing_running(tmp_path: Path) -> None:
+    """kill -9 of `vmbox up` takes its private etcd along, so its replicas must go too."""
+    env = os.environ | {"VMBOX_STATE_DIR": str(tmp_path / "state")}
+    spec = write_spec(tmp_path / "s.yaml", free_udp_port(), free_udp_port())
+    spec.write_text(spec.read_text().replace("service: clitest", "service: orphan"))
+    up = subprocess.Popen(
+        [*VMBOX, "up", str(spec), "--no-live"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_replicas(env, 1)
+        record = json.loads((tmp_path / "state" / "services" / "orphan.json").read_text())
+        endpoint = record["endpoints"][0]
+    finally:
+        up.kill()
+        up.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    left = ["?"]
+    while left and time.monotonic() < deadline:
+        left = subprocess.run(
+            ["pgrep", "-f", "vmbox replica --service orphan"], capture_output=True, text=True
+        ).stdout.split()
+        time.sleep(0.2)
+    assert left == []
+    host, port = endpoint.rsplit(":", 1)
+    with socket.socket() as probe:  # the private etcd died with its parent
+        assert probe.connect_ex((host, int(port))) != 0

@@ -70,3 +70,35 @@ def test_a_flood_of_new_sources_keeps_the_table_bounded() -> None:
     # Sources past the bound share one bucket held to the same share.
     assert passed(mb, 10, now=7.6, src="192.0.2.99") == 0
     assert mb.gauges()["overflowed_sources"] >= 99_000
+
+
+def test_a_join_mid_window_never_over_admits() -> None:
+    old = make(limit=100, members=("r1",), me="r1")
+    assert passed(old, 60, now=10.2) == 60
+    new = make(limit=100, members=("r1",), me="r2")
+    new.start(10.3)  # r2 joins in the middle of window 10
+    group = ("r1", "r2")
+    old.update(group=Group(group, "r1"))
+    new.update(group=Group(group, "r2"))
+    # Window 10: r1 keeps its window-start share, r2 admits nothing.
+    assert passed(old, 100, now=10.5) + passed(new, 100, now=10.5) == 40
+    # Window 11: both use the new even split.
+    assert passed(old, 100, now=11.1) + passed(new, 100, now=11.1) == 100
+    assert old.share == new.share == 50
+
+
+def test_a_leave_mid_window_waits_for_the_next_window_to_grow_shares() -> None:
+    mb = make(limit=100, members=("r1", "r2"), me="r1")
+    assert passed(mb, 30, now=20.1) == 30
+    mb.update(group=Group(("r1",), "r1"))
+    assert passed(mb, 100, now=20.5) == 20  # still 50 in this window
+    assert passed(mb, 200, now=21.0) == 100
+
+
+def test_a_new_limit_applies_at_once() -> None:
+    mb = make(limit=100)
+    assert passed(mb, 10, now=30.1) == 10
+    mb.update(values={"limit": 15})
+    assert passed(mb, 100, now=30.2) == 5
+    mb.update(values={"limit": 50})
+    assert passed(mb, 100, now=30.3) == 35

@@ -5,6 +5,14 @@ replica's windows coincide). Once a source's count reaches this replica's share
 of the global `limit`, its packets are dropped until the window resets. The
 share comes from the split of `limit` among the live replicas.
 
+Resizes never over-admit within a window: a replica cannot know what its
+siblings passed earlier in the current window, so a new share that comes from
+a change of the group takes effect at the next window, and a replica that
+starts mid-window admits nothing until the next one. The old shares of the
+window's members add up to at most the limit, so neither a join nor a leave
+lets more through. A new `limit` applies at once (a consistency mode promises
+exactly that), in both directions.
+
 Memory is bounded: the table holds at most `max_sources` sources per window;
 further new sources share one overflow counter held to the same share, so a
 flood of fresh addresses can neither grow memory nor get through unlimited.
@@ -39,12 +47,22 @@ class RateLimit(Middlebox):
         self.max_sources = int(config.get("max_sources", 65536))
         self.counts: dict[str, int] = {}
         self.window_id = -1
-        self.share = 0
+        self.first_window: int | None = None
+        self.share = 0  # from the current limit and group
+        self.window_share = 0  # what this window admits per source
         self.overflowed = 0
         self.recompute()
 
-    def recompute(self) -> None:
+    def start(self, now: float) -> None:
+        self.first_window = math.floor(now / self.window)
+
+    def recompute(self, group_changed: bool = False) -> None:
         self.share = sharing.even(int(self.values["limit"]), self.group.members, self.group.me)
+        if not group_changed:
+            self.window_share = self._share_for(self.window_id)
+
+    def _share_for(self, window_id: int) -> int:
+        return 0 if window_id == self.first_window else self.share
 
     def process(self, packet: Packet, now: float) -> Verdict:
         window_id = math.floor(now / self.window)
@@ -53,6 +71,7 @@ class RateLimit(Middlebox):
             # reset and what keeps it bounded to one window's sources.
             self.window_id = window_id
             self.counts = {}
+            self.window_share = self._share_for(window_id)
         key = packet.src
         count = self.counts.get(key)
         if count is None:
@@ -62,7 +81,7 @@ class RateLimit(Middlebox):
                 count = self.counts.get(OVERFLOW, 0)
             else:
                 count = 0
-        if count >= self.share:
+        if count >= self.window_share:
             return Verdict.DROP
         self.counts[key] = count + 1
         return Verdict.PASS
@@ -70,6 +89,7 @@ class RateLimit(Middlebox):
     def gauges(self) -> dict[str, float]:
         return {
             "share": float(self.share),
+            "window_share": float(self.window_share),
             "limit": float(self.values["limit"]),
             "sources": float(len(self.counts)),
             "overflowed_sources": float(self.overflowed),

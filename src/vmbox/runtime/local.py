@@ -2,11 +2,13 @@
 
 Called by the controller through the Runtime protocol. Replicas run
 `python -m vmbox replica ...` in their own session, so a Ctrl-C at the terminal
-reaches the controller only, which then stops them in order. They are not
-killed with the controller on purpose: a controller that dies (kill -9) and
-starts again adopts the replicas still running, as a level-based controller
-should. Each replica's output goes to a log file whose last line explains a
-crash.
+reaches the controller only, which then stops them in order. With an external
+etcd they outlive a controller that dies (kill -9) on purpose: one that starts
+again adopts the replicas still running, as a level-based controller should.
+With a private etcd (`adoptable=False`) there is nothing to come back to, since
+the etcd dies with the controller, so they get SIGTERM when it dies.
+
+Each replica's output goes to a log file whose last line explains a crash.
 """
 
 from __future__ import annotations
@@ -48,19 +50,24 @@ def last_line(path: Path | None, limit: int = 4096) -> str:
 class LocalRuntime:
     """Replicas of one service as local processes."""
 
-    def __init__(self, service: str, endpoints: Sequence[str], log_dir: Path) -> None:
+    def __init__(
+        self, service: str, endpoints: Sequence[str], log_dir: Path, *, adoptable: bool = True
+    ) -> None:
         self.service = service
+        self.adoptable = adoptable
         self.endpoints = list(endpoints)
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, _Proc] = {}
 
     def command(self, replica_id: str) -> list[str]:
+        tie = [] if self.adoptable else ["--parent-pid", str(os.getpid())]
         return [
             sys.executable, "-m", "vmbox", "replica",
             "--service", self.service,
             "--id", replica_id,
             "--etcd", ",".join(self.endpoints),
+            *tie,
         ]  # fmt: skip
 
     def start(self, replica_id: str) -> ReplicaState:

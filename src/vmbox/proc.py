@@ -1,0 +1,36 @@
+"""Child-process helpers shared by the private etcd and the local runtime.
+
+`signal_on_parent_death` returns a preexec function that asks the kernel
+(prctl PR_SET_PDEATHSIG) to signal the child when the process that started it
+dies, even by SIGKILL, so nothing that depends on the parent outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def signal_on_parent_death(sig: signal.Signals) -> Callable[[], None]:
+    """A `preexec_fn` for subprocess.Popen (Linux); runs between fork and exec."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return preexec
+
+
+def exit_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Ask for `sig` when the parent dies, from inside the child itself.
+
+    Preferred over a preexec function where the parent runs gRPC: a preexec
+    function forces a plain fork, whose gRPC fork handlers complain on stderr.
+    Returns False when the parent is already gone (it died before the call).
+    """
+    signal_on_parent_death(sig)()
+    return os.getppid() == parent_pid
