@@ -115,6 +115,7 @@ class Replica:
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
         values["store_stale"] = float(any(v.stale for v in self.views.values()))
+        values["state_bad_values"] = float(sum(v.bad_values for v in self.views.values()))
         return values
 
     async def _follow_members(self) -> None:

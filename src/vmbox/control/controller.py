@@ -147,8 +147,10 @@ class Controller:
             if rid not in running and self.backoff.get(rid, _Backoff()).not_before <= now:
                 self.runtime.start(rid)
                 await self.event("start", f"started replica {rid}", replica=rid)
-        for rid in sorted(set(running) - set(wanted), reverse=True):
-            await asyncio.to_thread(self.runtime.stop, rid)
+        surplus = sorted(set(running) - set(wanted), reverse=True)
+        # Stopped together: each leaves the membership first, so shares regrow once.
+        await asyncio.gather(*(asyncio.to_thread(self.runtime.stop, rid) for rid in surplus))
+        for rid in surplus:
             self.backoff.pop(rid, None)
             await self.event("stop", f"stopped replica {rid}", replica=rid)
 
