@@ -76,12 +76,11 @@ class Middlebox(ABC):
         """Take new state values and/or a new replica group, then recompute."""
         if values:
             self.values.update(values)
-        group_changed = group is not None and group != self.group
         if group is not None:
             self.group = group
-        self.recompute(group_changed=group_changed)
+        self.recompute()
 
-    def recompute(self, group_changed: bool = False) -> None:  # noqa: B027 - optional hook
+    def recompute(self) -> None:  # noqa: B027 - optional hook
         """Derive whatever the middlebox needs from `values` and `group`."""
 
     def gauges(self) -> dict[str, float]:

@@ -48,6 +48,7 @@ def test_limit_holds_with_n_replicas(etcd, tmp_path: Path, replicas: int) -> Non
             return window_rate(svc.echo.history, started + 2, 5), shares
 
     per_second, shares = asyncio.run(scenario())
+    print(f"{replicas} replicas: shares {sorted(shares)}, server received/s {per_second}")
     assert sum(shares) == LIMIT and len(shares) == replicas
     mean = statistics.fmean(per_second)
     assert abs(mean - LIMIT) <= 5, per_second
@@ -86,6 +87,10 @@ def test_kill_9_replica_is_restarted_and_limit_holds(etcd, tmp_path: Path) -> No
             }
 
     result = asyncio.run(scenario())
+    print(
+        f"kill -9: rejoined after {result['rejoin_s']:.2f}s, shares {result['shares']}, "
+        f"server received/s after {result['after']}"
+    )
     assert result["new_pid"] != result["old_pid"]
     assert result["shares"] == [33, 33, 34]
     after = result["after"]

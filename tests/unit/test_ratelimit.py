@@ -91,7 +91,10 @@ def test_a_leave_mid_window_waits_for_the_next_window_to_grow_shares() -> None:
     mb = make(limit=100, members=("r1", "r2"), me="r1")
     assert passed(mb, 30, now=20.1) == 30
     mb.update(group=Group(("r1",), "r1"))
-    assert passed(mb, 100, now=20.5) == 20  # still 50 in this window
+    assert passed(mb, 10, now=20.4) == 10  # still 50 in this window
+    mb.update(group=Group(("r1",), "r1"))  # the same group again (a member key rewritten)
+    mb.update(values={"limit": 100})  # or the same limit: neither brings the new share early
+    assert passed(mb, 100, now=20.5) == 10
     assert passed(mb, 200, now=21.0) == 100
 
 

@@ -49,6 +49,9 @@ class RateLimit(Middlebox):
         self.window_id = -1
         self.first_window: int | None = None
         self.share = 0  # from the current limit and group
+        # The group as it was when the window began: shares within a window
+        # come from it, so a group change takes effect at the next window.
+        self.window_members = group.members
         self.window_share = 0  # what this window admits per source
         self.overflowed = 0
         self.recompute()
@@ -56,13 +59,14 @@ class RateLimit(Middlebox):
     def start(self, now: float) -> None:
         self.first_window = math.floor(now / self.window)
 
-    def recompute(self, group_changed: bool = False) -> None:
+    def recompute(self) -> None:
         self.share = sharing.even(int(self.values["limit"]), self.group.members, self.group.me)
-        if not group_changed:
-            self.window_share = self._share_for(self.window_id)
+        self.window_share = self._window_share()
 
-    def _share_for(self, window_id: int) -> int:
-        return 0 if window_id == self.first_window else self.share
+    def _window_share(self) -> int:
+        if self.window_id == self.first_window:
+            return 0
+        return sharing.even(int(self.values["limit"]), self.window_members, self.group.me)
 
     def process(self, packet: Packet, now: float) -> Verdict:
         window_id = math.floor(now / self.window)
@@ -71,7 +75,8 @@ class RateLimit(Middlebox):
             # reset and what keeps it bounded to one window's sources.
             self.window_id = window_id
             self.counts = {}
-            self.window_share = self._share_for(window_id)
+            self.window_members = self.group.members
+            self.window_share = self._window_share()
         key = packet.src
         count = self.counts.get(key)
         if count is None:
