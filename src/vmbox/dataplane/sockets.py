@@ -92,3 +92,11 @@ async def bind_udp(listen: Address, setting: str, *, reuse_port: bool = False) -
         sock.close()
         raise bind_error(exc, listen, setting) from None
     return sock
+
+
+def bound_address(transport: asyncio.BaseTransport | None, what: str) -> Address:
+    """The address a started transport is bound to (the real port when 0 was asked)."""
+    if transport is None:
+        raise RuntimeError(f"the {what} is not started")
+    name = transport.get_extra_info("sockname")
+    return (str(name[0]), int(name[1]))

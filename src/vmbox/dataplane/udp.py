@@ -24,7 +24,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmbox.dataplane.counters import Counters
-from vmbox.dataplane.sockets import Address, AddressInUse, BindError, bind_udp, resolve
+from vmbox.dataplane.sockets import (
+    Address,
+    AddressInUse,
+    BindError,
+    bind_udp,
+    bound_address,
+    resolve,
+)
 from vmbox.packet import Packet, Verdict
 
 __all__ = ["AddressInUse", "BindError", "UdpRelay"]
@@ -136,10 +143,7 @@ class UdpRelay:
     @property
     def local_address(self) -> Address:
         """The address actually bound (the real port when `listen` asked for 0)."""
-        if self._transport is None:
-            raise RuntimeError("the relay is not started")
-        name = self._transport.get_extra_info("sockname")
-        return (str(name[0]), int(name[1]))
+        return bound_address(self._transport, "relay")
 
     async def start(self) -> None:
         """Bind the listen address and start the owned background tasks."""

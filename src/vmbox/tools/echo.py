@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
-from vmbox.dataplane.sockets import Address, bind_udp, format_address
+from vmbox.dataplane.sockets import Address, bind_udp, bound_address, format_address
 
 # Replies buffered in user space beyond this are dropped, like a full NIC queue.
 WRITE_LIMIT = 4 * 1024 * 1024
@@ -85,10 +85,7 @@ class EchoServer:
     @property
     def local_address(self) -> Address:
         """The address actually bound (the real port when `listen` asked for 0)."""
-        if self._transport is None:
-            raise RuntimeError("the echo server is not started")
-        name = self._transport.get_extra_info("sockname")
-        return (str(name[0]), int(name[1]))
+        return bound_address(self._transport, "echo server")
 
     async def start(self) -> None:
         """Bind and start counting; raises BindError (one line) if the port is taken."""
