@@ -47,15 +47,34 @@ def known_services() -> list[str]:
     return [p.stem for p in files]
 
 
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
 def lookup(service: str | None) -> tuple[str, list[str]]:
-    """(service, endpoints) for `service`, or for the most recently started one."""
+    """(service, endpoints) for `service`, or for the most recently started one.
+
+    Records left by a `vmbox up` that no longer runs (killed, or its terminal
+    closed) are skipped and removed: their etcd may be gone with it.
+    """
     names = [service] if service else known_services()
     for name in names:
         try:
             data = json.loads(_file(name).read_text())
-            return name, [str(e) for e in data["endpoints"]]
-        except (OSError, ValueError, KeyError):
+            endpoints = [str(e) for e in data["endpoints"]]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
+        if _alive(data.get("pid")):
+            return name, endpoints
+        forget(name)
     what = f"service {service!r}" if service else "any service"
     raise NoContext(f"no running `vmbox up` recorded an etcd for {what}: pass --etcd HOST:PORT")
 

@@ -1,10 +1,9 @@
 """Prometheus exposition of a replica's traffic, and the client side that reads it.
 
 vmbox.replica builds a `ReplicaMetrics` over its relay's `Counters` and its
-middlebox gauges and serves it on /metrics; the local runtime records the
-bound port in the replica's membership info. `vmbox status`
-(vmbox.control.status) and the monitor `scrape` each replica twice and turn
-the difference into per-second rates.
+middlebox gauges, serves it on /metrics and records the bound address in its
+membership info. `vmbox status` and the live views (vmbox.control.status)
+`scrape` each replica twice and turn the difference into per-second rates.
 
 Metrics live in a registry of their own (not prometheus_client's global one),
 so several replicas or tests in one process never collide. The collector reads

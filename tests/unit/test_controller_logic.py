@@ -38,4 +38,9 @@ def test_context_records_and_finds_endpoints(
     context.forget("web")
     with pytest.raises(context.NoContext):
         context.lookup("web")
+    # A record whose `vmbox up` is gone is skipped and removed.
+    context.record("gone", ["127.0.0.1:1"], pid=2**22 + 1)
+    with pytest.raises(context.NoContext):
+        context.lookup("gone")
+    assert context.known_services() == []
     assert context.parse_endpoints("http://a:1, b:2") == ["a:1", "b:2"]
