@@ -169,6 +169,19 @@ async def run_demo(duration: float = 90.0, console: Console | None = None) -> De
         await asyncio.to_thread(server.stop)
 
 
+async def _record_seconds(
+    run: DemoRun, store: Store, spec: Spec, echo: EchoServer, start: float, step: float
+) -> None:
+    """Append every wall-clock second that is over (plus a margin for the echo to count it)."""
+    second = int(start) + 1 + len(run.seconds)  # the first whole second of the run, onwards
+    while second + 1.2 <= time.time():
+        members = len(await list_members(store, spec.service))
+        offered = min(300.0, 10.0 + step * (second + 0.5 - start))
+        received = dict(echo.history).get(second, 0)
+        run.seconds.append(Second(second - int(start), offered, received, members))
+        second += 1
+
+
 async def _drive(
     store: Store, spec: Spec, echo: EchoServer, load_for: float, console: Console
 ) -> DemoRun:
@@ -185,29 +198,19 @@ async def _drive(
     schedule = [(load_for / 3, 2), (2 * load_for / 3, 4)]
     start = time.time()
     load = asyncio.create_task(run_load(plan))
-    next_second = int(start) + 1  # the first whole wall-clock second of the run
-    with Live(live_table(run, load_for), console=console, refresh_per_second=2) as live:
-        while not load.done():
-            now = time.time()
-            # A second is recorded once it is over (plus a margin for the echo to count it).
-            while next_second + 1.2 <= now:
-                members = len(await list_members(store, spec.service))
-                offered = min(300.0, 10.0 + step * (next_second + 0.5 - start))
-                run.seconds.append(
-                    Second(
-                        next_second - int(start),
-                        offered,
-                        dict(echo.history).get(next_second, 0),
-                        members,
-                    )
-                )
-                next_second += 1
-            while schedule and now - start >= schedule[0][0]:
-                _, count = schedule.pop(0)
-                await store.put(keys.desired_key(spec.service), str(count).encode())
-                run.resized_at[int(now) - int(start)] = count
-            live.update(live_table(run, load_for))
-            await asyncio.sleep(0.2)
-        await load
+    try:
+        with Live(live_table(run, load_for), console=console, refresh_per_second=2) as live:
+            while not load.done():
+                await _record_seconds(run, store, spec, echo, start, step)
+                now = time.time()
+                while schedule and now - start >= schedule[0][0]:
+                    _, count = schedule.pop(0)
+                    await store.put(keys.desired_key(spec.service), str(count).encode())
+                    run.resized_at[int(now) - int(start)] = count
+                live.update(live_table(run, load_for))
+                await asyncio.sleep(0.2)
+            await load
+    finally:
+        load.cancel()  # on an error or Ctrl-C the load stops with the demo
     console.print(summary(run))
     return run
