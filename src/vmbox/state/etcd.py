@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_OP_TIMEOUT = 3.0
+WATCH_REOPEN = 3.0  # seconds of silence after which a watch stream is reopened
 # gRPC's default reconnect backoff grows to two minutes; a restarted etcd must
 # be found again within a second or so, or views stay stale for no reason.
 _RECONNECT_OPTIONS = [
@@ -225,6 +226,10 @@ class EtcdStore:
     async def watch_prefix(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
         """Events under `prefix`, resuming after the last one seen when a stream breaks.
 
+        A stream that yields nothing for WATCH_REOPEN seconds is reopened: after
+        an etcd restart a stream can stay open and silent for good, and nothing
+        on the client tells it from a quiet prefix.
+
         If etcd compacted the history the watch must resume from, the events in
         between are lost: this raises StoreError, and the caller re-reads the
         prefix and watches again from the revision of that read.
@@ -237,9 +242,20 @@ class EtcdStore:
             stream: Any = self._client.watch.watch(
                 prefix, prefix_range_end(prefix), start_revision=next_revision
             )
+            silent = False
             try:
                 async with contextlib.aclosing(stream):
-                    async for answer in stream:
+                    while True:
+                        try:
+                            # A stream that went silent after an etcd restart looks
+                            # exactly like a quiet prefix: reopen it every so often
+                            # (from the next revision, so nothing is lost).
+                            answer = await asyncio.wait_for(anext(stream), WATCH_REOPEN)
+                        except TimeoutError:
+                            silent = True
+                            break
+                        except StopAsyncIteration:
+                            break
                         _check_compaction(prefix, next_revision, answer)
                         if answer.canceled:
                             log.warning("etcd cancelled the watch of %s: %s", prefix,
@@ -257,6 +273,8 @@ class EtcdStore:
             except Exception as exc:
                 # Whatever broke the stream (gRPC, the client), resuming loses nothing.
                 log.debug("watch of %s broke (%r); resuming at %d", prefix, exc, next_revision)
+            if silent:
+                continue  # reopen at once: a quiet prefix is no error to back off from
             # The stream ended (server closed it, or an error): reopen it.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
