@@ -155,7 +155,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 def test_a_sigkilled_replica_disappears_within_its_ttl(
     store: EtcdStore, aio: Aio, etcd: EtcdServer
 ) -> None:
