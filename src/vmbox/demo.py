@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import statistics
 import tempfile
@@ -156,7 +157,7 @@ async def run_demo(duration: float = 90.0, console: Console | None = None) -> De
             try:
                 await wait_members(store, spec.service, 1)
                 load_for = max(10.0, duration - (time.monotonic() - started) - 3.0)
-                return await _drive(store, spec, echo, load_for, console)
+                run = await _drive(store, spec, echo, load_for, console)
             finally:
                 reconcile.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -167,6 +168,9 @@ async def run_demo(duration: float = 90.0, console: Console | None = None) -> De
             await store.close()
     finally:
         await asyncio.to_thread(server.stop)
+    # The replica logs are kept only when the demo failed, to explain why.
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return run
 
 
 async def _record_seconds(
