@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from vmbox.proc import pid_alive
+
 
 class NoContext(LookupError):
     """No running service recorded an etcd; the user must pass --etcd."""
@@ -47,18 +49,6 @@ def known_services() -> list[str]:
     return [p.stem for p in files]
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
-
-
 def lookup(service: str | None) -> tuple[str, list[str]]:
     """(service, endpoints) for `service`, or for the most recently started one.
 
@@ -72,7 +62,7 @@ def lookup(service: str | None) -> tuple[str, list[str]]:
             endpoints = [str(e) for e in data["endpoints"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _alive(data.get("pid")):
+        if pid_alive(data.get("pid")):
             return name, endpoints
         forget(name)
     what = f"service {service!r}" if service else "any service"

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from vmbox.proc import signal_on_parent_death
+from vmbox.proc import pid_alive, signal_on_parent_death
 
 # Short raft timers: a lost leader is replaced in about a second, which keeps
 # failover tests fast and is still far above loopback latency.
@@ -195,12 +195,30 @@ def _wait_healthy(members: Sequence[_Member], timeout: float) -> None:
             time.sleep(0.05)
 
 
+def _dir_prefix(pid: int | None = None) -> str:
+    # The owner's pid is in the name, so a later start can tell orphans apart.
+    return f"vmbox-etcd-{os.getpid() if pid is None else pid}-"
+
+
+def remove_orphaned_dirs(base: str | None = None) -> int:
+    """Remove private etcd directories whose owner died without cleaning up (kill -9)."""
+    removed = 0
+    for path in Path(base or tempfile.gettempdir()).glob("vmbox-etcd-*-*"):
+        owner = path.name.split("-")[2]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class EtcdCluster:
     """N etcd members on loopback; `with EtcdCluster(3) as c: c.endpoints`."""
 
     def __init__(self, size: int = 3, *, data_dir: str | os.PathLike[str] | None = None) -> None:
         self._owned = data_dir is None
-        self.root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="vmbox-etcd-"))
+        if data_dir is None:
+            remove_orphaned_dirs()
+        self.root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix=_dir_prefix()))
         self.members = [
             _Member(f"m{i}", free_port(), free_port(), self.root / f"m{i}") for i in range(size)
         ]

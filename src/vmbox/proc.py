@@ -1,8 +1,10 @@
-"""Child-process helpers shared by the private etcd and the local runtime.
+"""Process helpers shared by the private etcd, the local runtime and the context files.
 
-`signal_on_parent_death` returns a preexec function that asks the kernel
-(prctl PR_SET_PDEATHSIG) to signal the child when the process that started it
-dies, even by SIGKILL, so nothing that depends on the parent outlives it.
+`pid_alive` tells whether a recorded owner still runs. `signal_on_parent_death`
+returns a preexec function that asks the kernel (prctl PR_SET_PDEATHSIG) to
+signal the child when the process that started it dies, even by SIGKILL, so
+nothing that depends on the parent outlives it; `exit_with_parent` does the
+same from inside the child.
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ import signal
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
+
+
+def pid_alive(pid: object) -> bool:
+    """True when a process with this pid exists (ours or someone else's)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def signal_on_parent_death(sig: signal.Signals) -> Callable[[], None]:

@@ -46,3 +46,14 @@ def test_last_relevant_log_line_prefers_errors(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_endpoints_accept_urls(given: str, expected: str) -> None:
     assert normalize_endpoint(given) == expected
+
+
+def test_orphaned_private_etcd_dirs_are_removed(tmp_path: Path) -> None:
+    from vmbox.etcdserver import _dir_prefix, remove_orphaned_dirs
+
+    dead = tmp_path / (_dir_prefix(2**22 + 1) + "abc")  # above any pid_max: never alive
+    mine = tmp_path / (_dir_prefix() + "def")
+    for path in (dead, mine):
+        (path / "data").mkdir(parents=True)
+    assert remove_orphaned_dirs(str(tmp_path)) == 1
+    assert not dead.exists() and mine.exists()
