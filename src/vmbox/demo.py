@@ -178,10 +178,11 @@ async def _record_seconds(
 ) -> None:
     """Append every wall-clock second that is over (plus a margin for the echo to count it)."""
     second = int(start) + 1 + len(run.seconds)  # the first whole second of the run, onwards
+    counts = dict(echo.history)
     while second + 1.2 <= time.time():
         members = len(await list_members(store, spec.service))
         offered = min(300.0, 10.0 + step * (second + 0.5 - start))
-        received = dict(echo.history).get(second, 0)
+        received = counts.get(second, 0)
         run.seconds.append(Second(second - int(start), offered, received, members))
         second += 1
 

@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.live import Live
 
 from vmbox import context
-from vmbox.control.controller import Controller, PermanentError
+from vmbox.control.controller import Controller
 from vmbox.control.status import RateTracker, ServiceStatus, render, snapshot
+from vmbox.dataplane.sockets import bind_error
 from vmbox.etcdserver import EtcdServer
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec
@@ -30,17 +31,13 @@ from vmbox.state.store import Store, StoreError
 
 
 def check_listen(address: tuple[str, int]) -> None:
-    """Fail early, in one line, when the service port is held by another program."""
+    """Fail early, in one line (a BindError), when the service port is held by another program."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
-        host, port = address
-        raise PermanentError(
-            f"listen address {host}:{port} is not available ({exc.strerror}): "
-            "choose another `listen` port or stop the program using it"
-        ) from None
+        raise bind_error(exc, address, "listen") from None
     finally:
         sock.close()
 
@@ -100,7 +97,7 @@ def _line(status: ServiceStatus) -> str:
 
 
 async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> None:
-    """Run until SIGINT/SIGTERM; raise PermanentError or StoreUnavailable on failure."""
+    """Run until SIGINT/SIGTERM/SIGHUP; raise BindError, PermanentError or StoreUnavailable."""
     check_listen(spec.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -100,3 +100,8 @@ def bound_address(transport: asyncio.BaseTransport | None, what: str) -> Address
         raise RuntimeError(f"the {what} is not started")
     name = transport.get_extra_info("sockname")
     return (str(name[0]), int(name[1]))
+
+
+def write_backlog(transport: asyncio.DatagramTransport) -> int:
+    """Bytes buffered in user space (asyncio and uvloop transports both have it)."""
+    return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from vmbox.dataplane.sockets import (
     bind_udp,
     bound_address,
     resolve,
+    write_backlog,
 )
 from vmbox.packet import Packet, Verdict
 
@@ -97,11 +98,6 @@ class _ListenProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # An ICMP error for a reply we sent to a client that has gone away.
         self.relay._trouble.warning("client", "relay: error sending to a client: %s", exc)
-
-
-def _backlog(transport: asyncio.DatagramTransport) -> int:
-    """Bytes buffered in user space (both asyncio and uvloop transports have it)."""
-    return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
 
 
 class UdpRelay:
@@ -222,7 +218,7 @@ class UdpRelay:
         data: bytes,
         addr: Peer | None,
     ) -> None:
-        if data and _backlog(transport) < WRITE_LIMIT:
+        if data and write_backlog(transport) < WRITE_LIMIT:
             transport.sendto(data, addr)
         elif data:
             self.counters.queue_drops += 1

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
-from vmbox.dataplane.sockets import Address, bind_udp, bound_address, format_address
+from vmbox.dataplane.sockets import Address, bind_udp, bound_address, format_address, write_backlog
 
 # Replies buffered in user space beyond this are dropped, like a full NIC queue.
 WRITE_LIMIT = 4 * 1024 * 1024
@@ -45,16 +45,11 @@ class _EchoProtocol(asyncio.DatagramProtocol):
             # asyncio's transports silently skip empty datagrams; UDP allows them.
             with contextlib.suppress(OSError):
                 self.sock.sendto(data, addr)
-        elif transport is not None and _backlog(transport) < WRITE_LIMIT:
+        elif transport is not None and write_backlog(transport) < WRITE_LIMIT:
             transport.sendto(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         pass  # a sender that went away; nothing to do for an echo
-
-
-def _backlog(transport: asyncio.DatagramTransport) -> int:
-    """Bytes buffered in user space (asyncio and uvloop transports both have it)."""
-    return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
 
 
 def _open_csv(path: str) -> TextIO:
@@ -173,19 +168,8 @@ async def run_echo(
     return server
 
 
-def parse_address(text: str | Address) -> Address:
-    """'host:port' (or '[v6]:port', or a tuple) -> (host, port); ValueError is one line."""
-    if isinstance(text, tuple):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9000)")
-    return (host.strip("[]") or "127.0.0.1", int(port))
-
-
-async def echo_main(listen: str | Address, csv: str | None, duration: float | None) -> int:
+async def echo_main(address: Address, csv: str | None, duration: float | None) -> int:
     """`vmbox echo`: print one line per second; returns the total received."""
-    address = parse_address(listen)
 
     def report(second: int, received: int) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(second))

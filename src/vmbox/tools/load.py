@@ -259,7 +259,7 @@ def latency_table(result: LoadResult) -> Any:
 
 
 async def load_main(
-    target: str | Address,
+    target: Address,
     rate: float | None,
     ramp: tuple[float, float, float] | None,
     sources: int,
@@ -269,9 +269,7 @@ async def load_main(
     """`vmbox load`: per-second lines, then a latency table. ValueError/OSError are one line."""
     from rich.console import Console
 
-    from vmbox.tools.echo import parse_address
-
-    plan = LoadPlan(parse_address(target), rate, ramp, sources, flows, duration)
+    plan = LoadPlan(target, rate, ramp, sources, flows, duration)
     console = Console()
     console.print(f"load -> {format_address(plan.target)}: {sources} sources, {flows} flows")
     console.print(f"{'t':>5} {'offered/s':>10} {'sent':>9} {'received':>9}", highlight=False)
