@@ -17,6 +17,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeFloat,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -63,7 +65,30 @@ def parse_address(value: Any) -> tuple[str, int]:
     return host, port_num
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|K|M|G|k)?i?B?\s*$")
+_SIZE_UNITS = {
+    None: 1, "K": 1000, "k": 1000, "M": 1000**2, "G": 1000**3,
+    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3,
+}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """'70Mi', '64M', 1048576 -> bytes (Kubernetes quantities: Mi = 2**20, M = 10**6)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 70Mi or 64M")
+    if isinstance(value, int | float):
+        size = float(value)
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a size such as 70Mi or 64M, got {value!r}")
+    if size < 4 * 1024**2:
+        raise ValueError(f"must be at least 4Mi, got {value!r}")
+    return int(size)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
 Consistency = Literal["local", "poll", "watch", "strong"]
 
@@ -90,6 +115,11 @@ class ReplicasSpec(_Model):
     count: PositiveInt = 1
     min: PositiveInt = 1
     max: PositiveInt = 4
+    # Like a pod's limit: a cgroup's memory.max when running as root, else
+    # only the figure memory percentages are taken against.
+    memory_limit: Size | None = None
+    # A replica being removed keeps its open flows this long at most.
+    drain_timeout: Duration = 2.0
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicasSpec:
@@ -100,6 +130,52 @@ class ReplicasSpec(_Model):
         return self
 
 
+class AutoscaleSpec(_Model):
+    """When to add or remove replicas (vmbox.control.autoscale reads it).
+
+    `threshold` mode adds one replica after `up_for` samples at or above
+    `scale_up_at` and removes one after `down_for` samples at or below
+    `scale_down_at`; `proportional` mode asks for ceil(n * value / target)
+    replicas outside a tolerance band, as Kubernetes' horizontal autoscaler
+    does. Values are per replica: percent of the memory limit (memory), percent
+    of one core (cpu), packets received per second (pps), bytes received per
+    second (bandwidth).
+    """
+
+    metric: Literal["memory", "cpu", "pps", "bandwidth"]
+    mode: Literal["threshold", "proportional"] = "threshold"
+    scale_up_at: PositiveFloat | None = None
+    scale_down_at: NonNegativeFloat | None = None
+    target: PositiveFloat | None = None
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    aggregate: Literal["max", "mean"] | None = None
+    up_for: PositiveInt = 2
+    down_for: PositiveInt = 5
+    cooldown: Duration = 5.0
+    interval: Duration = 1.0
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> AutoscaleSpec:
+        if self.mode == "threshold":
+            if self.scale_up_at is None or self.scale_down_at is None:
+                raise ValueError("threshold mode needs scale_up_at and scale_down_at")
+            if self.scale_down_at >= self.scale_up_at:
+                raise ValueError(
+                    f"scale_down_at ({self.scale_down_at:g}) must be below "
+                    f"scale_up_at ({self.scale_up_at:g})"
+                )
+        elif self.target is None:
+            raise ValueError("proportional mode needs a target")
+        return self
+
+    @property
+    def how(self) -> Literal["max", "mean"]:
+        """How replicas' values combine: max (any replica) for thresholds, mean otherwise."""
+        if self.aggregate is not None:
+            return self.aggregate
+        return "max" if self.mode == "threshold" else "mean"
+
+
 class Spec(_Model):
     """One deployed middlebox service."""
 
@@ -108,6 +184,7 @@ class Spec(_Model):
     upstream: Address
     middlebox: MiddleboxSpec
     replicas: ReplicasSpec = ReplicasSpec()
+    autoscale: AutoscaleSpec | None = None
     store: Literal["managed"] | list[str] = "managed"
     metrics_host: str = "127.0.0.1"
     lease_ttl: PositiveInt = 3
@@ -132,6 +209,12 @@ class Spec(_Model):
                 parse_address(endpoint.removeprefix("http://"))
         return value
 
+    @model_validator(mode="after")
+    def _memory_needs_limit(self) -> Spec:
+        if self.autoscale and self.autoscale.metric == "memory" and not self.replicas.memory_limit:
+            raise ValueError("autoscale on memory needs replicas.memory_limit")
+        return self
+
     def to_json(self) -> str:
         return self.model_dump_json()
 
@@ -148,7 +231,7 @@ def _describe(error: Any) -> str:
     got = error.get("input")
     quiet = error["type"] in {"missing", "extra_forbidden"} or "got " in message
     shown = "" if quiet or isinstance(got, dict | list) else f" (got {got!r})"
-    return f"{location or 'spec'}: {message}{shown}"
+    return f"{location}: {message}{shown}" if location else f"{message}{shown}"
 
 
 def parse_spec(data: Any, source: str = "spec") -> Spec:
