@@ -4,8 +4,10 @@ Started by a runtime (`vmbox replica --service S --id R --etcd ...`, normally
 by vmbox.runtime.local). It reads the service spec from etcd, builds the
 middlebox, keeps its shared state fresh through one view per item, binds the
 service address (SO_REUSEPORT, shared with its siblings), serves Prometheus
-metrics, and registers itself under members/<id> on a lease. SIGTERM leaves
-the membership first (so the siblings' shares grow at once) and then exits.
+metrics, and registers itself under members/<id> on a lease. SIGTERM drains
+(vmbox.dataplane.drain: the flows in flight finish here, new ones go to the
+siblings, for at most `replicas.drain_timeout`), then leaves the membership so
+the siblings' shares grow, then exits 0. SIGINT leaves at once and exits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmbox.dataplane.counters import Counters
+from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.udp import UdpRelay
 from vmbox.metrics import ReplicaMetrics
 from vmbox.middlebox import Group, Middlebox, get_function
@@ -32,6 +35,8 @@ from vmbox.state.store import Store, StoreError
 from vmbox.state.views import StrongView, View, make_view
 
 log = logging.getLogger(__name__)
+
+LEAVE_TIMEOUT = 1.0  # a revoke takes milliseconds; the lease TTL covers a store that is away
 
 
 class ReplicaConfigError(Exception):
@@ -97,6 +102,8 @@ class Replica:
         self.metrics = ReplicaMetrics(spec.service, replica_id, self.counters, self.gauges)
         self.membership: Membership | None = None
         self.stopping = asyncio.Event()
+        self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
+        self._drain: Drain | None = None
 
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
@@ -142,18 +149,58 @@ class Replica:
             tasks.append(group.create_task(self._follow_members()))
             tasks.append(group.create_task(self.membership.run()))
             await self.stopping.wait()
+            if self.drain_first:
+                await self._drain_flows()
             await self._leave()
             for task in tasks:
                 task.cancel()
         await self.relay.close()
         self.metrics.stop()
 
+    def _no_drain_because(self) -> str:
+        """Why pinning flows would be pointless now ('' when it is not)."""
+        if self.membership is None or not self.membership.registered.is_set():
+            return "never registered"
+        if self.membership.last_error is not None:
+            return "store unreachable"
+        if self.members <= 1:
+            return "only member"  # no sibling would take the new flows
+        return ""
+
+    async def _drain_flows(self) -> None:
+        """Finish the flows in flight while still a member (holding its share); log one line."""
+        started = time.monotonic()
+        reason = self._no_drain_because()
+        try:
+            if reason:
+                result = DrainResult(skipped=reason)
+            else:
+                self._drain = Drain(self.relay, timeout=self.spec.replicas.drain_timeout)
+                await self._drain.begin()
+                result = await self._drain.finish()
+        except Exception as exc:
+            # Leaving and exiting matter more than the flows in flight.
+            log.warning("replica %s: drain failed after %.2fs: %s",
+                        self.replica_id, time.monotonic() - started, exc)  # fmt: skip
+            return
+        finally:
+            if self._drain is not None:
+                self._drain.close()  # pins opened before a failure
+        log.info("replica %s %s", self.replica_id, result.line())
+
     async def _leave(self) -> None:
         if self.membership is not None:
             with contextlib.suppress(StoreError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.membership.leave(), 2.0)
+                await asyncio.wait_for(self.membership.leave(), LEAVE_TIMEOUT)
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Stop serving: drain first (SIGTERM), or at once (SIGINT, which cuts a drain short)."""
+        if not drain:
+            self.drain_first = False
+            if self._drain is not None:
+                self._drain.cut_short()
+        elif not self.stopping.is_set():
+            self.drain_first = True
         self.stopping.set()
 
 
@@ -168,8 +215,8 @@ async def replica_main(
         spec = await load_service_spec(store, service)
         replica = Replica(spec, replica_id, store, metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, replica.stop)
+        loop.add_signal_handler(signal.SIGTERM, replica.stop, True)
+        loop.add_signal_handler(signal.SIGINT, replica.stop)
         await replica.run()
         return 0
     finally:

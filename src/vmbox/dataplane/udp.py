@@ -8,6 +8,7 @@ connected socket per client, so upstream replies find their way back to
 exactly that client. In the `strong` consistency mode a `barrier` (a store
 read) must complete, having started after a packet arrived, before the packet
 is decided; packets that arrive while one read is pending share the next.
+vmbox.dataplane.drain takes a relay out of its group with `leave_group`.
 
 Nothing a client or the upstream sends can stop the relay: errors are counted
 in `Counters` and logged at most once per second.
@@ -93,7 +94,7 @@ class _ListenProtocol(asyncio.DatagramProtocol):
         self.relay = relay
 
     def datagram_received(self, data: bytes, addr: Peer) -> None:
-        self.relay._on_datagram(data, addr)
+        self.relay.receive(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # An ICMP error for a reply we sent to a client that has gone away.
@@ -137,6 +138,11 @@ class UdpRelay:
         self._trouble = _RateLimitedLog()
 
     @property
+    def listening(self) -> bool:
+        """The listen socket is open (from start() until close(), even after leave_group)."""
+        return self._transport is not None
+
+    @property
     def local_address(self) -> Address:
         """The address actually bound (the real port when `listen` asked for 0)."""
         return bound_address(self._transport, "relay")
@@ -153,6 +159,31 @@ class UdpRelay:
         if self.barrier is not None:
             self._tasks.append(loop.create_task(self._barrier_loop(), name="relay-barrier"))
 
+    def leave_group(self) -> None:
+        """Take no new flows: from now on the SO_REUSEPORT siblings get them (see drain.py).
+
+        The group's hash skips connected sockets, so the listen socket connects
+        to its own address; what is queued is still relayed, replies still go out.
+        """
+        if self._sock is None or self._transport is None:
+            return
+        try:
+            self._sock.connect(self._sock.getsockname())
+        except OSError as exc:  # unexpected; closing also leaves the group, losing the queue
+            log.warning("relay: cannot leave the group gently (%s); closing the listener", exc)
+            self._transport.close()
+            self._transport = None
+
+    def recent_clients(self, within: float) -> list[tuple[Peer, float]]:
+        """Clients whose flow was active in the last `within` s, newest first, with when."""
+        cutoff = time.monotonic() - within
+        recent = []
+        for addr, flow in reversed(self._flows.items()):  # the table is in LRU order
+            if flow.last_seen < cutoff:
+                break
+            recent.append((addr, flow.last_seen))
+        return recent
+
     async def close(self) -> None:
         """Cancel the owned tasks and close every socket."""
         tasks = self._tasks + [f.task for f in self._flows.values() if f.task is not None]
@@ -168,7 +199,8 @@ class UdpRelay:
 
     # -- the packet path -------------------------------------------------
 
-    def _on_datagram(self, data: bytes, addr: Peer) -> None:
+    def receive(self, data: bytes, addr: Peer) -> None:
+        """One client datagram, from the listen socket or a drain's pin."""
         counters = self.counters
         counters.received += 1
         counters.bytes_received += len(data)
