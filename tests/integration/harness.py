@@ -63,14 +63,17 @@ class Service:
         await self.store.put(keys.desired_key(self.spec.service), str(count).encode())
 
 
-def make_spec(service: str = "web", replicas: int = 1, **middlebox: Any) -> Spec:
+def make_spec(
+    service: str = "web", replicas: int = 1, *, memory_limit: str | None = None, **middlebox: Any
+) -> Spec:
+    limit = {"memory_limit": memory_limit} if memory_limit else {}
     return parse_spec(
         {
             "service": service,
             "listen": f"127.0.0.1:{free_udp_port()}",
             "upstream": f"127.0.0.1:{free_udp_port()}",
             "middlebox": {"function": "ratelimit", "limit": 100} | middlebox,
-            "replicas": {"count": replicas, "min": 1, "max": 4},
+            "replicas": {"count": replicas, "min": 1, "max": 4} | limit,
             "lease_ttl": 2,
         }
     )
@@ -83,7 +86,9 @@ async def running_service(
     store = await connect(endpoints)
     echo = EchoServer(spec.upstream)
     await echo.start()
-    runtime = LocalRuntime(spec.service, endpoints, log_dir)
+    runtime = LocalRuntime(
+        spec.service, endpoints, log_dir, memory_limit=spec.replicas.memory_limit
+    )
     controller = Controller(spec, store, runtime, tick=0.2)
     service = Service(spec, store, controller, runtime, echo)
     task: asyncio.Task[None] | None = None

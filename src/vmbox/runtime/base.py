@@ -35,6 +35,16 @@ class Exited:
     ran_for: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A replica's resource use as its runtime measures it (for the monitor)."""
+
+    memory_bytes: int  # working set: what a pod's memory metric would show
+    memory_limit: int | None  # the enforced limit, or the spec's figure when none is enforced
+    cpu_seconds: float  # user + system, cumulative
+    source: str  # "cgroup v1", "cgroup v2" or "psutil"
+
+
 class Runtime(Protocol):
     def start(self, replica_id: str) -> ReplicaState:
         """Start one replica; returns at once (the replica registers itself in etcd)."""
@@ -53,5 +63,9 @@ class Runtime(Protocol):
         ...
 
     def running(self) -> dict[str, ReplicaState]: ...
+
+    def usage(self, replica_id: str) -> Usage | None:
+        """Memory and CPU of one running replica, or None if it is not running."""
+        ...
 
     def stop_all(self, timeout: float = 5.0) -> None: ...

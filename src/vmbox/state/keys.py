@@ -33,6 +33,16 @@ def member_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/members/{replica}"
 
 
+def samples_key(service: str) -> str:
+    # The monitor's latest sample of every replica, one JSON object, for `vmbox status`.
+    return f"{ROOT}{service}/samples"
+
+
+def controller_key(service: str) -> str:
+    # The running controller's pid and metrics address.
+    return f"{ROOT}{service}/controller"
+
+
 def events_prefix(service: str) -> str:
     return f"{ROOT}{service}/events/"
 
