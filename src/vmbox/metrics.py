@@ -69,7 +69,35 @@ class _ReplicaCollector(Collector):
             yield gauge
 
 
-class ReplicaMetrics:
+class MetricsServer:
+    """Serves one registry on /metrics from a thread (replicas and the controller use it)."""
+
+    def __init__(self, registry: CollectorRegistry, what: str = "metrics port") -> None:
+        self.registry = registry
+        self.what = what
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve /metrics on host:port; returns the bound port. A busy port raises one line."""
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise bind_error(exc, (host, port), self.what) from None
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        """Stop serving (blocks up to the server's 0.5 s poll interval)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+
+
+class ReplicaMetrics(MetricsServer):
     """The /metrics endpoint of one replica.
 
     `gauges` is called from the HTTP server's thread at scrape time: it must
@@ -83,28 +111,9 @@ class ReplicaMetrics:
         counters: Counters,
         gauges: Callable[[], Mapping[str, float]],
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_ReplicaCollector([service, replica], counters, gauges))
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve /metrics on host:port; returns the bound port. A busy port raises one line."""
-        try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise bind_error(exc, (host, port), "metrics port") from None
-        return int(self._server.server_port)
-
-    def stop(self) -> None:
-        """Stop serving (blocks up to the server's 0.5 s poll interval)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_ReplicaCollector([service, replica], counters, gauges))
+        super().__init__(registry)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -96,7 +96,9 @@ def _line(status: ServiceStatus) -> str:
     )
 
 
-async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> None:
+async def run_service(
+    spec: Spec, etcd: list[str] | None, live: bool = True, metrics_port: int = 0
+) -> None:
     """Run until SIGINT/SIGTERM/SIGHUP; raise BindError, PermanentError or StoreUnavailable."""
     check_listen(spec.listen)
     stop = asyncio.Event()
@@ -106,8 +108,14 @@ async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> 
     async with open_store(spec, etcd) as (store, endpoints, private):
         context.record(spec.service, endpoints)
         log_dir = context.state_dir() / "logs" / spec.service
-        runtime = LocalRuntime(spec.service, endpoints, log_dir, adoptable=not private)
-        controller = Controller(spec, store, runtime)
+        runtime = LocalRuntime(
+            spec.service,
+            endpoints,
+            log_dir,
+            adoptable=not private,
+            memory_limit=spec.replicas.memory_limit,
+        )
+        controller = Controller(spec, store, runtime, metrics_port=metrics_port)
         try:
             await controller.setup()
             print(
@@ -116,6 +124,7 @@ async def run_service(spec: Spec, etcd: list[str] | None, live: bool = True) -> 
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )
+            print(f"vmbox: replica memory: {runtime.cgroup_note}", file=sys.stderr)
             await _until_stopped(controller, store, spec, live, stop)
         finally:
             await controller.shutdown()

@@ -5,6 +5,12 @@ each pass reads what is (running replicas, desired count in etcd) and acts
 toward what should be; a missed event is healed by the next pass. Store errors
 requeue the pass with backoff; a replica that cannot start for a reason no
 restart fixes (busy port, bad spec) raises PermanentError.
+
+Beside the reconcile loop runs the sampling loop (vmbox.control.scaling), which
+moves the desired count when the spec asks for autoscaling. A surplus replica
+is the least loaded one; it is drained (SIGTERM: it keeps its open flows for
+up to `replicas.drain_timeout`, then leaves the membership) in the background,
+so a scale-up never waits for a scale-down to finish.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmbox.control import events
+from vmbox.control.autoscale import choose_removals, free_ids
+from vmbox.control.exporter import ControllerMetrics, ControllerView
+from vmbox.control.scaling import ScaleLoop
 from vmbox.middlebox import get_function
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec
@@ -28,6 +38,7 @@ from vmbox.state.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 STABLE_AFTER = 30.0  # a replica that ran this long has its crash backoff reset
+STOP_MARGIN = 3.0  # beyond the drain timeout, before a draining replica is killed
 
 
 class PermanentError(Exception):
@@ -38,6 +49,7 @@ class PermanentError(Exception):
 class _Backoff:
     failures: int = 0
     not_before: float = 0.0
+    waiting: bool = False  # crashed, to be restarted at not_before
 
 
 def restart_delay(failures: int, base: float = 0.2, cap: float = 10.0) -> float:
@@ -56,6 +68,7 @@ class Controller:
         *,
         tick: float = 1.0,
         on_event: Callable[[events.Event], None] | None = None,
+        metrics_port: int | None = 0,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -64,14 +77,31 @@ class Controller:
         self.on_event = on_event
         self.desired = spec.replicas.count
         self.backoff: dict[str, _Backoff] = {}
+        self.draining: dict[str, asyncio.Task[float]] = {}
+        self.restarts = 0
         self.wake = asyncio.Event()
+        self.scaler = ScaleLoop(
+            spec, store, runtime, current=lambda: self.desired, decided=self._decided,
+            event=self.event,
+        )  # fmt: skip
+        self.metrics_port = metrics_port
+        self.metrics = ControllerMetrics(
+            ControllerView(
+                spec.service,
+                desired=lambda: self.desired,
+                running=lambda: len(self.runtime.running()),
+                restarts=lambda: self.restarts,
+                stats=lambda: self.scaler.stats,
+            )
+        )
+
+    def _decided(self, desired: int) -> None:
+        self.desired = desired
+        self.wake.set()
 
     @property
     def service(self) -> str:
         return self.spec.service
-
-    def replica_id(self, index: int) -> str:
-        return f"{self.service}-{index}"
 
     async def event(self, kind: str, message: str, **data: object) -> None:
         log.info("%s: %s", kind, message)
@@ -131,6 +161,7 @@ class Controller:
         """One level-based pass."""
         for exited in self.runtime.reap():
             await self._on_exit(exited)
+        await self._finish_drains()
         desired = await self.read_desired()
         if desired != self.desired:
             await self.event(
@@ -140,19 +171,50 @@ class Controller:
                 new=desired,
             )
             self.desired = desired
-        running = self.runtime.running()
-        wanted = [self.replica_id(i) for i in range(1, self.desired + 1)]
+        running = set(self.runtime.running()) - set(self.draining)
+        waiting = {rid for rid, b in self.backoff.items() if b.waiting and rid not in running}
+        surplus = len(running) + len(waiting) - self.desired
+        for rid in sorted(waiting, reverse=True)[: max(0, surplus)]:
+            del self.backoff[rid]  # a crashed replica that is no longer wanted
+            waiting.discard(rid)
+            surplus -= 1
+        for rid in choose_removals(sorted(running), surplus, self.scaler.load()):
+            self._drain(rid)
         now = time.monotonic()
-        for rid in wanted:
-            if rid not in running and self.backoff.get(rid, _Backoff()).not_before <= now:
-                self.runtime.start(rid)
-                await self.event("start", f"started replica {rid}", replica=rid)
-        surplus = sorted(set(running) - set(wanted), reverse=True)
-        # Stopped together: each leaves the membership first, so shares regrow once.
-        await asyncio.gather(*(asyncio.to_thread(self.runtime.stop, rid) for rid in surplus))
-        for rid in surplus:
-            self.backoff.pop(rid, None)
-            await self.event("stop", f"stopped replica {rid}", replica=rid)
+        for rid in sorted(waiting):
+            if self.backoff[rid].not_before <= now:
+                await self._start(rid, restart=True)
+        taken = running | waiting | set(self.draining)
+        for rid in free_ids(self.service, taken, self.desired - len(running) - len(waiting)):
+            await self._start(rid)
+
+    async def _start(self, rid: str, restart: bool = False) -> None:
+        self.runtime.start(rid)
+        if restart:
+            self.backoff[rid].waiting = False
+            self.restarts += 1
+        await self.event("start", f"started replica {rid}", replica=rid)
+
+    def _drain(self, rid: str) -> None:
+        """Stop one replica in the background: it drains, leaves, exits (or is killed)."""
+        self.backoff.pop(rid, None)
+        timeout = self.spec.replicas.drain_timeout + STOP_MARGIN
+
+        def stop() -> float:
+            started = time.monotonic()
+            self.runtime.stop(rid, timeout)
+            return time.monotonic() - started
+
+        self.draining[rid] = asyncio.create_task(asyncio.to_thread(stop))
+
+    async def _finish_drains(self) -> None:
+        for rid, task in list(self.draining.items()):
+            if task.done():
+                del self.draining[rid]
+                took = task.result()
+                await self.event(
+                    "stop", f"drained and stopped replica {rid} in {took:.1f}s", replica=rid
+                )
 
     async def _on_exit(self, exited: Exited) -> None:
         rid = exited.replica_id
@@ -166,6 +228,7 @@ class Controller:
         state.failures = 1 if exited.ran_for >= STABLE_AFTER else state.failures + 1
         delay = restart_delay(state.failures)
         state.not_before = time.monotonic() + delay
+        state.waiting = True
         detail = f": {exited.last_log_line}" if exited.last_log_line else ""
         await self.event(
             "crash",
@@ -189,8 +252,12 @@ class Controller:
             await asyncio.sleep(1.0)
 
     async def run(self) -> None:
-        """Reconcile until cancelled; store errors are retried with backoff."""
-        watcher = asyncio.create_task(self._watch_desired())
+        """Reconcile and sample until cancelled; store errors are retried with backoff."""
+        await self._serve_metrics()
+        helpers = [
+            asyncio.create_task(self._watch_desired()),
+            asyncio.create_task(self.scaler.run()),
+        ]
         delay = 0.2
         try:
             while True:
@@ -206,13 +273,27 @@ class Controller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.tick)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _serve_metrics(self) -> None:
+        """Serve /metrics and record where, with this process's pid, for `vmbox status`."""
+        if self.metrics_port is None:
+            return
+        port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
+        info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
+        with contextlib.suppress(StoreError):
+            await self.store.put(keys.controller_key(self.service), json.dumps(info).encode())
 
     async def shutdown(self) -> None:
         """Stop every replica (each leaves the membership first) and mark the service down."""
+        await asyncio.gather(*self.draining.values(), return_exceptions=True)
+        self.draining.clear()
         await asyncio.to_thread(self.runtime.stop_all)
+        self.metrics.stop()
         with contextlib.suppress(StoreError):
             await self.store.delete(keys.desired_key(self.service))
+            await self.store.delete(keys.controller_key(self.service))
+            await self.store.delete(keys.samples_key(self.service))
             await self.event("down", "service stopped")

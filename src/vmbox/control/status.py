@@ -1,13 +1,16 @@
-"""Live status of a service: replicas, shares, per-second traffic, recent events.
+"""Live status of a service: replicas, shares, traffic, resource samples, recent events.
 
 Used by `vmbox status`, the live view of `vmbox up` and `vmbox demo`. Traffic
 rates come from two scrapes of each replica's Prometheus metrics; the tracker
-keeps the previous scrape so a live view needs one scrape per refresh.
+keeps the previous scrape so a live view needs one scrape per refresh. Memory
+and CPU come from the controller's monitor, which publishes its latest sample
+of every replica at /vmbox/<service>/samples.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +19,7 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from vmbox.control import events
+from vmbox.control.monitor import Sample, read_samples
 from vmbox.metrics import scrape
 from vmbox.state import keys
 from vmbox.state.membership import list_members
@@ -32,6 +36,7 @@ class ReplicaRow:
     values: dict[str, float] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    sample: Sample | None = None
 
 
 @dataclass
@@ -41,6 +46,7 @@ class ServiceStatus:
     replicas: list[ReplicaRow]
     events: list[events.Event]
     taken: float
+    controller: str = ""  # the controller's metrics address, when one is running
 
     def total_rate(self, name: str) -> float:
         return sum(row.rates.get(name, 0.0) for row in self.replicas)
@@ -72,14 +78,25 @@ async def _scrape_row(row: ReplicaRow) -> None:
         row.error = str(exc) or type(exc).__name__
 
 
+async def _controller(store: Store, service: str) -> str:
+    kv = await store.get(keys.controller_key(service))
+    try:
+        return str(json.loads(kv.value)["metrics"]) if kv is not None else ""
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 async def snapshot(
-    store: Store, service: str, tracker: RateTracker, n_events: int = 5
+    store: Store, service: str, tracker: RateTracker, n_events: int = 8
 ) -> ServiceStatus:
-    """Read members, desired count and events; scrape every replica once."""
+    """Read members, desired count, samples and events; scrape every replica once."""
     desired_kv = await store.get(keys.desired_key(service))
     members = await list_members(store, service)
+    samples = await read_samples(store, service)
     rows = [
-        ReplicaRow(rid, m.info.get("pid", "?"), str(m.info.get("metrics", "")))
+        ReplicaRow(
+            rid, m.info.get("pid", "?"), str(m.info.get("metrics", "")), sample=samples.get(rid)
+        )
         for rid, m in sorted(members.items())
     ]
     await asyncio.gather(*(_scrape_row(row) for row in rows))
@@ -89,7 +106,8 @@ async def snapshot(
             row.rates = tracker.update(row.replica, row.values, now)
     recent = await events.recent(store, service, n_events)
     desired = desired_kv.value.decode(errors="replace") if desired_kv else "-"
-    return ServiceStatus(service, desired, rows, recent, time.time())
+    controller = await _controller(store, service)
+    return ServiceStatus(service, desired, rows, recent, time.time(), controller)
 
 
 def render(status: ServiceStatus, title: str = "") -> RenderableType:
@@ -107,6 +125,9 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
         "RECEIVED/s",
         "PASSED/s",
         "DROPPED/s",
+        "MEM",
+        "MEM%",
+        "CPU%",
         "STORE",
     ):
         table.add_column(column, justify="left" if column in {"REPLICA", "STORE"} else "right")
@@ -123,12 +144,28 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
             _num(r.get(RATES[0])),
             _num(r.get(RATES[1])),
             _num(r.get(RATES[2])),
+            *_resources(row.sample),
             store_state,
+        )
+    if any(row.sample and not row.sample.source.startswith("cgroup") for row in status.replicas):
+        table.caption = "* resident set size read with psutil (no memory cgroup)"
+    if status.controller:
+        table.caption = (
+            f"{table.caption or ''}  controller metrics: http://{status.controller}/metrics"
         )
     lines = Table.grid(padding=(0, 1))
     for ev in status.events:
         lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)
     return RichGroup(table, lines) if status.events else table
+
+
+def _resources(sample: Sample | None) -> tuple[str, str, str]:
+    """MEM (MiB, with where it was read), MEM% of the limit, CPU% of one core."""
+    if sample is None:
+        return "-", "-", "-"
+    where = "" if sample.source.startswith("cgroup") else "*"  # * = RSS via psutil
+    mem = f"{sample.memory_bytes / 2**20:.1f}Mi{where}"
+    return mem, _num(sample.memory_percent), _num(sample.cpu_percent)
 
 
 def _num(value: float | None) -> str:
