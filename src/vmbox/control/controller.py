@@ -211,7 +211,11 @@ class Controller:
         for rid, task in list(self.draining.items()):
             if task.done():
                 del self.draining[rid]
-                took = task.result()
+                try:
+                    took = task.result()
+                except Exception as exc:  # one failed stop must not end the reconcile loop
+                    await self.event("stop", f"stopping replica {rid} failed: {exc}", replica=rid)
+                    continue
                 await self.event(
                     "stop", f"drained and stopped replica {rid} in {took:.1f}s", replica=rid
                 )
