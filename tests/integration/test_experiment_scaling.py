@@ -8,7 +8,6 @@ are there with their columns.
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.integration.harness import csv_rows as rows
 
 pytestmark = [pytest.mark.experiment, pytest.mark.timeout(400)]
 
@@ -34,11 +35,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     yield Run(out, result)
-
-
-def rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as stream:
-        return list(csv.DictReader(stream))
 
 
 def test_runs_and_writes_its_files(run: Run) -> None:

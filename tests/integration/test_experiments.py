@@ -7,7 +7,6 @@ non-empty pictures and a report with the published figures beside vmbox's.
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import csv_rows as rows
 from vmbox.experiments import REGISTRY
 from vmbox.experiments.correctness import COLUMNS, LIMIT, Second, accuracy, plateau
 from vmbox.experiments.overhead import SUMMARY_COLUMNS
@@ -41,11 +41,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         capture_output=True, text=True, timeout=budget, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     yield Run(out, result)
-
-
-def rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as stream:
-        return list(csv.DictReader(stream))
 
 
 def test_all_completes_and_writes_the_report(run: Run) -> None:

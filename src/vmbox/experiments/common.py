@@ -36,6 +36,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from vmbox.control import events
 from vmbox.control.controller import Controller, PermanentError
 from vmbox.dataplane.sockets import AddressInUse
 from vmbox.demo import free_udp_port
@@ -158,7 +159,9 @@ async def private_store() -> AsyncIterator[EtcdStore]:
 class Service:
     spec: Spec
     store: EtcdStore
-    echo: EchoServer
+    echo: EchoServer  # its history stays readable after the service has ended
+    controller: Controller
+    runtime: LocalRuntime
 
 
 class PortTaken(ExperimentError):
@@ -182,17 +185,22 @@ def quiet_udp_port(host: str = "127.0.0.1") -> int:
 
 @asynccontextmanager
 async def running_service(
-    store: EtcdStore, make_spec: Callable[[], Spec], attempts: int = 3
+    store: EtcdStore,
+    make_spec: Callable[[], Spec],
+    attempts: int = 3,
+    on_event: Callable[[events.Event], None] | None = None,
 ) -> AsyncIterator[Service]:
     """An echo server at the spec's upstream and the spec's replicas, all registered.
 
     A port taken between its pick and its bind costs a retry with a new spec
-    (`make_spec` picks new ports), up to `attempts` times.
+    (`make_spec` picks new ports), up to `attempts` times. `on_event` sees the
+    controller's events (starts, scale decisions) as they happen.
     """
     for attempt in range(1, attempts + 1):
         async with contextlib.AsyncExitStack() as stack:
             try:
-                service = await stack.enter_async_context(_one_service(store, make_spec()))
+                one = _one_service(store, make_spec(), on_event)
+                service = await stack.enter_async_context(one)
             except PortTaken:
                 if attempt == attempts:
                     raise
@@ -202,7 +210,9 @@ async def running_service(
 
 
 @asynccontextmanager
-async def _one_service(store: EtcdStore, spec: Spec) -> AsyncIterator[Service]:
+async def _one_service(
+    store: EtcdStore, spec: Spec, on_event: Callable[[events.Event], None] | None
+) -> AsyncIterator[Service]:
     """Replica logs go to a temporary directory, kept (and named in the error) on a failure."""
     echo = EchoServer(spec.upstream)
     try:
@@ -210,15 +220,17 @@ async def _one_service(store: EtcdStore, spec: Spec) -> AsyncIterator[Service]:
     except AddressInUse as exc:
         raise PortTaken(str(exc)) from None
     log_dir = Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
-    controller = Controller(
-        spec, store, LocalRuntime(spec.service, store.endpoints, log_dir, adoptable=False), tick=0.2
-    )
+    runtime = LocalRuntime(
+        spec.service, store.endpoints, log_dir, adoptable=False,
+        memory_limit=spec.replicas.memory_limit,
+    )  # fmt: skip
+    controller = Controller(spec, store, runtime, tick=0.2, on_event=on_event, metrics_port=None)
     reconcile: asyncio.Task[None] | None = None
     try:
         await controller.setup()
         reconcile = asyncio.create_task(controller.run())
         await _wait_members(store, spec, reconcile, log_dir)
-        yield Service(spec, store, echo)
+        yield Service(spec, store, echo, controller, runtime)
     finally:
         if reconcile is not None:
             reconcile.cancel()

@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,21 @@ from rich.console import Console
 
 from vmbox.control import events
 from vmbox.control.controller import Controller
-from vmbox.demo import free_udp_port
 from vmbox.experiments.churn import churn
-from vmbox.experiments.common import ExperimentResult, Scale, new_progress, private_store
+from vmbox.experiments.common import (
+    ExperimentResult,
+    Scale,
+    new_progress,
+    private_store,
+    quiet_udp_port,
+    running_service,
+)
 from vmbox.experiments.scaling_plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
 from vmbox.metrics import scrape
-from vmbox.runtime.local import LocalRuntime, open_cgroups
+from vmbox.runtime.local import open_cgroups
 from vmbox.spec import Spec, parse_size
-from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
-from vmbox.tools.echo import EchoServer
 from vmbox.tools.load import LoadPlan, run_load
 
 NAME = "scaling"
@@ -79,38 +82,14 @@ class PhaseRun:
         return out
 
 
-@asynccontextmanager
-async def _service(store: EtcdStore, run: PhaseRun, log_dir: Path) -> AsyncIterator[Controller]:
-    spec = run.spec
-    echo = EchoServer(spec.upstream)
-    await echo.start()
-    runtime = LocalRuntime(
-        spec.service, store.endpoints, log_dir, adoptable=False,
-        memory_limit=spec.replicas.memory_limit,
-    )  # fmt: skip
-    run.memory_source = runtime.cgroup_note
-
+def _listener(run: PhaseRun) -> Callable[[events.Event], None]:
     def on_event(event: events.Event) -> None:
         if event.kind.startswith("scale-"):
             run.decisions.append(event)
         elif event.kind == "start":
             run.started.append((event.time, str(event.data.get("replica", ""))))
 
-    controller = Controller(spec, store, runtime, tick=0.2, on_event=on_event, metrics_port=None)
-    task: asyncio.Task[None] | None = None
-    try:
-        await controller.setup()
-        task = asyncio.create_task(controller.run())
-        yield controller
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await controller.shutdown()
-        run.server = dict(echo.history)
-        await echo.close()
-        await store.delete_prefix(keys.service_prefix(spec.service))
+    return on_event
 
 
 async def _record(controller: Controller, run: PhaseRun) -> None:
@@ -169,22 +148,28 @@ async def _steps(spec: Spec, plan: PhasePlan) -> None:
         await run_load(LoadPlan(spec.listen, rate=rate, sources=1, flows=64, duration=seconds))
 
 
-async def run_phase(store: EtcdStore, plan: PhasePlan, log_dir: Path, console: Console) -> PhaseRun:
+async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> PhaseRun:
     cgroups, _ = open_cgroups(f"scaling-{plan.kind}", parse_size(MEMORY_LIMIT))
-    spec = phase_spec(plan, free_udp_port(), free_udp_port(), cgroup=cgroups is not None)
-    run = PhaseRun(plan, spec)
+
+    def make_spec() -> Spec:
+        return phase_spec(plan, quiet_udp_port(), quiet_udp_port(), cgroup=cgroups is not None)
+
+    run = PhaseRun(plan, make_spec())
     with new_progress(console) as progress:
         bar = progress.add_task(f"{plan.kind}: starting", total=plan.total)
-        async with _service(store, run, log_dir) as controller:
+        async with running_service(store, make_spec, on_event=_listener(run)) as service:
+            run.spec = service.spec
+            run.memory_source = service.runtime.cgroup_note
             run.t0 = time.time()
-            recorder = asyncio.create_task(_record(controller, run))
+            recorder = asyncio.create_task(_record(service.controller, run))
             try:
                 progress.update(bar, description=f"{plan.kind}: idle, then load, then settle")
-                await _drive(controller, run, lambda s: progress.advance(bar, s))
+                await _drive(service.controller, run, lambda s: progress.advance(bar, s))
             finally:
                 recorder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await recorder
+        run.server = dict(service.echo.history)
         progress.update(bar, completed=plan.total, description=f"{plan.kind}: done")
     return run
 
@@ -194,10 +179,9 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
 
     result = ExperimentResult(NAME)
     runs: list[PhaseRun] = []
-    log_dir = out_dir / "scaling-logs"
     async with private_store() as store:
         for plan in PHASES[scale]:
-            runs.append(await run_phase(store, plan, log_dir, console))
+            runs.append(await run_phase(store, plan, console))
     summarise(runs, out_dir, result, console)
     return result
 
