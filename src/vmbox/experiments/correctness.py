@@ -3,7 +3,7 @@
 The published figure: one client ramps its offered rate from 10 to 300
 packets/s through a ratelimit service at 100 packets/s, with 1, 2 and 4
 replicas; the rate the protected server receives follows the offer up to the
-limit and stays on it. Here the client is one source over 32 flows (so
+limit and stays on it. Here the client is one source over 64 flows (so
 SO_REUSEPORT spreads it over the replicas), each replica count gets a fresh
 service, and the load starts on a wall-clock second so its seconds line up
 with the limiter's windows and the echo server's counts.
@@ -46,7 +46,7 @@ LIMIT = 100
 COUNTS = (1, 2, 4)
 PLATEAU = 1.2  # a second is on the plateau when its offered rate is >= PLATEAU * LIMIT
 TOLERANCE = 0.05  # the plateau's mean error may be this fraction of the limit
-FLOWS = 32
+FLOWS = 64
 COLUMNS = ("replicas", "second", "offered", "sent", "received", "client_received")
 
 
