@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench setup etcd clean
+.PHONY: demo test lint unit integration bench faults setup etcd clean
 
 demo: setup
 	$(BIN)/vmbox demo
@@ -21,6 +21,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py
+
+# Every fault at full scale (about 90 s); `make test` runs them at small scale.
+faults: setup
+	$(BIN)/python -m vmbox.faults
 
 setup: $(STAMP) etcd
 

@@ -7,6 +7,7 @@ etcd, busy port), never a traceback for those.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -22,6 +23,8 @@ from vmbox.control.controller import PermanentError
 from vmbox.dataplane.sockets import BindError
 from vmbox.etcdserver import EtcdNotFound, EtcdStartError
 from vmbox.spec import SpecError, load_spec, parse_address
+from vmbox.state import access
+from vmbox.state.access import StoreSpec
 from vmbox.state.store import StoreError
 
 T = TypeVar("T")
@@ -66,6 +69,22 @@ def _address(value: str, name: str) -> tuple[str, int]:
 
 
 ETCD_HELP = "etcd endpoints HOST:PORT[,...]; default: the one `vmbox up` recorded"
+
+
+def access_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --etcd-ca, --etcd-cert, ... (vmbox.state.access.FLAGS); the command gets `settings`.
+
+    Each names a file or a variable, never a secret: a command line is public.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        settings = {field: kwargs.pop(f"etcd_{field}") for field, _, _ in access.FLAGS}
+        command(*args, settings=settings, **kwargs)
+
+    for field, flag, help_text in reversed(access.FLAGS):
+        wrapper = click.option(flag, f"etcd_{field}", metavar="TEXT", help=help_text)(wrapper)
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,35 +143,53 @@ def load_spec_or_fail(path: str) -> Any:
 @click.argument("service", required=False)
 @click.option("--etcd", help=ETCD_HELP)
 @click.option("-w", "--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
-def status(service: str | None, etcd: str | None, watch: bool) -> None:
-    """Show a service's replicas, shares, per-second traffic and recent events."""
+@access_options
+def status(
+    service: str | None, etcd: str | None, watch: bool, settings: dict[str, str | None]
+) -> None:
+    """Show a service's replicas, shares, per-second traffic and recent events.
+
+    The etcd, and its TLS and user settings, are the ones `vmbox up` recorded
+    unless given here.
+    """
     from vmbox.cli_status import show_status
 
-    name, endpoints = _target(service, etcd)
-    run(lambda: show_status(name, endpoints, watch))
+    name, target = _target(service, etcd, settings)
+    run(lambda: show_status(name, target, watch))
 
 
 @main.command()
 @click.argument("service")
 @click.argument("replicas", type=click.IntRange(min=0))
 @click.option("--etcd", help=ETCD_HELP)
-def scale(service: str, replicas: int, etcd: str | None) -> None:
+@access_options
+def scale(service: str, replicas: int, etcd: str | None, settings: dict[str, str | None]) -> None:
     """Set the desired replica count of SERVICE; a running `vmbox up` follows within a second."""
     from vmbox.cli_status import set_desired
 
-    name, endpoints = _target(service, etcd)
-    run(lambda: set_desired(name, endpoints, replicas))
+    name, target = _target(service, etcd, settings)
+    run(lambda: set_desired(name, target, replicas))
 
 
-def _target(service: str | None, etcd: str | None) -> tuple[str, list[str]]:
+def _target(
+    service: str | None, etcd: str | None, given: dict[str, str | None]
+) -> tuple[str, StoreSpec]:
+    """The service and how to reach its etcd: flags first, then what `vmbox up` recorded."""
     if etcd:
         if not service:
             fail("name the SERVICE when you pass --etcd", EXIT_USAGE)
-        return service, context.parse_endpoints(etcd)
+        recorded: dict[str, str] = {}
+        name, endpoints = service, context.parse_endpoints(etcd)
+    else:
+        try:
+            name, endpoints, recorded = context.lookup_settings(service)
+        except context.NoContext as exc:
+            fail(str(exc))
+    flags = {field: value for field, value in given.items() if value is not None}
     try:
-        return context.lookup(service)
-    except context.NoContext as exc:
-        fail(str(exc))
+        return name, access.from_settings(endpoints, recorded | flags)
+    except StoreError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 @main.command()
@@ -246,8 +283,14 @@ def _ramp(value: str) -> tuple[float, float, float]:
 @click.option("--etcd", required=True)
 @click.option("--metrics-port", default=0, type=int)
 @click.option("--parent-pid", type=int, help="Exit (SIGINT) when this parent process dies.")
+@access_options
 def replica(
-    service: str, replica_id: str, etcd: str, metrics_port: int, parent_pid: int | None
+    service: str,
+    replica_id: str,
+    etcd: str,
+    metrics_port: int,
+    parent_pid: int | None,
+    settings: dict[str, str | None],
 ) -> None:
     """Run one replica (started by a runtime, not by hand)."""
     from vmbox.proc import exit_with_parent
@@ -261,10 +304,9 @@ def replica(
 
     logging.getLogger().setLevel(logging.INFO)
     try:
-        code = run(
-            lambda: replica_main(service, replica_id, context.parse_endpoints(etcd), metrics_port)
-        )
-    except ReplicaConfigError as exc:
+        target = access.from_settings(context.parse_endpoints(etcd), settings)
+        code = run(lambda: replica_main(service, replica_id, target, metrics_port))
+    except (ReplicaConfigError, access.AccessError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     sys.exit(code)

@@ -15,15 +15,20 @@ from vmbox.control import events
 from vmbox.control.status import RateTracker, render, snapshot
 from vmbox.spec import parse_spec
 from vmbox.state import keys
-from vmbox.state.etcd import connect
+from vmbox.state.access import StoreSpec, connect_kwargs
+from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.store import StoreError
 
 
-async def show_status(service: str, endpoints: list[str], watch: bool) -> None:
-    store = await connect(endpoints)
+async def _connect(target: StoreSpec) -> EtcdStore:
+    return await connect(target.endpoints, **connect_kwargs(target))
+
+
+async def show_status(service: str, target: StoreSpec, watch: bool) -> None:
+    store = await _connect(target)
     try:
         if await store.get(keys.spec_key(service)) is None:
-            raise StoreError(f"no service {service!r} in etcd at {','.join(endpoints)}")
+            raise StoreError(f"no service {service!r} in etcd at {store.where}")
         tracker = RateTracker()
         await snapshot(store, service, tracker, 0)  # first scrape: rates need two
         await asyncio.sleep(1.0)
@@ -41,12 +46,12 @@ async def show_status(service: str, endpoints: list[str], watch: bool) -> None:
         await store.close()
 
 
-async def set_desired(service: str, endpoints: list[str], replicas: int) -> None:
-    store = await connect(endpoints)
+async def set_desired(service: str, target: StoreSpec, replicas: int) -> None:
+    store = await _connect(target)
     try:
         kv = await store.get(keys.spec_key(service))
         if kv is None:
-            raise StoreError(f"no service {service!r} in etcd at {','.join(endpoints)}")
+            raise StoreError(f"no service {service!r} in etcd at {store.where}")
         spec = parse_spec(json.loads(kv.value), "stored spec")
         lo, hi = spec.replicas.min, spec.replicas.max
         if not lo <= replicas <= hi:

@@ -2,14 +2,18 @@
 
 Written by `vmbox up` and `vmbox demo`, read by `vmbox status` and `vmbox scale`.
 One small JSON file per service under the state directory ($VMBOX_STATE_DIR,
-else ~/.local/state/vmbox), like kubectl's current context.
+else ~/.local/state/vmbox), like kubectl's current context. With an external
+etcd it also holds the TLS and auth settings (vmbox.state.access.settings):
+file paths, a user name, the name of an environment variable; never a secret.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from vmbox.proc import pid_alive
 
@@ -29,12 +33,18 @@ def _file(service: str) -> Path:
     return state_dir() / "services" / f"{service}.json"
 
 
-def record(service: str, endpoints: list[str], pid: int | None = None) -> None:
+def record(
+    service: str,
+    endpoints: list[str],
+    pid: int | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> None:
     path = _file(service)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"service": service, "endpoints": endpoints, "pid": pid or os.getpid()})
-    )
+    data: dict[str, Any] = {"service": service, "endpoints": endpoints, "pid": pid or os.getpid()}
+    if settings:
+        data["settings"] = dict(settings)
+    path.write_text(json.dumps(data))
 
 
 def forget(service: str) -> None:
@@ -50,7 +60,13 @@ def known_services() -> list[str]:
 
 
 def lookup(service: str | None) -> tuple[str, list[str]]:
-    """(service, endpoints) for `service`, or for the most recently started one.
+    """(service, endpoints) for `service`, or for the most recently started one."""
+    name, endpoints, _ = lookup_settings(service)
+    return name, endpoints
+
+
+def lookup_settings(service: str | None) -> tuple[str, list[str], dict[str, str]]:
+    """(service, endpoints, TLS and auth settings) for `service`, or the newest one.
 
     Records left by a `vmbox up` that no longer runs (killed, or its terminal
     closed) are skipped and removed: their etcd may be gone with it.
@@ -60,15 +76,16 @@ def lookup(service: str | None) -> tuple[str, list[str]]:
         try:
             data = json.loads(_file(name).read_text())
             endpoints = [str(e) for e in data["endpoints"]]
-        except (OSError, ValueError, KeyError, TypeError):
+            settings = {str(k): str(v) for k, v in data.get("settings", {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if pid_alive(data.get("pid")):
-            return name, endpoints
+            return name, endpoints, settings
         forget(name)
     what = f"service {service!r}" if service else "any service"
     raise NoContext(f"no running `vmbox up` recorded an etcd for {what}: pass --etcd HOST:PORT")
 
 
 def parse_endpoints(value: str) -> list[str]:
-    """'a:1,b:2' -> ['a:1', 'b:2'] (an http:// prefix is accepted and dropped)."""
+    """'a:1,b:2' -> ['a:1', 'b:2'] (http:// is dropped; https:// is kept: it asks for TLS)."""
     return [part.strip().removeprefix("http://") for part in value.split(",") if part.strip()]

@@ -3,7 +3,9 @@
 Called by the CLI when a spec says `store: managed`, and by the test suite
 (tests/conftest.py) to get a real etcd on loopback. Members listen on free
 loopback ports, keep their data in a temporary directory unless one is given,
-and die with the process that started them (PR_SET_PDEATHSIG).
+and die with the process that started them (PR_SET_PDEATHSIG). For the tests of
+a secured store, members can serve TLS (`ServerTLS`, clients' certificates
+required) and `enable_auth` turns on etcd's users with etcdctl.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -48,6 +53,45 @@ def find_etcd() -> str:
     raise EtcdNotFound("etcd is not installed: run `apt-get install etcd-server` (or `make setup`)")
 
 
+def find_etcdctl() -> str:
+    """etcdctl, found beside etcd (Debian ships both in etcd-client/etcd-server)."""
+    beside = Path(find_etcd()).with_name("etcdctl")
+    return str(beside) if beside.exists() else shutil.which("etcdctl") or "etcdctl"
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """Certificates for a private etcd that serves clients over TLS.
+
+    `ca` verifies clients' certificates (etcd's --client-cert-auth) and
+    `client_cert`/`client_key` are what this module's own health checks and
+    etcdctl calls present. The server certificate must name 127.0.0.1.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path
+    client_key: Path
+
+    def args(self) -> list[str]:
+        return [
+            "--cert-file", str(self.cert), "--key-file", str(self.key),
+            "--client-cert-auth", "--trusted-ca-file", str(self.ca),
+        ]  # fmt: skip
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+    def etcdctl_args(self) -> list[str]:
+        return [
+            "--cacert", str(self.ca), "--cert", str(self.client_cert),
+            "--key", str(self.client_key),
+        ]  # fmt: skip
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -70,9 +114,12 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
 _die_with_parent = signal_on_parent_death(signal.SIGKILL)
 
 
-def _http_json(url: str, timeout: float, body: bytes | None = None) -> Any:
+def _http_json(
+    url: str, timeout: float, body: bytes | None = None, tls: ServerTLS | None = None
+) -> Any:
     request = urllib.request.Request(url, data=body, method="POST" if body else "GET")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    context = tls.context() if tls is not None else None
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.loads(response.read())
 
 
@@ -106,11 +153,14 @@ def _describe_log(entry: dict[str, Any]) -> str:
 class _Member:
     """One etcd process: its ports, its directory, its log."""
 
-    def __init__(self, name: str, client_port: int, peer_port: int, root: Path) -> None:
+    def __init__(
+        self, name: str, client_port: int, peer_port: int, root: Path, tls: ServerTLS | None
+    ) -> None:
         self.name = name
         self.client_port = client_port
         self.peer_port = peer_port
         self.root = root
+        self.tls = tls
         self.log_path = root / "etcd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -120,8 +170,12 @@ class _Member:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def client_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://127.0.0.1:{self.peer_port}"  # members talk plainly over loopback
 
     def spawn(self, initial_cluster: str, state: str, token: str) -> None:
         # A busy port would let /health reach somebody else's etcd and pass.
@@ -130,7 +184,7 @@ class _Member:
                 raise EtcdStartError(
                     f"cannot start etcd {self.name}: 127.0.0.1:{port} is already in use"
                 )
-        client_url = f"http://{self.endpoint}"
+        client_url = self.client_url
         args = [
             find_etcd(), "--name", self.name, "--data-dir", str(self.root / "data"),
             "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
@@ -138,6 +192,7 @@ class _Member:
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", token,
             "--enable-v2=false", "--logger", "zap", "--log-outputs", "stderr", *_TUNING,
+            *(self.tls.args() if self.tls else []),
         ]  # fmt: skip
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in reap()
@@ -151,7 +206,7 @@ class _Member:
 
     def healthy(self, timeout: float = 0.5) -> bool:
         try:
-            answer = _http_json(f"http://{self.endpoint}/health", timeout)
+            answer = _http_json(f"{self.client_url}/health", timeout, tls=self.tls)
         except (OSError, ValueError):
             return False
         return isinstance(answer, dict) and answer.get("health") == "true"
@@ -214,14 +269,23 @@ def remove_orphaned_dirs(base: str | None = None) -> int:
 class EtcdCluster:
     """N etcd members on loopback; `with EtcdCluster(3) as c: c.endpoints`."""
 
-    def __init__(self, size: int = 3, *, data_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        tls: ServerTLS | None = None,
+    ) -> None:
         self._owned = data_dir is None
         if data_dir is None:
             remove_orphaned_dirs()
         self.root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix=_dir_prefix()))
+        self.tls = tls
         self.members = [
-            _Member(f"m{i}", free_port(), free_port(), self.root / f"m{i}") for i in range(size)
+            _Member(f"m{i}", free_port(), free_port(), self.root / f"m{i}", tls)
+            for i in range(size)
         ]
+        self.root_password: str | None = None  # set by enable_auth
         self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         # One token per cluster, so members of two test clusters never merge.
         self._token = f"vmbox-{os.getpid()}-{id(self)}"
@@ -229,6 +293,37 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    @property
+    def client_urls(self) -> list[str]:
+        """The endpoints with their scheme: https:// when serving TLS."""
+        return [m.client_url for m in self.members]
+
+    def etcdctl(self, *args: str, stdin: str = "", timeout: float = 10) -> str:
+        """Run etcdctl against this cluster (with the client certificate of `tls`); its output."""
+        command = [
+            find_etcdctl(), "--endpoints", ",".join(self.client_urls),
+            *(self.tls.etcdctl_args() if self.tls else []), *args,
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, input=stdin,
+            env=os.environ | {"ETCDCTL_API": "3"},
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise EtcdStartError(f"etcdctl {' '.join(args[:2])} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def enable_auth(self, password: str, user: str = "vmbox", prefix: str = "/vmbox/") -> None:
+        """Turn on etcd's users: root (a random password, kept in `root_password`) and
+        `user`, whose role may read and write keys under `prefix` and nothing else."""
+        self.root_password = secrets.token_urlsafe(12)
+        # Passwords go through stdin: a command line is readable by every user.
+        self.etcdctl("user", "add", "root", "--interactive=false", stdin=self.root_password)
+        self.etcdctl("role", "add", user)
+        self.etcdctl("role", "grant-permission", user, "--prefix=true", "readwrite", prefix)
+        self.etcdctl("user", "add", user, "--interactive=false", stdin=password)
+        self.etcdctl("user", "grant-role", user, user)
+        self.etcdctl("auth", "enable")  # also gives root the root role
 
     def start(self, timeout: float = 15) -> Self:
         """Start every member and wait until all report healthy."""
@@ -275,7 +370,7 @@ class EtcdCluster:
                 continue
             try:
                 status = _http_json(
-                    f"http://{member.endpoint}/v3/maintenance/status", timeout, body=b"{}"
+                    f"{member.client_url}/v3/maintenance/status", timeout, b"{}", member.tls
                 )
             except (OSError, ValueError):
                 continue
@@ -302,8 +397,9 @@ class EtcdServer(EtcdCluster):
         client_port: int | None = None,
         peer_port: int | None = None,
         data_dir: str | os.PathLike[str] | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
-        super().__init__(1, data_dir=data_dir)
+        super().__init__(1, data_dir=data_dir, tls=tls)
         member = self.members[0]
         member.client_port = client_port or member.client_port
         member.peer_port = peer_port or member.peer_port

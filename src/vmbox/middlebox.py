@@ -115,12 +115,28 @@ def get_function(name: str) -> type[Middlebox]:
         raise KeyError(f"unknown middlebox function {name!r} (known: {known})") from None
 
 
-def parse_positive_int(raw: bytes) -> int:
-    """Parse a stored positive integer such as b'100'; garbage raises StateValueError."""
-    try:
-        value = int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise StateValueError(f"not an integer: {raw[:40]!r}") from None
+# The largest integer a stored state item may hold: no per-window packet budget
+# comes near a billion, so a bigger value is a typo or garbage, kept out like `abc`.
+MAX_STATE_INT = 10**9
+
+
+def parse_positive_int(raw: bytes, maximum: int = MAX_STATE_INT) -> int:
+    """Parse a stored positive integer such as b'100'; garbage raises StateValueError.
+
+    Only ASCII digits (an optional '+', surrounding blanks) count: int()'s
+    underscores and its refusal of very long numbers make poor messages.
+    """
+    text = raw.decode("ascii", errors="replace").strip()
+    digits = text.removeprefix("+")
+    if not (digits.isascii() and digits.isdigit()):
+        if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+            raise StateValueError(f"must be a positive integer, got {text[:24]}")
+        raise StateValueError(f"not an integer: {raw[:40]!r}")
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+        raise StateValueError(f"must be at most {maximum}, got {shown}")
+    value = int(digits)
     if value <= 0:
         raise StateValueError(f"must be a positive integer, got {value}")
     return value

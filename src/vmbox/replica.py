@@ -30,6 +30,7 @@ from vmbox.metrics import ReplicaMetrics
 from vmbox.middlebox import Group, Middlebox, get_function
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
+from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
 from vmbox.state.membership import Membership, watch_members
 from vmbox.state.store import Store, StoreError
 from vmbox.state.views import StrongView, View, make_view
@@ -204,13 +205,15 @@ class Replica:
         self.stopping.set()
 
 
-async def replica_main(
-    service: str, replica_id: str, endpoints: list[str], metrics_port: int
-) -> int:
+async def replica_main(service: str, replica_id: str, target: StoreSpec, metrics_port: int) -> int:
     """Entry point of a replica process; returns the exit code."""
     from vmbox.state.etcd import connect
 
-    store = await connect(endpoints)
+    try:
+        settings = connect_kwargs(target)
+    except AccessError as exc:
+        raise ReplicaConfigError(str(exc)) from None  # a restart reads the same files
+    store = await connect(target.endpoints, **settings)
     try:
         spec = await load_service_spec(store, service)
         replica = Replica(spec, replica_id, store, metrics_port=metrics_port)

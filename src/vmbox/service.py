@@ -1,9 +1,10 @@
 """`vmbox up`: run one service on this machine until Ctrl-C.
 
 Called by the CLI. Starts the store when the spec says `store: managed`,
-records its endpoint for `status`/`scale`, checks the listen port, runs the
-controller with the local runtime, and shows a live status. On the way out it
-stops every replica, then the private etcd: nothing is left running.
+records its endpoint (and an external store's TLS and auth settings, no
+secret) for `status`/`scale`, checks the listen port, runs the controller with
+the local runtime, and shows a live status. On the way out it stops every
+replica, then the private etcd: nothing is left running.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from vmbox.dataplane.sockets import bind_error
 from vmbox.etcdserver import EtcdServer
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec
+from vmbox.state import access
+from vmbox.state.access import StoreSpec
 from vmbox.state.etcd import connect
 from vmbox.state.store import Store, StoreError
 
@@ -42,27 +45,32 @@ def check_listen(address: tuple[str, int]) -> None:
         sock.close()
 
 
+def store_access(spec: Spec, etcd: list[str] | None) -> StoreSpec | None:
+    """How to reach the spec's etcd (`--etcd` replaces its endpoints); None: a private one."""
+    if isinstance(spec.store, StoreSpec):
+        return access.with_endpoints(spec.store, etcd) if etcd else spec.store
+    return access.from_settings(etcd, {}, "--etcd") if etcd else None
+
+
 @asynccontextmanager
 async def open_store(
     spec: Spec, etcd: list[str] | None
-) -> AsyncIterator[tuple[Store, list[str], bool]]:
-    """Connect to the given etcd, the spec's endpoints, or a private one started here.
+) -> AsyncIterator[tuple[Store, StoreSpec, bool]]:
+    """Connect to the given etcd, the spec's, or a private one started here.
 
-    Yields the store, its endpoints, and whether the etcd is private to this process.
+    Yields the store, how it was reached (endpoints, TLS, user), and whether
+    the etcd is private to this process.
     """
     server: EtcdServer | None = None
-    if etcd:
-        endpoints = etcd
-    elif spec.store == "managed":
+    target = store_access(spec, etcd)
+    if target is None:
         server = EtcdServer()
         await asyncio.to_thread(server.start)
-        endpoints = server.endpoints
-    else:
-        endpoints = list(spec.store)
+        target = access.from_settings(server.endpoints, {}, "private etcd")
     try:
-        store = await connect(endpoints)
+        store = await connect(target.endpoints, **access.connect_kwargs(target))
         try:
-            yield store, endpoints, server is not None
+            yield store, target, server is not None
         finally:
             await store.close()
     finally:
@@ -105,22 +113,23 @@ async def run_service(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: the terminal closed
         loop.add_signal_handler(sig, stop.set)
-    async with open_store(spec, etcd) as (store, endpoints, private):
-        context.record(spec.service, endpoints)
+    async with open_store(spec, etcd) as (store, target, private):
+        context.record(spec.service, list(target.endpoints), settings=access.settings(target))
         log_dir = context.state_dir() / "logs" / spec.service
         runtime = LocalRuntime(
             spec.service,
-            endpoints,
+            target.endpoints,
             log_dir,
             adoptable=not private,
             memory_limit=spec.replicas.memory_limit,
+            access=target,
         )
         controller = Controller(spec, store, runtime, metrics_port=metrics_port)
         try:
             await controller.setup()
             print(
                 f"vmbox: service {spec.service} on {spec.listen[0]}:{spec.listen[1]} -> "
-                f"{spec.upstream[0]}:{spec.upstream[1]}, etcd {','.join(endpoints)}, "
+                f"{spec.upstream[0]}:{spec.upstream[1]}, etcd {access.describe(target)}, "
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )

@@ -3,10 +3,14 @@
 Called by the CLI (`vmbox up`), the controller and each replica (which gets the
 spec as JSON). Every validation problem becomes one `SpecError` line naming the
 field, e.g. `web.yaml: middlebox.limit: must be greater than 0 (got -5)`.
+`store:` is `managed` or a StoreSpec: an external etcd, perhaps with TLS and a
+user (vmbox.state.access turns it into connect() arguments and replica flags).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,14 +20,18 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from vmbox.state.access import StoreSpec
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -33,18 +41,32 @@ class SpecError(ValueError):
     """A spec that cannot be used; str() is the one line to show the operator."""
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr() on one line (repr escapes line breaks), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace, line breaks included, as one space."""
+    return " ".join(text.split())
+
+
 def parse_duration(value: Any) -> float:
     """'100ms', '1s', '2m', 1.5 -> seconds as a float (bare numbers are seconds)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 100ms or 1s")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ValueError(f"expected a duration such as 100ms or 1s, got {value!r}")
-    if seconds <= 0:
-        raise ValueError(f"must be a positive duration, got {value!r}")
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        else:
+            raise ValueError(f"expected a duration such as 100ms or 1s, got {_shown(value)}")
+    except OverflowError:  # float() of an integer with hundreds of digits
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be a positive, finite duration, got {_shown(value)}")
     return seconds
 
 
@@ -52,6 +74,8 @@ def parse_address(value: Any) -> tuple[str, int]:
     """'127.0.0.1:9000' -> ('127.0.0.1', 9000)."""
     if isinstance(value, list | tuple) and len(value) == 2:
         host, port = str(value[0]), value[1]
+        if isinstance(port, bool) or not isinstance(port, int | str):
+            raise ValueError(f"port must be a number, got {_shown(port)}")
     elif isinstance(value, str) and value.count(":") == 1:
         host, _, port = value.partition(":")
     else:
@@ -76,14 +100,19 @@ def parse_size(value: Any) -> int:
     """'70Mi', '64M', 1048576 -> bytes (Kubernetes quantities: Mi = 2**20, M = 10**6)."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 70Mi or 64M")
-    if isinstance(value, int | float):
-        size = float(value)
-    elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    else:
-        raise ValueError(f"expected a size such as 70Mi or 64M, got {value!r}")
+    try:
+        if isinstance(value, int | float):
+            size = float(value)
+        elif isinstance(value, str) and (match := _SIZE.match(value)):
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        else:
+            raise ValueError(f"expected a size such as 70Mi or 64M, got {_shown(value)}")
+    except OverflowError:
+        size = math.inf
+    if not math.isfinite(size):
+        raise ValueError(f"must be a finite size such as 70Mi, got {_shown(value)}")
     if size < 4 * 1024**2:
-        raise ValueError(f"must be at least 4Mi, got {value!r}")
+        raise ValueError(f"must be at least 4Mi, got {_shown(value)}")
     return int(size)
 
 
@@ -101,7 +130,8 @@ class MiddleboxSpec(_Model):
     """What runs in each replica and how its shared state is kept fresh."""
 
     function: Literal["ratelimit"] = "ratelimit"
-    limit: PositiveInt
+    # Bounded like every value a replica accepts from etcd (middlebox.MAX_STATE_INT).
+    limit: Annotated[int, Field(gt=0, le=10**9)]
     window: Duration = 1.0
     split: Literal["even"] = "even"
     consistency: Consistency = "watch"
@@ -176,6 +206,17 @@ class AutoscaleSpec(_Model):
         return "max" if self.mode == "threshold" else "mean"
 
 
+def _store_form(value: Any) -> str:
+    return "managed" if value == "managed" else "external"
+
+
+# `managed` or an external etcd; the tag keeps pydantic's errors about the one form meant.
+Store = Annotated[
+    Annotated[Literal["managed"], Tag("managed")] | Annotated[StoreSpec, Tag("external")],
+    Discriminator(_store_form),
+]
+
+
 class Spec(_Model):
     """One deployed middlebox service."""
 
@@ -185,7 +226,9 @@ class Spec(_Model):
     middlebox: MiddleboxSpec
     replicas: ReplicasSpec = ReplicasSpec()
     autoscale: AutoscaleSpec | None = None
-    store: Literal["managed"] | list[str] = "managed"
+    store: Store = "managed"
+    # Replicas' and the controller's /metrics bind here: loopback unless the
+    # operator says otherwise (0.0.0.0 for every interface).
     metrics_host: str = "127.0.0.1"
     lease_ttl: PositiveInt = 3
     # Per-client upstream sockets a replica keeps; also capped by its file limit.
@@ -195,18 +238,28 @@ class Spec(_Model):
     @field_validator("store", mode="before")
     @classmethod
     def _store(cls, value: Any) -> Any:
+        """Today's short forms: `managed`, 'a:1,b:2' and [a:1, b:2] (endpoints only)."""
         if isinstance(value, str) and value != "managed":
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("needs at least one etcd endpoint (or `managed`)")
+            return {"endpoints": value}
+        if value != "managed" and not isinstance(value, dict | StoreSpec):
+            raise ValueError("expected `managed`, a list of etcd endpoints, or a mapping")
         return value
 
-    @field_validator("store")
+    @field_validator("metrics_host")
     @classmethod
-    def _endpoints(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("needs at least one etcd endpoint")
-            for endpoint in value:
-                parse_address(endpoint.removeprefix("http://"))
+    def _metrics_host(cls, value: str) -> str:
+        if value == "localhost":
+            return value
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to bind, e.g. 127.0.0.1 (or 0.0.0.0 for every interface)"
+            ) from None
         return value
 
     @model_validator(mode="after")
@@ -220,7 +273,11 @@ class Spec(_Model):
 
 
 def _describe(error: Any) -> str:
-    location = ".".join(str(part) for part in error["loc"])
+    parts = list(error["loc"])
+    if parts[:2] == ["store", "external"]:
+        del parts[1]  # the union's tag, not a field the operator wrote
+    # A key the operator wrote may hold a line break: show it as repr() does.
+    location = ".".join(str(p) if str(p).isprintable() else _shown(p) for p in parts)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field"
@@ -230,6 +287,7 @@ def _describe(error: Any) -> str:
         message = "must be lowercase letters, digits and '-' (a DNS label)"
     got = error.get("input")
     quiet = error["type"] in {"missing", "extra_forbidden"} or "got " in message
+    quiet = quiet or "password" in str(parts[-1:])  # an error line must never echo a secret
     shown = "" if quiet or isinstance(got, dict | list) else f" (got {got!r})"
     return f"{location}: {message}{shown}" if location else f"{message}{shown}"
 
@@ -251,13 +309,26 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(data, str(path))
+        problem = getattr(exc, "problem", None) or str(exc)  # a ReaderError has no problem
+        raise SpecError(f"{path}: not valid YAML{where}: {one_line(problem)}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
+    spec = parse_spec(data, str(path))
+    if isinstance(spec.store, StoreSpec):
+        store = spec.store.resolved(path.parent)
+        try:
+            store.check_files()
+        except ValueError as exc:
+            raise SpecError(f"{path}: store.{exc}") from None
+        spec = spec.model_copy(update={"store": store})
+    return spec

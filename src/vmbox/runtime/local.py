@@ -13,6 +13,9 @@ with that limit (vmbox.runtime.cgroups), like a pod; `usage()` then reads the
 cgroup, else psutil. `cgroup_note` says which and why.
 
 Each replica's output goes to a log file whose last line explains a crash.
+An external etcd's TLS and auth settings reach replicas as flags naming files
+(`--etcd-ca`, `--etcd-password-file`, ...), never as the password itself:
+every user can read a process's command line.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from vmbox.runtime.cgroups import (
     is_root,
     join_command,
 )
+from vmbox.state.access import StoreSpec, replica_flags
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +97,12 @@ class LocalRuntime:
         *,
         adoptable: bool = True,
         memory_limit: int | None = None,
+        access: StoreSpec | None = None,
     ) -> None:
         self.service = service
         self.adoptable = adoptable
         self.endpoints = list(endpoints)
+        self.access = access  # TLS and auth settings; its endpoints are `endpoints`
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.memory_limit = memory_limit
@@ -114,6 +120,7 @@ class LocalRuntime:
             "--service", self.service,
             "--id", replica_id,
             "--etcd", ",".join(self.endpoints),
+            *replica_flags(self.access),
             *tie,
         ]  # fmt: skip
 

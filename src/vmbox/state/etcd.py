@@ -4,7 +4,8 @@ The only module that imports the etcd client (etcd3aio) or grpc. Replicas, the
 controller and the CLI call `connect()` and then talk to the returned store
 through the Store protocol of vmbox.state.store. Every call carries a timeout
 and every client error becomes StoreUnavailable (etcd unreachable, timed out,
-or without quorum) or StoreError (anything else), each with one readable line.
+or without quorum) or StoreError (anything else), each with one readable line;
+a TLS handshake that fails (wrong CA, no client certificate) fails at once.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+# gRPC's C core logs each failed TLS handshake to stderr, three lines several
+# times a second; vmbox says what failed in one line instead. It reads this
+# when first imported, so it is set before; an operator's own setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 import grpc.aio
@@ -22,6 +29,7 @@ from etcd3aio import Etcd3Client
 from etcd3aio.errors import (
     EtcdConnectionError,
     EtcdError,
+    EtcdPermissionDeniedError,
     EtcdTransientError,
     EtcdUnauthenticatedError,
 )
@@ -51,7 +59,21 @@ def normalize_endpoint(endpoint: str) -> str:
     return endpoint.rstrip("/")
 
 
-def _reason(exc: BaseException) -> str:
+# What gRPC says when a TLS handshake fails, and what it means. These do not
+# heal by retrying, so connect() reports them at once.
+_TLS_FAILURES = (
+    ("hostname verification", "TLS: etcd's certificate does not name this host; set "
+     "store.server_name to a name it has"),
+    ("certificate_verify_failed", "TLS: etcd's certificate is not signed by store.ca_cert"),
+    ("tls handshake failed", "TLS handshake failed: check store.ca_cert"),
+    ("unwrap failed", "TLS: etcd refused the client certificate (none given, or signed by "
+     "a CA it does not trust): check store.cert and store.key"),
+    # Not TLS's fault for sure (an etcd shutting down does it too): retried.
+    ("handshake read failed", "closed during the TLS handshake: does etcd serve TLS?"),
+)  # fmt: skip
+
+
+def _reason(exc: BaseException, tls: bool = False) -> str:
     """A few words on why a call failed, e.g. 'connection refused'."""
     rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else exc.__cause__
     detail = str(exc)
@@ -59,6 +81,7 @@ def _reason(exc: BaseException) -> str:
         detail = rpc.details() or rpc.code().name
     lowered = detail.lower()
     for needle, words in (
+        *_TLS_FAILURES,
         ("connection refused", "connection refused"),
         ("no leader", "no leader: quorum lost?"),
         ("request timed out", "request timed out: quorum lost?"),
@@ -66,9 +89,12 @@ def _reason(exc: BaseException) -> str:
     ):
         if needle in lowered:
             return words
+    if "socket closed" in lowered and not tls:
+        return "connection closed: does etcd want TLS? (set store.ca_cert)"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    return detail.splitlines()[0][:120] if detail else type(exc).__name__
+    detail = detail.removeprefix("connections to all backends failing; last error: ")
+    return detail.splitlines()[0][:160] if detail else type(exc).__name__
 
 
 class Unreachable(StoreUnavailable):
@@ -77,6 +103,10 @@ class Unreachable(StoreUnavailable):
     def __init__(self, where: str, what: str, reason: str) -> None:
         super().__init__(f"etcd at {where} unavailable for {what} ({reason})")
         self.reason = reason
+
+    @property
+    def tls_failure(self) -> bool:
+        return self.reason.startswith("TLS")
 
 
 class EtcdStore:
@@ -89,11 +119,13 @@ class EtcdStore:
         *,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         credentials: tuple[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
         self._client = client
         self.endpoints = tuple(endpoints)
         self.op_timeout = op_timeout
         self._credentials = credentials
+        self.tls = tls
 
     @property
     def where(self) -> str:
@@ -118,20 +150,40 @@ class EtcdStore:
                     await self.authenticate(limit)
                     continue
                 raise StoreError(f"etcd at {self.where} refused {what}: {_reason(exc)}") from None
+            except EtcdPermissionDeniedError:
+                raise StoreError(self._denied(what)) from None
             except (TimeoutError, EtcdConnectionError, EtcdTransientError) as exc:
-                raise Unreachable(self.where, what, _reason(exc)) from None
+                raise Unreachable(self.where, what, _reason(exc, self.tls)) from None
             except grpc.aio.AioRpcError as exc:
                 raise self._map_rpc(what, exc) from None
             except EtcdError as exc:
-                raise StoreError(f"etcd {what} failed: {exc}") from None
+                raise self._failed(what, str(exc)) from None
         raise AssertionError("unreachable")
+
+    def _denied(self, what: str) -> str:
+        if self._credentials is None:
+            who = "a client without a user (etcd took its certificate's name, if any)"
+        else:
+            who = f"user {self._credentials[0]!r}"
+        return (
+            f"etcd at {self.where} denied {what} to {who}: vmbox needs readwrite on "
+            "the /vmbox/ prefix"
+        )
 
     def _map_rpc(self, what: str, exc: grpc.aio.AioRpcError) -> StoreError:
         detail = exc.details() or exc.code().name
         if "lease not found" in detail:
             return LeaseLost(f"{what}: the lease is gone ({detail})")
         if exc.code() in _UNAVAILABLE_CODES:
-            return Unreachable(self.where, what, _reason(exc))
+            return Unreachable(self.where, what, _reason(exc, self.tls))
+        return self._failed(what, detail)
+
+    def _failed(self, what: str, detail: str) -> StoreError:
+        if "user name is empty" in detail:
+            return StoreError(
+                f"etcd at {self.where} wants a user (its auth is on): set store.username "
+                "and store.password_file"
+            )
         return StoreError(f"etcd {what} failed: {detail}")
 
     async def authenticate(self, limit: float | None = None) -> None:
@@ -143,9 +195,14 @@ class EtcdStore:
         try:
             answer = await auth.authenticate(user, password, timeout=limit or self.op_timeout)
         except (TimeoutError, EtcdConnectionError, EtcdTransientError) as exc:
-            raise Unreachable(self.where, "login", _reason(exc)) from None
+            raise Unreachable(self.where, "login", _reason(exc, self.tls)) from None
         except (EtcdError, grpc.aio.AioRpcError) as exc:
-            reason = _reason(exc)
+            reason = _reason(exc).removeprefix("etcdserver: ")
+            if "authentication is not enabled" in reason:
+                # Nothing to log in to; the settings may be ahead of the cluster.
+                log.warning("etcd at %s has auth off; user %r is not used", self.where, user)
+                self._credentials = None
+                return
             raise StoreError(f"etcd at {self.where} rejected user {user!r}: {reason}") from None
         self._client.set_token(answer.token)
 
@@ -309,8 +366,13 @@ def _watch_event(event: Any) -> WatchEvent:
     )
 
 
-def _read(path: str | Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path is not None else None
+def _read(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 async def connect(
@@ -325,20 +387,27 @@ async def connect(
     user: str | None = None,
     password: str | None = None,
 ) -> EtcdStore:
-    """A connected store, after one successful read; StoreUnavailable within `timeout`."""
+    """A connected store, after one successful read; StoreUnavailable within `timeout`.
+
+    `ca_cert` turns TLS on; `cert` and `key` add a client certificate. vmbox's
+    callers pass these through vmbox.state.access.connect_kwargs.
+    """
     names = [normalize_endpoint(endpoint) for endpoint in endpoints]
     if not names:
         raise StoreError("no etcd endpoint given")
+    if (cert is None) != (key is None) or (cert is not None and ca_cert is None):
+        raise StoreError("a client certificate needs its key and a CA certificate")
     client = Etcd3Client(
         names, watch_reconnect_backoff_seconds=0.1, watch_max_reconnect_backoff_seconds=1.0,
-        tls_server_name=tls_server_name, ca_cert=_read(ca_cert), cert_key=_read(key),
-        cert_chain=_read(cert),
+        tls_server_name=tls_server_name, ca_cert=_read(ca_cert, "CA certificate"),
+        cert_key=_read(key, "client key"), cert_chain=_read(cert, "client certificate"),
     )  # fmt: skip
     # No public knob for channel options: extend the manager's before the channel exists.
     client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
     await client.connect()
     creds = (user, password or "") if user else None
-    store = EtcdStore(client, names, op_timeout=op_timeout, credentials=creds)
+    tls = ca_cert is not None
+    store = EtcdStore(client, names, op_timeout=op_timeout, credentials=creds, tls=tls)
     try:
         await _first_read(store, timeout)
     except BaseException:
@@ -358,6 +427,8 @@ async def _first_read(store: EtcdStore, patience: float) -> None:
             await store.get("/vmbox/", timeout=max(min(left, store.op_timeout), 0.1))
             return
         except Unreachable as exc:
+            if exc.tls_failure:
+                raise StoreUnavailable(f"cannot use etcd at {store.where}: {exc.reason}") from None
             if loop.time() + 0.2 >= deadline:
                 reason = exc.reason
                 raise StoreUnavailable(

@@ -1,0 +1,135 @@
+"""Fault injection: the faults vmbox must survive, and the registry that lists them.
+
+Each fault is an async function in a module of this package,
+
+    async def fault(scale: Scale, say: Say) -> FaultResult
+
+that sets up a real service of its own (a private etcd, an echo server as the
+upstream, a controller and replicas as local processes), injects its fault a
+number of times under load, and reports what happened as a `FaultResult`: how
+often it was injected, whether the service survived, how many packets the
+upstream received over the limit, and whether any state in etcd was lost.
+`scale` is "full" (`make faults`) or "small" (the test suite's quick version);
+`say` takes one line of progress.
+
+`REGISTRY` lists the faults in the order the runner (`python -m vmbox.faults`,
+vmbox.faults.runner) injects them. Adding a fault (etcd member kills on a
+three-member cluster, replica churn, a controller restart, ...) is one module
+and one entry here; an entry marked `optional` is skipped while its module is
+missing. Nothing here imports the etcd client, so listing the faults is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Scale = Literal["full", "small"]
+Say = Callable[[str], None]
+NONE = "none"  # FaultResult.state_lost when nothing was lost
+
+
+@dataclass
+class FaultResult:
+    """One row of the fault table, with the figures behind it."""
+
+    fault: str
+    injected: int = 0  # times the fault was injected (datagrams, outages, bad values, ...)
+    survived: bool = False  # the service kept serving: no replica died, traffic passes
+    over_limit: int = 0  # packets the upstream received above limit x seconds
+    state_lost: str = NONE  # etcd state (spec, desired, state items) that changed: NONE or what
+    peak_rss: int | None = None  # bytes, the highest replica RSS sampled, when measured
+    notes: list[str] = field(default_factory=list)  # figures worth a line in the table
+    problems: list[str] = field(default_factory=list)  # checks that failed, one line each
+    figures: dict[str, float] = field(default_factory=dict)  # raw numbers for tests
+    seconds: float = 0.0  # wall time, filled in by the runner
+
+    @property
+    def ok(self) -> bool:
+        """Survived, lost nothing, stayed within the limit and passed every check."""
+        return (
+            self.survived and self.state_lost == NONE and self.over_limit == 0 and not self.problems
+        )
+
+    def check(self, condition: bool, problem: str) -> bool:
+        """Record `problem` unless `condition` holds; returns `condition`."""
+        if not condition:
+            self.problems.append(problem)
+        return condition
+
+
+class FaultFunction(Protocol):
+    def __call__(self, scale: Scale, say: Say) -> Awaitable[FaultResult]: ...
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One fault the runner injects: where it lives and how long a run may take."""
+
+    name: str
+    module: str
+    function: str
+    summary: str  # one line for the runner's --list
+    budget: float  # seconds a full run may take before it counts as not survived
+    small_budget: float  # the same for the small scale
+    optional: bool = False  # skipped while its module is not installed
+
+
+REGISTRY: tuple[Entry, ...] = (
+    Entry(
+        "flood", "vmbox.faults.flood", "flood",
+        "1,000,000 datagrams from 100,000 source addresses (small: 100,000 from 20,000): "
+        "the limiter's table and the replica's memory stay bounded.",
+        budget=240, small_budget=60,
+    ),
+    Entry(
+        "odd datagrams", "vmbox.faults.bad_input", "odd_datagrams",
+        "Empty and 65,507-byte datagrams among normal traffic.",
+        budget=90, small_budget=45,
+    ),
+    Entry(
+        "upstream vanished", "vmbox.faults.bad_input", "upstream_vanished",
+        "The upstream stops while datagrams keep arriving, then comes back.",
+        budget=120, small_budget=45,
+    ),
+    Entry(
+        "corrupt etcd values", "vmbox.faults.bad_state", "corrupt_values",
+        "etcdctl writes abc, an empty value, a huge and a negative number as the limit.",
+        budget=90, small_budget=45,
+    ),
+)  # fmt: skip
+
+
+class NotAFault(Exception):
+    """A registered entry whose function is missing or not async; str() says which."""
+
+
+def installed(entry: Entry) -> bool:
+    """Whether the entry's module can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(entry.module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available() -> list[Entry]:
+    """The entries that can run here, in registry order."""
+    return [entry for entry in REGISTRY if not entry.optional or installed(entry)]
+
+
+def lookup(name: str) -> Entry | None:
+    return next((entry for entry in available() if entry.name == name), None)
+
+
+def load(entry: Entry) -> FaultFunction:
+    """Import the entry's module and return its fault function, checking the interface."""
+    module = importlib.import_module(entry.module)
+    function = getattr(module, entry.function, None)
+    if not inspect.iscoroutinefunction(function):
+        raise NotAFault(f"{entry.module}.{entry.function} must be an async def (scale, say)")
+    checked: FaultFunction = function
+    return checked

@@ -1,0 +1,203 @@
+"""The flood fault: a million datagrams from 100,000 source addresses at one replica.
+
+Registered in vmbox.faults. Sender processes (vmbox.faults.sender) send one
+datagram per source per round, round after round, at a fixed total rate, so
+every window sees more fresh sources than the limiter's table holds. The limit
+is 1 packet/s per source here, which makes each window's bound exact and far
+below the flood: the table's `max_sources` sources pass one packet each and the
+overflow counter one more, so the upstream may receive at most max_sources + 1
+per second. What is measured:
+
+- the replica's RSS, sampled every 50 ms, against RSS_BOUND;
+- the limiter's table (gauge vmbox_sources), which must never exceed max_sources + 1;
+- the kernel's drops at the service socket (/proc/net/udp), so that sent =
+  received by the replica + dropped by the kernel accounts for every datagram;
+- packets over the limit at the upstream, and the service's etcd state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from vmbox.faults import FaultResult, Say, Scale
+from vmbox.faults.common import (
+    MIB,
+    Watch,
+    fault_service,
+    fault_spec,
+    finish,
+    over_limit,
+    read_state,
+    socket_drops,
+    steady_load,
+)
+from vmbox.spec import Spec
+
+FLOOD_LIMIT = 1  # packets per second per source: makes each window's bound max_sources + 1
+MAX_SOURCES = 10_000
+# An idle replica's RSS is about 64 MiB (28 MiB of it shared libraries). The
+# flood fills the flow table (16,384 upstream sockets by default, about 2 KiB of
+# Python objects each, 32 MiB) and each window's source table (10,001 entries,
+# about 1 MiB); the allocator keeps its high-water mark. 160 MiB leaves 60 MiB
+# for that slack; memory that grew with the datagram count would pass it.
+RSS_BOUND = 160 * MIB
+
+
+@dataclass(frozen=True)
+class FloodPlan:
+    datagrams: int
+    sources: int
+    senders: int
+    rate: float  # all senders together, datagrams/s
+
+    @property
+    def seconds(self) -> float:
+        return self.datagrams / self.rate
+
+
+PLANS = {
+    "full": FloodPlan(datagrams=1_000_000, sources=100_000, senders=4, rate=25_000),
+    "small": FloodPlan(datagrams=100_000, sources=20_000, senders=2, rate=20_000),
+}
+
+
+@dataclass
+class Sent:
+    """What the senders report together."""
+
+    sent: int
+    planned: int
+    seconds: dict[int, list[int]]  # epoch second -> [datagrams, distinct sources, most per source]
+
+
+async def _one_sender(argv: list[str], timeout: float) -> dict[str, object]:
+    # subprocess.run in a thread rather than the loop's subprocess support:
+    # uvloop forks to spawn, and a fork beside gRPC's threads is what gRPC warns about.
+    command = [sys.executable, "-m", "vmbox.faults.sender", *argv]
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, command, stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"a flood sender did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+        raise RuntimeError(f"flood sender exited {done.returncode}: {lines[-1]}")
+    report: dict[str, object] = json.loads(done.stdout)
+    return report
+
+
+async def send_flood(target: tuple[str, int], plan: FloodPlan) -> Sent:
+    """Run the plan's sender processes side by side, starting together; their reports merged."""
+    rounds = plan.datagrams // plan.sources
+    deadline = plan.seconds * 2 + 10  # a sender that falls this far behind stops
+    start_at = time.time() + 1.0  # the interpreters start meanwhile
+    common = [
+        "--target", f"{target[0]}:{target[1]}", "--sources", str(plan.sources),
+        "--parts", str(plan.senders), "--rounds", str(rounds),
+        "--rate", str(plan.rate / plan.senders), "--start-at", f"{start_at:.3f}",
+        "--deadline", str(deadline),
+    ]  # fmt: skip
+    reports = await asyncio.gather(
+        *(_one_sender([*common, "--part", str(i)], deadline + 15) for i in range(plan.senders))
+    )
+    merged = Sent(0, 0, {})
+    for report in reports:
+        merged.sent += int(str(report["sent"]))
+        merged.planned += int(str(report["planned"]))
+        seconds = report["seconds"]
+        assert isinstance(seconds, dict)
+        for second, (count, distinct, most) in seconds.items():
+            row = merged.seconds.setdefault(int(second), [0, 0, 0])
+            row[0] += count
+            row[1] += distinct  # the senders' sources are disjoint
+            row[2] = max(row[2], most)
+    return merged
+
+
+def _notes(result: FaultResult, sent: Sent, plan: FloodPlan) -> None:
+    f = result.figures
+    result.notes += [
+        f"{plan.sources:,} sources, {f['flood_s']:.1f} s: the replica got "
+        f"{f['received']:,.0f}, the kernel dropped {f['kernel_drops']:,.0f}",
+        f"table <= {f['table_max']:,.0f} (bound {MAX_SOURCES + 1:,}); "
+        f"{f['overflowed']:,.0f} overflowed; flows <= {f['flows_max']:,.0f}",
+        f"RSS {f['idle_rss'] / MIB:.0f} -> {f['peak_rss'] / MIB:.0f} MiB "
+        f"(bound {RSS_BOUND / MIB:.0f})",
+    ]
+    if f["late"]:
+        result.notes.append(
+            f"{f['late']:,.0f} admitted late in a window reached the upstream in the next"
+        )
+
+
+async def flood(scale: Scale, say: Say) -> FaultResult:
+    """Flood one replica from many fresh sources; its memory and table must stay bounded."""
+    plan = PLANS[scale]
+    result = FaultResult("flood")
+
+    def spec() -> Spec:
+        return fault_spec("flood", 1, limit=FLOOD_LIMIT, max_sources=MAX_SOURCES)
+
+    async with fault_service(spec) as service:
+        listen = service.spec.listen
+        before = await read_state(service.store, service.spec.service)
+        drops_before = socket_drops(listen)
+        async with Watch(service) as watch:
+            say(f"flood: {plan.datagrams:,} datagrams from {plan.sources:,} sources "
+                f"at {plan.rate:,.0f}/s by {plan.senders} senders")  # fmt: skip
+            started = time.monotonic()
+            sent = await send_flood(listen, plan)
+            result.figures["flood_s"] = time.monotonic() - started - 1.0
+            await asyncio.sleep(1.0)  # the replica works through its queue
+            await watch.scrape()
+            result.figures["received"] = watch.total("vmbox_packets_received_total")
+            result.figures["kernel_drops"] = socket_drops(listen) - drops_before
+            probe = await steady_load(listen, sources=2, duration=2.0)
+        after = await read_state(service.store, service.spec.service)
+        history = list(service.echo.history)
+    result.injected = sent.sent
+    flooded = sorted(sent.seconds)
+    bound = MAX_SOURCES * FLOOD_LIMIT + FLOOD_LIMIT
+
+    def allowed(second: int) -> int | None:
+        return bound if flooded and flooded[0] <= second <= flooded[-1] + 1 else None
+
+    result.over_limit = over_limit(history, allowed)
+    # For the record: the same count without the one-window carry (see over_limit).
+    result.figures["late"] = over_limit(history, allowed, carry=False) - result.over_limit
+    _judge(result, watch, sent, probe.received)
+    _notes(result, sent, plan)
+    return finish(result, watch, before, after)
+
+
+def _judge(result: FaultResult, watch: Watch, sent: Sent, probe_replies: int) -> None:
+    f = result.figures
+    f.update(
+        sent=sent.sent,
+        table_max=watch.highest.get("vmbox_sources", 0.0),
+        flows_max=watch.highest.get("vmbox_flows", 0.0),
+        overflowed=watch.total("vmbox_overflowed_sources"),
+        idle_rss=watch.idle_rss,
+        peak_rss=watch.peak_rss,
+    )
+    result.check(sent.sent == sent.planned, f"sent {sent.sent:,} of {sent.planned:,} planned")
+    result.check(f["table_max"] <= MAX_SOURCES + 1,
+                 f"table reached {f['table_max']:,.0f} > {MAX_SOURCES + 1:,}")  # fmt: skip
+    result.check(f["overflowed"] > 0, "no source overflowed the table: the flood was too thin")
+    peak = f"peak RSS {watch.peak_rss / MIB:.0f} MiB >= {RSS_BOUND / MIB:.0f} MiB"
+    result.check(watch.peak_rss < RSS_BOUND, peak)
+    unaccounted = sent.sent - f["received"] - f["kernel_drops"]
+    f["unaccounted"] = unaccounted
+    lost = f"{unaccounted:,.0f} datagrams neither received nor dropped by the kernel"
+    result.check(abs(unaccounted) <= 0.001 * sent.sent, lost)
+    # Surviving a flood: the replica still relays afterwards (the probe's sources pass
+    # FLOOD_LIMIT packets per second each).
+    result.survived = probe_replies >= 2
+    result.check(result.survived, f"after the flood only {probe_replies} probe replies came back")

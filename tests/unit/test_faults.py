@@ -1,0 +1,192 @@
+"""The fault machinery without sockets: registry, over-limit count, state comparison, table, runner.
+
+The faults themselves run (at small scale) in tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from vmbox.faults import (
+    NONE,
+    REGISTRY,
+    Entry,
+    FaultResult,
+    NotAFault,
+    Say,
+    Scale,
+    available,
+    installed,
+    load,
+)
+from vmbox.faults.common import over_limit, state_lost
+from vmbox.faults.runner import fault_table, main, run_entry
+from vmbox.faults.sender import _Seconds, source_address
+from vmbox.middlebox import MAX_STATE_INT, StateValueError, parse_positive_int
+
+FAKE = '''"""Stand-in faults."""
+from vmbox.faults import FaultResult
+
+
+async def fine(scale, say):
+    say("fine: injected")
+    return FaultResult("fine", injected=3, survived=True)
+
+
+async def broken(scale, say):
+    raise RuntimeError("the setup failed")
+
+
+async def lossy(scale, say):
+    return FaultResult("lossy", injected=1, survived=True, state_lost="desired: '2' -> missing")
+
+
+def not_async(scale, say):
+    return None
+'''
+
+
+@pytest.fixture
+def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Entry]:
+    (tmp_path / "vmbox_fake_faults.py").write_text(FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("fine", "broken", "lossy", "not_async")
+    return {n: Entry(n, "vmbox_fake_faults", n, "a fake", budget=5, small_budget=5) for n in names}
+
+
+def test_the_issue_6_faults_are_registered_and_load() -> None:
+    names = [entry.name for entry in REGISTRY]
+    assert names[:4] == ["flood", "odd datagrams", "upstream vanished", "corrupt etcd values"]
+    assert len(set(names)) == len(names)
+    assert all(installed(entry) for entry in REGISTRY)
+    assert all(callable(load(entry)) for entry in available())
+
+
+def test_an_optional_fault_without_its_module_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = Entry("etcd member kill", "vmbox.faults.not_there", "kill", "", 1, 1, optional=True)
+    monkeypatch.setattr("vmbox.faults.REGISTRY", (*REGISTRY, missing))
+    assert missing not in available()
+    assert [e.name for e in available()] == [e.name for e in REGISTRY]
+
+
+def test_a_fault_must_be_async(fakes: dict[str, Entry]) -> None:
+    with pytest.raises(NotAFault, match="must be an async def"):
+        load(fakes["not_async"])
+
+
+def test_run_entry_turns_failures_into_rows(fakes: dict[str, Entry]) -> None:
+    lines: list[str] = []
+    fine = asyncio.run(run_entry(fakes["fine"], "small", lines.append))
+    broken = asyncio.run(run_entry(fakes["broken"], "small", lines.append))
+    assert fine.ok and fine.seconds >= 0 and lines == ["fine: injected"]
+    assert not broken.survived and broken.problems == ["the setup failed"] and not broken.ok
+
+
+def test_run_entry_bounds_a_fault_by_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def stuck(scale: Scale, say: Say) -> FaultResult:
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr("vmbox.faults.load", lambda entry: stuck)
+    monkeypatch.setattr("vmbox.faults.runner.load", lambda entry: stuck)
+    entry = Entry("stuck", "x", "stuck", "", budget=60, small_budget=0.1)
+    row = asyncio.run(run_entry(entry, "small", print))
+    assert row.problems == ["did not finish within 0 s"] and not row.survived
+
+
+def test_the_runner_exits_1_when_a_row_is_not_ok(
+    fakes: dict[str, Entry], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("vmbox.faults.REGISTRY", (fakes["fine"], fakes["lossy"]))
+    assert main(["--small", "--only", "fine"]) == 0
+    assert main(["--small"]) == 1  # lossy lost state
+    out = capsys.readouterr().out
+    assert "packets over the limit" in out and "desired: '2' -> missing" in out
+    assert main(["--only", "nope"]) == 2
+    assert "no fault named 'nope' (known: fine, lossy)" in capsys.readouterr().out
+    assert main(["--list"]) == 0
+    assert "fine: a fake" in capsys.readouterr().out
+
+
+def test_the_table_has_the_issue_columns() -> None:
+    rows = [
+        FaultResult("flood", injected=1_000_000, survived=True, peak_rss=98 * 2**20,
+                    notes=["table <= 10,001"]),
+        FaultResult("bad", injected=2, survived=False, over_limit=7, problems=["replica r1 died"]),
+    ]  # fmt: skip
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(fault_table(rows))
+    text = console.export_text()
+    for column in ("fault", "times injected", "survived", "packets over the limit", "state lost"):
+        assert column in text
+    assert "1,000,000" in text and "98 MiB" in text and "replica r1 died" in text
+    assert rows[0].ok and not rows[1].ok
+
+
+def test_over_limit_counts_each_window_and_carries_one_windows_spare() -> None:
+    def cap(second: int) -> int | None:
+        return 100 if 10 <= second <= 14 else None
+
+    assert over_limit([(10, 100), (11, 90), (12, 100)], cap) == 0
+    assert over_limit([(10, 120), (11, 100)], cap) == 20
+    # 10 admitted late in second 11 arrive in 12: the spare of 11 absorbs them, once.
+    assert over_limit([(11, 90), (12, 110), (13, 100)], cap) == 0
+    assert over_limit([(11, 90), (12, 110), (13, 110)], cap) == 10
+    assert over_limit([(9, 5000), (15, 5000)], cap) == 0  # not measured
+    assert over_limit([(12, 150), (11, 0)], cap) == 0  # order does not matter
+    assert over_limit([(11, 90), (12, 110)], cap, carry=False) == 10
+
+
+def test_state_lost_names_what_changed() -> None:
+    before = {"spec": b"{}", "desired": b"2", "state/limit": b"100"}
+    assert state_lost(before, dict(before)) == NONE
+    assert state_lost(before, before | {"state/limit": b"60"}, {"state/limit": b"60"}) == NONE
+    assert state_lost(before, {"spec": b"{}", "state/limit": b"100"}) == "desired: '2' -> missing"
+    assert state_lost(before, before | {"state/limit": b"x" * 40}) == (
+        "state/limit: '100' -> 'xxxxxxxxxxxxxxxxxxxxx...'"
+    )
+
+
+def test_flood_sources_are_distinct_loopback_addresses() -> None:
+    addresses = [source_address(i) for i in range(100_000)]
+    assert len(set(addresses)) == 100_000
+    assert addresses[0] == "127.10.1.1"
+    for address in addresses[::997]:
+        octets = [int(part) for part in address.split(".")]
+        assert octets[0] == 127 and all(1 <= o <= 254 for o in octets[2:])
+
+
+def test_sender_seconds_count_datagrams_sources_and_the_most_from_one() -> None:
+    seconds = _Seconds()
+    for second, source in [(5, 1), (5, 2), (5, 1), (6, 3)]:
+        seconds.add(second, source)
+    seconds.close()
+    assert seconds.stats == {5: [3, 2, 2], 6: [1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"abc", "not an integer"),
+        (b"", "not an integer"),
+        (b"-5", "must be a positive integer, got -5"),
+        (b"0", "must be a positive integer, got 0"),
+        (b"99999999999999999999", f"must be at most {MAX_STATE_INT}"),
+        (b"9" * 5000, "(5000 digits)"),
+        (b"1_000", "not an integer"),
+        (b"\xff\xfe", "not an integer"),
+    ],
+)
+def test_a_stored_limit_that_is_not_one_is_refused(raw: bytes, message: str) -> None:
+    with pytest.raises(StateValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_positive_int(raw)
+
+
+def test_a_stored_limit_parses() -> None:
+    assert [parse_positive_int(raw) for raw in (b"100", b" 7\n", b"+5", b"0010")] == [100, 7, 5, 10]
+    assert parse_positive_int(str(MAX_STATE_INT).encode()) == MAX_STATE_INT
