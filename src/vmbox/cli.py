@@ -1,4 +1,4 @@
-"""The `vmbox` command: up, status, scale, demo, echo, load (and the hidden replica).
+"""The `vmbox` command: up, status, scale, demo, experiment, echo, load (and the hidden replica).
 
 Behaves like the tools operators know: --help that explains, one clear line
 and a non-zero exit for every error the user can cause (bad spec, unreachable
@@ -8,6 +8,7 @@ etcd, busy port), never a traceback for those.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -16,6 +17,7 @@ import click
 from rich.console import Console
 
 from vmbox import context
+from vmbox.cli_experiment import experiment
 from vmbox.control.controller import PermanentError
 from vmbox.dataplane.sockets import BindError
 from vmbox.etcdserver import EtcdNotFound, EtcdStartError
@@ -85,18 +87,30 @@ def main(verbose: int) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--etcd", help="Use these etcd endpoints instead of the spec's store.")
 @click.option("--live/--no-live", default=True, help="Live status table (default on a terminal).")
-def up(spec: str, etcd: str | None, live: bool) -> None:
+@click.option(
+    "--metrics-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the controller's Prometheus /metrics (0: any free port; "
+    "`vmbox status` shows it). Binds the spec's metrics_host.",
+)
+def up(spec: str, etcd: str | None, live: bool, metrics_port: int) -> None:
     """Run the service described by SPEC until Ctrl-C.
 
     Starts a private etcd when the spec says `store: managed`, writes the spec
     and desired count to etcd, starts the replicas as child processes (crashed
-    ones are restarted with backoff) and shows their status. Ctrl-C stops
-    every replica and the private etcd.
+    ones are restarted with backoff) and shows their status. With an
+    `autoscale:` section, the controller samples every replica's memory, CPU
+    and traffic and adds or drains replicas within replicas.min..max. As root
+    with replicas.memory_limit set, each replica runs in its own memory
+    cgroup with that limit, as a pod would. Ctrl-C stops every replica and
+    the private etcd.
     """
     from vmbox.service import run_service
 
     loaded = load_spec_or_fail(spec)
-    run(lambda: run_service(loaded, _etcd(etcd), live))
+    run(lambda: run_service(loaded, _etcd(etcd), live, metrics_port))
 
 
 def load_spec_or_fail(path: str) -> Any:
@@ -155,6 +169,9 @@ def demo(duration: float) -> None:
     if duration < 20:
         fail("--duration must be at least 20 seconds", EXIT_USAGE)
     run(lambda: run_demo(duration, Console()))
+
+
+main.add_command(experiment)
 
 
 @main.command()
@@ -228,14 +245,16 @@ def _ramp(value: str) -> tuple[float, float, float]:
 @click.option("--id", "replica_id", required=True)
 @click.option("--etcd", required=True)
 @click.option("--metrics-port", default=0, type=int)
-@click.option("--parent-pid", type=int, help="Exit (SIGTERM) when this parent process dies.")
+@click.option("--parent-pid", type=int, help="Exit (SIGINT) when this parent process dies.")
 def replica(
     service: str, replica_id: str, etcd: str, metrics_port: int, parent_pid: int | None
 ) -> None:
     """Run one replica (started by a runtime, not by hand)."""
     from vmbox.proc import exit_with_parent
 
-    if parent_pid is not None and not exit_with_parent(parent_pid):
+    # SIGINT, not SIGTERM: with its parent gone (and the private etcd with it) there is
+    # nothing to drain toward, so the replica leaves at once.
+    if parent_pid is not None and not exit_with_parent(parent_pid, signal.SIGINT):
         fail(f"parent process {parent_pid} is gone; not starting")
     from vmbox.replica import ReplicaConfigError, replica_main
     from vmbox.runtime.base import EXIT_CONFIG

@@ -28,6 +28,8 @@ async def show_status(service: str, endpoints: list[str], watch: bool) -> None:
         await snapshot(store, service, tracker, 0)  # first scrape: rates need two
         await asyncio.sleep(1.0)
         console = Console()
+        if not console.is_terminal:  # piped: print every column whole, as kubectl does
+            console = Console(width=max(console.width, 160))
         if not watch:
             console.print(render(await snapshot(store, service, tracker)))
             return

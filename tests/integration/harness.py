@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -107,3 +108,9 @@ async def running_service(
         await echo.close()
         await store.delete_prefix(keys.service_prefix(spec.service))
         await store.close()
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file an experiment wrote, as dicts by column."""
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))

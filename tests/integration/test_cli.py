@@ -121,6 +121,9 @@ def test_up_scale_status_and_clean_stop(etcd, tmp_path: Path) -> None:
         for rid in ("clitest-1", "clitest-2", "clitest-3"):
             assert rid in status
         assert "scale" in status  # the recent events
+        for column in ("SHARE", "RECEIVED/s", "MEM%", "CPU%", "STORE"):
+            assert column in status  # piped output keeps every column whole
+        assert "controller metrics: http://127.0.0.1:" in status, status
         line = one_error_line(vmbox("scale", "clitest", "9", env=env))
         assert "1 to 4" in line
     finally:

@@ -211,7 +211,11 @@ class Controller:
         for rid, task in list(self.draining.items()):
             if task.done():
                 del self.draining[rid]
-                took = task.result()
+                try:
+                    took = task.result()
+                except Exception as exc:  # one failed stop must not end the reconcile loop
+                    await self.event("stop", f"stopping replica {rid} failed: {exc}", replica=rid)
+                    continue
                 await self.event(
                     "stop", f"drained and stopped replica {rid} in {took:.1f}s", replica=rid
                 )
@@ -270,8 +274,11 @@ class Controller:
                     delay = min(5.0, delay * 2)
                     continue
                 self.wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the event is set, and the loop lives on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.tick)
+                    async with asyncio.timeout(self.tick):
+                        await self.wake.wait()
         finally:
             for task in helpers:
                 task.cancel()

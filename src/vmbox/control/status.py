@@ -146,12 +146,12 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
             *_resources(row.sample),
             store_state,
         )
+    notes = []
     if any(row.sample and not row.sample.source.startswith("cgroup") for row in status.replicas):
-        table.caption = "* resident set size read with psutil (no memory cgroup)"
+        notes.append("* resident set size read with psutil (no memory cgroup)")
     if status.controller:
-        table.caption = (
-            f"{table.caption or ''}  controller metrics: http://{status.controller}/metrics"
-        )
+        notes.append(f"controller metrics: http://{status.controller}/metrics")
+    table.caption = "\n".join(notes) or None
     lines = Table.grid(padding=(0, 1))
     for ev in status.events:
         lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)

@@ -208,9 +208,10 @@ class LocalRuntime:
                 self._cgroups.sweep()  # the service's own directory, now empty
 
     def running(self) -> dict[str, ReplicaState]:
+        # list() copies in one step: stop() pops entries from worker threads.
         return {
             rid: ReplicaState(rid, p.pid, running=True, adopted=p.popen is None)
-            for rid, p in self._procs.items()
+            for rid, p in list(self._procs.items())
         }
 
     def usage(self, replica_id: str) -> Usage | None:

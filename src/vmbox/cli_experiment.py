@@ -1,0 +1,211 @@
+"""`vmbox experiment`: reproduce the published evaluation, one figure or all of them.
+
+A click group registered by vmbox.cli. Its subcommands come from the registry
+in vmbox.experiments (one per experiment whose module is there, plus `all`),
+and each one's --help is its module's docstring, read without importing it so
+help stays fast. Every run is bounded by its entry's time budget; a run that
+cannot finish ends in one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib.util
+import re
+import shlex
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+
+from vmbox.experiments import REGISTRY, Entry, NotAnExperiment, available, load, lookup
+
+if TYPE_CHECKING:  # common imports the etcd client: only once an experiment runs
+    from vmbox.experiments.common import ExperimentResult, Scale
+
+OUT_HELP = "Directory for the CSV files, PNG pictures (and report.md for `all`)."
+SMALL_HELP = "The quick version (shorter runs, as the test suite does); figures are rougher."
+
+
+def _docstring(entry: Entry) -> str:
+    """The module's docstring, parsed from its source rather than imported."""
+    try:
+        spec = importlib.util.find_spec(entry.module)
+        if spec is None or spec.origin is None:
+            return entry.summary
+        text = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    except (ImportError, OSError, SyntaxError):
+        return entry.summary
+    # "`vmbox experiment x`: what it shows." reads as "What it shows." under its own usage line.
+    text = re.sub(r"^`vmbox experiment [\w-]+`:\s*", "", text)
+    return text[:1].upper() + text[1:] if text else entry.summary
+
+
+async def run_entry(
+    entry: Entry, out_dir: Path, scale: Scale, console: Console
+) -> ExperimentResult:
+    """Run one experiment within its budget; failures come back as a result with `error`."""
+    from vmbox.dataplane.sockets import BindError
+    from vmbox.experiments.common import ExperimentError, ExperimentResult
+    from vmbox.state.store import StoreError
+
+    # Failures a user or the machine can cause, shown as one line; others are bugs.
+    expected = (ExperimentError, NotAnExperiment, StoreError, BindError, OSError, RuntimeError)
+    budget = entry.small_budget if scale == "small" else entry.budget
+    started = time.monotonic()
+    console.rule(f"experiment {entry.name} ({scale})")
+    try:
+        run = load(entry)
+        async with asyncio.timeout(budget):
+            result = await run(out_dir, scale=scale, console=console)
+    except TimeoutError:
+        result = ExperimentResult(entry.name, error=f"did not finish within {budget:.0f} s")
+    except expected as exc:
+        result = ExperimentResult(entry.name, error=str(exc) or type(exc).__name__)
+    except Exception as exc:  # a bug in one experiment must not lose the others' figures
+        console.print(traceback.format_exc(), markup=False, highlight=False)
+        result = ExperimentResult(entry.name, error=f"{type(exc).__name__}: {exc}")
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _prepare(out: str) -> Path:
+    from vmbox.cli import fail
+
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vmbox-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot write to --out {out}: {exc.strerror or exc}", 2)
+    return path
+
+
+def _show(result: ExperimentResult, console: Console) -> None:
+    from vmbox.experiments.report import console_table
+
+    console.print(console_table([result]))
+    for note in result.notes:
+        console.print(f"- {note}", highlight=False)
+    for path in [*result.csvs, *result.pngs]:
+        console.print(f"wrote {path}", highlight=False)
+
+
+class ExperimentGroup(click.Group):
+    """A group whose commands are the registry's available entries, then `all`."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [entry.name for entry in available()] + super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = lookup(cmd_name)
+        if entry is not None:
+            return _single_command(entry)
+        return super().get_command(ctx, cmd_name)
+
+
+def _options(func: Any) -> Any:
+    func = click.option("--small", is_flag=True, help=SMALL_HELP)(func)
+    return click.option(
+        "--out", default="results", show_default=True, metavar="DIR", help=OUT_HELP
+    )(func)
+
+
+def _single_command(entry: Entry) -> click.Command:
+    @click.command(name=entry.name, help=_docstring(entry), short_help=entry.summary)
+    @_options
+    def command(out: str, small: bool) -> None:
+        from vmbox.cli import fail, run
+
+        out_dir = _prepare(out)
+        console = Console()
+        scale: Scale = "small" if small else "full"
+        result = run(lambda: run_entry(entry, out_dir, scale, console))
+        if result.error:
+            fail(f"{entry.name}: {result.error}")
+        _show(result, console)
+
+    return command
+
+
+@click.group(cls=ExperimentGroup)
+def experiment() -> None:
+    """Reproduce the published evaluation, with CSV files, pictures and a report.
+
+    \b
+    Quick look:  vmbox experiment all --small --out /tmp/results
+    The real run: vmbox experiment all --out results   (a few minutes)
+
+    Each experiment starts its own private etcd, echo server and replicas on
+    loopback; nothing needs starting by hand.
+    """
+
+
+@experiment.command(name="all")
+@_options
+@click.option(
+    "--skip",
+    multiple=True,
+    type=click.Choice([entry.name for entry in REGISTRY]),
+    help="Leave this experiment out (repeatable).",
+)
+def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
+    """Run every experiment, then write report.md beside their CSVs and PNGs.
+
+    The report puts vmbox's figures beside the published ones, says whether
+    each matches the published shape, names the machine it ran on and gives
+    the command line to repeat it. Exits 1 if an experiment could not run.
+    """
+    from vmbox.cli import run
+
+    out_dir = _prepare(out)
+    console = Console()
+    scale: Scale = "small" if small else "full"
+    command = shlex.join(
+        ["vmbox", "experiment", "all", "--out", out]
+        + (["--small"] if small else [])
+        + [arg for name in skip for arg in ("--skip", name)]
+    )
+    failed = run(lambda: _run_all(out_dir, scale, set(skip), command, console))
+    if failed:
+        raise SystemExit(1)
+
+
+def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
+    """The entries to run, and a note for each one left out."""
+    entries, notes = [], []
+    for entry in REGISTRY:
+        if entry.name in skip:
+            notes.append(f"{entry.name}: left out (--skip {entry.name}).")
+        elif entry not in available():
+            notes.append(f"{entry.name}: not available yet ({entry.module} is not installed).")
+        else:
+            entries.append(entry)
+    return entries, notes
+
+
+async def _run_all(
+    out_dir: Path, scale: Scale, skip: set[str], command: str, console: Console
+) -> bool:
+    """Every available experiment in registry order, then report.md; True if one failed."""
+    from vmbox.experiments.common import machine_info
+    from vmbox.experiments.report import console_table, render_report
+
+    started, wall = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    entries, left_out = _left_out(skip)
+    results = [await run_entry(entry, out_dir, scale, console) for entry in entries]
+    text = render_report(
+        results, machine_info(), command, out_dir,
+        started=wall, seconds=time.monotonic() - started, notes=left_out,
+    )  # fmt: skip
+    report = out_dir / "report.md"
+    report.write_text(text)
+    console.print(console_table(results))
+    console.print(f"wrote {report} ({time.monotonic() - started:.0f} s in all)", highlight=False)
+    return any(result.error for result in results)

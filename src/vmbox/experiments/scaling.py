@@ -1,0 +1,192 @@
+"""`vmbox experiment scaling`: the published autoscaling figure, redone, and scaling down too.
+
+Listed in the experiment registry (vmbox.experiments). Two phases, each a
+fresh service on a private etcd, its controller run in this process so every
+sample the autoscaler saw is recorded:
+
+- memory: replicas with a 70 MiB memory limit (a cgroup's, when run as root),
+  no load at first, then a rising rate of new flows from many sources (each
+  one makes a replica open an upstream flow, which costs memory until it idles
+  out); a new replica whenever the replicas' memory reaches 60% of the limit.
+  Then the load stops and the run watches whether memory, and the replica
+  count, come back down.
+- pps: steps of packet rate (one source, 64 flows, a limit of 100/s) scale the
+  service up on packets per second and, once the load stops, down to min; the
+  server's received rate is recorded every second to show the limit held.
+
+Writes scaling_samples.csv (one row per replica per sample), scaling_events.csv
+(decisions, with the reaction time from the first sample over the threshold to
+the new replica passing traffic) and scaling.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from vmbox.control import events
+from vmbox.control.controller import Controller
+from vmbox.experiments.churn import churn
+from vmbox.experiments.common import (
+    ExperimentResult,
+    Scale,
+    new_progress,
+    private_store,
+    quiet_udp_port,
+    running_service,
+)
+from vmbox.experiments.scaling_plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
+from vmbox.metrics import scrape
+from vmbox.runtime.local import open_cgroups
+from vmbox.spec import Spec, parse_size
+from vmbox.state.etcd import EtcdStore
+from vmbox.state.membership import list_members
+from vmbox.tools.load import LoadPlan, run_load
+
+NAME = "scaling"
+
+
+@dataclass
+class PhaseRun:
+    """What one phase recorded."""
+
+    plan: PhasePlan
+    spec: Spec
+    memory_source: str = ""
+    t0: float = 0.0
+    samples: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    counts: list[tuple[float, int]] = field(default_factory=list)
+    decisions: list[events.Event] = field(default_factory=list)
+    first_pass: dict[str, float] = field(default_factory=dict)
+    started: list[tuple[float, str]] = field(default_factory=list)
+    server: dict[int, int] = field(default_factory=dict)
+    load_window: tuple[float, float] = (0.0, 0.0)
+
+    def reactions(self) -> list[tuple[events.Event, str, float | None]]:
+        """Each scale-up, the replica it started, and seconds from crossing to passing traffic."""
+        out: list[tuple[events.Event, str, float | None]] = []
+        started = list(self.started)
+        for decision in (d for d in self.decisions if d.kind == "scale-up"):
+            rid = next((r for t, r in started if t >= decision.time - 0.01), "")
+            started = [(t, r) for t, r in started if r != rid]
+            passed = self.first_pass.get(rid)
+            since = float(decision.data.get("since", decision.time))
+            out.append((decision, rid, None if passed is None else passed - since))
+        return out
+
+
+def _listener(run: PhaseRun) -> Callable[[events.Event], None]:
+    def on_event(event: events.Event) -> None:
+        if event.kind.startswith("scale-"):
+            run.decisions.append(event)
+        elif event.kind == "start":
+            run.started.append((event.time, str(event.data.get("replica", ""))))
+
+    return on_event
+
+
+async def _record(controller: Controller, run: PhaseRun) -> None:
+    """Every sample the autoscaler sees, and each replica's first passed packet."""
+    seen: object = None
+    while True:
+        stats = controller.scaler.stats
+        if stats.samples and stats.samples is not seen:
+            seen = stats.samples
+            now = time.time() - run.t0
+            for rid, sample in stats.samples.items():
+                run.samples.append((now, rid, sample.to_dict()))
+            run.counts.append((now, len(stats.samples)))
+        await _first_passes(controller, run)
+        await asyncio.sleep(0.05)
+
+
+async def _first_passes(controller: Controller, run: PhaseRun) -> None:
+    members = await list_members(controller.store, run.spec.service)
+    for rid, member in members.items():
+        if rid in run.first_pass:
+            continue
+        with contextlib.suppress(Exception):
+            metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
+            if metrics.get("vmbox_packets_passed_total", 0.0) > 0:
+                run.first_pass[rid] = time.time()
+
+
+async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
+    """Idle, load, then watch the way down; `on_tick(seconds)` moves the progress bar."""
+    plan = run.plan
+    await asyncio.sleep(plan.idle)
+    on_tick(plan.idle)
+    start = time.time()
+    if plan.kind == "memory":
+        load: Any = churn(run.spec.listen, plan.rate_at, plan.load_for)
+    else:
+        load = _steps(run.spec, plan)
+    task = asyncio.create_task(load)
+    while not task.done():
+        await asyncio.sleep(1.0)
+        on_tick(1.0)
+    await task
+    run.load_window = (start, time.time())
+    deadline = time.monotonic() + plan.settle
+    while time.monotonic() < deadline:
+        if controller.desired == run.spec.replicas.min and plan.kind == "pps":
+            await asyncio.sleep(2.0)  # a late decision would show here
+            break
+        await asyncio.sleep(1.0)
+        on_tick(1.0)
+
+
+async def _steps(spec: Spec, plan: PhasePlan) -> None:
+    for rate, seconds in plan.steps:
+        await run_load(LoadPlan(spec.listen, rate=rate, sources=1, flows=64, duration=seconds))
+
+
+async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> PhaseRun:
+    cgroups, _ = open_cgroups(f"scaling-{plan.kind}", parse_size(MEMORY_LIMIT))
+
+    def make_spec() -> Spec:
+        return phase_spec(plan, quiet_udp_port(), quiet_udp_port(), cgroup=cgroups is not None)
+
+    run = PhaseRun(plan, make_spec())
+    with new_progress(console) as progress:
+        bar = progress.add_task(f"{plan.kind}: starting", total=plan.total)
+        async with running_service(store, make_spec, on_event=_listener(run)) as service:
+            run.spec = service.spec
+            run.memory_source = service.runtime.cgroup_note
+            run.t0 = time.time()
+            recorder = asyncio.create_task(_record(service.controller, run))
+            try:
+                progress.update(bar, description=f"{plan.kind}: idle, then load, then settle")
+                await _drive(service.controller, run, lambda s: progress.advance(bar, s))
+            finally:
+                recorder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await recorder
+        run.server = dict(service.echo.history)
+        progress.update(bar, completed=plan.total, description=f"{plan.kind}: done")
+    return run
+
+
+async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> ExperimentResult:
+    from vmbox.experiments.scaling_report import summarise
+
+    result = ExperimentResult(NAME)
+    runs: list[PhaseRun] = []
+    async with private_store() as store:
+        for plan in PHASES[scale]:
+            runs.append(await run_phase(store, plan, console))
+    summarise(runs, out_dir, result, console)
+    return result
+
+
+def server_seconds(run: PhaseRun) -> list[int]:
+    """The server's count for each whole second while the load ran (the first two skipped)."""
+    start, stop = run.load_window
+    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]

@@ -1,0 +1,99 @@
+"""The phases of the scaling experiment: their load, timing and service spec (pure).
+
+Called by vmbox.experiments.scaling, which runs each phase, and by its unit
+test. `full` is the published figure's shape (30 s without load, then a
+rising load, then none); `small` is the same at a scale the test suite runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vmbox.spec import Spec, parse_spec
+
+MEMORY_LIMIT = "70Mi"  # the reference design's pod limit
+# Without a memory cgroup the monitor reads RSS, which also counts ~28 MiB of
+# shared libraries a cgroup does not charge and none of the kernel's socket
+# memory: a 70 MiB figure would sit at 87% with no load at all.
+PSUTIL_LIMIT = "128Mi"
+MEMORY_UP = 60.0  # % of the limit: the reference design's trigger
+MEMORY_DOWN = 45.0
+PPS_UP = 150.0  # packets/s per replica
+PPS_DOWN = 40.0
+LIMIT = 100  # packets/s, the service's rate limit
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    kind: str  # "memory" or "pps"
+    idle: float  # seconds without load first
+    load_for: float  # seconds of load
+    settle: float  # at most this long after the load, watching the way down
+    interval: float  # the autoscaler's sampling interval
+    cooldown: float
+    flow_idle: float = 30.0  # the replicas' flow_idle_timeout
+    ramp: tuple[float, float] = (0.0, 0.0)  # memory: new flows/s at the start and the end
+    steps: tuple[tuple[float, float], ...] = ()  # pps: (packets/s, seconds) in turn
+
+    @property
+    def total(self) -> float:
+        return self.idle + self.load_for + self.settle
+
+    def rate_at(self, t: float) -> float:
+        """New flows per second `t` seconds into the memory load (a linear ramp)."""
+        start, end = self.ramp
+        return start + (end - start) * min(1.0, max(0.0, t / self.load_for))
+
+
+PHASES: dict[str, tuple[PhasePlan, ...]] = {
+    "full": (
+        PhasePlan("memory", idle=30, load_for=75, settle=45, interval=0.5, cooldown=5.0,
+                  flow_idle=20.0, ramp=(20.0, 400.0)),
+        PhasePlan("pps", idle=5, load_for=45, settle=30, interval=0.5, cooldown=3.0,
+                  steps=((100, 15), (250, 15), (400, 15))),
+    ),
+    "small": (
+        PhasePlan("memory", idle=3, load_for=14, settle=12, interval=0.5, cooldown=2.0,
+                  flow_idle=6.0, ramp=(300.0, 700.0)),
+        PhasePlan("pps", idle=1, load_for=10, settle=15, interval=0.5, cooldown=1.5,
+                  steps=((250, 4), (400, 6))),
+    ),
+}  # fmt: skip
+
+
+def autoscale_section(plan: PhasePlan) -> dict[str, Any]:
+    common = {"interval": plan.interval, "cooldown": plan.cooldown, "aggregate": "mean"}
+    if plan.kind == "memory":
+        return common | {
+            "metric": "memory", "scale_up_at": MEMORY_UP, "scale_down_at": MEMORY_DOWN,
+            "up_for": 2, "down_for": 5,
+        }  # fmt: skip
+    return common | {
+        "metric": "pps", "scale_up_at": PPS_UP, "scale_down_at": PPS_DOWN,
+        "up_for": 2, "down_for": 3,
+    }  # fmt: skip
+
+
+def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True) -> Spec:
+    """The service a phase runs: limit 100/s, 1 to 4 replicas, autoscaled on its metric."""
+    return parse_spec(
+        {
+            "service": f"scaling-{plan.kind}",
+            "listen": f"127.0.0.1:{listen}",
+            "upstream": f"127.0.0.1:{upstream}",
+            "middlebox": {"function": "ratelimit", "limit": LIMIT},
+            "replicas": {
+                "count": 1, "min": 1, "max": 4,
+                "memory_limit": MEMORY_LIMIT if cgroup else PSUTIL_LIMIT,
+                "drain_timeout": "2s",
+            },
+            # Flows cost memory until they idle out; 6000 of them stay below the
+            # 70 MiB limit (about 4.7 MiB per 1000 flows over a 34 MiB idle replica).
+            # RSS sees only the Python part of that (about 1.9 MiB per 1000).
+            "max_flows": 6000 if cgroup else 12000,
+            "flow_idle_timeout": plan.flow_idle,
+            "lease_ttl": 2,
+            "autoscale": autoscale_section(plan),
+        }
+    )  # fmt: skip

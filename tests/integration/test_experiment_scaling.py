@@ -1,0 +1,73 @@
+"""`vmbox experiment scaling --small`: the autoscaling figure at small scale, checked for shape.
+
+One run (about a minute) is shared by the module's tests: memory follows the
+flow load up and crosses 60% of the limit, packet rate takes the service to
+3 replicas and back to 1, the server holds the limit meanwhile, and the files
+are there with their columns.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import csv_rows as rows
+
+pytestmark = [pytest.mark.experiment, pytest.mark.timeout(400)]
+
+
+@dataclass
+class Run:
+    out: Path
+    result: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    out = tmp_path_factory.mktemp("scaling")
+    result = subprocess.run(
+        [sys.executable, "-m", "vmbox", "experiment", "scaling", "--small", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    yield Run(out, result)
+
+
+def test_runs_and_writes_its_files(run: Run) -> None:
+    assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
+    assert "Traceback" not in run.result.stdout + run.result.stderr
+    samples = rows(run.out / "scaling_samples.csv")
+    assert {"phase", "t", "replica", "memory_mib", "memory_percent", "cpu_percent",
+            "pps_in", "source"} <= set(samples[0])  # fmt: skip
+    assert {"phase", "kind", "old", "new", "value", "reaction_s"} <= set(
+        rows(run.out / "scaling_events.csv")[0]
+    )
+    png = run.out / "scaling.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert "reaction (pps)" in run.result.stdout
+
+
+def test_packet_rate_scales_up_to_3_and_back_to_1_with_the_limit_held(run: Run) -> None:
+    events = [e for e in rows(run.out / "scaling_events.csv") if e["phase"] == "pps"]
+    steps = [(int(e["old"]), int(e["new"])) for e in events]
+    assert steps == [(1, 2), (2, 3), (3, 2), (2, 1)], steps
+    reactions = [float(e["reaction_s"]) for e in events if e["kind"] == "scale-up"]
+    assert all(0 < r < 10 for r in reactions), reactions
+    server = [
+        int(r["received"]) for r in rows(run.out / "scaling_server.csv") if r["phase"] == "pps"
+    ]
+    assert max(server) <= 110, server  # never above the limit, resizes included
+
+
+def test_memory_follows_the_flow_load_up(run: Run) -> None:
+    samples = [r for r in rows(run.out / "scaling_samples.csv") if r["phase"] == "memory"]
+    first = [float(r["memory_mib"]) for r in samples[:3]]
+    peak = max(float(r["memory_mib"]) for r in samples)
+    assert peak > max(first) * 1.1, (first, peak)  # flows really cost memory
+    if samples[0]["source"].startswith("cgroup"):
+        events = [e for e in rows(run.out / "scaling_events.csv") if e["phase"] == "memory"]
+        assert any(e["kind"] == "scale-up" for e in events), events

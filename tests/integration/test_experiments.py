@@ -1,0 +1,95 @@
+"""`vmbox experiment all --small`: every experiment at small scale, checked for its shape.
+
+One run (about a minute) is shared by the module's tests: its CSV columns, the
+plateau near the limit for 1, 2 and 4 replicas, `strong` slower than `poll`,
+non-empty pictures and a report with the published figures beside vmbox's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import csv_rows as rows
+from vmbox.experiments import REGISTRY
+from vmbox.experiments.correctness import COLUMNS, LIMIT, Second, accuracy, plateau
+from vmbox.experiments.overhead import SUMMARY_COLUMNS
+
+pytestmark = [pytest.mark.experiment, pytest.mark.timeout(600)]
+MINE = ("correctness", "overhead")
+
+
+@dataclass
+class Run:
+    out: Path
+    result: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    out = tmp_path_factory.mktemp("results")
+    # Other experiments (scaling) have tests of their own; this run is about these two.
+    skip = [arg for e in REGISTRY if e.name not in MINE for arg in ("--skip", e.name)]
+    budget = sum(entry.small_budget for entry in REGISTRY if entry.name in MINE) + 60
+    result = subprocess.run(
+        [sys.executable, "-m", "vmbox", "experiment", "all", "--small", "--out", str(out), *skip],
+        capture_output=True, text=True, timeout=budget, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    yield Run(out, result)
+
+
+def test_all_completes_and_writes_the_report(run: Run) -> None:
+    assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr
+    assert "Traceback" not in run.result.stdout + run.result.stderr
+    report = (run.out / "report.md").read_text()
+    assert "| experiment | metric | published | vmbox | ok |" in report
+    assert f"vmbox experiment all --out {run.out} --small" in report
+    assert "scaling: left out (--skip scaling)." in report
+    for fact in ("| cores |", "| CPU |", "| kernel |", "| python |", "| etcd | 3."):
+        assert fact in report
+    assert "![correctness](correctness.png)" in report
+    assert "![overhead](overhead.png)" in report
+
+
+def test_correctness_plateau_is_near_the_limit_for_each_replica_count(run: Run) -> None:
+    table = rows(run.out / "correctness.csv")
+    assert tuple(table[0]) == COLUMNS
+    seconds = [
+        Second(int(r["replicas"]), int(r["second"]), float(r["offered"]), int(r["sent"]),
+               int(r["received"]), int(r["client_received"]))
+        for r in table
+    ]  # fmt: skip
+    assert {s.replicas for s in seconds} == {1, 2, 4}
+    for n in (1, 2, 4):
+        acc = accuracy(plateau([s for s in seconds if s.replicas == n], LIMIT), LIMIT)
+        assert acc is not None and acc.seconds >= 4, n
+        assert abs(acc.mean_received - LIMIT) <= 0.1 * LIMIT, (n, acc)
+        # Below the limit, what is offered comes through (the first second is left out, as
+        # on the plateau: a replica may still be learning of its last sibling).
+        low = [s for s in seconds if s.replicas == n and s.second >= 1 and s.offered <= LIMIT / 2]
+        assert low and all(s.received >= 0.8 * s.sent for s in low), low
+
+
+def test_overhead_strong_is_slower_than_poll(run: Run) -> None:
+    table = {r["variant"]: r for r in rows(run.out / "overhead.csv")}
+    assert tuple(next(iter(table.values()))) == SUMMARY_COLUMNS
+    assert list(table) == ["base", "poll1000", "poll100", "watch", "strong"]
+    mean = {name: float(r["mean_ms"]) for name, r in table.items()}
+    assert mean["strong"] > max(mean["poll1000"], mean["poll100"])
+    for r in table.values():
+        assert int(r["received"]) >= 0.95 * int(r["sent"]) > 0, r
+        assert float(r["min_ms"]) <= float(r["p50_ms"]) <= float(r["p99_ms"]) <= float(r["max_ms"])
+    samples = rows(run.out / "overhead_rtts.csv")
+    assert tuple(samples[0]) == ("variant", "round", "rtt_ms")
+    assert len(samples) == sum(int(r["received"]) for r in table.values())
+
+
+def test_pictures_are_real_pngs(run: Run) -> None:
+    for name in ("correctness.png", "overhead.png"):
+        data = (run.out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name

@@ -1,0 +1,70 @@
+"""The overhead experiment's pure parts: statistics, run order and its verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmbox.experiments.common import ExperimentError
+from vmbox.experiments.overhead import (
+    VARIANTS,
+    Stats,
+    order,
+    percentile,
+    report_rows,
+    scale_note,
+    summarize,
+)
+
+
+def test_summarize_gives_exact_min_mean_max_and_nearest_rank_percentiles() -> None:
+    stats = summarize([[float(x) for x in range(100, 0, -1)]], sent=120)
+    assert (stats.sent, stats.received) == (120, 100)
+    assert (stats.min, stats.max, stats.mean, stats.round_median) == (1.0, 100.0, 50.5, 50.5)
+    assert (stats.p50, stats.p99) == (50.0, 99.0)
+    assert percentile([3.0], 0.99) == 3.0
+
+
+def test_one_noisy_round_moves_the_round_median_little() -> None:
+    stats = summarize([[0.1] * 10, [0.1] * 10, [0.12] * 10, [2.0] * 10], sent=40)
+    assert stats.mean == pytest.approx(0.58)
+    assert stats.round_median == pytest.approx(0.11)
+
+
+def test_a_round_with_nothing_back_is_an_experiment_error() -> None:
+    with pytest.raises(ExperimentError, match="no packet came back"):
+        summarize([[0.1], []], sent=10)
+
+
+def test_rounds_alternate_direction_so_drift_weighs_on_all_alike() -> None:
+    names = [(r, v.name) for r, v in order(2)]
+    forward = [v.name for v in VARIANTS]
+    assert names == [(0, n) for n in forward] + [(1, n) for n in reversed(forward)]
+
+
+def stats(median: float, mean: float | None = None) -> Stats:
+    mean = median if mean is None else mean
+    return Stats(100, 100, mean / 2, mean, mean, mean * 3, mean * 10, median)
+
+
+def test_verdicts_poll_near_base_and_strong_slower_than_poll() -> None:
+    rows = report_rows(
+        {"base": stats(0.1, mean=0.2), "poll1000": stats(0.105), "poll100": stats(0.12),
+         "watch": stats(0.1), "strong": stats(0.3)}
+    )  # fmt: skip
+    verdicts = {row.metric.split(", ")[1]: row.ok for row in rows}
+    assert verdicts == {
+        "base (no shared state": None,
+        "poll1000": True,
+        "poll100": False,  # 20% above base
+        "watch": None,  # not in the published figure
+        "strong": True,
+    }
+    # Verdicts follow the round medians; the all-packet means are shown beside them.
+    assert rows[1].vmbox.startswith("1.05x by round medians (+0.005 ms); 0.52x by all-packet")
+    assert rows[-1].vmbox.startswith("3.00x by round medians")
+
+
+def test_scale_note_weighs_ratios_by_the_base() -> None:
+    (note,) = scale_note({"base": stats(0.1), "strong": stats(0.95)})
+    assert "this run's 0.100 ms" in note and "weighs 3.0x more" in note
+    assert "strong's mean of 0.950 ms compares with the published ≈ 0.9 ms" in note

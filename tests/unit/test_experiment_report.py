@@ -1,0 +1,60 @@
+"""report.md and the terminal table, rendered from results without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from vmbox.experiments.common import ExperimentResult, ReportRow
+from vmbox.experiments.report import console_table, figures_table, render_report
+
+OUT = Path("/tmp/results")
+MACHINE = {"cores": "2", "CPU": "Test CPU | 2 GHz", "kernel": "Linux 6.1", "etcd": "3.4.23"}
+
+
+def results() -> list[ExperimentResult]:
+    good = ExperimentResult(
+        "correctness",
+        csvs=[OUT / "correctness.csv"],
+        pngs=[OUT / "correctness.png"],
+        rows=[ReportRow("received, 1 replica", "100/s", "99.5/s |err| 1%", True)],
+        notes=["plateau: offered >= 120/s"],
+        seconds=125.0,
+    )
+    failed = ExperimentResult("overhead", error="did not finish within 300 s")
+    return [good, failed]
+
+
+def test_figures_table_escapes_pipes_and_lists_failures() -> None:
+    lines = figures_table(results())
+    assert lines[0] == "| experiment | metric | published | vmbox | ok |"
+    assert lines[2] == "| correctness | received, 1 replica | 100/s | 99.5/s \\|err\\| 1% | yes |"
+    assert lines[3] == "| overhead | (no figures) | - | did not finish within 300 s | NO |"
+    assert all(line.count(" | ") == 4 for line in lines[2:])
+
+
+def test_report_has_table_pictures_data_machine_and_command() -> None:
+    text = render_report(
+        results(), MACHINE, "vmbox experiment all --out results", OUT,
+        started="2030-01-01 12:00:00 UTC", seconds=200.0, notes=["scaling: not available yet"],
+    )  # fmt: skip
+    assert "3 min 20 s in all; 1 of 2 experiments match the published shape" in text
+    assert "```sh\nvmbox experiment all --out results\n```" in text
+    assert "![correctness](correctness.png)" in text
+    assert "Data: [correctness.csv](correctness.csv). Ran in 2 min 5 s." in text
+    assert "- plateau: offered >= 120/s" in text
+    assert "**Failed:** did not finish within 300 s" in text
+    assert "- scaling: not available yet" in text
+    assert "| CPU | Test CPU \\| 2 GHz |" in text
+    assert (
+        text.index("## Published figures") < text.index("## correctness") < text.index("## Machine")
+    )
+
+
+def test_console_table_shows_rows_and_failures() -> None:
+    console = Console(record=True, width=200)
+    console.print(console_table(results()))
+    out = console.export_text()
+    assert "99.5/s |err| 1%" in out and "yes" in out
+    assert "(failed)" in out and "did not finish within 300 s" in out
