@@ -151,9 +151,16 @@ class Replica:
 
         return read_all
 
+    @property
+    def ready(self) -> bool:
+        """Registered, and holding its share: the group it sees is settled (a readiness probe)."""
+        registered = self.membership is not None and self.membership.registered.is_set()
+        return registered and not self.guard.guarded
+
     def gauges(self) -> dict[str, float]:
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
+        values["ready"] = float(self.ready)
         values["resize_guarded"] = float(self.guard.guarded)
         values["resize_guard_last_seconds"] = self.guard.last_duration
         values["resize_guard_lifts"] = float(self.guard.lifts)
