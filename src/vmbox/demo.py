@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import socket
 import statistics
@@ -39,6 +40,21 @@ TRANSITION = 2  # seconds after a resize left out of the plateau figures
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A free UDP port below the kernel's ephemeral range (32768 up).
+
+    A port the kernel handed out for port 0 can be handed out again, to one of
+    the thousands of sockets a load generator or a replica's flows bind,
+    between this pick and the service's bind; below the range it cannot.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20_000, 32_768)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

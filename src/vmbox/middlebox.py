@@ -45,6 +45,10 @@ class Group:
 
     members: tuple[str, ...]
     me: str
+    # The group before the latest change, while not every live member has
+    # acknowledged the change (the resize guard, vmbox.state.epoch): shares are
+    # then the smaller of the old and the new split. None once all agree.
+    previous: tuple[str, ...] | None = None
 
     @property
     def size(self) -> int:

@@ -4,7 +4,9 @@ Started by a runtime (`vmbox replica --service S --id R --etcd ...`, normally
 by vmbox.runtime.local). It reads the service spec from etcd, builds the
 middlebox, keeps its shared state fresh through one view per item, binds the
 service address (SO_REUSEPORT, shared with its siblings), serves Prometheus
-metrics, and registers itself under members/<id> on a lease. SIGTERM drains
+metrics, and registers itself under members/<id> on a lease. A health probe
+(vmbox.state.health) applies the spec's `fail` policy while etcd is away
+longer than `store_timeout`. SIGTERM drains
 (vmbox.dataplane.drain: the flows in flight finish here, new ones go to the
 siblings, for at most `replicas.drain_timeout`), then leaves the membership so
 the siblings' shares grow, then exits 0. SIGINT leaves at once and exits.
@@ -28,10 +30,14 @@ from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.udp import UdpRelay
 from vmbox.metrics import ReplicaMetrics
 from vmbox.middlebox import Group, Middlebox, get_function
+from vmbox.packet import Packet, Verdict
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
-from vmbox.state.membership import Membership, watch_members
+from vmbox.state.demand import DemandAware, DemandSharing
+from vmbox.state.epoch import EpochSync, ResizeGuard
+from vmbox.state.health import FAIL_MODE_CODES, HealthProbe
+from vmbox.state.membership import Membership
 from vmbox.state.store import Store, StoreError
 from vmbox.state.views import StrongView, View, make_view
 
@@ -73,9 +79,15 @@ class Replica:
         self.store = store
         self.metrics_port = metrics_port
         config = spec.middlebox.model_dump()
-        self.middlebox: Middlebox = get_function(spec.middlebox.function)(
-            config, Group(members=(), me=replica_id)
+        # Until every member acknowledges a group change, shares stay safe (vmbox.state.epoch);
+        # a fresh replica takes nothing until then.
+        self.guard = ResizeGuard(
+            replica_id, spec.middlebox.window, enabled=spec.middlebox.resize_guard
         )
+        self.middlebox: Middlebox = get_function(spec.middlebox.function)(
+            config, self.guard.group
+        )
+        self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.views: dict[str, View] = {}
         self.members = 0
@@ -90,11 +102,17 @@ class Replica:
                     poll_interval=spec.middlebox.poll_interval,
                     on_change=self._on_change(item.name),
                 )
+        # The fail policy's answer for every packet while the store is down
+        # (None: the middlebox decides); the health probe sets and clears it.
+        self.fail_verdict: Verdict | None = None
+        self.health = HealthProbe(
+            store, keys.spec_key(spec.service), spec.store_timeout, spec.fail, self._set_fail
+        )
         strong = [v for v in self.views.values() if isinstance(v, StrongView)]
         self.relay = UdpRelay(
             spec.listen,
             spec.upstream,
-            self.middlebox.process,
+            self.decide,
             barrier=self._barrier(strong) if strong else None,
             counters=self.counters,
             idle_timeout=spec.flow_idle_timeout,
@@ -102,6 +120,7 @@ class Replica:
         )
         self.metrics = ReplicaMetrics(spec.service, replica_id, self.counters, self.gauges)
         self.membership: Membership | None = None
+        self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demand)
         self.stopping = asyncio.Event()
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None
@@ -112,26 +131,71 @@ class Replica:
 
         return apply
 
+    def _set_fail(self, verdict: Verdict | None) -> None:
+        self.fail_verdict = verdict
+
+    def decide(self, packet: Packet, now: float) -> Verdict:
+        """The relay's decide callable: the fail policy's verdict, else the middlebox's."""
+        if now >= self.epoch.due:
+            self.epoch.catch_up(now)  # a resize guard due to lift: before this window starts
+        verdict = self.fail_verdict
+        if verdict is None:
+            return self.middlebox.process(packet, now)
+        return verdict
+
     def _barrier(self, views: list[StrongView]) -> Callable[[], Awaitable[None]]:
         async def read_all() -> None:
+            if self.fail_verdict is not None:
+                return  # failing closed or open: the answer needs no read
             for view in views:
                 await view.read()
 
         return read_all
 
+    @property
+    def ready(self) -> bool:
+        """Registered, and holding its share: the group it sees is settled (a readiness probe)."""
+        registered = self.membership is not None and self.membership.registered.is_set()
+        return registered and not self.guard.guarded
+
     def gauges(self) -> dict[str, float]:
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
+        values["ready"] = float(self.ready)
+        values["resize_guarded"] = float(self.guard.guarded)
+        values["resize_guard_last_seconds"] = self.guard.last_duration
+        values["resize_guard_lifts"] = float(self.guard.lifts)
+        values["resize_guard_lifted_at"] = self.guard.lifted_at
+        values["resize_ack_errors"] = float(self.epoch.ack_errors)
         values["store_stale"] = float(any(v.stale for v in self.views.values()))
+        values["store_down_seconds"] = self.health.down_for()
+        values["fail_policy_active"] = float(self.health.applying)
+        values["fail_mode"] = float(FAIL_MODE_CODES[self.spec.fail])
         values["state_bad_values"] = float(sum(v.bad_values for v in self.views.values()))
+        if self.demand is not None:
+            values.update(self.demand.gauges())
         return values
 
+    def _demand_sharing(self, membership: Membership) -> DemandSharing | None:
+        """The demand reporter and watch, when the spec splits by demand."""
+        mb = self.spec.middlebox
+        if mb.split != "demand" or not isinstance(self.middlebox, DemandAware):
+            return None
+        return DemandSharing(
+            self.store, self.spec.service, self.replica_id, self.middlebox,
+            lambda: membership.lease, interval=mb.report_interval,
+            max_sources=mb.report_max_sources,
+        )  # fmt: skip
+
     async def _follow_members(self) -> None:
-        # Survives store outages: watch_members re-lists after reconnecting.
-        async for snapshot in watch_members(self.store, self.spec.service):
-            members = tuple(sorted(snapshot))
-            self.members = len(set(members) | {self.replica_id})
-            self.middlebox.update(group=Group(members=members, me=self.replica_id))
+        # Survives store outages: the watches re-list after reconnecting. Members
+        # and acks in, each new group (guarded or not) to _apply_group.
+        membership = self.membership
+        await self.epoch.run(lambda: membership.lease if membership is not None else 0)
+
+    def _apply_group(self, group: Group) -> None:
+        self.members = len(set(group.members) | {self.replica_id})
+        self.middlebox.update(group=group)
 
     async def run(self) -> None:
         """Serve until `stop()` or cancellation; leave the group on the way out."""
@@ -149,6 +213,10 @@ class Replica:
             tasks = [group.create_task(view.run()) for view in self.views.values()]
             tasks.append(group.create_task(self._follow_members()))
             tasks.append(group.create_task(self.membership.run()))
+            self.demand = self._demand_sharing(self.membership)
+            if self.demand is not None:
+                tasks.append(group.create_task(self.demand.run()))
+            tasks.append(group.create_task(self.health.run()))
             await self.stopping.wait()
             if self.drain_first:
                 await self._drain_flows()
@@ -190,6 +258,8 @@ class Replica:
         log.info("replica %s %s", self.replica_id, result.line())
 
     async def _leave(self) -> None:
+        # Take nothing from here on: the siblings' shares grow once the lease goes.
+        self.epoch.leaving()
         if self.membership is not None:
             with contextlib.suppress(StoreError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.membership.leave(), LEAVE_TIMEOUT)

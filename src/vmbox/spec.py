@@ -133,7 +133,20 @@ class MiddleboxSpec(_Model):
     # Bounded like every value a replica accepts from etcd (middlebox.MAX_STATE_INT).
     limit: Annotated[int, Field(gt=0, le=10**9)]
     window: Duration = 1.0
-    split: Literal["even"] = "even"
+    # fixed_window: a counter per source per window; token_bucket: a bucket per
+    # source refilled at the share of `limit` per `window`, holding up to its
+    # share of `burst` (default: one window's worth, i.e. `limit`).
+    algorithm: Literal["fixed_window", "token_bucket"] = "fixed_window"
+    burst: PositiveInt | None = None
+    # even: limit / n per replica; demand: per source, in proportion to what
+    # each replica was offered (reported every report_interval).
+    split: Literal["even", "demand"] = "even"
+    report_interval: Duration = 0.1
+    report_max_sources: PositiveInt = 256
+    demand_floor: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    # Use the smaller of the old and new shares until every live member has
+    # acknowledged a change of the group (off only to measure what it prevents).
+    resize_guard: bool = True
     consistency: Consistency = "watch"
     poll_interval: Duration = 0.1
     max_sources: PositiveInt = 65536
@@ -230,6 +243,10 @@ class Spec(_Model):
     # Replicas' and the controller's /metrics bind here: loopback unless the
     # operator says otherwise (0.0.0.0 for every interface).
     metrics_host: str = "127.0.0.1"
+    # What a replica does once etcd has been unreachable for store_timeout:
+    # static keeps the last shares, closed drops everything, open passes everything.
+    fail: Literal["static", "closed", "open"] = "static"
+    store_timeout: Duration = 3.0
     lease_ttl: PositiveInt = 3
     # Per-client upstream sockets a replica keeps; also capped by its file limit.
     max_flows: PositiveInt = 16384

@@ -52,6 +52,17 @@ class Service:
                 raise TimeoutError(f"wanted {count} members, have {sorted(members)}")
             await asyncio.sleep(0.05)
 
+    async def wait_ready(self, count: int, timeout: float = 20.0) -> None:
+        """Until `count` replicas report vmbox_ready (registered, holding their share)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            gauges = await self.gauges()
+            if sum(g.get("vmbox_ready", 0.0) == 1.0 for g in gauges.values()) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"wanted {count} ready replicas, have {sorted(gauges)}")
+            await asyncio.sleep(0.05)
+
     async def gauges(self) -> dict[str, dict[str, float]]:
         """Each live replica's metrics, scraped now."""
         out = {}
@@ -98,6 +109,7 @@ async def running_service(
         task = asyncio.create_task(controller.run())
         if wait:
             await service.wait_members(spec.replicas.count)
+            await service.wait_ready(spec.replicas.count)
         yield service
     finally:
         if task is not None:

@@ -337,7 +337,9 @@ def test_sigterm_drains_then_leaves_then_exits_0(etcd: EtcdServer, tmp_path: Pat
     print(f"\nSIGTERM, clients stop after 0.6 s: {r}")
     assert r["there_at_stop"]  # its clients still sent: still registered, still running
     assert 0.4 <= r["left"] - r["last_sent"] <= 1.0  # left once its flows idled 0.5 s
-    assert 0 <= r["full"] - r["left"] <= 0.3  # only then the sibling's share became full
+    # Only then the sibling's share became full: at the first window boundary
+    # after it acknowledged the smaller group (the resize guard).
+    assert 0 <= r["full"] - r["left"] <= 1.3
     assert r["code"] == 0 and r["lost"] == 0
     assert len(r["drain_lines"]) == 1 and "drain done" in r["drain_lines"][0]
     assert " 0 still active" in r["drain_lines"][0]
@@ -356,7 +358,7 @@ def test_sigterm_with_clients_that_never_stop_ends_at_the_drain_timeout(
 def test_sigint_leaves_at_once(etcd: EtcdServer, tmp_path: Path) -> None:
     r = bounded(signal_busiest(etcd.endpoints, tmp_path, signal.SIGINT, None))
     print(f"\nSIGINT: {r}")
-    assert 0 < r["left"] <= 0.3 and 0 < r["full"] <= 0.4
+    assert 0 < r["left"] <= 0.3 and 0 < r["full"] - r["left"] <= 1.3  # full: see above
     assert r["code"] == 0
     assert r["drain_lines"] == []
 

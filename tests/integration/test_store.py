@@ -28,7 +28,8 @@ def test_put_get_delete_and_prefixes(store: EtcdStore, aio: Aio) -> None:
         assert await store.delete("/vmbox/t/a") is True
         assert await store.delete("/vmbox/t/a") is False
         assert await store.get("/vmbox/t/a") is None
-        assert await store.delete_prefix("/vmbox/") == 2
+        assert await store.delete_prefix("/vmbox/t/") == 1
+        assert await store.delete_prefix("/vmbox/u/") == 1
 
     aio.run(main())
 

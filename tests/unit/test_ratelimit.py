@@ -105,3 +105,117 @@ def test_a_new_limit_applies_at_once() -> None:
     assert passed(mb, 100, now=30.2) == 5
     mb.update(values={"limit": 50})
     assert passed(mb, 100, now=30.3) == 35
+
+
+# -- the demand split ---------------------------------------------------------
+
+FOUR = ("r1", "r2", "r3", "r4")
+
+
+def demand(me: str = "r1", limit: int = 100, **config: object) -> RateLimit:
+    return make(limit=limit, members=FOUR, me=me, split="demand", **config)
+
+
+def test_offered_packets_are_counted_dropped_ones_included() -> None:
+    mb = demand(limit=8)
+    assert passed(mb, 10, now=3.1, src="10.0.0.1") == 2  # even share: 8 / 4
+    passed(mb, 3, now=3.2, src="10.0.0.2")
+    assert mb.take_demand() == {"10.0.0.1": 10, "10.0.0.2": 3}
+    assert mb.take_demand() == {}  # each report covers one interval
+
+
+def test_offered_counts_are_bounded_like_the_table() -> None:
+    mb = demand(max_sources=100)
+    for i in range(1000):
+        mb.process(Packet(f"10.0.{i >> 8}.{i & 255}", 1, 64), 4.5)
+    assert len(mb.take_demand()) == 100
+
+
+def test_the_even_split_counts_nothing() -> None:
+    mb = make(limit=100, members=FOUR, me="r1")
+    passed(mb, 10, now=3.1)
+    assert mb.take_demand() == {}
+
+
+def test_a_source_on_one_replica_gets_nearly_the_whole_limit_once_reported() -> None:
+    mb = demand()
+    assert passed(mb, 50, now=10.05) == 25  # no report yet: the even share
+    mb.set_demand({"r1": {"10.0.0.1": 30}})
+    assert passed(mb, 100, now=10.2) == 72  # a new source follows the reports at once: 97
+    assert passed(mb, 300, now=11.0) == 97  # and keeps its share in the next window
+    assert mb.gauges()["demand_sources"] == 1 and mb.gauges()["demand_reports"] == 1
+
+
+def test_replicas_without_the_source_keep_the_floor_not_the_even_share() -> None:
+    mb = demand(me="r2")
+    mb.set_demand({"r1": {"10.0.0.1": 30}})
+    assert passed(mb, 50, now=10.5) == 1
+    assert passed(mb, 50, now=10.6, src="10.9.9.9") == 25  # unreported: even
+
+
+def test_a_windows_shares_are_fixed_at_its_start_for_sources_already_reported() -> None:
+    mb = demand()
+    mb.set_demand({"r1": {"s": 30}, "r2": {"s": 30}})
+    passed(mb, 1, now=20.0, src="other")  # window 20 begins: s's share is fixed at 49
+    mb.set_demand({"r1": {"s": 90}, "r2": {"s": 10}})  # the reports fluctuate
+    assert passed(mb, 100, now=20.5, src="s") == 49
+    assert passed(mb, 100, now=21.0, src="s") == 87  # the next window takes the new share
+
+
+def test_a_source_moving_away_keeps_its_share_till_the_window_ends() -> None:
+    mb = demand()
+    mb.set_demand({"r1": {"s": 30}})
+    assert passed(mb, 10, now=30.1, src="s") == 10
+    mb.set_demand({"r1": {}, "r2": {"s": 30}})  # its flows now reach r2 only
+    assert passed(mb, 200, now=30.5, src="s") == 87  # 97 in all: not the even 25, not 0 more
+    assert passed(mb, 200, now=31.1, src="s") == 1  # the floor, from the next window
+
+
+def test_demand_shares_of_a_window_add_up_to_the_limit() -> None:
+    reports = {"r1": {"s": 42}, "r2": {"s": 7}, "r3": {"s": 19}}
+    boxes = [demand(me=m) for m in FOUR]
+    for mb in boxes:
+        mb.set_demand(reports)
+    assert sum(passed(mb, 200, now=40.5, src="s") for mb in boxes) == 100
+
+
+def test_the_first_window_admits_nothing_under_the_demand_split_too() -> None:
+    mb = demand()
+    mb.start(50.4)
+    mb.set_demand({"r1": {"s": 30}})
+    assert passed(mb, 10, now=50.5, src="s") == 0
+    assert passed(mb, 200, now=51.0, src="s") == 97
+
+
+def test_a_new_limit_applies_at_once_to_demand_shares() -> None:
+    mb = demand()
+    mb.set_demand({"r1": {"s": 30}})
+    assert passed(mb, 40, now=60.1, src="s") == 40
+    mb.update(values={"limit": 50})
+    assert passed(mb, 100, now=60.2, src="s") == 8  # 48 now
+
+
+def test_a_group_change_reaches_demand_shares_at_the_next_window() -> None:
+    mb = demand()
+    mb.set_demand({"r1": {"s": 30}, "r4": {"s": 30}})
+    assert passed(mb, 100, now=70.1, src="s") == 49
+    mb.update(group=Group(("r1", "r2", "r3"), "r1"))  # r4 left (its report with it)
+    mb.set_demand({"r1": {"s": 30}})
+    assert passed(mb, 100, now=70.5, src="s") == 0  # this window: still 49
+    assert passed(mb, 100, now=71.0, src="s") == 97
+
+
+def test_a_report_that_vanishes_mid_window_still_counts_till_the_window_ends() -> None:
+    mb = demand()
+    passed(mb, 1, now=75.1, src="other")  # window 75 begins
+    mb.set_demand({"r4": {"new": 30}})
+    mb.set_demand({})  # r4 died: a source new this window must not jump to r1
+    assert passed(mb, 100, now=75.5, src="new") == 1
+    assert passed(mb, 100, now=76.0, src="new") == 25  # next window: unreported, even
+
+
+def test_the_resize_guard_holds_demand_shares_to_the_smaller_split() -> None:
+    mb = make(limit=1000, members=("r1", "r2", "r3"), me="r1", split="demand")
+    mb.update(group=Group(("r1", "r2", "r3"), "r1", previous=FOUR))
+    mb.set_demand({"r1": {"s": 30}, "r2": {"s": 30}})
+    assert passed(mb, 1000, now=80.5, src="s") == 488  # min(488 of 4, 492 of 3)

@@ -274,8 +274,11 @@ class Controller:
                     delay = min(5.0, delay * 2)
                     continue
                 self.wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the event is set, and the loop lives on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.tick)
+                    async with asyncio.timeout(self.tick):
+                        await self.wake.wait()
         finally:
             for task in helpers:
                 task.cancel()

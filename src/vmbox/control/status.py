@@ -22,6 +22,7 @@ from vmbox.control import events
 from vmbox.control.monitor import Sample, read_samples
 from vmbox.metrics import scrape
 from vmbox.state import keys
+from vmbox.state.health import FAIL_MODE_NAMES
 from vmbox.state.membership import list_members
 from vmbox.state.store import Store
 
@@ -133,9 +134,7 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
         table.add_column(column, justify="left" if column in {"REPLICA", "STORE"} else "right")
     for row in status.replicas:
         v, r = row.values, row.rates
-        store_state = (
-            "error: " + row.error if row.error else ("stale" if v.get("store_stale") else "ok")
-        )
+        store_state = "error: " + row.error if row.error else store_column(v)
         table.add_row(
             row.replica,
             str(row.pid),
@@ -157,6 +156,17 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
     for ev in status.events:
         lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)
     return RichGroup(table, lines) if status.events else table
+
+
+def store_column(values: dict[str, float]) -> str:
+    """The STORE column from a replica's gauges: ok, stale, down 2s, down 4s: closed."""
+    down = values.get("store_down_seconds", 0.0)
+    if values.get("fail_policy_active"):
+        mode = FAIL_MODE_NAMES.get(int(values.get("fail_mode", 0)), "?")
+        return f"down {down:.0f}s: {mode}"
+    if down > 0:
+        return f"down {down:.0f}s"
+    return "stale" if values.get("store_stale") else "ok"
 
 
 def _resources(sample: Sample | None) -> tuple[str, str, str]:

@@ -179,8 +179,9 @@ class Drain:
                 wake = next_check(self._activity().values(), now, deadline, self.idle)
                 if wake is None:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), wake - now)
+                with contextlib.suppress(TimeoutError):  # not wait_for: see controller.run
+                    async with asyncio.timeout(wake - now):
+                        await self._stop.wait()
             return self._result(time.monotonic())
         finally:
             self.close()

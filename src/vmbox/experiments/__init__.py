@@ -63,6 +63,11 @@ REGISTRY: tuple[Entry, ...] = (
         "then scale up and down on packet rate.",
         budget=420, small_budget=150,
     ),
+    Entry(
+        "skew", "vmbox.experiments.skew",
+        "One heavy one-flow source (and 20 spread ones) on 4 replicas: even vs demand split.",
+        budget=180, small_budget=90,
+    ),
 )  # fmt: skip
 
 

@@ -15,9 +15,7 @@ import contextlib
 import csv
 import os
 import platform
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,8 +37,8 @@ from rich.progress import (
 from vmbox.control import events
 from vmbox.control.controller import Controller, PermanentError
 from vmbox.dataplane.sockets import AddressInUse
-from vmbox.demo import free_udp_port
 from vmbox.etcdserver import EtcdServer, find_etcd
+from vmbox.metrics import scrape
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec
 from vmbox.state import keys
@@ -168,21 +166,6 @@ class PortTaken(ExperimentError):
     """A port picked for a service was taken by another program before it was bound."""
 
 
-def quiet_udp_port(host: str = "127.0.0.1") -> int:
-    """A free UDP port below the kernel's ephemeral range, so no socket bound to port 0
-    (other tests' load generators open thousands) takes it between this pick and the bind."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20_000, 32_768)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        return port
-    return free_udp_port(host)
-
-
 @asynccontextmanager
 async def running_service(
     store: EtcdStore,
@@ -247,7 +230,7 @@ async def _wait_members(
 ) -> None:
     count = spec.replicas.count
     deadline = time.monotonic() + START_TIMEOUT
-    while len(await list_members(store, spec.service)) != count:
+    while await _ready(store, spec) != count:
         if reconcile.done():
             cause = reconcile.exception() if not reconcile.cancelled() else None
             if isinstance(cause, PermanentError) and "already in use" in str(cause):
@@ -258,10 +241,20 @@ async def _wait_members(
             )
         if time.monotonic() > deadline:
             raise ExperimentError(
-                f"{spec.service}: {count} replicas did not register within "
+                f"{spec.service}: {count} replicas were not ready within "
                 f"{START_TIMEOUT:.0f}s; logs in {log_dir}"
             )
         await asyncio.sleep(0.1)
+
+
+async def _ready(store: EtcdStore, spec: Spec) -> int:
+    """How many replicas are registered and report vmbox_ready (holding their share)."""
+    ready = 0
+    for member in (await list_members(store, spec.service)).values():
+        with contextlib.suppress(Exception):  # starting or stopping: not ready
+            metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
+            ready += metrics.get("vmbox_ready", 0.0) == 1.0
+    return ready
 
 
 async def until_epoch_second() -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from vmbox.demo import free_udp_port
 from vmbox.experiments import plots
 from vmbox.experiments.common import (
     START_TIMEOUT,
@@ -32,7 +33,6 @@ from vmbox.experiments.common import (
     echo_seconds,
     new_progress,
     private_store,
-    quiet_udp_port,
     running_service,
     until_epoch_second,
     write_csv,
@@ -107,8 +107,8 @@ def accuracy(seconds: Sequence[Second], limit: int) -> Accuracy | None:
 def correctness_spec(replicas: int) -> Spec:
     return Spec(
         service=f"correctness-{replicas}",
-        listen=("127.0.0.1", quiet_udp_port()),
-        upstream=("127.0.0.1", quiet_udp_port()),
+        listen=("127.0.0.1", free_udp_port()),
+        upstream=("127.0.0.1", free_udp_port()),
         middlebox=MiddleboxSpec(limit=LIMIT, consistency="watch"),
         replicas=ReplicasSpec(count=replicas, min=1, max=max(COUNTS)),
         lease_ttl=2,

@@ -28,6 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from vmbox.demo import free_udp_port
 from vmbox.experiments import plots
 from vmbox.experiments.common import (
     START_TIMEOUT,
@@ -37,7 +38,6 @@ from vmbox.experiments.common import (
     Scale,
     new_progress,
     private_store,
-    quiet_udp_port,
     running_service,
     until_epoch_second,
     write_csv,
@@ -129,8 +129,8 @@ def order(rounds: int) -> list[tuple[int, Variant]]:
 def overhead_spec(variant: Variant, round_: int) -> Spec:
     return Spec(
         service=f"overhead-{variant.name}-{round_}",
-        listen=("127.0.0.1", quiet_udp_port()),
-        upstream=("127.0.0.1", quiet_udp_port()),
+        listen=("127.0.0.1", free_udp_port()),
+        upstream=("127.0.0.1", free_udp_port()),
         middlebox=MiddleboxSpec(
             limit=NO_LIMIT, consistency=variant.consistency, poll_interval=variant.poll_interval
         ),

@@ -1,6 +1,6 @@
 """The experiments' pictures, as PNG files drawn with matplotlib's Agg backend.
 
-Called by correctness.py and overhead.py once their runs are over. matplotlib
+Called by correctness.py, overhead.py and skew.py once their runs are over. matplotlib
 is imported inside each function (and never with a display), so importing the
 experiments, and `vmbox --help`, stays fast.
 """
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from vmbox.experiments.correctness import Second
     from vmbox.experiments.overhead import Stats
+    from vmbox.experiments.skew import CaseRun
 
 
 class _Figure(Protocol):
@@ -88,4 +89,39 @@ def overhead_png(stats: Mapping[str, Stats], path: Path) -> Path:
     ax.legend(ncol=5, loc="upper left", fontsize=8)
     note = "x base: the median of a variant's round means over base's (rounds alternate)"
     fig.text(0.01, -0.02, note, fontsize=8)
+    return _save(plt, fig, path)
+
+
+def skew_png(runs: Sequence[CaseRun], limit: int, path: Path) -> Path:
+    """Left: the one-flow source per second under each split. Right: every source's mean, mixed."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1, 2]})
+    colors = {"even": "tab:orange", "demand": "tab:blue"}
+    for run in (r for r in runs if r.case == "one flow"):
+        counts = run.received["heavy"]
+        left.plot(range(len(counts)), counts, marker="o", color=colors[run.split],
+                  label=f"{run.split} split")  # fmt: skip
+    left.axhline(limit, color="0.5", ls="--", lw=1, label=f"limit {limit}/s")
+    left.set_title("one source, one flow, 4 replicas", fontsize=10)
+    left.set_xlabel("second of the run")
+    left.set_ylabel("packets/s through (the source's replies)")
+    left.set_ylim(0, limit * 1.4)
+    left.legend(fontsize=8)
+    mixed = [r for r in runs if r.case == "mixed"]
+    for i, run in enumerate(mixed):
+        means = run.means()
+        xs = [j + (i - 0.5) * 0.4 for j in range(len(means))]
+        color = colors[run.split]
+        right.bar(xs, list(means.values()), 0.4, color=color, label=f"{run.split} split")
+    labels = list(mixed[0].means()) if mixed else []
+    right.set_xticks(range(len(labels)), [s.replace("spread-", "s") for s in labels],
+                     rotation=90, fontsize=7)  # fmt: skip
+    right.axhline(limit, color="0.5", ls="--", lw=1)
+    right.axhspan(limit * 0.9, limit * 1.1, color="0.9", zorder=0, label="limit ± 10%")
+    right.set_title("mixed: a heavy one-flow source and 20 sources over 4 flows each", fontsize=10)
+    right.set_ylabel("mean packets/s through")
+    right.set_ylim(0, limit * 1.4)
+    right.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Skewed traffic: the demand split holds every source at its limit")
+    fig.tight_layout()
     return _save(plt, fig, path)

@@ -33,13 +33,13 @@ from rich.console import Console
 
 from vmbox.control import events
 from vmbox.control.controller import Controller
+from vmbox.demo import free_udp_port
 from vmbox.experiments.churn import churn
 from vmbox.experiments.common import (
     ExperimentResult,
     Scale,
     new_progress,
     private_store,
-    quiet_udp_port,
     running_service,
 )
 from vmbox.experiments.scaling_plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
@@ -152,7 +152,7 @@ async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> Phas
     cgroups, _ = open_cgroups(f"scaling-{plan.kind}", parse_size(MEMORY_LIMIT))
 
     def make_spec() -> Spec:
-        return phase_spec(plan, quiet_udp_port(), quiet_udp_port(), cgroup=cgroups is not None)
+        return phase_spec(plan, free_udp_port(), free_udp_port(), cgroup=cgroups is not None)
 
     run = PhaseRun(plan, make_spec())
     with new_progress(console) as progress:

@@ -21,8 +21,9 @@ from typing import Any, Self
 
 import psutil
 
+from vmbox.demo import free_udp_port
 from vmbox.etcdserver import find_etcd
-from vmbox.experiments.common import Service, private_store, quiet_udp_port, running_service
+from vmbox.experiments.common import Service, private_store, running_service
 from vmbox.faults import NONE, FaultResult
 from vmbox.metrics import ScrapeError, scrape
 from vmbox.spec import Spec, parse_spec
@@ -40,8 +41,8 @@ def fault_spec(service: str, replicas: int = 1, **middlebox: Any) -> Spec:
     return parse_spec(
         {
             "service": service,
-            "listen": f"127.0.0.1:{quiet_udp_port()}",
-            "upstream": f"127.0.0.1:{quiet_udp_port()}",
+            "listen": f"127.0.0.1:{free_udp_port()}",
+            "upstream": f"127.0.0.1:{free_udp_port()}",
             "middlebox": {"function": "ratelimit", "limit": LIMIT} | middlebox,
             "replicas": {"count": replicas, "min": 1, "max": 4},
             "lease_ttl": 2,

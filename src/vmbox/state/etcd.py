@@ -307,7 +307,11 @@ class EtcdStore:
                             # A stream that went silent after an etcd restart looks
                             # exactly like a quiet prefix: reopen it every so often
                             # (from the next revision, so nothing is lost).
-                            answer = await asyncio.wait_for(anext(stream), WATCH_REOPEN)
+                            # Not wait_for: on Python 3.11 it swallows a cancellation
+                            # that lands as a response arrives, and a busy prefix
+                            # (demand reports) then keeps its task alive for good.
+                            async with asyncio.timeout(WATCH_REOPEN):
+                                answer = await anext(stream)
                         except TimeoutError:
                             silent = True
                             break

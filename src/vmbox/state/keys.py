@@ -33,6 +33,25 @@ def member_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/members/{replica}"
 
 
+def acks_prefix(service: str) -> str:
+    return f"{ROOT}{service}/acks/"
+
+
+def ack_key(service: str, replica: str) -> str:
+    # The member set this replica last applied (the resize guard, vmbox.state.epoch),
+    # on its membership lease.
+    return f"{ROOT}{service}/acks/{replica}"
+
+
+def demand_prefix(service: str) -> str:
+    return f"{ROOT}{service}/demand/"
+
+
+def demand_key(service: str, replica: str) -> str:
+    # This replica's latest demand report (JSON source -> packets), on its member lease.
+    return f"{ROOT}{service}/demand/{replica}"
+
+
 def samples_key(service: str) -> str:
     # The monitor's latest sample of every replica, one JSON object, for `vmbox status`.
     return f"{ROOT}{service}/samples"

@@ -5,7 +5,9 @@ A replica (vmbox.replica) runs one `Membership`: its key
 lives on a lease the replica keeps alive, so a replica that dies disappears
 within the lease TTL, and one that leaves (or is revoked by the controller)
 disappears at once. The controller and `vmbox status` call `list_members`;
-replicas follow the group with `watch_members` to re-divide shared budgets.
+replicas follow the group with `watch_members` to re-divide shared budgets
+(`watch_snapshots` is the same following for any prefix, e.g. the resize
+guard's acks in vmbox.state.epoch).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from vmbox.state import keys
 from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
@@ -24,6 +26,8 @@ from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 2.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,25 +66,42 @@ async def watch_members(
     group changed meanwhile) and watches again from the listing's revision.
     """
     prefix = keys.members_prefix(service)
-    last: dict[str, MemberInfo] | None = None
+    async for _, members in watch_snapshots(store, prefix, _member, retry=retry):
+        yield members
+
+
+async def watch_snapshots(
+    store: Store, prefix: str, parse: Callable[[KeyValue], T | None], *, retry: float = 0.5
+) -> AsyncIterator[tuple[int, dict[str, T]]]:
+    """(revision, {last key segment: parsed value}) for `prefix`, after each change, forever.
+
+    The revision is the store's at the listing or at the latest event. Keys
+    whose value `parse` rejects (None) count as absent. Store errors never end
+    the iteration: it re-lists (yielding only if the snapshot changed
+    meanwhile) and watches again from the listing's revision.
+    """
+    last: dict[str, T] | None = None
     while True:
         try:
             kvs, revision = await store.get_prefix(prefix)
-            members = {member.replica: member for member in map(_member, kvs)}
-            if members != last:
-                last = dict(members)
-                yield dict(members)
+            snapshot = {keys.last_segment(kv.key): parse(kv) for kv in kvs}
+            values = {name: value for name, value in snapshot.items() if value is not None}
+            if values != last:
+                last = dict(values)
+                yield revision, dict(values)
             async for event in store.watch_prefix(prefix, revision + 1):
-                replica = keys.last_segment(event.key)
-                if event.kind == "delete":
-                    members.pop(replica, None)
+                name = keys.last_segment(event.key)
+                value = None
+                if event.kind != "delete":
+                    value = parse(KeyValue(event.key, event.value, event.revision))
+                if value is None:
+                    values.pop(name, None)
                 else:
-                    kv = KeyValue(event.key, event.value, event.revision)
-                    members[replica] = _member(kv)
-                last = dict(members)
-                yield dict(members)
+                    values[name] = value
+                last = dict(values)
+                yield event.revision, dict(values)
         except StoreError as exc:
-            log.debug("member watch of %s interrupted: %s", service, exc)
+            log.debug("watch of %s interrupted: %s", prefix, exc)
         await asyncio.sleep(retry)
 
 

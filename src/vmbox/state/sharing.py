@@ -1,12 +1,28 @@
 """Pure splits of a shared budget among the live replicas of a service.
 
-Called by middleboxes (e.g. ratelimit) whenever the limit or the group changes.
-No I/O: members in, share out.
+Called by middleboxes (vmbox.functions.ratelimit) whenever the limit, the
+group or the demand reports change. No I/O: members and reports in, shares out.
+
+`even`: every replica gets `total / n`. `demand`: per source, each replica gets
+`total` in proportion to the packets that source offered it in the last report
+interval, plus a floor so a replica the source has just reached is not starved.
+Both honour the resize guard (`Group.previous`): while a group change is not
+acknowledged by every member, a replica takes the smaller of its old and new
+share, and a replica absent from the old group takes nothing.
+
+Shares are whole packets. Every replica computes the same integer shares from
+the same inputs (integer arithmetic, ties broken by replica id), so the shares
+of a group add up to exactly `total`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+from vmbox.middlebox import Group
+
+Reports = Mapping[str, Mapping[str, int]]  # replica -> source -> packets offered
 
 
 def even(total: int, members: Sequence[str], me: str) -> int:
@@ -23,3 +39,123 @@ def even(total: int, members: Sequence[str], me: str) -> int:
     n = len(ordered)
     base, extra = divmod(total, n)
     return base + (1 if ordered.index(me) < extra else 0)
+
+
+def even_share(total: int, group: Group) -> int:
+    """`even` for `group.me`, the smaller of the old and new split while the guard is up."""
+    share = even(total, group.members, group.me)
+    if group.previous is not None:
+        old = even(total, group.previous, group.me) if group.me in group.previous else 0
+        share = min(share, old)
+    return share
+
+
+def floor_ratio(floor: float) -> tuple[int, int]:
+    """The demand floor as an exact ratio p/q, so every replica rounds the same way."""
+    ratio = Fraction(floor).limit_denominator(10_000)
+    return ratio.numerator, ratio.denominator
+
+
+def replica_set(members: Sequence[str], me: str) -> tuple[str, ...]:
+    """The replicas a split is over: the members plus me, sorted."""
+    return tuple(sorted(set(members) | {me}))
+
+
+def source_share(
+    total: int,
+    counts: Mapping[str, int],
+    replicas: Sequence[str],
+    me: str,
+    floor: tuple[int, int],
+    *,
+    remainders: bool = True,
+) -> int | None:
+    """`me`'s share of `total` for one source; None if no replica in `replicas` saw it.
+
+    `counts` maps a replica to the packets the source offered it; `replicas`
+    is sorted and contains `me` (see `replica_set`). Replica r weighs
+    w_r = d_r + floor * D / n, D the source's offered total over the n
+    replicas, and gets floor(total * w_r / W) plus, with `remainders`, one
+    for the largest remainders, so the shares add up to `total` exactly.
+    """
+    offered = [counts.get(r, 0) for r in replicas]
+    demand = sum(offered)
+    if demand <= 0:
+        return None
+    p, q = floor
+    n = len(replicas)
+    # Scaled by q * n so everything stays an integer: sum of weights = n*D*(p+q).
+    whole = n * demand * (p + q)
+    extra = p * demand
+    mine = replicas.index(me)
+    base, mine_rem = divmod(total * (offered[mine] * q * n + extra), whole)
+    if not remainders:
+        return base
+    left = total
+    ahead = 0  # replicas that come before me for a leftover packet
+    for i, d in enumerate(offered):
+        share, rem = divmod(total * (d * q * n + extra), whole)
+        left -= share
+        if rem > mine_rem or (rem == mine_rem and i < mine):
+            ahead += 1
+    return base + (1 if ahead < left else 0)
+
+
+def demand_shares(
+    total: int, demand: Reports, members: Sequence[str], me: str, floor: float
+) -> dict[str, int]:
+    """`me`'s share of `total` for every source some member reported.
+
+    Reports of replicas that are not members (nor me) are ignored. Sources in
+    no report are absent from the result: they take the even share.
+    """
+    replicas = replica_set(members, me)
+    by_source = index_reports(demand, replicas)
+    ratio = floor_ratio(floor)
+    shares = {}
+    for source, counts in by_source.items():
+        share = source_share(total, counts, replicas, me, ratio)
+        if share is not None:
+            shares[source] = share
+    return shares
+
+
+def guarded_source_share(
+    total: int, counts: Mapping[str, int], group: Group, floor: tuple[int, int]
+) -> int | None:
+    """`source_share` over the group, the smaller of old and new while the guard is up.
+
+    `previous` may be the union of several groups (vmbox.state.epoch): a
+    replica's fraction only shrinks as members are added, and rounding that
+    side down keeps its share at most its share under each of those groups.
+    """
+    share = source_share(total, counts, replica_set(group.members, group.me), group.me, floor)
+    if share is None or group.previous is None:
+        return share
+    if group.me not in group.previous:
+        return 0
+    old = source_share(
+        total, counts, replica_set(group.previous, group.me), group.me, floor, remainders=False
+    )
+    return share if old is None else min(share, old)
+
+
+def group_demand_shares(total: int, demand: Reports, group: Group, floor: float) -> dict[str, int]:
+    """`demand_shares` for `group.me`, honouring the resize guard like `even_share`."""
+    replicas = set(group.members) | {group.me} | set(group.previous or ())
+    ratio = floor_ratio(floor)
+    shares = {}
+    for source, counts in index_reports(demand, sorted(replicas)).items():
+        share = guarded_source_share(total, counts, group, ratio)
+        if share is not None:
+            shares[source] = share
+    return shares
+
+
+def index_reports(demand: Reports, replicas: Sequence[str]) -> dict[str, dict[str, int]]:
+    """source -> replica -> offered, from the reports of `replicas` only."""
+    by_source: dict[str, dict[str, int]] = {}
+    for replica in replicas:
+        for source, count in demand.get(replica, {}).items():
+            by_source.setdefault(source, {})[replica] = count
+    return by_source

@@ -151,8 +151,8 @@ class _Run:
         loop = asyncio.get_running_loop()
         _, target = await resolve(self.plan.target)
         if ipaddress.ip_address(target[0]).is_loopback:
-            binds = flow_sources(self.plan.sources, self.plan.flows)
-        elif self.plan.sources == 1:
+            binds = flow_sources(self.plan.sources, self.plan.flows, self.plan.source_offset)
+        elif self.plan.sources == 1 and not self.plan.source_offset:
             binds = ["0.0.0.0"] * self.plan.flows
         else:
             where = format_address(self.plan.target)

@@ -30,6 +30,9 @@ class LoadPlan:
     flows: int = 1
     duration: float = 10.0
     payload: int = 64
+    # Sources start this many addresses after 127.0.0.2, so concurrent plans
+    # can use distinct sources.
+    source_offset: int = 0
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.ramp is None):
@@ -37,8 +40,11 @@ class LoadPlan:
         rates = (self.rate,) if self.rate is not None else self.ramp or ()
         if not all(math.isfinite(r) and r >= 0 for r in rates) or self.max_rate <= 0:
             raise ValueError(f"rates must be finite, non-negative and not all zero: {rates}")
-        if not 1 <= self.sources <= 253:
-            raise ValueError(f"sources must be 1..253 (127.0.0.2-254), got {self.sources}")
+        if self.source_offset < 0 or not 1 <= self.sources <= 253 - self.source_offset:
+            raise ValueError(
+                f"sources must be 1..253 (127.0.0.2-254) after an offset of "
+                f"{self.source_offset}, got {self.sources}"
+            )
         if not self.sources <= self.flows <= MAX_FLOWS:
             raise ValueError(f"flows must be between sources ({self.sources}) and {MAX_FLOWS}")
         if not 0 < self.duration <= 86400:
@@ -98,14 +104,14 @@ class Schedule:
         return min(count, self.total)
 
 
-def source_addresses(sources: int) -> list[str]:
+def source_addresses(sources: int, offset: int = 0) -> list[str]:
     """127.0.0.2 ... : distinct loopback sources (Linux routes all of 127/8 to lo)."""
-    if not 1 <= sources <= 253:
-        raise ValueError(f"sources must be 1..253, got {sources}")
-    return [f"127.0.0.{2 + i}" for i in range(sources)]
+    if offset < 0 or not 1 <= sources <= 253 - offset:
+        raise ValueError(f"sources must be 1..253 after an offset of {offset}, got {sources}")
+    return [f"127.0.0.{2 + offset + i}" for i in range(sources)]
 
 
-def flow_sources(sources: int, flows: int) -> list[str]:
+def flow_sources(sources: int, flows: int, offset: int = 0) -> list[str]:
     """The source address of each flow: flows dealt round-robin over the sources."""
-    addresses = source_addresses(sources)
+    addresses = source_addresses(sources, offset)
     return [addresses[i % sources] for i in range(flows)]

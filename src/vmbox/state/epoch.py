@@ -1,0 +1,337 @@
+"""The resize guard: shares stay safe while replicas disagree about the group.
+
+Called by vmbox.replica (`Replica._follow_members` runs an `EpochSync`). The
+epoch of a group is its member set; each replica writes the set it last
+applied, with the store revision it saw it at, to /vmbox/<service>/acks/<id>
+(on its membership lease, so the ack goes with the replica). `ResizeGuard` is
+the pure state machine (member sets, ack snapshots and the time in; a `Group`
+out); `EpochSync` is the thin asyncio layer that watches, writes and wakes.
+
+The problem: the shares of a window come from each replica's own view of the
+group, and views change at slightly different times. A joiner that sees
+{a, b} takes 50 of 100 while `a`, still seeing {a}, takes 100.
+
+The rule: a replica keeps the member sets it applied since its *settle
+point* (a set that every one of its members was seen to have acked at least
+one window boundary ago; a fresh replica starts from the empty set). While
+there is more than that one set it is *guarded*: its share is at most its
+share under every set it keeps, and zero if one of them lacks it. Even shares
+only shrink as members are added (checked in tests/unit/test_epoch.py), so
+`Group.previous` is the union of the sets kept, or a set without me (then
+`sharing` gives 0). A later set becomes the settle point at the first boundary
+after all its members were seen to ack it (the ack says the member *applied*
+the set, so every share taken in a window that starts after that comes from
+it or a later set); the guard is down once only the view is left. Settling at
+a set the view has already moved past lets a change that spans a boundary
+cost one window less.
+
+Why the shares of one window W (starting at boundary B) add up to at most
+the limit L, whatever moment of W each serving replica takes its share at:
+
+- A set becomes a settle point at a boundary after its acks were complete,
+  so every settle point taken before W ends had all members of its set apply
+  it before B. Let F be the newest set any serving replica has settled at (if
+  none, every replica still keeps the empty set it started with: 0 each).
+- A serving member g of F applied F before B, and views only move forward:
+  throughout W its view is F or newer, and its own settle point is no newer
+  than F. So F is among the sets g keeps: its share is at most that under F.
+- A serving replica outside F was added (or re-registered) after F: the sets
+  it keeps include one without it (a fresh replica starts with the empty
+  set), so it takes 0.
+- So every share is at most the replica's share under F, which add up to L.
+  tests/unit/test_epoch.py checks this by brute force over random schedules
+  of joins, leaves, crashes and delays (and that keeping only the sets before
+  and after the latest change, or the settle point and the view, does not).
+
+Limits of the argument: a replica that lost its lease but cannot see that
+(store unreachable) keeps its share: the fail policy covers that. A replica
+that leaves takes 0 before it revokes its lease (`leaving`), so its last
+packets do not count against a group that no longer includes it. Windows
+coincide across replicas only as far as their clocks agree, as before.
+
+A member that never acks (its store is away) keeps the others guarded; the
+guarded share is the union's split, so after a pure join it costs nothing and
+after a leave it costs the leaver's part until the ack comes. An ack that
+cannot be written keeps this replica guarded, the safe side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from vmbox.middlebox import Group
+from vmbox.state import keys
+from vmbox.state.membership import watch_snapshots
+from vmbox.state.store import KeyValue, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+LEASE_CHECK = 0.5  # seconds between checks that the ack sits on the current lease
+MAX_SETS = 32  # sets kept since the settle point; older ones are merged (never unsafely)
+TIMER_SLACK = 0.0005  # wake this long after a boundary, so floor(now / window) has moved
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The member set a replica last applied, and the revision it saw it at."""
+
+    members: frozenset[str]
+    revision: int
+
+
+def encode_ack(members: Iterable[str], revision: int) -> bytes:
+    return json.dumps({"members": sorted(members), "revision": revision}).encode()
+
+
+def parse_ack(kv: KeyValue) -> Ack | None:
+    """The ack in `kv`, or None for a value that is not one (it counts as absent)."""
+    try:
+        data = json.loads(kv.value)
+        members = data["members"]
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            return None
+        return Ack(frozenset(members), int(data.get("revision", 0)))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+class ResizeGuard:
+    """Pure: member sets, ack snapshots and the time in; this replica's `group` out."""
+
+    def __init__(self, me: str, window: float, *, enabled: bool = True) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.me = me
+        self.window = window
+        self.enabled = enabled
+        self.view: frozenset[str] = frozenset()
+        self.revision = 0
+        self.acks: dict[str, frozenset[str]] = {}
+        self.since: float | None = None  # when the current guard went up
+        self.last_duration = 0.0  # how long the last guard stayed up
+        self.lifted_at = 0.0  # when it came down (the clock `now` came from)
+        self.lifts = 0
+        # The sets applied since the settle point, that one first (a fresh
+        # replica's is the empty set: it was a member of nothing), and when each
+        # was seen acked by all its members. Settling at a later set drops the
+        # ones before it; the guard is down once only the view is left.
+        self._sets: list[frozenset[str]] = [frozenset()]
+        self._acked_at: list[float | None] = [None]
+        self._left = False
+
+    @property
+    def guarded(self) -> bool:
+        if not self.enabled:
+            return False
+        return self._left or len(self._sets) > 1 or self.me not in self._sets[0]
+
+    @property
+    def group(self) -> Group:
+        members = tuple(sorted(self.view))
+        if not self.guarded:
+            return Group(members=members, me=self.me)
+        return Group(members=members, me=self.me, previous=tuple(sorted(self._previous())))
+
+    def _previous(self) -> frozenset[str]:
+        """A set whose split gives me at most my share under every set since the settle point."""
+        if self._left:
+            return frozenset()
+        for members in self._sets:
+            if self.me not in members:
+                return members  # I take nothing
+        return frozenset().union(*self._sets)  # even shares only shrink as members are added
+
+    def see_members(self, members: Iterable[str], revision: int, now: float) -> bool:
+        """Take a member snapshot; True if the set changed (the ack must follow)."""
+        new = frozenset(members)
+        if new == self.view:
+            return False
+        self.view, self.revision = new, revision
+        if self.enabled:
+            if not self.guarded or self.since is None:
+                self.since = now
+            self._sets.append(new)
+            self._acked_at.append(None)
+            if len(self._sets) > MAX_SETS:
+                self._fold()
+            self._settle(now)
+        return True
+
+    def see_acks(self, acks: Mapping[str, Iterable[str]], now: float) -> None:
+        """Take a snapshot of every replica's ack (replica -> member set)."""
+        self.acks = {replica: frozenset(members) for replica, members in acks.items()}
+        self._settle(now)
+
+    def tick(self, now: float) -> None:
+        """Let time pass: a set settles at the first boundary after its acks were complete."""
+        self._settle(now)
+
+    def wake_at(self) -> float | None:
+        """The wall time at which `tick` may settle a set (None: nothing to wait for)."""
+        if not self.guarded or self._left:
+            return None
+        times = [at for at in self._acked_at[1:] if at is not None]
+        return self._boundary_after(min(times)) if times else None
+
+    def leaving(self) -> None:
+        """Take nothing from now on: this replica is about to leave the group."""
+        self._left = True
+
+    def _boundary_after(self, when: float) -> float:
+        return (math.floor(when / self.window) + 1) * self.window
+
+    def _fold(self) -> None:
+        """Merge the two sets after the settle point, keeping what they allow me (the least)."""
+        a, b = self._sets[1], self._sets[2]
+        merged = a | b if self.me in a and self.me in b else a if self.me not in a else b
+        self._sets[1:3] = [merged]
+        self._acked_at[1:3] = [None]  # a union nobody acks: never a settle point
+
+    def _acked(self, members: frozenset[str]) -> bool:
+        return self.me in members and all(self.acks.get(m) == members for m in members)
+
+    def _settle(self, now: float) -> None:
+        if not self.guarded or self._left:
+            return
+        for i in range(1, len(self._sets)):
+            if self._acked_at[i] is None and self._acked(self._sets[i]):
+                self._acked_at[i] = now  # every member applied it by now
+        ready = [
+            i
+            for i in range(1, len(self._sets))
+            if (at := self._acked_at[i]) is not None and now >= self._boundary_after(at)
+        ]
+        if not ready:
+            return
+        self._sets = self._sets[ready[-1] :]
+        self._acked_at = [None, *self._acked_at[ready[-1] + 1 :]]
+        if not self.guarded:
+            self.last_duration = now - (self.since if self.since is not None else now)
+            self.lifted_at = now
+            self.lifts += 1
+
+
+class EpochSync:
+    """Follows members and acks, writes this replica's ack, hands each new group to `apply`."""
+
+    def __init__(
+        self,
+        store: Store,
+        service: str,
+        guard: ResizeGuard,
+        apply: Callable[[Group], None],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.guard = guard
+        self.apply = apply
+        self.clock = clock
+        self.key = keys.ack_key(service, guard.me)
+        self.ack_errors = 0
+        self._applied: Group | None = None
+        # When the guard may lift (inf: not waiting). The data plane calls
+        # `catch_up` once a packet's time reaches it, so the lift is in place
+        # before the first packet of the new window, whatever the timer does.
+        self.due = math.inf
+        self._written: tuple[frozenset[str], int] | None = None  # (set, lease) last written
+        self._written_at = 0  # revision of that write
+        self._dirty = asyncio.Event()  # the ack may need (re)writing
+        self._wake = asyncio.Event()
+
+    async def run(self, lease: Callable[[], int]) -> None:
+        """Until cancelled; `lease()` is the membership lease (0 while unregistered)."""
+        self._apply()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow_members())
+            tasks.create_task(self._follow_acks())
+            tasks.create_task(self._write_acks(lease))
+            tasks.create_task(self._timer())
+
+    def catch_up(self, now: float) -> None:
+        """Lift a guard that is due at `now` (the data plane calls it; no I/O)."""
+        self.guard.tick(now)
+        self._apply()
+
+    def _apply(self, wake: bool = True) -> None:
+        group = self.guard.group
+        if group != self._applied:
+            self._applied = group
+            self.apply(group)
+        due = self.guard.wake_at()
+        self.due = math.inf if due is None else due
+        if wake:
+            self._wake.set()  # the guard's state changed: recompute the timer
+
+    async def _follow_members(self) -> None:
+        # Survives store outages: the watch re-lists after reconnecting.
+        prefix = keys.members_prefix(self.service)
+        async for revision, members in watch_snapshots(self.store, prefix, _present):
+            if self.guard.see_members(members, revision, self.clock()):
+                self._apply()  # applied before the ack is written: the ack's promise
+                self._dirty.set()
+
+    async def _follow_acks(self) -> None:
+        prefix = keys.acks_prefix(self.service)
+        async for revision, acks in watch_snapshots(self.store, prefix, parse_ack):
+            self.guard.see_acks({r: a.members for r, a in acks.items()}, self.clock())
+            self._apply()
+            mine, written = acks.get(self.guard.me), self._written
+            if (
+                written is not None
+                and revision >= self._written_at
+                and (mine is None or mine.members != written[0])
+            ):
+                self._written = None  # deleted or overwritten behind our back
+                self._dirty.set()
+
+    def leaving(self) -> None:
+        """Take nothing from now on (before the lease is revoked): see ResizeGuard.leaving."""
+        self.guard.leaving()
+        self._apply()
+
+    async def _write_acks(self, lease_of: Callable[[], int]) -> None:
+        delay = 0.1
+        while True:
+            lease, view = lease_of(), self.guard.view
+            if lease and (view, lease) != self._written:
+                try:
+                    value = encode_ack(view, self.guard.revision)
+                    self._written_at = await self.store.put(self.key, value, lease=lease)
+                    self._written, delay = (view, lease), 0.1
+                except StoreError as exc:
+                    # Unacknowledged, everyone (this replica too) stays guarded.
+                    self.ack_errors += 1
+                    log.debug("replica %s cannot write its ack: %s", self.guard.me, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that lands as the event is set, and the task lives on.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEASE_CHECK):
+                    await self._dirty.wait()
+            self._dirty.clear()
+
+    async def _timer(self) -> None:
+        while True:
+            wake = self.guard.wake_at()
+            timeout = None if wake is None else max(0.0, wake - self.clock()) + TIMER_SLACK
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            self._wake.clear()
+            self.guard.tick(self.clock())
+            self._apply(wake=False)
+
+
+def _present(kv: KeyValue) -> bool:
+    return True  # a member key, whatever its info

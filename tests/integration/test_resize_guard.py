@@ -1,0 +1,100 @@
+"""The resize guard end to end: 1 -> 4 and 4 -> 1 under load, with and without it.
+
+Over-admission is what the echo server (the protected upstream) received
+above the limit, summed over the 5 whole seconds from the one before the
+first membership change: sum of max(0, received - limit). The issue asks it
+under 5% of what those seconds may admit, i.e. under 0.05 * limit * 5 s = 25
+packets at limit 100. The figure without the guard is printed beside it (the
+window-freeze rule already hides most disagreement, so it is usually small
+too; bench/resize.py aims changes at window boundaries and repeats them).
+The guard must also come down within about a second of the last change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Service, make_spec, running_service
+from vmbox.state.membership import watch_members
+from vmbox.tools.load import LoadPlan, run_load
+
+LIMIT, SECONDS = 100, 5
+ALLOWED = 0.05 * LIMIT * SECONDS  # 25 packets over the 5 s
+
+
+@dataclass
+class Outcome:
+    over: int
+    per_second: list[int]
+    changes: list[float]  # wall times the membership changed
+    gauges: list[dict[str, float]]  # the survivors', after the window
+
+
+async def resize(svc: Service, target: int) -> Outcome:
+    changes: list[float] = []
+
+    async def follow() -> None:
+        members: set[str] | None = None
+        async for snapshot in watch_members(svc.store, svc.spec.service):
+            if set(snapshot) != members:  # not a replica updating its info (drain does)
+                members = set(snapshot)
+                changes.append(time.time())
+
+    plan = LoadPlan(svc.spec.listen, rate=300, sources=1, flows=64, duration=10.0)
+    load = asyncio.create_task(run_load(plan))
+    watcher = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(2.0)
+        # Just before a whole second, as a boundary is where replicas disagree.
+        await asyncio.sleep(math.floor(time.time()) + 1.95 - time.time())
+        mark = len(changes)
+        await svc.scale(target)
+        await svc.wait_members(target)
+        window = math.floor(changes[mark]) - 1
+        await asyncio.sleep(window + SECONDS + 0.3 - time.time())
+        gauges = list((await svc.gauges()).values())
+        await load
+    finally:
+        watcher.cancel()
+    counts = dict(svc.echo.history)
+    per_second = [counts.get(s, 0) for s in range(window, window + SECONDS)]
+    over = sum(max(0, c - LIMIT) for c in per_second)
+    return Outcome(over, per_second, changes[mark:], gauges)
+
+
+def run_case(etcd_endpoints: list[str], tmp_path: Path, case: tuple[int, int], guard: bool):
+    async def scenario() -> Outcome:
+        name = f"guard{case[0]}{case[1]}{'on' if guard else 'off'}"
+        spec = make_spec(name, case[0], resize_guard=guard)
+        async with running_service(etcd_endpoints, spec, tmp_path) as svc:
+            await asyncio.sleep(1.2)  # past every replica's first window; guard down
+            return await resize(svc, case[1])
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("case", [(1, 4), (4, 1)], ids=["1to4", "4to1"])
+def test_over_admission_around_a_resize_stays_under_5_percent(
+    etcd, tmp_path: Path, case: tuple[int, int]
+) -> None:
+    on = run_case(etcd.endpoints, tmp_path, case, guard=True)
+    off = run_case(etcd.endpoints, tmp_path, case, guard=False)
+    up = max(g["vmbox_resize_guard_last_seconds"] for g in on.gauges)
+    settle = max(g["vmbox_resize_guard_lifted_at"] for g in on.gauges) - on.changes[-1]
+    print(
+        f"{case[0]} -> {case[1]}: over-admission with the guard {on.over} packets "
+        f"({100 * on.over / (LIMIT * SECONDS):.1f}% of {LIMIT}/s * {SECONDS} s) {on.per_second}; "
+        f"without it {off.over} ({100 * off.over / (LIMIT * SECONDS):.1f}%) {off.per_second}; "
+        f"guard up {up:.2f} s, down {settle:.2f} s after the last change"
+    )
+    assert on.over < ALLOWED, on.per_second
+    assert all(g["vmbox_resize_guarded"] == 0 for g in on.gauges), on.gauges
+    assert len(on.gauges) == case[1]
+    # Down at the first window boundary after every member acknowledged.
+    assert settle <= 1.5 and up <= 1.5 + on.changes[-1] - on.changes[0]

@@ -1,0 +1,374 @@
+"""The resize guard's state machine, and a brute-force check of its promise.
+
+The promise (vmbox.state.epoch): in every window, the shares the serving
+replicas take add up to at most the limit, however late each of them sees a
+member change or an ack. `simulate` plays random joins, leaves and crashes
+with random delays, millisecond by millisecond, and takes for every replica
+the largest share it held at any moment of a window (a replica freezes its
+share at some moment of the window; the largest is the worst case).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmbox.middlebox import Group
+from vmbox.state.epoch import Ack, ResizeGuard, encode_ack, parse_ack
+from vmbox.state.sharing import even, even_share
+from vmbox.state.store import KeyValue
+
+LIMIT = 100
+T = TypeVar("T")
+
+
+def settled(me: str, members: set[str], now: float = 10.0) -> ResizeGuard:
+    """A guard that has seen `members`, all acked, and a boundary since."""
+    guard = ResizeGuard(me, 1.0)
+    guard.see_members(members, 1, now)
+    guard.see_acks({m: members for m in members}, now)
+    guard.tick(now + 1.0)
+    assert not guard.guarded
+    return guard
+
+
+def share(guard: ResizeGuard) -> int:
+    return even_share(LIMIT, guard.group)
+
+
+def test_a_fresh_replica_takes_nothing_until_acked_and_a_boundary_passed() -> None:
+    guard = ResizeGuard("a", 1.0)
+    assert guard.group == Group(members=(), me="a", previous=())
+    assert share(guard) == 0
+    guard.see_members({"a"}, 5, 10.2)
+    guard.see_acks({"a": {"a"}}, 10.3)
+    assert guard.guarded and share(guard) == 0 and guard.wake_at() == 11.0
+    guard.tick(10.99)
+    assert guard.guarded
+    guard.tick(11.0)
+    assert not guard.guarded and share(guard) == LIMIT
+    assert guard.group == Group(members=("a",), me="a")
+    assert abs(guard.last_duration - 0.8) < 1e-9 and guard.lifts == 1
+
+
+def test_a_join_takes_the_new_share_at_once_and_the_joiner_nothing() -> None:
+    a = settled("a", {"a"})
+    a.see_members({"a", "b", "c", "d"}, 7, 20.5)
+    assert a.guarded and share(a) == 25
+    b = ResizeGuard("b", 1.0)
+    b.see_members({"a", "b", "c", "d"}, 7, 20.5)
+    assert share(b) == 0
+    everyone = {m: {"a", "b", "c", "d"} for m in "abcd"}
+    for guard in (a, b):
+        guard.see_acks(everyone, 20.6)
+        guard.tick(21.0)
+        assert not guard.guarded and share(guard) == 25
+
+
+def test_a_leave_keeps_the_old_share_until_acked() -> None:
+    a = settled("a", {"a", "b", "c", "d"})
+    a.see_members({"a"}, 9, 30.1)
+    assert share(a) == 25 and a.group.previous == ("a", "b", "c", "d")
+    a.see_acks({"a": {"a", "b", "c", "d"}}, 30.2)  # its own ack still says the old set
+    a.tick(31.5)
+    assert a.guarded and share(a) == 25
+    a.see_acks({"a": {"a"}}, 31.6)
+    a.tick(31.9)
+    assert a.guarded
+    a.tick(32.0)
+    assert not a.guarded and share(a) == LIMIT
+
+
+def test_every_member_must_ack_the_same_set() -> None:
+    a = settled("a", {"a", "b"})
+    a.see_members({"a", "b", "c"}, 3, 40.0)
+    a.see_acks({"a": {"a", "b", "c"}, "b": {"a", "b"}, "c": {"a", "b", "c"}}, 40.1)
+    a.tick(45.0)
+    assert a.guarded  # b has not applied the new set
+    a.see_acks({"a": {"a", "b", "c"}, "b": {"a", "b", "c"}, "c": {"a", "b", "c"}}, 45.1)
+    assert a.wake_at() == 46.0
+    a.see_acks({"a": {"a", "b", "c"}, "c": {"a", "b", "c"}}, 45.2)  # b left: it had applied it
+    a.tick(45.99)
+    assert a.guarded
+    a.tick(46.0)
+    assert not a.guarded
+
+
+def test_a_set_acked_before_a_boundary_settles_though_the_view_moved_on() -> None:
+    """b joins at 9.95 (acked by 9.97), c at 9.99: from 10.0 on, b may take the {a, b, c} share."""
+    b = ResizeGuard("b", 1.0)
+    b.see_members({"a", "b"}, 4, 9.95)
+    b.see_acks({"a": {"a", "b"}, "b": {"a", "b"}}, 9.97)
+    assert share(b) == 0
+    b.see_members({"a", "b", "c"}, 5, 9.99)
+    assert b.wake_at() == 10.0 and share(b) == 0
+    b.tick(10.0)
+    # Settled at {a, b}: every replica's shares in this window come from it or later.
+    assert b.guarded and b.group.previous == ("a", "b", "c") and share(b) == 33
+    b.see_acks({m: {"a", "b", "c"} for m in "abc"}, 10.05)
+    b.tick(11.0)
+    assert not b.guarded and share(b) == 33
+
+
+def test_changes_while_guarded_accumulate() -> None:
+    a = settled("a", {"a", "b"})
+    a.see_members({"a", "b", "c", "d"}, 3, 50.0)
+    a.see_members({"a", "c", "d"}, 4, 50.1)
+    # Every set since the last lift counts: a takes at most 25, not 34.
+    assert a.group.previous == ("a", "b", "c", "d") and share(a) == 25
+    a.see_members({"c", "d"}, 5, 50.2)  # a lost its registration
+    assert share(a) == 0
+    a.see_members({"a", "c", "d"}, 6, 50.3)
+    assert share(a) == 0  # until the acks of the set it is back in
+    a.see_acks({m: {"a", "c", "d"} for m in "acd"}, 50.4)
+    a.tick(51.0)
+    assert share(a) == 34
+
+
+def test_a_join_then_a_leave_keep_the_smallest_share() -> None:
+    """abc -> abce -> ace: e may already be unguarded at abce (25 each), so c takes 25, not 33."""
+    c = settled("c", {"a", "b", "c"})
+    c.see_members({"a", "b", "c", "e"}, 3, 5.0)
+    c.see_members({"a", "c", "e"}, 4, 5.1)
+    assert share(c) == even(LIMIT, ["a", "b", "c", "e"], "c") == 25
+
+
+def test_a_same_set_snapshot_is_no_change() -> None:
+    a = settled("a", {"a", "b"})
+    assert not a.see_members({"b", "a"}, 12, 60.0)
+    assert not a.guarded
+
+
+def test_leaving_takes_nothing_for_good() -> None:
+    a = settled("a", {"a", "b"})
+    a.leaving()
+    assert share(a) == 0
+    a.see_acks({"a": {"a", "b"}, "b": {"a", "b"}}, 70.0)
+    a.tick(80.0)
+    assert share(a) == 0
+
+
+def test_turned_off_it_follows_the_view() -> None:
+    a = ResizeGuard("a", 1.0, enabled=False)
+    assert a.group == Group(members=(), me="a")
+    a.see_members({"a", "b"}, 1, 1.0)
+    assert a.group == Group(members=("a", "b"), me="a") and not a.guarded
+    a.leaving()
+    assert a.group.previous is None
+
+
+def test_acks_round_trip_and_garbage_is_absent() -> None:
+    raw = encode_ack({"b", "a"}, 42)
+    assert raw == b'{"members": ["a", "b"], "revision": 42}'
+    assert parse_ack(KeyValue("/k", raw, 1)) == Ack(frozenset({"a", "b"}), 42)
+    for bad in (b"abc", b"[]", b'{"members": "a"}', b'{"members": [1]}', b"{}"):
+        assert parse_ack(KeyValue("/k", bad, 1)) is None
+
+
+@given(
+    st.integers(1, 5_000),
+    st.sets(st.sampled_from("abcdefgh"), min_size=1),
+    st.sets(st.sampled_from("abcdefgh")),
+)
+def test_even_shares_never_grow_when_members_are_added(
+    total: int, members: set[str], more: set[str]
+) -> None:
+    """Why the union of the sets since the last lift is a safe `previous`."""
+    for me in members:
+        assert even(total, sorted(members | more), me) <= even(total, sorted(members), me)
+
+
+# -- brute force -------------------------------------------------------------
+
+WINDOW_MS = 50
+
+
+@dataclass
+class Proc:
+    """One replica process in the simulation."""
+
+    rid: str
+    start: int
+    registered: int
+    stop: int = 10**9  # stops serving (leaves or crashes)
+    leave: int | None = None  # when it starts leaving (takes 0 from then, if guarded)
+    views: list[tuple[int, frozenset[str]]] = field(default_factory=list)
+    acks_seen: list[tuple[int, dict[str, frozenset[str]]]] = field(default_factory=list)
+
+
+def _deliver(rng: random.Random, events: list[tuple[int, T]], start: int, late: int) -> list:
+    """A watch of `events` (time-ordered) from `start`: a listing, then each event, in order.
+
+    The listing shows the latest state when it is taken (up to `late` ms after
+    `start`); every later event arrives up to `late` ms after it happened.
+    """
+    listed = start + rng.randint(0, late)
+    before = [what for when, what in events if when <= listed]
+    out: list[tuple[int, T]] = [(listed, before[-1])] if before else []
+    at = listed
+    for when, what in events:
+        if when > listed:
+            at = max(at, when + rng.randint(0, late))
+            out.append((at, what))
+    return out
+
+
+def simulate(seed: int, guard: bool) -> list[tuple[int, int]]:
+    """(window, sum of largest shares) for every window whose sum exceeds the limit."""
+    rng = random.Random(seed)
+    late = rng.choice([3, 10, 30, 120])  # the longest watch delay, in ms (a window is 50)
+    procs = _processes(rng)
+    changes = _membership(rng, procs)
+    history: list[tuple[int, frozenset[str]]] = []
+    current: set[str] = set()
+    for when, rid, present in changes:
+        (current.add if present else current.discard)(rid)
+        history.append((when, frozenset(current)))
+    for p in procs:
+        p.views = _deliver(rng, history, p.start, late)
+    acks = _acks(rng, procs, changes)
+    for p in procs:
+        p.acks_seen = _deliver(rng, acks, p.start, late)
+    return _run(procs, guard)
+
+
+def _processes(rng: random.Random) -> list[Proc]:
+    """One to three replicas from the start, then joins, leaves and crashes at random."""
+    ids = iter("abcdefghijklmnop")
+    procs = [Proc(next(ids), 0, rng.randint(0, 5)) for _ in range(rng.randint(1, 3))]
+    for _ in range(rng.randint(1, 5)):
+        t = rng.randint(50, 400)
+        alive = [p for p in procs if p.stop > t and p.leave is None and p.registered < t]
+        kind = rng.choice(["join", "join", "leave", "crash"])
+        if kind == "join" or len(alive) <= 1:
+            procs.append(Proc(next(ids), t, t + rng.randint(0, 15)))
+        elif kind == "leave":
+            victim = rng.choice(alive)
+            victim.leave, victim.stop = t, t + rng.randint(0, 5)
+        else:
+            rng.choice(alive).stop = t
+    return procs
+
+
+def _membership(rng: random.Random, procs: list[Proc]) -> list[tuple[int, str, bool]]:
+    """(time, replica, present): a key appears at registration, goes at leave or lease expiry."""
+    changes = []
+    for p in procs:
+        changes.append((p.registered, p.rid, True))
+        if p.leave is not None:
+            changes.append((p.leave + rng.randint(0, 3), p.rid, False))
+        elif p.stop < 10**9:
+            changes.append((p.stop + rng.randint(0, 60), p.rid, False))
+    return sorted(changes)
+
+
+def _acks(
+    rng: random.Random, procs: list[Proc], changes: list[tuple[int, str, bool]]
+) -> list[tuple[int, dict[str, frozenset[str]]]]:
+    """Snapshots of the acks: each written after its replica applied a view, gone with it."""
+    writes: list[tuple[int, str, frozenset[str] | None]] = []
+    for p in procs:
+        last = -1
+        gone = next((w for w, r, present in changes if r == p.rid and not present), 10**9)
+        for applied, view in p.views:
+            at = max(applied + rng.randint(0, 5), p.registered, last)
+            if at < min(gone, p.stop):
+                writes.append((at, p.rid, view))
+                last = at
+        if gone < 10**9:
+            writes.append((gone, p.rid, None))
+    snapshots = []
+    acks: dict[str, frozenset[str]] = {}
+    for when, rid, view in sorted(writes, key=lambda w: w[0]):
+        if view is None:
+            acks.pop(rid, None)
+        else:
+            acks[rid] = view
+        snapshots.append((when, dict(acks)))
+    return snapshots
+
+
+def _run(procs: list[Proc], guard: bool) -> list[tuple[int, int]]:
+    guards = {p.rid: ResizeGuard(p.rid, WINDOW_MS / 1000, enabled=guard) for p in procs}
+    largest: dict[int, dict[str, int]] = {}
+    end = max(p.start for p in procs) + 8 * WINDOW_MS
+    for t in range(end):
+        now = t / 1000
+        for p in procs:
+            if not p.start <= t < p.stop:
+                continue
+            g = guards[p.rid]
+            while p.views and p.views[0][0] <= t:
+                g.see_members(p.views.pop(0)[1], t, now)
+            while p.acks_seen and p.acks_seen[0][0] <= t:
+                g.see_acks(p.acks_seen.pop(0)[1], now)
+            if p.leave is not None and t >= p.leave:
+                g.leaving()
+            g.tick(now)
+            window = largest.setdefault(t // WINDOW_MS, {})
+            # As ratelimit does, a replica admits nothing in the window it starts in.
+            mine = 0 if t // WINDOW_MS == p.start // WINDOW_MS else even_share(LIMIT, g.group)
+            window[p.rid] = max(window.get(p.rid, 0), mine)
+    return [(w, total) for w, s in largest.items() if (total := sum(s.values())) > LIMIT]
+
+
+def test_with_the_guard_no_window_ever_admits_more_than_the_limit() -> None:
+    bad = {seed: over for seed in range(300) if (over := simulate(seed, guard=True))}
+    assert not bad, bad
+
+
+class OldAndNew(ResizeGuard):
+    """The smaller of the share under the set before the latest change and the new one."""
+
+    def __init__(self, me: str, window: float, *, enabled: bool = True) -> None:
+        super().__init__(me, window, enabled=enabled)
+        self.before: frozenset[str] = frozenset()
+        self.settled_set: frozenset[str] = frozenset()
+
+    def see_members(self, members: Iterable[str], revision: int, now: float) -> bool:
+        before = self.view
+        changed = super().see_members(members, revision, now)
+        if changed:
+            self.before = before
+        return changed
+
+    def _settle(self, now: float) -> None:
+        super()._settle(now)
+        if not self.guarded:
+            self.settled_set = self.view
+
+    def old(self) -> frozenset[str]:
+        return self.before
+
+    @property
+    def group(self) -> Group:
+        group = super().group
+        if group.previous is None or self.me not in group.previous:
+            return group
+        return Group(group.members, self.me, tuple(sorted(self.old())))
+
+
+class LastSettled(OldAndNew):
+    """The smaller of the share under the set last settled at and the new one."""
+
+    def old(self) -> frozenset[str]:
+        return self.settled_set
+
+
+@pytest.mark.parametrize("rule", [OldAndNew, LastSettled])
+def test_two_sets_are_not_enough(rule: type[ResizeGuard], monkeypatch) -> None:
+    """Why `previous` is the union of every set since the last lift (see the module)."""
+    monkeypatch.setattr(sys.modules[__name__], "ResizeGuard", rule)
+    assert any(simulate(seed, guard=True) for seed in range(200))
+
+
+def test_without_the_guard_the_same_schedules_do() -> None:
+    bad = [seed for seed in range(300) if simulate(seed, guard=False)]
+    assert len(bad) > 30, bad
