@@ -48,7 +48,7 @@ class PhasePlan:
 
 PHASES: dict[str, tuple[PhasePlan, ...]] = {
     "full": (
-        PhasePlan("memory", idle=30, load_for=75, settle=45, interval=0.5, cooldown=5.0,
+        PhasePlan("memory", idle=30, load_for=75, settle=30, interval=0.5, cooldown=5.0,
                   flow_idle=20.0, ramp=(20.0, 400.0)),
         PhasePlan("pps", idle=5, load_for=45, settle=30, interval=0.5, cooldown=3.0,
                   steps=((100, 15), (250, 15), (400, 15))),
