@@ -123,4 +123,10 @@ def test_load_step_scales_up_to_3_and_back_to_1(etcd, tmp_path: Path) -> None:
     seconds = [counts.get(s, 0) for s in range(first, last)]
     print(f"server received/s under load: {seconds}")
     assert len(seconds) >= 7
-    assert all(abs(c - LIMIT) <= 0.1 * LIMIT for c in seconds), seconds
+    # Never above the limit. Within 10% below it, except that the resize guard
+    # (state/epoch.py) may hold a joining replica at 0 and its elders at the
+    # new share for one window when the join lands just before a boundary: at
+    # most one such second per scale-up, never below half the limit.
+    assert all(c <= 1.1 * LIMIT for c in seconds), seconds
+    short = [c for c in seconds if c < 0.9 * LIMIT]
+    assert len(short) <= len(ups) and all(c >= 0.45 * LIMIT for c in short), seconds
