@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -126,3 +128,20 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file an experiment wrote, as dicts by column."""
     with path.open(newline="") as stream:
         return list(csv.DictReader(stream))
+
+
+@dataclass
+class ExperimentRun:
+    """One `vmbox experiment ...` run in a subprocess: where it wrote, what it printed."""
+
+    out: Path
+    result: subprocess.CompletedProcess[str]
+
+
+def run_experiment(out: Path, *args: str, timeout: float) -> ExperimentRun:
+    """Run `vmbox experiment ARGS --out OUT` as an operator would, bounded in time."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vmbox", "experiment", *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return ExperimentRun(out, result)

@@ -8,36 +8,21 @@ are there with their columns.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
+from tests.integration.harness import ExperimentRun, run_experiment
 from tests.integration.harness import csv_rows as rows
 
 pytestmark = [pytest.mark.experiment, pytest.mark.timeout(400)]
 
 
-@dataclass
-class Run:
-    out: Path
-    result: subprocess.CompletedProcess[str]
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> ExperimentRun:
     out = tmp_path_factory.mktemp("scaling")
-    result = subprocess.run(
-        [sys.executable, "-m", "vmbox", "experiment", "scaling", "--small", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    yield Run(out, result)
+    return run_experiment(out, "scaling", "--small", timeout=300)
 
 
-def test_runs_and_writes_its_files(run: Run) -> None:
+def test_runs_and_writes_its_files(run: ExperimentRun) -> None:
     assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
     assert "Traceback" not in run.result.stdout + run.result.stderr
     samples = rows(run.out / "scaling_samples.csv")
@@ -51,7 +36,7 @@ def test_runs_and_writes_its_files(run: Run) -> None:
     assert "reaction (pps)" in run.result.stdout
 
 
-def test_packet_rate_scales_up_to_3_and_back_to_1_with_the_limit_held(run: Run) -> None:
+def test_packet_rate_scales_up_to_3_and_back_to_1_with_the_limit_held(run: ExperimentRun) -> None:
     events = [e for e in rows(run.out / "scaling_events.csv") if e["phase"] == "pps"]
     steps = [(int(e["old"]), int(e["new"])) for e in events]
     assert steps == [(1, 2), (2, 3), (3, 2), (2, 1)], steps
@@ -63,7 +48,7 @@ def test_packet_rate_scales_up_to_3_and_back_to_1_with_the_limit_held(run: Run) 
     assert max(server) <= 110, server  # never above the limit, resizes included
 
 
-def test_memory_follows_the_flow_load_up(run: Run) -> None:
+def test_memory_follows_the_flow_load_up(run: ExperimentRun) -> None:
     samples = [r for r in rows(run.out / "scaling_samples.csv") if r["phase"] == "memory"]
     first = [float(r["memory_mib"]) for r in samples[:3]]
     peak = max(float(r["memory_mib"]) for r in samples)

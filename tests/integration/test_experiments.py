@@ -7,14 +7,9 @@ non-empty pictures and a report with the published figures beside vmbox's.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
+from tests.integration.harness import ExperimentRun, run_experiment
 from tests.integration.harness import csv_rows as rows
 from vmbox.experiments import REGISTRY
 from vmbox.experiments.correctness import COLUMNS, LIMIT, Second, accuracy, plateau
@@ -24,26 +19,16 @@ pytestmark = [pytest.mark.experiment, pytest.mark.timeout(600)]
 MINE = ("correctness", "overhead")
 
 
-@dataclass
-class Run:
-    out: Path
-    result: subprocess.CompletedProcess[str]
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    out = tmp_path_factory.mktemp("results")
-    # Other experiments (scaling) have tests of their own; this run is about these two.
+def run(tmp_path_factory: pytest.TempPathFactory) -> ExperimentRun:
+    # Other experiments (scaling, skew) have tests of their own; this run is about these two.
     skip = [arg for e in REGISTRY if e.name not in MINE for arg in ("--skip", e.name)]
     budget = sum(entry.small_budget for entry in REGISTRY if entry.name in MINE) + 60
-    result = subprocess.run(
-        [sys.executable, "-m", "vmbox", "experiment", "all", "--small", "--out", str(out), *skip],
-        capture_output=True, text=True, timeout=budget, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    yield Run(out, result)
+    out = tmp_path_factory.mktemp("results")
+    return run_experiment(out, "all", "--small", *skip, timeout=budget)
 
 
-def test_all_completes_and_writes_the_report(run: Run) -> None:
+def test_all_completes_and_writes_the_report(run: ExperimentRun) -> None:
     assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr
     assert "Traceback" not in run.result.stdout + run.result.stderr
     report = (run.out / "report.md").read_text()
@@ -56,7 +41,7 @@ def test_all_completes_and_writes_the_report(run: Run) -> None:
     assert "![overhead](overhead.png)" in report
 
 
-def test_correctness_plateau_is_near_the_limit_for_each_replica_count(run: Run) -> None:
+def test_correctness_plateau_is_near_the_limit_for_each_replica_count(run: ExperimentRun) -> None:
     table = rows(run.out / "correctness.csv")
     assert tuple(table[0]) == COLUMNS
     seconds = [
@@ -75,7 +60,7 @@ def test_correctness_plateau_is_near_the_limit_for_each_replica_count(run: Run) 
         assert low and all(s.received >= 0.8 * s.sent for s in low), low
 
 
-def test_overhead_strong_is_slower_than_poll(run: Run) -> None:
+def test_overhead_strong_is_slower_than_poll(run: ExperimentRun) -> None:
     table = {r["variant"]: r for r in rows(run.out / "overhead.csv")}
     assert tuple(next(iter(table.values()))) == SUMMARY_COLUMNS
     assert list(table) == ["base", "poll1000", "poll100", "watch", "strong"]
@@ -89,7 +74,7 @@ def test_overhead_strong_is_slower_than_poll(run: Run) -> None:
     assert len(samples) == sum(int(r["received"]) for r in table.values())
 
 
-def test_pictures_are_real_pngs(run: Run) -> None:
+def test_pictures_are_real_pngs(run: ExperimentRun) -> None:
     for name in ("correctness.png", "overhead.png"):
         data = (run.out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name
