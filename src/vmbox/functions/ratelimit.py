@@ -216,18 +216,20 @@ class RateLimit(Middlebox):
     def gauges(self) -> dict[str, float]:
         values = {
             "share": float(self.share),
-            "window_share": float(self.window_share),
             "limit": float(self.values["limit"]),
-            "sources": float(len(self.counts)),
             "overflowed_sources": float(self.overflowed),
         }
-        return values | self.demand_gauges()
+        values |= self.algorithm_gauges()
+        if self.demand:
+            values |= {
+                "demand_reports": float(len(self.index.reports)),
+                "demand_share_max": float(self.demand_max),
+            }
+        return values
 
-    def demand_gauges(self) -> dict[str, float]:
-        if not self.demand:
-            return {}
-        return {
-            "demand_sources": float(len(self.window_allow)),
-            "demand_reports": float(len(self.index.reports)),
-            "demand_share_max": float(self.demand_max),
-        }
+    def algorithm_gauges(self) -> dict[str, float]:
+        """What differs between the algorithms: the share in force, tracked and demand sources."""
+        values = {"window_share": float(self.window_share), "sources": float(len(self.counts))}
+        if self.demand:
+            values["demand_sources"] = float(len(self.window_allow))
+        return values

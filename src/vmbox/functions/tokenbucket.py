@@ -152,21 +152,8 @@ class TokenBucket(RateLimit):
         bucket[0] = tokens
         return Verdict.DROP
 
-    def gauges(self) -> dict[str, float]:
-        values = {
-            "share": float(self.share),
-            "burst_share": float(self.burst_share),
-            "limit": float(self.values["limit"]),
-            "sources": float(len(self.buckets)),
-            "overflowed_sources": float(self.overflowed),
-        }
-        return values | self.demand_gauges()
-
-    def demand_gauges(self) -> dict[str, float]:
-        if not self.demand:
-            return {}
-        return {
-            "demand_sources": float(len(self.params)),
-            "demand_reports": float(len(self.index.reports)),
-            "demand_share_max": float(self.demand_max),
-        }
+    def algorithm_gauges(self) -> dict[str, float]:
+        values = {"burst_share": float(self.burst_share), "sources": float(len(self.buckets))}
+        if self.demand:
+            values["demand_sources"] = float(len(self.params))
+        return values
