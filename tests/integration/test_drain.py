@@ -232,9 +232,14 @@ def test_drain_ends_at_the_timeout_when_flows_never_stop(uv: bool) -> None:
         stop.set()
         await load
         await until(lambda: not any(c.lost() for c in old), 1.0)
-        assert timeout <= result.seconds <= timeout + 0.1, result
+        # Ended by the timeout, not by idleness (these flows never idle). The
+        # upper bound only catches a drain that overstays: a loaded CI machine
+        # can wake the loop a few hundred ms late.
+        assert timeout <= result.seconds <= timeout + 0.5, result
         assert (result.pinned, result.active, result.idle) == (pinned, pinned, 0)
-        assert result.packets > 0 and 0 <= result.packets - result.replies <= pinned  # in flight
+        # Nothing lost (checked above): what was relayed but not answered when
+        # the pins closed was in flight, a few ticks' worth per pinned client.
+        assert result.packets > 0 and 0 <= result.packets - result.replies <= 5 * pinned, result
         print(f"\n{'uvloop' if uv else 'asyncio'}: {result.line()}")
         await pair.close(old)
 
