@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from vmbox.proc import pid_alive, signal_on_parent_death
+from vmbox.proc import pid_alive, with_parent_death_signal
 
 # Short raft timers: a lost leader is replaced in about a second, which keeps
 # failover tests fast and is still far above loopback latency.
@@ -108,10 +108,6 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
     return True
 
-
-# If the parent dies (even by SIGKILL), the kernel kills etcd too, so no
-# orphan keeps the ports.
-_die_with_parent = signal_on_parent_death(signal.SIGKILL)
 
 
 def _http_json(
@@ -196,9 +192,12 @@ class _Member:
         ]  # fmt: skip
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in reap()
+        # If the parent dies (even by SIGKILL), the kernel kills etcd too, so
+        # no orphan keeps the ports.
+        argv, preexec = with_parent_death_signal(args, signal.SIGKILL)
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent, start_new_session=True,
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=preexec, start_new_session=True,
         )  # fmt: skip
 
     def running(self) -> bool:
