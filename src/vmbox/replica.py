@@ -172,6 +172,11 @@ class Replica:
         values["fail_policy_active"] = float(self.health.applying)
         values["fail_mode"] = float(FAIL_MODE_CODES[self.spec.fail])
         values["state_bad_values"] = float(sum(v.bad_values for v in self.views.values()))
+        views = self.views.values()
+        values["state_watch_events"] = float(sum(v.watch_events for v in views))
+        values["state_watch_revision"] = float(max((v.watch_revision for v in views), default=0))
+        values["state_watch_reopens"] = float(sum(v.watch_reopens for v in views))
+        values["store_watch_resumes"] = float(self.store.watch_resumes)
         if self.demand is not None:
             values.update(self.demand.gauges())
         return values

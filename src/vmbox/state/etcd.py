@@ -42,6 +42,25 @@ T = TypeVar("T")
 
 DEFAULT_OP_TIMEOUT = 3.0
 WATCH_REOPEN = 3.0  # seconds of silence after which a watch stream is reopened
+
+
+class _ReconnectCount(logging.Filter):
+    """Counts etcd3aio's own watch reconnects (it logs one warning per reconnect).
+
+    etcd3aio resumes a broken watch stream by itself, from the revision after
+    the last response, so those resumes never reach watch_prefix; its log line
+    is the only sign. One count per process: a replica has one store.
+    """
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("watch: transient error"):
+            _ReconnectCount.count += 1
+        return True
+
+
+logging.getLogger("etcd3aio.watch").addFilter(_ReconnectCount())
 # gRPC's default reconnect backoff grows to two minutes; a restarted etcd must
 # be found again within a second or so, or views stay stale for no reason.
 _RECONNECT_OPTIONS = [
@@ -123,6 +142,7 @@ class EtcdStore:
     ) -> None:
         self._client = client
         self.endpoints = tuple(endpoints)
+        self._resumes = 0
         self.op_timeout = op_timeout
         self._credentials = credentials
         self.tls = tls
@@ -336,9 +356,15 @@ class EtcdStore:
                 log.debug("watch of %s broke (%r); resuming at %d", prefix, exc, next_revision)
             if silent:
                 continue  # reopen at once: a quiet prefix is no error to back off from
+            self._resumes += 1
             # The stream ended (server closed it, or an error): reopen it.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    @property
+    def watch_resumes(self) -> int:
+        """Broken watch streams resumed: by watch_prefix, or inside etcd3aio (per process)."""
+        return self._resumes + _ReconnectCount.count
 
     async def close(self) -> None:
         await self._client.close()

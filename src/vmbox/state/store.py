@@ -43,6 +43,10 @@ class Store(Protocol):
     """What vmbox needs from etcd. Reads are linearizable unless said otherwise."""
 
     endpoints: tuple[str, ...]
+    # Watch streams that broke (a member died, a leader changed) and were
+    # resumed from the revision after the last event delivered.
+    @property
+    def watch_resumes(self) -> int: ...
 
     async def get(self, key: str, *, timeout: float | None = None) -> KeyValue | None: ...
 

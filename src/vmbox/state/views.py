@@ -50,6 +50,13 @@ class View:
         self.updates = 0  # times the value changed (on_change calls)
         self.bad_values = 0
         self.reads = 0  # successful reads or watch events handled
+        # Watch mode only: puts the watch stream delivered for this key, the
+        # revision of the last one, and how often the stream had to be opened
+        # again after an error (a resumed stream, e.g. over a leader change,
+        # is not a re-open). The faults check these against what they wrote.
+        self.watch_events = 0
+        self.watch_revision = 0
+        self.watch_reopens = 0
         self._seen_revision = 0
 
     async def run(self) -> None:
@@ -157,6 +164,7 @@ class WatchView(View):
     async def _follow(self) -> None:
         store = self._store()
         delay = 0.1
+        opened = False
         while True:
             try:
                 # get_prefix rather than get: it returns the store revision,
@@ -165,8 +173,12 @@ class WatchView(View):
                 self.mark_fresh()
                 self.apply_kv(next((kv for kv in kvs if kv.key == self.key), None))
                 delay = 0.1
+                self.watch_reopens += opened
+                opened = True
                 async for event in store.watch_prefix(self.key, revision + 1):
                     if event.key == self.key and event.kind == "put":
+                        self.watch_events += 1
+                        self.watch_revision = event.revision
                         self.apply(event.value, event.revision)
             except StoreError as exc:
                 # Includes a watch whose history was compacted: re-read, re-watch.
