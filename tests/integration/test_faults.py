@@ -17,7 +17,7 @@ from vmbox.faults import NONE, FaultResult, available
 from vmbox.faults.flood import MAX_SOURCES, RSS_BOUND
 from vmbox.faults.runner import fault_table, run_all
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,40 @@ def test_the_flood_keeps_the_table_and_memory_bounded(results: dict[str, FaultRe
 def test_each_corrupt_value_was_counted(results: dict[str, FaultResult]) -> None:
     row = results["corrupt etcd values"]
     assert row.injected == 5  # abc, '', a huge and a negative number, then abc again
+
+
+def test_a_restarted_controller_adopts_its_replicas(results: dict[str, FaultResult]) -> None:
+    from vmbox.faults.controller_restart import REPLICAS
+
+    row = results["controller restart"]
+    figures = row.figures
+    assert row.injected == figures["kills"] >= 1
+    assert figures["adopted"] == REPLICAS * figures["kills"]  # every replica, every restart
+    assert figures["restarted"] == 0
+    assert figures["desired_after"] == REPLICAS  # what `vmbox scale` set, not the spec's 2
+    assert figures["events_kept"] == figures["events_before"] > 0
+    assert figures["leaked"] == 0
+
+
+def test_etcd_member_loss_keeps_forwarding_and_watches_miss_nothing(
+    results: dict[str, FaultResult],
+) -> None:
+    row = results["etcd member loss"]
+    figures = row.figures
+    assert row.injected == 4  # the leader, a follower, then two members at once
+    assert figures["acked"] > 0 and figures["seen"] >= figures["acked"]
+    assert figures["limit_writes"] == 3  # one after each fault, seen by every replica
+    assert figures["policy_max"] == 1.0  # the quorum loss outlasted store_timeout
+    assert figures["scale_up_seconds"] >= 0  # control came back by itself: 2 -> 3
+    assert figures["worst_gap"] < 2.0  # only catches a stall: forwarding never stopped
+
+
+def test_replica_churn_keeps_the_limit_and_leaks_nothing(results: dict[str, FaultResult]) -> None:
+    figures = results["replica churn"].figures
+    assert figures["kills"] >= 3
+    assert figures["ratio"] <= 1.10  # the limit holds within 10% averaged over the run
+    assert figures["min_second_fraction"] > 0  # traffic passed in every second
+    # Each killed replica's member key went within the lease TTL of the kill.
+    assert figures["worst_member_delay"] <= figures["lease_ttl"]
+    assert figures["restarts"] == figures["kills"]
+    assert figures["leaked"] == 0

@@ -101,6 +101,22 @@ REGISTRY: tuple[Entry, ...] = (
         "etcdctl writes abc, an empty value, a huge and a negative number as the limit.",
         budget=90, small_budget=45,
     ),
+    Entry(
+        "etcd member loss", "vmbox.faults.etcd_members", "etcd_members",
+        "On a three-member etcd: kill the leader, kill a follower, stop two (quorum lost), "
+        "restart them; leases, watches and control carry on.",
+        budget=300, small_budget=150,
+    ),
+    Entry(
+        "replica churn", "vmbox.faults.churn", "churn",
+        "kill -9 a random replica every few seconds under load for 60 s (small: 15 s).",
+        budget=180, small_budget=90, optional=True,
+    ),
+    Entry(
+        "controller restart", "vmbox.faults.controller_restart", "controller_restart",
+        "kill -9 `vmbox up` and start it again: it adopts the running replicas.",
+        budget=180, small_budget=90, optional=True,
+    ),
 )  # fmt: skip
 
 

@@ -1,0 +1,280 @@
+"""The etcd member loss fault: a three-member etcd loses its leader, a follower, its quorum.
+
+Registered in vmbox.faults. Two replicas (watch mode, fail policy static,
+limit 100/s per source) run against a three-member etcd on loopback, under a
+steady load from two sources at 1.5x the limit and a forwarding probe
+(vmbox.faults.probe) from eight more. Per cycle (one small, two full):
+
+- kill -9 the leader; the cluster runs on two members for a while; restart it;
+- kill -9 a follower; the same;
+- stop two members (quorum lost) for longer than store_timeout, so the fail
+  policy takes over; start them again.
+
+Throughout, the probe measures the worst gap in forwarding. After each fault
+the replicas' member leases must be the ones they had (not re-registered),
+and a write of the limit (its own value again) must reach every replica's
+watch: at the end each replica's watch must have delivered every such write,
+once (vmbox_state_watch_events), and a client watch must have seen every
+revision a writer got acknowledged throughout (vmbox.faults.revisions). Last,
+control must have come back by itself: the desired count goes 2 -> 3 and a
+third replica must start and become ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from vmbox.etcdserver import EtcdCluster
+from vmbox.experiments.common import Service, running_service
+from vmbox.faults import FaultResult, Say, Scale
+from vmbox.faults.common import (
+    LIMIT,
+    Watch,
+    fault_spec,
+    finish,
+    over_limit,
+    read_state,
+    received_between,
+    steady_load,
+)
+from vmbox.faults.probe import Prober
+from vmbox.faults.revisions import RevisionCheck
+from vmbox.state import keys
+from vmbox.state.etcd import EtcdStore, connect
+from vmbox.state.membership import list_members
+
+SOURCES = 2  # load sources at 1.5x the limit
+HOLD = 2.0  # seconds the cluster runs a member short before it comes back
+OUTAGE = {"small": 4.5, "full": 6.0}  # seconds without quorum (store_timeout is 3 s)
+CYCLES = {"small": 1, "full": 2}
+SEEN_WITHIN = 10.0  # seconds for a write to reach the replicas, a replica to be ready
+
+
+@asynccontextmanager
+async def cluster_store() -> AsyncIterator[tuple[EtcdCluster, EtcdStore, EtcdStore]]:
+    """Three etcd members and two clients (the service's, a writer's); all gone after."""
+    cluster = EtcdCluster(3)
+    await asyncio.to_thread(cluster.start)
+    try:
+        store = await connect(cluster.endpoints, timeout=10)
+        writer = await connect(cluster.endpoints, timeout=10)
+        try:
+            yield cluster, store, writer
+        finally:
+            await writer.close()
+            await store.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _until(test: Callable[[], Awaitable[bool]], within: float) -> float | None:
+    """Seconds until `test()` held, None if it did not within `within`."""
+    started = time.monotonic()
+    while not await test():
+        if time.monotonic() - started > within:
+            return None
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+class _Run:
+    """One service on one cluster, and what the faults did to it."""
+
+    def __init__(
+        self, cluster: EtcdCluster, writer: EtcdStore, service: Service, watch: Watch,
+        probe: Prober, result: FaultResult, say: Say,
+    ) -> None:  # fmt: skip
+        self.cluster = cluster
+        self.writer = writer
+        self.service = service
+        self.watch = watch
+        self.probe = probe
+        self.result = result
+        self.say = say
+        self.name = service.spec.service
+        self.leases: dict[str, int] = {}
+        self.limit_writes = 0
+        self.gaps: dict[str, float] = {}  # fault -> worst forwarding gap (s)
+
+    async def members(self) -> dict[str, int]:
+        return {rid: m.lease for rid, m in (await list_members(self.writer, self.name)).items()}
+
+    async def leader(self) -> int | None:
+        return await asyncio.to_thread(self.cluster.leader_index)
+
+    async def write_limit(self, value: bytes) -> None:
+        """Write the limit (its own value again); every replica's watch must deliver it."""
+        revision = await self.writer.put(keys.state_key(self.name, "limit"), value)
+        self.limit_writes += 1
+
+        async def delivered() -> bool:
+            await self.watch.scrape()
+            got = [m.get("vmbox_state_watch_revision", 0.0) for m in self.watch.last.values()]
+            return len(got) == len(self.watch.metrics) and min(got) >= revision
+
+        took = await _until(delivered, SEEN_WITHIN)
+        self.result.check(took is not None, f"a limit write (rev {revision}) missed a replica")
+
+    async def kill(self, which: str, limit: bytes) -> None:
+        """kill -9 the leader or a follower, run without it for HOLD s, restart it."""
+        leader = await self.leader()
+        if leader is None:
+            self.result.problems.append(f"no leader before the {which} kill")
+            return
+        victim = leader if which == "leader" else (leader + 1) % 3
+        started = time.monotonic()
+        await asyncio.to_thread(self.cluster.kill_member, victim)
+        self.result.injected += 1
+
+        async def elected() -> bool:
+            return await self.leader() not in (None, victim)
+
+        took = await _until(elected, SEEN_WITHIN)
+        self.result.check(took is not None, f"no new leader after the {which} kill")
+        if which == "leader" and took is not None:
+            self.result.figures["election_max"] = max(
+                self.result.figures.get("election_max", 0.0), took
+            )
+        await asyncio.sleep(HOLD)
+        await self.write_limit(limit)  # the watches work on two members
+        await asyncio.to_thread(self.cluster.start_member, victim)
+        self._gap(f"{which} kill", started)
+        kept = await self.members() == self.leases
+        self.result.check(kept, f"member leases changed over the {which} kill")
+        leading = f"new leader in {took or 0:.2f} s" if which == "leader" else "leader stayed"
+        self.say(f"{which} (m{victim}) killed: {leading}, "
+                 f"worst forwarding gap {self.gaps[which + ' kill'] * 1000:.0f} ms")  # fmt: skip
+
+    async def lose_quorum(self, outage: float, limit: bytes) -> None:
+        """Stop the leader and a follower for `outage` s; then start both again."""
+        leader = await self.leader() or 0
+        stopped = [leader, (leader + 1) % 3]
+        started = time.monotonic()
+        for index in stopped:
+            await asyncio.to_thread(self.cluster.stop_member, index, 5)
+            self.result.injected += 1
+        await asyncio.sleep(max(0.0, outage - (time.monotonic() - started)))
+        await self.watch.scrape()
+        applied = [m.get("vmbox_fail_policy_active", 0.0) for m in self.watch.last.values()]
+        self.result.check(all(applied), f"the fail policy was not applied by all: {applied}")
+        back = time.monotonic()
+        for index in stopped:
+            await asyncio.to_thread(self.cluster.start_member, index)
+
+        async def healed() -> bool:
+            await self.watch.scrape()
+            down = [m.get("vmbox_store_down_seconds", 1.0) for m in self.watch.last.values()]
+            return len(down) == len(self.watch.metrics) and max(down) == 0.0
+
+        took = await _until(healed, SEEN_WITHIN)
+        self.result.check(took is not None, "the replicas did not see etcd back")
+        self._gap("quorum loss", started)
+        await self.write_limit(limit)
+        kept = await self.members() == self.leases
+        self.result.figures["leases_kept_quorum"] = float(kept)
+        self.result.check(len(await self.members()) == 2, "a replica lost its membership")
+        self.result.figures["recovered_max"] = max(
+            self.result.figures.get("recovered_max", 0.0), time.monotonic() - back
+        )
+        self.say(f"quorum lost for {outage:.1f} s: etcd back and seen in {took or 0:.2f} s, "
+                 f"worst forwarding gap {self.gaps['quorum loss'] * 1000:.0f} ms, "
+                 f"leases {'kept' if kept else 'renewed'}")  # fmt: skip
+
+    def _gap(self, fault: str, started: float) -> None:
+        gap = self.probe.gap(started, time.monotonic())
+        self.gaps[fault] = max(self.gaps.get(fault, 0.0), gap)
+
+    async def scale_up(self) -> None:
+        """Control came back by itself: desired 2 -> 3 starts a third replica, ready."""
+        await self.writer.put(keys.desired_key(self.name), b"3")
+
+        async def three() -> bool:
+            return len(await self.members()) == 3 and self.service.controller.desired == 3
+
+        took = await _until(three, SEEN_WITHIN)
+        self.result.check(took is not None, "desired 3 after the faults: no third replica")
+        self.result.figures["scale_up_seconds"] = took if took is not None else -1.0
+
+
+async def etcd_members(scale: Scale, say: Say) -> FaultResult:
+    result = FaultResult("etcd member loss", survived=True)
+    async with cluster_store() as (cluster, store, writer):
+        make_spec = lambda: fault_spec("etcdloss", 2)  # noqa: E731
+        async with running_service(store, make_spec) as service:
+            result = await _inject(cluster, writer, service, scale, say, result)
+    return result
+
+
+async def _inject(
+    cluster: EtcdCluster, writer: EtcdStore, service: Service, scale: Scale, say: Say,
+    result: FaultResult,
+) -> FaultResult:  # fmt: skip
+    name = service.spec.service
+    before = await read_state(service.store, name)
+    limit = before[keys.state_key(name, "limit").removeprefix(keys.service_prefix(name))]
+    watch_key = keys.service_prefix(name) + "fault/watched"
+    load = asyncio.create_task(steady_load(service.spec.listen, SOURCES, duration=300))
+    try:
+        async with (
+            Watch(service) as watch,
+            Prober(service.spec.listen) as probe,
+            RevisionCheck(service.store, writer, watch_key) as revisions,
+        ):
+            run = _Run(cluster, writer, service, watch, probe, result, say)
+            run.leases = await run.members()
+            first = int(time.time()) + 1
+            events0 = {rid: m.get("vmbox_state_watch_events", 0.0) for rid, m in watch.last.items()}
+            resumes0 = service.store.watch_resumes, watch.total("vmbox_store_watch_resumes")
+            await asyncio.sleep(1.0)
+            for _ in range(CYCLES[scale]):
+                await run.kill("leader", limit)
+                await run.kill("follower", limit)
+                await run.lose_quorum(OUTAGE[scale], limit)
+            result.problems.extend(await revisions.verify())
+            await watch.scrape()
+            for rid, metrics in watch.last.items():
+                delivered = metrics.get("vmbox_state_watch_events", 0.0) - events0.get(rid, 0.0)
+                result.check(delivered == run.limit_writes,
+                             f"{rid}'s watch delivered {delivered:.0f} of "
+                             f"{run.limit_writes} limit writes")  # fmt: skip
+            resumed = (
+                service.store.watch_resumes - resumes0[0],
+                watch.total("vmbox_store_watch_resumes") - resumes0[1],
+            )
+            last = int(time.time()) - 1
+            await run.scale_up()
+    finally:
+        load.cancel()
+        await asyncio.gather(load, return_exceptions=True)
+
+    def allowed(second: int) -> int | None:
+        """The load's limit and every probe datagram sent (each far under its limit)."""
+        return LIMIT * SOURCES + probe.sent_per_second[second] if first <= second <= last else None
+
+    result.over_limit = over_limit(service.echo.history, allowed)
+    quietest = min(received_between(service.echo.history, first, last))
+    result.check(quietest > 0, "a whole second passed with nothing forwarded")
+    after = await read_state(service.store, name)
+    desired = keys.desired_key(name).removeprefix(keys.service_prefix(name))
+    finish(result, watch, before, after, written={desired: b"3"})
+    worst = max(run.gaps.values(), default=0.0)
+    policy = watch.highest.get("vmbox_fail_policy_active", 0.0)
+    result.figures |= {"worst_gap": worst, "acked": len(revisions.acked),
+                       "seen": len(revisions.seen), "limit_writes": run.limit_writes,
+                       "policy_max": policy, "resumed": resumed[0] + resumed[1]}  # fmt: skip
+    result.notes += [
+        f"leader change: new leader within {result.figures.get('election_max', 0):.2f} s, "
+        f"worst forwarding gap {run.gaps.get('leader kill', 0) * 1000:.0f} ms "
+        f"(probe every {probe.interval * 1000:.0f} ms)",
+        f"quorum lost {OUTAGE[scale]:.1f} s: static policy held; control back within "
+        f"{result.figures.get('recovered_max', 0):.1f} s; 2->3 in "
+        f"{result.figures.get('scale_up_seconds', 0):.1f} s",
+        f"watch: {len(set(revisions.acked) & set(revisions.seen))} of "
+        f"{len(revisions.acked)} acked revisions seen ({len(revisions.seen)} delivered); "
+        f"{run.limit_writes} limit writes, each seen by every replica's watch; "
+        f"watch streams resumed {resumed[0]} times here, {resumed[1]:.0f} in the replicas",
+    ]
+    return result
