@@ -98,6 +98,7 @@ class _Run:
         self.leases: dict[str, int] = {}
         self.limit_writes = 0
         self.gaps: dict[str, float] = {}  # fault -> worst forwarding gap (s)
+        self.stalls: dict[str, float] = {}  # fault -> the probe's own worst stall (s)
 
     async def members(self) -> dict[str, int]:
         return {rid: m.lease for rid, m in (await list_members(self.writer, self.name)).items()}
@@ -145,8 +146,7 @@ class _Run:
         kept = await self.members() == self.leases
         self.result.check(kept, f"member leases changed over the {which} kill")
         leading = f"new leader in {took or 0:.2f} s" if which == "leader" else "leader stayed"
-        self.say(f"{which} (m{victim}) killed: {leading}, "
-                 f"worst forwarding gap {self.gaps[which + ' kill'] * 1000:.0f} ms")  # fmt: skip
+        self.say(f"{which} (m{victim}) killed: {leading}, {self.gap_line(which + ' kill')}")
 
     async def lose_quorum(self, outage: float, limit: bytes) -> None:
         """Stop the leader and a follower for `outage` s; then start both again."""
@@ -180,12 +180,17 @@ class _Run:
             self.result.figures.get("recovered_max", 0.0), time.monotonic() - back
         )
         self.say(f"quorum lost for {outage:.1f} s: etcd back and seen in {took or 0:.2f} s, "
-                 f"worst forwarding gap {self.gaps['quorum loss'] * 1000:.0f} ms, "
+                 f"{self.gap_line('quorum loss')}, "
                  f"leases {'kept' if kept else 'renewed'}")  # fmt: skip
 
+    def gap_line(self, fault: str) -> str:
+        gap, stall = self.gaps.get(fault, 0.0), self.stalls.get(fault, 0.0)
+        return f"worst forwarding gap {gap * 1000:.0f} ms (probe's own stall {stall * 1000:.0f} ms)"
+
     def _gap(self, fault: str, started: float) -> None:
-        gap = self.probe.gap(started, time.monotonic())
-        self.gaps[fault] = max(self.gaps.get(fault, 0.0), gap)
+        now = time.monotonic()
+        self.gaps[fault] = max(self.gaps.get(fault, 0.0), self.probe.gap(started, now))
+        self.stalls[fault] = max(self.stalls.get(fault, 0.0), self.probe.send_gap(started, now))
 
     async def scale_up(self) -> None:
         """Control came back by itself: desired 2 -> 3 starts a third replica, ready."""
@@ -262,13 +267,13 @@ async def _inject(
     finish(result, watch, before, after, written={desired: b"3"})
     worst = max(run.gaps.values(), default=0.0)
     policy = watch.highest.get("vmbox_fail_policy_active", 0.0)
-    result.figures |= {"worst_gap": worst, "acked": len(revisions.acked),
+    stall = max(run.stalls.values(), default=0.0)
+    result.figures |= {"worst_gap": worst, "worst_stall": stall, "acked": len(revisions.acked),
                        "seen": len(revisions.seen), "limit_writes": run.limit_writes,
                        "policy_max": policy, "resumed": resumed[0] + resumed[1]}  # fmt: skip
     result.notes += [
-        f"leader change: new leader within {result.figures.get('election_max', 0):.2f} s, "
-        f"worst forwarding gap {run.gaps.get('leader kill', 0) * 1000:.0f} ms "
-        f"(probe every {probe.interval * 1000:.0f} ms)",
+        f"leader change: new leader within {result.figures.get('election_max', 0):.2f} s; "
+        f"{run.gap_line('leader kill')}; a probe every {probe.interval * 1000:.0f} ms",
         f"quorum lost {OUTAGE[scale]:.1f} s: static policy held; control back within "
         f"{result.figures.get('recovered_max', 0):.1f} s; 2->3 in "
         f"{result.figures.get('scale_up_seconds', 0):.1f} s",

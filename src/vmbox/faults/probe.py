@@ -48,6 +48,7 @@ class Prober:
         self.interval = interval
         self.sent = 0
         self.replies: list[float] = []  # monotonic arrival times, in order
+        self.sends: list[float] = []  # monotonic send times, in order
         self.sent_per_second: Counter[int] = Counter()  # epoch second -> datagrams sent
         self._transports: list[asyncio.DatagramTransport] = []
         self._task: asyncio.Task[None] | None = None
@@ -91,6 +92,7 @@ class Prober:
             transport = self._transports[self.sent % len(self._transports)]
             transport.sendto(self.sent.to_bytes(8, "big"))
             self.sent += 1
+            self.sends.append(time.monotonic())
             self.sent_per_second[int(time.time())] += 1
             # On schedule, not interval after the last send: a late wake does
             # not stretch the gaps the probe is there to measure.
@@ -98,7 +100,19 @@ class Prober:
 
     def gap(self, start: float, end: float) -> float:
         """The longest time (s) without a reply between monotonic `start` and `end`."""
-        first = bisect.bisect_left(self.replies, start)
-        last = bisect.bisect_right(self.replies, end)
-        times = [start, *self.replies[first:last], end]
-        return max(later - earlier for earlier, later in itertools.pairwise(times))
+        return _longest_gap(self.replies, start, end)
+
+    def send_gap(self, start: float, end: float) -> float:
+        """The longest time (s) without a send: the probe's own event loop stalled.
+
+        The echo and the probe share a loop, so a reply gap no longer than
+        this one is the measuring side's stall, not the service's.
+        """
+        return _longest_gap(self.sends, start, end)
+
+
+def _longest_gap(times: list[float], start: float, end: float) -> float:
+    first = bisect.bisect_left(times, start)
+    last = bisect.bisect_right(times, end)
+    span = [start, *times[first:last], end]
+    return max(later - earlier for earlier, later in itertools.pairwise(span))
