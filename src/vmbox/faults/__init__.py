@@ -110,7 +110,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry(
         "replica churn", "vmbox.faults.churn", "churn",
         "kill -9 a random replica every few seconds under load for 60 s (small: 15 s).",
-        budget=180, small_budget=90, optional=True,
+        budget=180, small_budget=90,
     ),
     Entry(
         "controller restart", "vmbox.faults.controller_restart", "controller_restart",
