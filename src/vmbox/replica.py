@@ -44,6 +44,7 @@ from vmbox.state.views import StrongView, View, make_view
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT = 1.0  # a revoke takes milliseconds; the lease TTL covers a store that is away
+MARK_TIMEOUT = 0.5  # marking the member info as draining: a drain does not wait longer
 
 
 class ReplicaConfigError(Exception):
@@ -251,6 +252,7 @@ class Replica:
             else:
                 self._drain = Drain(self.relay, timeout=self.spec.replicas.drain_timeout)
                 await self._drain.begin()
+                await self._mark_draining()
                 result = await self._drain.finish()
         except Exception as exc:
             # Leaving and exiting matter more than the flows in flight.
@@ -261,6 +263,17 @@ class Replica:
             if self._drain is not None:
                 self._drain.close()  # pins opened before a failure
         log.info("replica %s %s", self.replica_id, result.line())
+
+    async def _mark_draining(self) -> None:
+        """Say so in the member info: a controller started meanwhile must not take this
+        replica for a running one (and its exit for a crash). Best effort, within the
+        drain's own time: the drain goes on either way."""
+        membership = self.membership
+        if membership is None:
+            return
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(MARK_TIMEOUT):
+                await membership.set_info(membership.info | {"draining": True})
 
     async def _leave(self) -> None:
         # Take nothing from here on: the siblings' shares grow once the lease goes.

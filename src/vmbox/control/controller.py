@@ -124,6 +124,9 @@ class Controller:
         )
         if current is None or count_changed:
             await self.store.put(keys.desired_key(self.service), str(self.desired).encode())
+        # A restarted controller keeps the count `vmbox scale` (or the autoscaler) set;
+        # starting from the spec's would record a scale that never happened.
+        self.desired = await self.read_desired()
         await self._adopt()
 
     async def _seed_state(self, old_spec: dict[str, object] | None) -> None:
@@ -141,10 +144,18 @@ class Controller:
                 await self.store.compare_and_swap(key, None, value)
 
     async def _adopt(self) -> None:
+        """Take over the replicas still running; one that is draining (a controller
+        before this one was stopping it) goes on draining and counts as leaving."""
         members = await list_members(self.store, self.service)
         for rid, member in sorted(members.items()):
             pid = member.info.get("pid")
-            if isinstance(pid, int) and self.runtime.adopt(rid, pid):
+            if not isinstance(pid, int) or not self.runtime.adopt(rid, pid):
+                continue
+            if member.info.get("draining"):
+                self._drain(rid)
+                message = f"adopted draining replica {rid} (pid {pid}); it finishes and exits"
+                await self.event("adopt", message, replica=rid, draining=True)
+            else:
                 await self.event("adopt", f"adopted running replica {rid} (pid {pid})", replica=rid)
 
     async def read_desired(self) -> int:
