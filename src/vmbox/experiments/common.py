@@ -44,6 +44,7 @@ from vmbox.spec import Spec
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.membership import list_members
+from vmbox.state.store import Store
 from vmbox.tools.echo import EchoServer
 
 Scale = Literal["full", "small"]
@@ -230,7 +231,7 @@ async def _wait_members(
 ) -> None:
     count = spec.replicas.count
     deadline = time.monotonic() + START_TIMEOUT
-    while await _ready(store, spec) != count:
+    while await count_ready(store, spec.service) != count:
         if reconcile.done():
             cause = reconcile.exception() if not reconcile.cancelled() else None
             if isinstance(cause, PermanentError) and "already in use" in str(cause):
@@ -247,10 +248,10 @@ async def _wait_members(
         await asyncio.sleep(0.1)
 
 
-async def _ready(store: EtcdStore, spec: Spec) -> int:
+async def count_ready(store: Store, service: str) -> int:
     """How many replicas are registered and report vmbox_ready (holding their share)."""
     ready = 0
-    for member in (await list_members(store, spec.service)).values():
+    for member in (await list_members(store, service)).values():
         with contextlib.suppress(Exception):  # starting or stopping: not ready
             metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
             ready += metrics.get("vmbox_ready", 0.0) == 1.0

@@ -33,7 +33,7 @@ from typing import Self
 
 import psutil
 
-from vmbox.experiments.common import Service
+from vmbox.experiments.common import Service, count_ready
 from vmbox.faults import FaultResult, Say, Scale
 from vmbox.faults.common import (
     LIMIT,
@@ -45,7 +45,6 @@ from vmbox.faults.common import (
     state_lost,
     steady_load,
 )
-from vmbox.metrics import ScrapeError, scrape
 from vmbox.state import keys
 from vmbox.state.membership import list_members
 from vmbox.state.store import StoreError
@@ -149,16 +148,6 @@ async def _churn(service: Service, plan: Plan, say: Say) -> list[Kill]:
     return kills
 
 
-async def _ready(service: Service) -> int:
-    """Replicas registered and reporting vmbox_ready (holding their share)."""
-    ready = 0
-    for member in (await list_members(service.store, service.spec.service)).values():
-        with contextlib.suppress(ScrapeError, KeyError, ValueError):  # starting, stopping
-            metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
-            ready += metrics.get("vmbox_ready", 0.0) == 1.0
-    return ready
-
-
 async def _settle(service: Service, kills: int) -> tuple[int, float]:
     """Wait (SETTLE at most) for a restart per kill and every replica ready; (ready, seconds)."""
     started = time.monotonic()
@@ -166,7 +155,7 @@ async def _settle(service: Service, kills: int) -> tuple[int, float]:
     while True:
         ready = 0
         with contextlib.suppress(StoreError):
-            ready = await _ready(service)
+            ready = await count_ready(service.store, service.spec.service)
         restarted = service.controller.restarts >= kills
         if (ready == REPLICAS and restarted) or time.monotonic() > deadline:
             return ready, time.monotonic() - started
