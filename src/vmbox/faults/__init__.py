@@ -109,7 +109,7 @@ REGISTRY: tuple[Entry, ...] = (
     ),
     Entry(
         "replica churn", "vmbox.faults.churn", "churn",
-        "kill -9 a random replica every few seconds under load for 60 s (small: 15 s).",
+        "kill -9 a random replica every few seconds under load for 60 s (small: 17 s).",
         budget=180, small_budget=90,
     ),
     Entry(

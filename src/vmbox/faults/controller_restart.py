@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from vmbox.experiments.common import private_store
-from vmbox.faults import FaultResult, Say, Scale, common
+from vmbox.faults import FaultResult, Say, Scale, common, processes
 from vmbox.metrics import scrape
 from vmbox.runtime.local import last_line
 from vmbox.state import keys
@@ -80,21 +80,6 @@ class Up:
                                        stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"vmbox scale {count}: {done.stderr.decode().strip()[-200:]}")
-
-
-def replica_processes(etcd: str) -> list[psutil.Process]:
-    """Live replicas of the service on this etcd (the command line LocalRuntime.command builds)."""
-    marks = (f" replica --service {SERVICE} ", f" --etcd {etcd} ")
-    return [proc for proc in psutil.process_iter(["cmdline", "status"])
-            if proc.info["status"] != psutil.STATUS_ZOMBIE
-            and all(m in " ".join(proc.info["cmdline"] or []) + " " for m in marks)]  # fmt: skip
-
-
-def alive(proc: psutil.Process) -> bool:
-    """The same process (pid and start time) still runs (a zombie does not)."""
-    with contextlib.suppress(psutil.Error):
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    return False
 
 
 class Run:
@@ -171,12 +156,12 @@ class Run:
         check, n = self.result.check, len(procs)
         news = [(k, r) for k, r in (await self.events(killed)).values() if k != "adopt"]
         check(not news, f"the new controller recorded {news} beside the adoptions")
-        restarted = {rid for rid, proc in procs.items() if not alive(proc)}
+        restarted = {rid for rid, proc in procs.items() if not processes.alive(proc)}
         restarted |= {rid for kind, rid in news if kind in ("start", "crash") and rid in procs}
         self.f["restarted"] += len(restarted)
         check(not restarted, f"restart {len(self.down)}: {sorted(restarted)} restarted")
         members = await list_members(self.store, SERVICE)
-        running = len(replica_processes(self.etcd))
+        running = len(processes.replica_processes(SERVICE, self.etcd))
         check(len(members) == n == running, f"{len(members)} members, {running} processes, not {n}")
         desired = await self.store.get(keys.desired_key(SERVICE))
         self.f["desired_after"] = int(desired.value) if desired else 0
@@ -195,7 +180,8 @@ class Run:
 
         async def stopped() -> bool:
             stops = {("stop", rid) for rid in left}
-            return not any(map(alive, procs)) and stops <= set((await self.events(began)).values())
+            recorded = set((await self.events(began)).values())
+            return not any(map(processes.alive, procs)) and stops <= recorded
 
         await self.until(f"drained replica {left} did not exit", stopped)
         await self.up.scale(REPLICAS)
@@ -213,16 +199,14 @@ class Run:
         self.result.check(code == 0, f"vmbox up exited {code} on SIGINT")
         self.result.check("Traceback" not in self.up.log.read_text(errors="replace"),
                           f"a traceback in {self.up.log}")  # fmt: skip
-        deadline = time.monotonic() + 10
-        while (left := replica_processes(self.etcd)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        left = await processes.leaks(SERVICE, self.etcd, within=10)
         self.f["leaked"] = len(left)
-        self.result.check(not left, f"{len(left)} replicas still ran 10 s after vmbox up exited")
+        self.result.check(not left, f"10 s after vmbox up exited: {'; '.join(left)}")
 
     async def cleanup(self) -> None:
         """Kill whatever is left: `vmbox up`, its replicas, the echo server."""
         await self.up.kill()
-        for proc in replica_processes(self.etcd):
+        for proc in processes.replica_processes(SERVICE, self.etcd):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         await self.echo.close()
