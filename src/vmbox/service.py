@@ -133,7 +133,8 @@ async def run_service(
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )
-            print(f"vmbox: replica memory: {runtime.cgroup_note}", file=sys.stderr)
+            print(f"vmbox: replica memory: {runtime.cgroup_note}; up to {spec.max_flows:,} "
+                  "flows each", file=sys.stderr)  # fmt: skip
             await _until_stopped(controller, store, spec, live, stop)
         finally:
             await controller.shutdown()

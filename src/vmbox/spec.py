@@ -118,6 +118,22 @@ def parse_size(value: Any) -> int:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+MAX_FLOWS = 16384  # upstream sockets a replica keeps when nothing limits its memory
+# What a replica's memory is made of (measured with cgroup v1, DESIGN.md
+# "Autoscaling"): about 34 MiB idle, plus about 4.7 KiB per open flow (kernel
+# socket memory and Python objects). The OOM killer acted near 9,300 flows at
+# 70 MiB; 85% of the limit leaves room for the heap's fragmentation.
+IDLE_MEMORY = 36 * 1024 * 1024
+FLOW_MEMORY = 4800
+MEMORY_USABLE = 0.85
+MIN_FLOWS = 256
+
+
+def flows_for_memory(limit: int) -> int:
+    """The default max_flows under a memory limit: what fits beside an idle replica."""
+    fits = int((limit * MEMORY_USABLE - IDLE_MEMORY) / FLOW_MEMORY)
+    return max(MIN_FLOWS, min(MAX_FLOWS, fits))
 Address = Annotated[tuple[str, int], BeforeValidator(parse_address)]
 Consistency = Literal["local", "poll", "watch", "strong"]
 
@@ -249,7 +265,8 @@ class Spec(_Model):
     store_timeout: Duration = 3.0
     lease_ttl: PositiveInt = 3
     # Per-client upstream sockets a replica keeps; also capped by its file limit.
-    max_flows: PositiveInt = 16384
+    # Unset with replicas.memory_limit: what fits that limit (flows_for_memory).
+    max_flows: PositiveInt = MAX_FLOWS
     flow_idle_timeout: Duration = 30.0
 
     @field_validator("store", mode="before")
@@ -283,6 +300,14 @@ class Spec(_Model):
     def _memory_needs_limit(self) -> Spec:
         if self.autoscale and self.autoscale.metric == "memory" and not self.replicas.memory_limit:
             raise ValueError("autoscale on memory needs replicas.memory_limit")
+        return self
+
+    @model_validator(mode="after")
+    def _flows_fit_memory(self) -> Spec:
+        limit = self.replicas.memory_limit
+        if limit is not None and "max_flows" not in self.model_fields_set:
+            # The model is frozen; this is still its validation.
+            object.__setattr__(self, "max_flows", flows_for_memory(limit))
         return self
 
     def to_json(self) -> str:

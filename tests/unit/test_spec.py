@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmbox.spec import SpecError, load_spec, parse_duration, parse_spec
+from vmbox.spec import (
+    MAX_FLOWS,
+    MIN_FLOWS,
+    SpecError,
+    flows_for_memory,
+    load_spec,
+    parse_duration,
+    parse_spec,
+)
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "ratelimit.yaml"
 
@@ -106,3 +115,22 @@ def test_any_input_gives_a_spec_or_one_line(data: Any) -> None:
         parse_spec(data, "x.yaml")
     except SpecError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("x.yaml: ")
+
+
+def test_max_flows_defaults_to_what_fits_the_memory_limit() -> None:
+    base = {
+        "service": "web", "listen": "127.0.0.1:9000", "upstream": "127.0.0.1:9001",
+        "middlebox": {"function": "ratelimit", "limit": 100},
+    }  # fmt: skip
+    assert parse_spec(base, "t").max_flows == MAX_FLOWS  # no memory limit: the plain default
+    limited = parse_spec(base | {"replicas": {"memory_limit": "70Mi"}}, "t")
+    # 85% of 70 MiB less an idle replica's 36 MiB, at 4,800 bytes a flow: about 5,100,
+    # well below the ~9,300 flows at which the OOM killer acted on such a replica.
+    assert 4500 < limited.max_flows < 6000
+    assert limited.max_flows == flows_for_memory(70 * 1024 * 1024)
+    explicit = parse_spec(base | {"replicas": {"memory_limit": "70Mi"}, "max_flows": 9000}, "t")
+    assert explicit.max_flows == 9000  # the operator's value stands
+    again = parse_spec(json.loads(limited.to_json()), "etcd")  # what a replica reads
+    assert again.max_flows == limited.max_flows
+    assert flows_for_memory(16 * 1024 * 1024) == MIN_FLOWS  # never none
+    assert flows_for_memory(4 * 1024**3) == MAX_FLOWS  # never more than without a limit
