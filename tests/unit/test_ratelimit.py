@@ -98,6 +98,33 @@ def test_a_leave_mid_window_waits_for_the_next_window_to_grow_shares() -> None:
     assert passed(mb, 200, now=21.0) == 100
 
 
+def test_a_resize_guard_lift_applies_within_the_window() -> None:
+    # r2 joined in window 10 (nothing there); in window 11 it is still guarded
+    # (a set without it): nothing, until the guard lifts mid-window.
+    joiner = make(limit=100, members=("r1",), me="r2")
+    joiner.start(10.9)
+    guarded = Group(("r1", "r2"), "r2", previous=())
+    joiner.update(group=guarded)
+    assert passed(joiner, 100, now=10.95) == 0  # its first window
+    assert passed(joiner, 100, now=11.01) == 0  # guarded
+    joiner.update(group=Group(("r1", "r2"), "r2"))  # the guard lifts at 11.02
+    assert passed(joiner, 100, now=11.02) == 50  # at once, not in window 12
+    # A change of members mid-window still waits for the next window.
+    joiner.update(group=Group(("r2",), "r2"))
+    assert passed(joiner, 100, now=11.5) == 0  # 50 of window 11 already used
+    assert passed(joiner, 200, now=12.0) == 100
+
+
+def test_a_guard_lift_mid_window_waits_under_the_demand_split() -> None:
+    mb = make(limit=100, members=("r1",), me="r2", split="demand")
+    mb.start(10.9)
+    mb.update(group=Group(("r1", "r2"), "r2", previous=()))
+    assert passed(mb, 100, now=11.01) == 0
+    mb.update(group=Group(("r1", "r2"), "r2"))
+    assert passed(mb, 100, now=11.02) == 0  # the window's shares are fixed at its start
+    assert passed(mb, 100, now=12.0) == 50
+
+
 def test_a_new_limit_applies_at_once() -> None:
     mb = make(limit=100)
     assert passed(mb, 10, now=30.1) == 10

@@ -125,11 +125,31 @@ class RateLimit(Middlebox):
 
     def recompute(self) -> None:
         self.share = sharing.even_share(self.limit, self.group)
+        if self._guard_lifted():
+            self.window_group = self.group  # for the rest of this window too
         self.window_share = self._window_share()
         if self.demand and self.allow_limit != self.limit:
             # A new limit applies at once, to the window's fixed shares too.
             self._divide(set(self.allow) | set(self.index.by_source))
             self.window_allow.update(self.allow)
+
+    def _guard_lifted(self) -> bool:
+        """The new group only eases the resize guard on the window's members.
+
+        The guard lifts (wholly or in part) only once every member of the set
+        it settles at takes its shares from that set in this window already
+        (vmbox.state.epoch), so under the even split the higher share is safe
+        at once; waiting for the next window would hold this replica at its
+        guarded share, nothing for a joiner, one window more. A change of
+        members still waits for the next window, and the demand split (whose
+        shares of a window come from one set of reports) keeps its rule.
+        """
+        old, new = self.window_group, self.group
+        return (
+            not self.demand
+            and new.previous != old.previous
+            and (new.members, new.me) == (old.members, old.me)
+        )
 
     def _window_share(self) -> int:
         if self.window_id == self.first_window:

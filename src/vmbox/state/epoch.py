@@ -25,12 +25,23 @@ it or a later set); the guard is down once only the view is left. Settling at
 a set the view has already moved past lets a change that spans a boundary
 cost one window less.
 
+An ack also declares the first window its replica takes shares from the set:
+the one after the window it applied the set in (the data plane fixes a
+window's group when the window begins). Once every member's ack declares a
+window that has begun, the set settles at once, mid-window, without waiting
+for the boundary after the acks were seen: a join just before a boundary,
+whose acks arrive just after it, no longer holds the joiner at nothing (and
+the elders at the new share) for one whole window. The boundary rule still
+bounds the wait, so a member whose clock runs ahead never delays it.
+
 Why the shares of one window W (starting at boundary B) add up to at most
 the limit L, whatever moment of W each serving replica takes its share at:
 
 - A set becomes a settle point at a boundary after its acks were complete,
-  so every settle point taken before W ends had all members of its set apply
-  it before B. Let F be the newest set any serving replica has settled at (if
+  or once the windows its members' acks declare have all begun; either way
+  every settle point taken before W ends had all members of its set apply it
+  before B (a member that declares window W or earlier applied the set before
+  W began). Let F be the newest set any serving replica has settled at (if
   none, every replica still keeps the empty set it started with: 0 each).
 - A serving member g of F applied F before B, and views only move forward:
   throughout W its view is F or newer, and its own settle point is no newer
@@ -80,14 +91,19 @@ TIMER_SLACK = 0.0005  # wake this long after a boundary, so floor(now / window) 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The member set a replica last applied, and the revision it saw it at."""
+    """The member set a replica last applied, the revision it saw it at, and the first
+    window whose shares that replica takes from it (None from a replica that does not say)."""
 
     members: frozenset[str]
     revision: int
+    window: int | None = None
 
 
-def encode_ack(members: Iterable[str], revision: int) -> bytes:
-    return json.dumps({"members": sorted(members), "revision": revision}).encode()
+def encode_ack(members: Iterable[str], revision: int, window: int | None = None) -> bytes:
+    body: dict[str, object] = {"members": sorted(members), "revision": revision}
+    if window is not None:
+        body["window"] = window
+    return json.dumps(body).encode()
 
 
 def parse_ack(kv: KeyValue) -> Ack | None:
@@ -97,7 +113,10 @@ def parse_ack(kv: KeyValue) -> Ack | None:
         members = data["members"]
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             return None
-        return Ack(frozenset(members), int(data.get("revision", 0)))
+        window = data.get("window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            window = None  # not a window number: as if unsaid (the boundary rule applies)
+        return Ack(frozenset(members), int(data.get("revision", 0)), window)
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -113,7 +132,11 @@ class ResizeGuard:
         self.enabled = enabled
         self.view: frozenset[str] = frozenset()
         self.revision = 0
+        # The first window whose shares come from the view or a later set: the
+        # data plane fixes a window's group when the window begins.
+        self.view_window = 0
         self.acks: dict[str, frozenset[str]] = {}
+        self.ack_windows: dict[str, int] = {}  # the windows the acks declare, where they do
         self.since: float | None = None  # when the current guard went up
         self.last_duration = 0.0  # how long the last guard stayed up
         self.lifted_at = 0.0  # when it came down (the clock `now` came from)
@@ -154,6 +177,7 @@ class ResizeGuard:
         if new == self.view:
             return False
         self.view, self.revision = new, revision
+        self.view_window = self._window_of(now) + 1
         if self.enabled:
             if not self.guarded or self.since is None:
                 self.since = now
@@ -164,9 +188,13 @@ class ResizeGuard:
             self._settle(now)
         return True
 
-    def see_acks(self, acks: Mapping[str, Iterable[str]], now: float) -> None:
-        """Take a snapshot of every replica's ack (replica -> member set)."""
+    def see_acks(
+        self, acks: Mapping[str, Iterable[str]], now: float, windows: Mapping[str, int] = {}
+    ) -> None:
+        """Take a snapshot of every replica's ack (replica -> member set, and the first
+        window it takes its shares from that set, for the acks that say)."""
         self.acks = {replica: frozenset(members) for replica, members in acks.items()}
+        self.ack_windows = {r: w for r, w in windows.items() if r in self.acks}
         self._settle(now)
 
     def tick(self, now: float) -> None:
@@ -177,15 +205,34 @@ class ResizeGuard:
         """The wall time at which `tick` may settle a set (None: nothing to wait for)."""
         if not self.guarded or self._left:
             return None
-        times = [at for at in self._acked_at[1:] if at is not None]
-        return self._boundary_after(min(times)) if times else None
+        times = [self._settles_at(i) for i in range(1, len(self._sets))]
+        known = [at for at in times if at is not None]
+        return min(known) if known else None
 
     def leaving(self) -> None:
         """Take nothing from now on: this replica is about to leave the group."""
         self._left = True
 
+    def _window_of(self, when: float) -> int:
+        return math.floor(when / self.window)
+
     def _boundary_after(self, when: float) -> float:
-        return (math.floor(when / self.window) + 1) * self.window
+        return (self._window_of(when) + 1) * self.window
+
+    def _settles_at(self, i: int) -> float | None:
+        """When set i may become the settle point (None: not acked by all yet).
+
+        The boundary after its acks were complete; or sooner, the start of the
+        latest first window its members' acks declare, once all declare one.
+        """
+        at = self._acked_at[i]
+        if at is None:
+            return None
+        declared = [self.ack_windows.get(m) for m in self._sets[i]]
+        if any(w is None for w in declared):
+            return self._boundary_after(at)
+        latest = max(w for w in declared if w is not None)
+        return min(self._boundary_after(at), latest * self.window)
 
     def _fold(self) -> None:
         """Merge the two sets after the settle point, keeping what they allow me (the least)."""
@@ -206,7 +253,7 @@ class ResizeGuard:
         ready = [
             i
             for i in range(1, len(self._sets))
-            if (at := self._acked_at[i]) is not None and now >= self._boundary_after(at)
+            if (at := self._settles_at(i)) is not None and now >= at
         ]
         if not ready:
             return
@@ -282,7 +329,8 @@ class EpochSync:
     async def _follow_acks(self) -> None:
         prefix = keys.acks_prefix(self.service)
         async for revision, acks in watch_snapshots(self.store, prefix, parse_ack):
-            self.guard.see_acks({r: a.members for r, a in acks.items()}, self.clock())
+            windows = {r: a.window for r, a in acks.items() if a.window is not None}
+            self.guard.see_acks({r: a.members for r, a in acks.items()}, self.clock(), windows)
             self._apply()
             mine, written = acks.get(self.guard.me), self._written
             if (
@@ -304,7 +352,7 @@ class EpochSync:
             lease, view = lease_of(), self.guard.view
             if lease and (view, lease) != self._written:
                 try:
-                    value = encode_ack(view, self.guard.revision)
+                    value = encode_ack(view, self.guard.revision, self.guard.view_window)
                     self._written_at = await self.store.put(self.key, value, lease=lease)
                     self._written, delay = (view, lease), 0.1
                 except StoreError as exc:
