@@ -85,9 +85,7 @@ class Replica:
         self.guard = ResizeGuard(
             replica_id, spec.middlebox.window, enabled=spec.middlebox.resize_guard
         )
-        self.middlebox: Middlebox = get_function(spec.middlebox.function)(
-            config, self.guard.group
-        )
+        self.middlebox: Middlebox = get_function(spec.middlebox.function)(config, self.guard.group)
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.views: dict[str, View] = {}

@@ -1,6 +1,6 @@
 """The Store protocol every state module talks to, its values and its errors.
 
-Implemented by vmbox.state.etcd (the only module that imports an etcd client).
+Implemented by vmbox.state.etcd (the only package that imports an etcd client).
 Membership, views, the controller and the CLI depend on this protocol only.
 """
 
@@ -43,6 +43,7 @@ class Store(Protocol):
     """What vmbox needs from etcd. Reads are linearizable unless said otherwise."""
 
     endpoints: tuple[str, ...]
+
     # Watch streams that broke (a member died, a leader changed) and were
     # resumed from the revision after the last event delivered.
     @property
