@@ -1,4 +1,4 @@
-"""Pure helpers of vmbox.etcdserver and vmbox.state.etcd: no etcd is started here."""
+"""Pure helpers of vmbox.etcdserver, etcdmember and vmbox.state.etcd: no etcd is started here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbox import etcdserver
+from vmbox import etcdmember
 from vmbox.etcdserver import EtcdNotFound, find_etcd, free_port
 from vmbox.state.etcd import normalize_endpoint
 
@@ -34,9 +34,9 @@ def test_last_relevant_log_line_prefers_errors(tmp_path: Path) -> None:
         {"level": "info", "msg": "bye"},
     ]
     log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    assert etcdserver._last_relevant(log) == "listen failed: address already in use"
+    assert etcdmember._last_relevant(log) == "listen failed: address already in use"
     log.write_text('{"level": "info", "msg": "only info"}\n')
-    assert etcdserver._last_relevant(log) == "only info"
+    assert etcdmember._last_relevant(log) == "only info"
 
 
 @pytest.mark.parametrize(
