@@ -107,8 +107,10 @@ def test_a_resize_guard_lift_applies_within_the_window() -> None:
     joiner.update(group=guarded)
     assert passed(joiner, 100, now=10.95) == 0  # its first window
     assert passed(joiner, 100, now=11.01) == 0  # guarded
-    joiner.update(group=Group(("r1", "r2"), "r2"))  # the guard lifts at 11.02
-    assert passed(joiner, 100, now=11.02) == 50  # at once, not in window 12
+    joiner.update(group=Group(("r1", "r2", "r3"), "r2", previous=("r1", "r2", "r3")))
+    assert passed(joiner, 100, now=11.015) == 33  # r3 joins: still the guard's, at once
+    joiner.update(group=Group(("r1", "r2"), "r2"))  # r3 left again; the guard lifts at 11.02
+    assert passed(joiner, 100, now=11.02) == 17  # at once, not in window 12: 50 in all
     # A change of members mid-window still waits for the next window.
     joiner.update(group=Group(("r2",), "r2"))
     assert passed(joiner, 100, now=11.5) == 0  # 50 of window 11 already used

@@ -19,7 +19,9 @@ Resizes never over-admit within a window: a replica cannot know what its
 siblings passed earlier in the current window, so the group a window's shares
 come from is the one the window began with (a member that leaves keeps its last
 demand report until the window ends), and a replica that starts mid-window
-admits nothing until the next one. A new `limit` applies at once. Under the
+admits nothing until the next one. Under the even split, the groups the
+resize guard hands over are the exception: each is safe at any moment, so
+they apply at once (see `_guard_lifted`). A new `limit` applies at once. Under the
 demand split a source's share is likewise fixed for a window when the window
 begins, so the replicas' allowances of a window come from one set of reports
 and add up to the limit however the reports fluctuate; only a source that no
@@ -134,23 +136,22 @@ class RateLimit(Middlebox):
             self.window_allow.update(self.allow)
 
     def _guard_lifted(self) -> bool:
-        """The new group only eases the resize guard on the window's members.
+        """The resize guard's change: under the even split it applies within the window.
 
-        The guard lifts (wholly or in part) only once every member of the set
-        it settles at takes its shares from that set in this window already
-        (vmbox.state.epoch), so under the even split the higher share is safe
-        at once; waiting for the next window would hold this replica at its
-        guarded share, nothing for a joiner, one window more. A change of
-        members still waits for the next window, and the demand split (whose
-        shares of a window come from one set of reports) keeps its rule.
+        While the guard is on, every group it hands over is safe at any moment
+        of a window, since each of its shares is at most the share under every
+        set not yet settled, and a set settles only once all its members take
+        their shares from it (vmbox.state.epoch; tests/unit/test_epoch.py
+        checks the limit with shares taken at their largest at any moment).
+        Waiting for the next window would only hold this replica at its old
+        share, nothing for a joiner, one window more. Changes between two
+        unguarded groups (the guard turned off) still wait for the next window,
+        and the demand split, whose shares of a window come from one set of
+        reports, keeps that rule too.
         """
         old, new = self.window_group, self.group
-        return (
-            not self.demand
-            and new.previous != old.previous
-            and (new.members, new.me) == (old.members, old.me)
-        )
-
+        guarded = old.previous is not None or new.previous is not None
+        return not self.demand and guarded and new.me == old.me
     def _window_share(self) -> int:
         if self.window_id == self.first_window:
             return 0
