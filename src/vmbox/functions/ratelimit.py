@@ -152,6 +152,7 @@ class RateLimit(Middlebox):
         old, new = self.window_group, self.group
         guarded = old.previous is not None or new.previous is not None
         return not self.demand and guarded and new.me == old.me
+
     def _window_share(self) -> int:
         if self.window_id == self.first_window:
             return 0
