@@ -234,7 +234,9 @@ async def main(reps: int, cases: list[tuple[int, int]], aim: float | None) -> li
                 for rep in range(reps):
                     # Alternate, so both settings see the same machine conditions.
                     for guard in (True, False):
-                        lag = statistics.median(lags) if lags else LAG_GUESS[case]
+                        like = (1, 4) if case[1] > case[0] else (4, 1)
+                        guess = LAG_GUESS.get(case, LAG_GUESS[like])
+                        lag = statistics.median(lags) if lags else guess
                         name = f"rs{case[0]}{case[1]}-{rep}-{'on' if guard else 'off'}"
                         run = await one_run(store, Path(tmp), case, guard, lag, aim, name)
                         lags.append(run.lag)

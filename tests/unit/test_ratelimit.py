@@ -107,14 +107,20 @@ def test_a_resize_guard_lift_applies_within_the_window() -> None:
     joiner.update(group=guarded)
     assert passed(joiner, 100, now=10.95) == 0  # its first window
     assert passed(joiner, 100, now=11.01) == 0  # guarded
-    joiner.update(group=Group(("r1", "r2", "r3"), "r2", previous=("r1", "r2", "r3")))
-    assert passed(joiner, 100, now=11.015) == 33  # r3 joins: still the guard's, at once
-    joiner.update(group=Group(("r1", "r2"), "r2"))  # r3 left again; the guard lifts at 11.02
-    assert passed(joiner, 100, now=11.02) == 17  # at once, not in window 12: 50 in all
+    joiner.update(group=Group(("r1", "r2"), "r2"))  # the guard lifts at 11.02
+    assert passed(joiner, 100, now=11.02) == 50  # at once, not in window 12
     # A change of members mid-window still waits for the next window.
     joiner.update(group=Group(("r2",), "r2"))
     assert passed(joiner, 100, now=11.5) == 0  # 50 of window 11 already used
     assert passed(joiner, 200, now=12.0) == 100
+
+
+def test_a_guard_that_lowers_a_share_waits_for_the_next_window() -> None:
+    elder = make(limit=100, members=("r1",), me="r1")
+    assert passed(elder, 40, now=20.01) == 40
+    elder.update(group=Group(("r1", "r2"), "r1", previous=("r1", "r2")))  # r2 joins
+    assert passed(elder, 100, now=20.02) == 60  # keeps this window's first share
+    assert passed(elder, 100, now=21.0) == 50  # the guard's share from the next window
 
 
 def test_a_guard_lift_mid_window_waits_under_the_demand_split() -> None:

@@ -20,8 +20,8 @@ siblings passed earlier in the current window, so the group a window's shares
 come from is the one the window began with (a member that leaves keeps its last
 demand report until the window ends), and a replica that starts mid-window
 admits nothing until the next one. Under the even split, the groups the
-resize guard hands over are the exception: each is safe at any moment, so
-they apply at once (see `_guard_lifted`). A new `limit` applies at once. Under the
+resize guard hands over are the exception: a raise applies at once (see
+`_guard_eases`). A new `limit` applies at once. Under the
 demand split a source's share is likewise fixed for a window when the window
 begins, so the replicas' allowances of a window come from one set of reports
 and add up to the limit however the reports fluctuate; only a source that no
@@ -127,7 +127,7 @@ class RateLimit(Middlebox):
 
     def recompute(self) -> None:
         self.share = sharing.even_share(self.limit, self.group)
-        if self._guard_lifted():
+        if self._guard_eases():
             self.window_group = self.group  # for the rest of this window too
         self.window_share = self._window_share()
         if self.demand and self.allow_limit != self.limit:
@@ -135,23 +135,27 @@ class RateLimit(Middlebox):
             self._divide(set(self.allow) | set(self.index.by_source))
             self.window_allow.update(self.allow)
 
-    def _guard_lifted(self) -> bool:
-        """The resize guard's change: under the even split it applies within the window.
+    def _guard_eases(self) -> bool:
+        """The resize guard raised this replica's even share: take it within the window.
 
-        While the guard is on, every group it hands over is safe at any moment
-        of a window, since each of its shares is at most the share under every
-        set not yet settled, and a set settles only once all its members take
-        their shares from it (vmbox.state.epoch; tests/unit/test_epoch.py
-        checks the limit with shares taken at their largest at any moment).
-        Waiting for the next window would only hold this replica at its old
-        share, nothing for a joiner, one window more. Changes between two
-        unguarded groups (the guard turned off) still wait for the next window,
+        While the guard is on, the share it gives at any moment of a window is
+        safe for the whole window: at most the share under every set not yet
+        settled, and a set settles only once all its members take their
+        shares from it (vmbox.state.epoch; tests/unit/test_epoch.py checks the
+        limit with each replica's largest share at any moment of a window).
+        So the larger of the window's first share and the guard's latest is
+        safe. Taking a raise at once spares a joiner (or a survivor) one
+        window at nothing (or at its old share); a lower share still waits for
+        the next window, as taking it at once would cut the window short.
+        Changes between two unguarded groups (the guard turned off) wait too,
         and the demand split, whose shares of a window come from one set of
-        reports, keeps that rule too.
+        reports, keeps that rule.
         """
         old, new = self.window_group, self.group
         guarded = old.previous is not None or new.previous is not None
-        return not self.demand and guarded and new.me == old.me
+        if self.demand or not guarded or new.me != old.me:
+            return False
+        return sharing.even_share(self.limit, new) > sharing.even_share(self.limit, old)
 
     def _window_share(self) -> int:
         if self.window_id == self.first_window:

@@ -85,6 +85,7 @@ from vmbox.state.store import KeyValue, Store, StoreError
 log = logging.getLogger(__name__)
 
 LEASE_CHECK = 0.5  # seconds between checks that the ack sits on the current lease
+LEASE_WAIT = 0.02  # the same while an ack waits for the first lease (a fresh replica)
 MAX_SETS = 32  # sets kept since the settle point; older ones are merged (never unsafely)
 TIMER_SLACK = 0.0005  # wake this long after a boundary, so floor(now / window) has moved
 
@@ -364,8 +365,11 @@ class EpochSync:
                     continue
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that lands as the event is set, and the task lives on.
+            # An ack that waits for a lease (registration under way) is written
+            # as soon as there is one: everyone stays guarded until it is.
+            check = LEASE_WAIT if not lease else LEASE_CHECK
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LEASE_CHECK):
+                async with asyncio.timeout(check):
                     await self._dirty.wait()
             self._dirty.clear()
 
