@@ -81,7 +81,9 @@ def test_acks_seen_after_a_boundary_lift_the_guard_at_once_when_they_declare_win
         b = ResizeGuard("b", 1.0)
         b.see_members(both, 7, 0.95)
         a.see_members(both, 7, 0.96)
-        assert (a.view_window, b.view_window) == (1, 1)  # applied in window 0
+        # a applied it in window 0 (its window 0 group was fixed before); b, fresh,
+        # has taken nothing at all, so its shares are bounded from window 0 on.
+        assert (a.view_window, b.view_window) == (1, 0)
         windows = {"a": a.view_window, "b": b.view_window} if declared else {}
         for guard in (a, b):
             guard.see_acks({"a": both, "b": both}, 1.02, windows)
@@ -89,6 +91,19 @@ def test_acks_seen_after_a_boundary_lift_the_guard_at_once_when_they_declare_win
         assert b.wake_at() == (None if declared else 2.0)
         b.tick(lifted_at)
         assert not b.guarded and share(b) == 50
+
+
+def test_a_joiner_that_sees_itself_only_after_the_boundary_does_not_cost_a_window() -> None:
+    both = {"a", "b"}
+    a = settled("a", {"a"}, now=-5.0)
+    a.see_members(both, 7, 0.97)  # b registered at 0.96; a applies it in window 0
+    b = ResizeGuard("b", 1.0)
+    b.see_members(both, 7, 1.004)  # b's own watch delivers it after the boundary
+    assert (a.view_window, b.view_window) == (1, 1)
+    b.see_acks({"a": both, "b": both}, 1.02, {"a": 1, "b": 1})
+    assert not b.guarded and share(b) == 50  # in window 1, not from window 2
+    b.see_members({"a", "b", "c"}, 9, 1.5)  # no longer fresh: binds from the next window
+    assert b.view_window == 2
 
 
 def test_a_declared_window_still_to_come_is_waited_for_but_never_past_the_boundary() -> None:
@@ -328,10 +343,12 @@ def _acks(
     for p in procs:
         last = -1
         gone = next((w for w, r, present in changes if r == p.rid and not present), 10**9)
-        for applied, view in p.views:
+        for index, (applied, view) in enumerate(p.views):
             at = max(applied + rng.randint(0, 5), p.registered, last)
+            # A fresh replica's first view binds it from the current window.
+            window = applied // WINDOW_MS + (0 if index == 0 else 1)
             if at < min(gone, p.stop):
-                writes.append((at, p.rid, (view, applied // WINDOW_MS + 1)))
+                writes.append((at, p.rid, (view, window)))
                 last = at
         if gone < 10**9:
             writes.append((gone, p.rid, None))
