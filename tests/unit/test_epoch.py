@@ -10,6 +10,7 @@ share at some moment of the window; the largest is the worst case).
 
 from __future__ import annotations
 
+import heapq
 import random
 import sys
 from collections.abc import Iterable
@@ -81,9 +82,7 @@ def test_acks_seen_after_a_boundary_lift_the_guard_at_once_when_they_declare_win
         b = ResizeGuard("b", 1.0)
         b.see_members(both, 7, 0.95)
         a.see_members(both, 7, 0.96)
-        # a applied it in window 0 (its window 0 group was fixed before); b, fresh,
-        # has taken nothing at all, so its shares are bounded from window 0 on.
-        assert (a.view_window, b.view_window) == (1, 0)
+        assert (a.view_window, b.view_window) == (1, 1)  # applied in window 0
         windows = {"a": a.view_window, "b": b.view_window} if declared else {}
         for guard in (a, b):
             guard.see_acks({"a": both, "b": both}, 1.02, windows)
@@ -93,17 +92,17 @@ def test_acks_seen_after_a_boundary_lift_the_guard_at_once_when_they_declare_win
         assert not b.guarded and share(b) == 50
 
 
-def test_a_joiner_that_sees_itself_only_after_the_boundary_does_not_cost_a_window() -> None:
+def test_a_joiner_that_sees_itself_only_after_the_boundary_waits_one_window() -> None:
+    """The cost that remains: b cannot tell whether a member that left just before
+    it came took its share in this window, so it binds itself from the next one."""
     both = {"a", "b"}
     a = settled("a", {"a"}, now=-5.0)
     a.see_members(both, 7, 0.97)  # b registered at 0.96; a applies it in window 0
     b = ResizeGuard("b", 1.0)
     b.see_members(both, 7, 1.004)  # b's own watch delivers it after the boundary
-    assert (a.view_window, b.view_window) == (1, 1)
-    b.see_acks({"a": both, "b": both}, 1.02, {"a": 1, "b": 1})
-    assert not b.guarded and share(b) == 50  # in window 1, not from window 2
-    b.see_members({"a", "b", "c"}, 9, 1.5)  # no longer fresh: binds from the next window
-    assert b.view_window == 2
+    assert (a.view_window, b.view_window) == (1, 2)
+    b.see_acks({"a": both, "b": both}, 1.02, {"a": 1, "b": 2})
+    assert b.guarded and b.wake_at() == 2.0 and share(b) == 0
 
 
 def test_a_declared_window_still_to_come_is_waited_for_but_never_past_the_boundary() -> None:
@@ -250,9 +249,6 @@ class Proc:
     stop: int = 10**9  # stops serving (leaves or crashes)
     leave: int | None = None  # when it starts leaving (takes 0 from then, if guarded)
     views: list[tuple[int, frozenset[str]]] = field(default_factory=list)
-    acks_seen: list[tuple[int, dict[str, tuple[frozenset[str], int]]]] = field(
-        default_factory=list
-    )
 
 
 def _deliver(rng: random.Random, events: list[tuple[int, T]], start: int, late: int) -> list:
@@ -295,10 +291,7 @@ def _simulate(seed: int, guard: bool, declare: bool) -> tuple[list[tuple[int, in
         history.append((when, frozenset(current)))
     for p in procs:
         p.views = _deliver(rng, history, p.start, late)
-    acks = _acks(rng, procs, changes)
-    for p in procs:
-        p.acks_seen = _deliver(rng, acks, p.start, late)
-    return _run(procs, guard, declare)
+    return _run(AckWatch(rng, procs, changes, late), procs, guard, declare)
 
 
 def _processes(rng: random.Random) -> list[Proc]:
@@ -331,53 +324,102 @@ def _membership(rng: random.Random, procs: list[Proc]) -> list[tuple[int, str, b
     return sorted(changes)
 
 
-def _acks(
-    rng: random.Random, procs: list[Proc], changes: list[tuple[int, str, bool]]
-) -> list[tuple[int, dict[str, tuple[frozenset[str], int]]]]:
-    """Snapshots of the acks: each written after its replica applied a view, gone with it.
+Acks = dict[str, tuple[frozenset[str], int]]  # replica -> (set, declared window)
 
-    An ack also declares the first window its replica takes shares from that
-    view (the one after the window it applied the view in), as EpochSync writes.
+
+class AckWatch:
+    """The acks key space as the guards write and watch it, in simulated time.
+
+    A replica writes its ack (the set and the window its own guard declares)
+    up to 5 ms after applying a view, once registered; the ack goes with its
+    member key. Each replica lists the acks up to `late` ms after it starts,
+    then sees every later write or deletion, in order, up to `late` ms after it.
     """
-    writes: list[tuple[int, str, tuple[frozenset[str], int] | None]] = []
-    for p in procs:
-        last = -1
-        gone = next((w for w, r, present in changes if r == p.rid and not present), 10**9)
-        for index, (applied, view) in enumerate(p.views):
-            at = max(applied + rng.randint(0, 5), p.registered, last)
-            # A fresh replica's first view binds it from the current window.
-            window = applied // WINDOW_MS + (0 if index == 0 else 1)
-            if at < min(gone, p.stop):
-                writes.append((at, p.rid, (view, window)))
-                last = at
-        if gone < 10**9:
-            writes.append((gone, p.rid, None))
-    snapshots = []
-    acks: dict[str, tuple[frozenset[str], int]] = {}
-    for when, rid, view in sorted(writes, key=lambda w: w[0]):
-        if view is None:
-            acks.pop(rid, None)
-        else:
-            acks[rid] = view
-        snapshots.append((when, dict(acks)))
-    return snapshots
+
+    def __init__(
+        self, rng: random.Random, procs: list[Proc], changes: list[tuple[int, str, bool]], late: int
+    ) -> None:
+        self.rng, self.late = rng, late
+        self.procs = {p.rid: p for p in procs}
+        self.gone = {p.rid: 10**9 for p in procs}
+        for when, rid, present in changes:
+            if not present:
+                self.gone[rid] = when
+        self.events: list[tuple[int, int, str, tuple[frozenset[str], int] | None]] = []
+        self.seq = 0
+        for rid, when in self.gone.items():
+            if when < 10**9:
+                self._push(when, rid, None)
+        self.acks: Acks = {}  # what the store holds
+        self.listed = {p.rid: p.start + rng.randint(0, late) for p in procs}
+        self.inbox: dict[str, list[tuple[int, str, tuple[frozenset[str], int] | None]]] = {
+            p.rid: [] for p in procs
+        }
+        self.last_in = {p.rid: 0 for p in procs}
+        self.last_write = {p.rid: 0 for p in procs}
+        self.seen: dict[str, Acks | None] = {p.rid: None for p in procs}  # None: not listed
+
+    def _push(self, when: int, rid: str, ack: tuple[frozenset[str], int] | None) -> None:
+        heapq.heappush(self.events, (when, self.seq, rid, ack))
+        self.seq += 1
+
+    def write(self, t: int, rid: str, view: frozenset[str], window: int) -> None:
+        p = self.procs[rid]
+        at = max(t + 1 + self.rng.randint(0, 5), p.registered, self.last_write[rid])
+        if at < min(self.gone[rid], p.stop):
+            self._push(at, rid, (view, window))
+            self.last_write[rid] = at
+
+    def commit(self, t: int) -> None:
+        """What the store does at `t`, and when each replica will see it."""
+        while self.events and self.events[0][0] <= t:
+            when, _, rid, ack = heapq.heappop(self.events)
+            if ack is None:
+                self.acks.pop(rid, None)
+            else:
+                self.acks[rid] = ack
+            for other, listed in self.listed.items():
+                if when > listed:
+                    at = max(self.last_in[other], when + self.rng.randint(0, self.late))
+                    self.inbox[other].append((at, rid, ack))
+                    self.last_in[other] = at
+
+    def deliver(self, t: int, rid: str) -> Acks | None:
+        """The snapshot replica `rid` sees at `t` if it changed, else None."""
+        changed = False
+        if self.seen[rid] is None and t >= self.listed[rid]:
+            self.seen[rid], changed = dict(self.acks), True
+        inbox, mine = self.inbox[rid], self.seen[rid]
+        while mine is not None and inbox and inbox[0][0] <= t:
+            _, writer, ack = inbox.pop(0)
+            if ack is None:
+                mine.pop(writer, None)
+            else:
+                mine[writer] = ack
+            changed = True
+        return dict(mine) if changed and mine is not None else None
 
 
-def _run(procs: list[Proc], guard: bool, declare: bool) -> tuple[list[tuple[int, int]], int]:
+def _run(
+    watch: AckWatch, procs: list[Proc], guard: bool, declare: bool
+) -> tuple[list[tuple[int, int]], int]:
     guards = {p.rid: ResizeGuard(p.rid, WINDOW_MS / 1000, enabled=guard) for p in procs}
     largest: dict[int, dict[str, int]] = {}
     guarded = 0
     end = max(p.start for p in procs) + 8 * WINDOW_MS
     for t in range(end):
         now = t / 1000
+        watch.commit(t)
         for p in procs:
             if not p.start <= t < p.stop:
                 continue
             g = guards[p.rid]
             while p.views and p.views[0][0] <= t:
-                g.see_members(p.views.pop(0)[1], t, now)
-            while p.acks_seen and p.acks_seen[0][0] <= t:
-                acks = p.acks_seen.pop(0)[1]
+                if g.see_members(p.views.pop(0)[1], t, now):
+                    # The declared window is the guard's own (EpochSync writes it).
+                    watch.write(t, p.rid, g.view, g.view_window)
+            acks = watch.deliver(t, p.rid)
+            if acks is not None:
                 windows = {r: w for r, (_, w) in acks.items()} if declare else {}
                 g.see_acks({r: members for r, (members, _) in acks.items()}, now, windows)
             if p.leave is not None and t >= p.leave:
@@ -396,7 +438,9 @@ def _run(procs: list[Proc], guard: bool, declare: bool) -> tuple[list[tuple[int,
 def test_with_the_guard_no_window_ever_admits_more_than_the_limit(declare: bool) -> None:
     # Shares are taken as the largest a replica had at any moment of a window,
     # so a guard that lifts mid-window is held to the limit too.
-    bad = {seed: over for seed in range(300) if (over := simulate(seed, True, declare))}
+    # 1,000 schedules: an unsound declaration (the current window for a replica
+    # that had taken nothing yet) showed in 4 of 3,000.
+    bad = {seed: over for seed in range(1000) if (over := simulate(seed, True, declare))}
     assert not bad, bad
 
 

@@ -27,8 +27,7 @@ cost one window less.
 
 An ack also declares the first window its replica takes shares from the set:
 the one after the window it applied the set in (the data plane fixes a
-window's group when the window begins), or for a fresh replica's first view
-the current one, since it has taken nothing yet. Once every member's ack declares a
+window's group when the window begins). Once every member's ack declares a
 window that has begun, the set settles at once, mid-window, without waiting
 for the boundary after the acks were seen: a join just before a boundary,
 whose acks arrive just after it, no longer holds the joiner at nothing (and
@@ -178,12 +177,12 @@ class ResizeGuard:
         new = frozenset(members)
         if new == self.view:
             return False
-        # Its first view finds a fresh replica taking nothing (it keeps the empty
-        # set), so its shares are bounded by the view from this window on; later
-        # views bound them from the next window, the one whose group they fix.
-        fresh = not self.view and self._sets == [frozenset()]
+        # The first window whose group the view fixes. Not this one, even for a
+        # replica that has taken nothing yet: a member that left in this window
+        # may have taken its share before the view existed (the simulation in
+        # tests/unit/test_epoch.py finds such schedules if this one is declared).
         self.view, self.revision = new, revision
-        self.view_window = self._window_of(now) + (0 if fresh else 1)
+        self.view_window = self._window_of(now) + 1
         if self.enabled:
             if not self.guarded or self.since is None:
                 self.since = now
