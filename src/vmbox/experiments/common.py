@@ -37,7 +37,7 @@ from rich.progress import (
 from vmbox.control import events
 from vmbox.control.controller import Controller, PermanentError
 from vmbox.dataplane.sockets import AddressInUse
-from vmbox.etcdserver import EtcdServer, find_etcd
+from vmbox.etcdserver import EtcdCluster, EtcdServer, find_etcd
 from vmbox.metrics import scrape
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec
@@ -140,18 +140,26 @@ def new_progress(console: Console) -> Progress:
 
 
 @asynccontextmanager
-async def private_store() -> AsyncIterator[EtcdStore]:
-    """A private etcd on loopback and a store connected to it; both gone afterwards."""
-    server = EtcdServer()
+async def private_etcd(members: int = 1) -> AsyncIterator[tuple[EtcdCluster, EtcdStore]]:
+    """A private etcd of `members` on loopback and a store connected to all of them;
+    both gone afterwards. The cluster is there for faults that stop its members."""
+    server = EtcdServer() if members == 1 else EtcdCluster(members)
     await asyncio.to_thread(server.start)
     try:
         store = await connect(server.endpoints, timeout=10)
         try:
-            yield store
+            yield server, store
         finally:
             await store.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@asynccontextmanager
+async def private_store() -> AsyncIterator[EtcdStore]:
+    """A private etcd on loopback and a store connected to it; both gone afterwards."""
+    async with private_etcd() as (_, store):
+        yield store
 
 
 @dataclass
@@ -248,14 +256,21 @@ async def _wait_members(
         await asyncio.sleep(0.1)
 
 
-async def count_ready(store: Store, service: str) -> int:
-    """How many replicas are registered and report vmbox_ready (holding their share)."""
-    ready = 0
-    for member in (await list_members(store, service)).values():
+async def ready_members(store: Store, service: str) -> tuple[int, dict[str, int]]:
+    """(replicas registered, the pid of each that reports vmbox_ready: holding its share)."""
+    members = await list_members(store, service)
+    ready: dict[str, int] = {}
+    for rid, member in members.items():
         with contextlib.suppress(Exception):  # starting or stopping: not ready
             metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
-            ready += metrics.get("vmbox_ready", 0.0) == 1.0
-    return ready
+            if metrics.get("vmbox_ready", 0.0) == 1.0:
+                ready[rid] = int(member.info["pid"])
+    return len(members), ready
+
+
+async def count_ready(store: Store, service: str) -> int:
+    """How many replicas are registered and report vmbox_ready (holding their share)."""
+    return len((await ready_members(store, service))[1])
 
 
 async def until_epoch_second() -> int:

@@ -45,16 +45,8 @@ SEEN_WITHIN = 3.0  # seconds every replica gets to report a bad value or apply a
 Metrics = dict[str, float]
 
 
-async def _wait_all(watch: Watch, test: Callable[[Metrics], bool]) -> bool:
-    """Scrape until every replica's metrics pass `test` or SEEN_WITHIN runs out."""
-    deadline = time.monotonic() + SEEN_WITHIN
-    while True:
-        await watch.scrape()
-        if len(watch.last) == len(watch.metrics) and all(map(test, watch.last.values())):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+def _limit_is(value: int) -> Callable[[Metrics], bool]:
+    return lambda metrics: metrics.get("vmbox_limit") == value
 
 
 def _bad_values_at_least(count: int) -> Callable[[Metrics], bool]:
@@ -70,8 +62,8 @@ async def _inject(
         await etcdctl(service.store.endpoints, "put", "--", key, value)
         result.injected += 1
         shown = _shown(value)
-        reported = await _wait_all(watch, _bad_values_at_least(result.injected))
-        result.check(reported, f"not every replica reported the bad value {shown}")
+        reported = await watch.until_every(_bad_values_at_least(result.injected), SEEN_WITHIN)
+        result.check(reported is not None, f"not every replica reported the bad value {shown}")
         limits = {rid: metrics.get("vmbox_limit") for rid, metrics in watch.last.items()}
         kept_all = all(limit == kept for limit in limits.values())
         result.check(kept_all, f"after {shown} the limits were {limits}, not {kept}")
@@ -108,8 +100,9 @@ async def corrupt_values(scale: Scale, say: Say) -> FaultResult:
                 await until_mid_second()
                 await etcdctl(service.store.endpoints, "put", key, str(GOOD))
                 good_at = int(time.time())
-                applied = await _wait_all(watch, lambda m: m.get("vmbox_limit") == GOOD)
-                result.check(applied, f"not every replica applied the good value {GOOD}")
+                applied = await watch.until_every(_limit_is(GOOD), SEEN_WITHIN)
+                missed = f"not every replica applied the good value {GOOD}"
+                result.check(applied is not None, missed)
                 await _inject(service, watch, bad[:1], GOOD, result)
                 # The operator repairs the key; a new revision of the same value changes nothing.
                 await etcdctl(service.store.endpoints, "put", key, str(GOOD))

@@ -24,7 +24,7 @@ import psutil
 from vmbox.demo import free_udp_port
 from vmbox.etcdserver import find_etcd
 from vmbox.experiments.common import Service, private_store, running_service
-from vmbox.faults import NONE, FaultResult
+from vmbox.faults import NONE, FaultResult, processes
 from vmbox.metrics import ScrapeError, scrape
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
@@ -175,16 +175,26 @@ class Watch:
         """A metric summed over the replicas' latest scrapes."""
         return sum(values.get(name, 0.0) for values in self.last.values())
 
+    async def until_every(
+        self, test: Callable[[dict[str, float]], bool], within: float
+    ) -> float | None:
+        """Scrape until every replica's metrics pass `test`: the seconds it took, or None."""
+        started = time.monotonic()
+        while True:
+            await self.scrape()
+            if len(self.last) == len(self.metrics) and all(map(test, self.last.values())):
+                return time.monotonic() - started
+            if time.monotonic() - started > within:
+                return None
+            await asyncio.sleep(0.05)
+
     def dead(self) -> list[str]:
         """Replicas whose original process is gone, and restarts, one line each."""
-        gone = []
-        for rid, proc in self.procs.items():
-            try:
-                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                alive = False
-            if not alive:
-                gone.append(f"replica {rid} (pid {proc.pid}) died")
+        gone = [
+            f"replica {rid} (pid {proc.pid}) died"
+            for rid, proc in self.procs.items()
+            if not processes.alive(proc)
+        ]
         if self.service.controller.restarts:
             gone.append(f"the controller restarted {self.service.controller.restarts} replica(s)")
         return gone

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from vmbox.experiments.common import private_store
+from vmbox.experiments.common import private_store, ready_members
 from vmbox.faults import FaultResult, Say, Scale, common, processes
-from vmbox.metrics import scrape
 from vmbox.runtime.local import last_line
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore
@@ -112,14 +111,10 @@ class Run:
         ready: dict[str, int] = {}
 
         async def done() -> bool:
-            members = await list_members(self.store, SERVICE)
+            registered, found = await ready_members(self.store, SERVICE)
             ready.clear()
-            for rid, member in members.items():
-                with contextlib.suppress(Exception):  # starting or stopping: not ready
-                    metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
-                    if metrics.get("vmbox_ready") == 1.0:
-                        ready[rid] = int(member.info["pid"])
-            return len(members) == len(ready) == count
+            ready.update(found)
+            return registered == len(ready) == count
 
         await self.until(f"not {count} replicas ready", done)
         return ready

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 from vmbox.etcdserver import EtcdCluster
-from vmbox.experiments.common import Service, running_service
+from vmbox.experiments.common import Service, private_etcd, running_service
 from vmbox.faults import FaultResult, Say, Scale
 from vmbox.faults.common import (
     LIMIT,
@@ -51,23 +50,6 @@ HOLD = 2.0  # seconds the cluster runs a member short before it comes back
 OUTAGE = {"small": 4.5, "full": 6.0}  # seconds without quorum (store_timeout is 3 s)
 CYCLES = {"small": 1, "full": 2}
 SEEN_WITHIN = 10.0  # seconds for a write to reach the replicas, a replica to be ready
-
-
-@asynccontextmanager
-async def cluster_store() -> AsyncIterator[tuple[EtcdCluster, EtcdStore, EtcdStore]]:
-    """Three etcd members and two clients (the service's, a writer's); all gone after."""
-    cluster = EtcdCluster(3)
-    await asyncio.to_thread(cluster.start)
-    try:
-        store = await connect(cluster.endpoints, timeout=10)
-        writer = await connect(cluster.endpoints, timeout=10)
-        try:
-            yield cluster, store, writer
-        finally:
-            await writer.close()
-            await store.close()
-    finally:
-        await asyncio.to_thread(cluster.stop)
 
 
 async def _until(test: Callable[[], Awaitable[bool]], within: float) -> float | None:
@@ -110,13 +92,9 @@ class _Run:
         """Write the limit (its own value again); every replica's watch must deliver it."""
         revision = await self.writer.put(keys.state_key(self.name, "limit"), value)
         self.limit_writes += 1
-
-        async def delivered() -> bool:
-            await self.watch.scrape()
-            got = [m.get("vmbox_state_watch_revision", 0.0) for m in self.watch.last.values()]
-            return len(got) == len(self.watch.metrics) and min(got) >= revision
-
-        took = await _until(delivered, SEEN_WITHIN)
+        took = await self.watch.until_every(
+            lambda m: m.get("vmbox_state_watch_revision", 0.0) >= revision, SEEN_WITHIN
+        )
         self.result.check(took is not None, f"a limit write (rev {revision}) missed a replica")
 
     async def kill(self, which: str, limit: bytes) -> None:
@@ -163,13 +141,9 @@ class _Run:
         back = time.monotonic()
         for index in stopped:
             await asyncio.to_thread(self.cluster.start_member, index)
-
-        async def healed() -> bool:
-            await self.watch.scrape()
-            down = [m.get("vmbox_store_down_seconds", 1.0) for m in self.watch.last.values()]
-            return len(down) == len(self.watch.metrics) and max(down) == 0.0
-
-        took = await _until(healed, SEEN_WITHIN)
+        took = await self.watch.until_every(
+            lambda m: m.get("vmbox_store_down_seconds", 1.0) == 0.0, SEEN_WITHIN
+        )
         self.result.check(took is not None, "the replicas did not see etcd back")
         self._gap("quorum loss", started)
         await self.write_limit(limit)
@@ -206,10 +180,14 @@ class _Run:
 
 async def etcd_members(scale: Scale, say: Say) -> FaultResult:
     result = FaultResult("etcd member loss", survived=True)
-    async with cluster_store() as (cluster, store, writer):
-        make_spec = lambda: fault_spec("etcdloss", 2)  # noqa: E731
-        async with running_service(store, make_spec) as service:
-            result = await _inject(cluster, writer, service, scale, say, result)
+    async with private_etcd(3) as (cluster, store):
+        writer = await connect(cluster.endpoints, timeout=10)  # a client of its own
+        try:
+            make_spec = lambda: fault_spec("etcdloss", 2)  # noqa: E731
+            async with running_service(store, make_spec) as service:
+                result = await _inject(cluster, writer, service, scale, say, result)
+        finally:
+            await writer.close()
     return result
 
 

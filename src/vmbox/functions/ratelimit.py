@@ -155,7 +155,7 @@ class RateLimit(Middlebox):
         guarded = old.previous is not None or new.previous is not None
         if self.demand or not guarded or new.me != old.me:
             return False
-        return sharing.even_share(self.limit, new) > sharing.even_share(self.limit, old)
+        return self.share > sharing.even_share(self.limit, old)  # share: the new group's
 
     def _window_share(self) -> int:
         if self.window_id == self.first_window:
