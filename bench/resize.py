@@ -49,9 +49,17 @@ from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT, RATE, FLOWS, SECONDS = 100, 300.0, 64, 5
 COLUMNS = (
-    "case", "guard", "rep", "over (pkts)", "% of limit*5s", "received/s",
-    "changes at (ms into s)", "guard up s", "lifted s after", "steady over",
-)  # fmt: skip
+    "case",
+    "guard",
+    "rep",
+    "over (pkts)",
+    "% of limit*5s",
+    "received/s",
+    "changes at (ms into s)",
+    "guard up s",
+    "lifted s after",
+    "steady over",
+)
 LAG_GUESS = {(1, 4): 0.8, (4, 1): 2.1}  # write -> first change, before any is measured
 
 
@@ -142,9 +150,14 @@ async def gauges(store: EtcdStore, service: str) -> list[dict[str, float]]:
 
 
 async def one_run(
-    store: EtcdStore, log_dir: Path, case: tuple[int, int], guard: bool, lag: float,
-    aim: float | None, name: str,
-) -> Run:  # fmt: skip
+    store: EtcdStore,
+    log_dir: Path,
+    case: tuple[int, int],
+    guard: bool,
+    lag: float,
+    aim: float | None,
+    name: str,
+) -> Run:
     spec = make_spec(name, case[0], guard)
     echo = EchoServer(spec.upstream)
     await echo.start()
@@ -176,15 +189,19 @@ async def one_run(
         steady = math.floor(started) + 1
         baseline, _ = over_admission(echo.history, steady, max(0, window - steady))
         return Run(
-            case, guard, over, per_second,
+            case,
+            guard,
+            over,
+            per_second,
             phases=[1000 * (t - math.floor(t)) for t, _ in changes],
             lag=first - written,
-            guard_up=max((g.get("vmbox_resize_guard_last_seconds", 0.0) for g in survivors),
-                         default=0.0),
-            settle=max((g.get("vmbox_resize_guard_lifted_at", 0.0) for g in survivors),
-                       default=0.0) - last,
+            guard_up=max(
+                (g.get("vmbox_resize_guard_last_seconds", 0.0) for g in survivors), default=0.0
+            ),
+            settle=max((g.get("vmbox_resize_guard_lifted_at", 0.0) for g in survivors), default=0.0)
+            - last,
             baseline=baseline,
-        )  # fmt: skip
+        )
     finally:
         for task in tasks:
             task.cancel()
@@ -210,17 +227,32 @@ def table(runs: list[Run], aim: float | None) -> Table:
         label, on = f"{case[0]} -> {case[1]}", "on" if guard else "off"
         for i, r in enumerate(group, 1):
             out.add_row(
-                label, on, str(i), str(r.over), f"{r.percent:.1f}%",
+                label,
+                on,
+                str(i),
+                str(r.over),
+                f"{r.percent:.1f}%",
                 " ".join(map(str, r.per_second)),
                 " ".join(f"{p:.0f}" for p in r.phases),
                 f"{r.guard_up:.2f}" if guard else "-",
-                f"{r.settle:.2f}" if guard else "-", str(r.baseline),
-            )  # fmt: skip
+                f"{r.settle:.2f}" if guard else "-",
+                str(r.baseline),
+            )
         mean = statistics.fmean(r.over for r in group)
         out.add_row(
-            label, on, "mean", f"{mean:.1f}", f"{100 * mean / (LIMIT * SECONDS):.1f}%",
-            "", "", "", "", "", style="bold", end_section=True,
-        )  # fmt: skip
+            label,
+            on,
+            "mean",
+            f"{mean:.1f}",
+            f"{100 * mean / (LIMIT * SECONDS):.1f}%",
+            "",
+            "",
+            "",
+            "",
+            "",
+            style="bold",
+            end_section=True,
+        )
     return out
 
 
@@ -241,9 +273,12 @@ async def main(reps: int, cases: list[tuple[int, int]], aim: float | None) -> li
                         run = await one_run(store, Path(tmp), case, guard, lag, aim, name)
                         lags.append(run.lag)
                         runs.append(run)
-                        print(f"{name}: over {run.over} ({run.percent:.1f}%) {run.per_second} "
-                              f"changes at {[round(p) for p in run.phases]} ms, "
-                              f"lag {run.lag:.3f}s", flush=True)  # fmt: skip
+                        print(
+                            f"{name}: over {run.over} ({run.percent:.1f}%) {run.per_second} "
+                            f"changes at {[round(p) for p in run.phases]} ms, "
+                            f"lag {run.lag:.3f}s",
+                            flush=True,
+                        )
         finally:
             await store.close()
     return runs

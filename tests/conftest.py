@@ -101,10 +101,14 @@ def etcdctl() -> Callable[..., Awaitable[str]]:
 
     async def call(endpoints: list[str], *args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            binary, "--endpoints", ",".join(endpoints), *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            binary,
+            "--endpoints",
+            ",".join(endpoints),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             env={"ETCDCTL_API": "3"},
-        )  # fmt: skip
+        )
         out, _ = await proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {out.decode().strip()}")

@@ -201,9 +201,14 @@ async def _run_all(
     entries, left_out = _left_out(skip)
     results = [await run_entry(entry, out_dir, scale, console) for entry in entries]
     text = render_report(
-        results, machine_info(), command, out_dir,
-        started=wall, seconds=time.monotonic() - started, notes=left_out,
-    )  # fmt: skip
+        results,
+        machine_info(),
+        command,
+        out_dir,
+        started=wall,
+        seconds=time.monotonic() - started,
+        notes=left_out,
+    )
     report = out_dir / "report.md"
     report.write_text(text)
     console.print(console_table(results))

@@ -72,9 +72,14 @@ class ServerTLS:
 
     def args(self) -> list[str]:
         return [
-            "--cert-file", str(self.cert), "--key-file", str(self.key),
-            "--client-cert-auth", "--trusted-ca-file", str(self.ca),
-        ]  # fmt: skip
+            "--cert-file",
+            str(self.cert),
+            "--key-file",
+            str(self.key),
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            str(self.ca),
+        ]
 
     def context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca))
@@ -83,9 +88,13 @@ class ServerTLS:
 
     def etcdctl_args(self) -> list[str]:
         return [
-            "--cacert", str(self.ca), "--cert", str(self.client_cert),
-            "--key", str(self.client_key),
-        ]  # fmt: skip
+            "--cacert",
+            str(self.ca),
+            "--cert",
+            str(self.client_cert),
+            "--key",
+            str(self.client_key),
+        ]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -177,23 +186,46 @@ class Member:
                 )
         client_url = self.client_url
         args = [
-            find_etcd(), "--name", self.name, "--data-dir", str(self.root / "data"),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-            "--initial-cluster-token", token,
-            "--enable-v2=false", "--logger", "zap", "--log-outputs", "stderr", *_TUNING,
+            find_etcd(),
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.root / "data"),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            state,
+            "--initial-cluster-token",
+            token,
+            "--enable-v2=false",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+            *_TUNING,
             *(self.tls.args() if self.tls else []),
-        ]  # fmt: skip
+        ]
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in reap()
         # If the parent dies (even by SIGKILL), the kernel kills etcd too, so
         # no orphan keeps the ports.
         argv, preexec = with_parent_death_signal(args, signal.SIGKILL)
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=preexec, start_new_session=True,
-        )  # fmt: skip
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+            start_new_session=True,
+        )
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -98,13 +98,20 @@ class EtcdCluster:
     def etcdctl(self, *args: str, stdin: str = "", timeout: float = 10) -> str:
         """Run etcdctl against this cluster (with the client certificate of `tls`); its output."""
         command = [
-            find_etcdctl(), "--endpoints", ",".join(self.client_urls),
-            *(self.tls.etcdctl_args() if self.tls else []), *args,
-        ]  # fmt: skip
+            find_etcdctl(),
+            "--endpoints",
+            ",".join(self.client_urls),
+            *(self.tls.etcdctl_args() if self.tls else []),
+            *args,
+        ]
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, input=stdin,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=stdin,
             env=os.environ | {"ETCDCTL_API": "3"},
-        )  # fmt: skip
+        )
         if done.returncode != 0:
             raise EtcdStartError(f"etcdctl {' '.join(args[:2])} failed: {done.stderr.strip()}")
         return done.stdout
@@ -176,9 +183,11 @@ class EtcdCluster:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.stop()
 
 

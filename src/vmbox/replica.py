@@ -186,10 +186,14 @@ class Replica:
         if mb.split != "demand" or not isinstance(self.middlebox, DemandAware):
             return None
         return DemandSharing(
-            self.store, self.spec.service, self.replica_id, self.middlebox,
-            lambda: membership.lease, interval=mb.report_interval,
+            self.store,
+            self.spec.service,
+            self.replica_id,
+            self.middlebox,
+            lambda: membership.lease,
+            interval=mb.report_interval,
             max_sources=mb.report_max_sources,
-        )  # fmt: skip
+        )
 
     async def _follow_members(self) -> None:
         # Survives store outages: the watches re-list after reconnecting. Members
@@ -254,8 +258,12 @@ class Replica:
                 result = await self._drain.finish()
         except Exception as exc:
             # Leaving and exiting matter more than the flows in flight.
-            log.warning("replica %s: drain failed after %.2fs: %s",
-                        self.replica_id, time.monotonic() - started, exc)  # fmt: skip
+            log.warning(
+                "replica %s: drain failed after %.2fs: %s",
+                self.replica_id,
+                time.monotonic() - started,
+                exc,
+            )
             return
         finally:
             if self._drain is not None:

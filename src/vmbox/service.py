@@ -133,8 +133,11 @@ async def run_service(
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )
-            print(f"vmbox: replica memory: {runtime.cgroup_note}; up to {spec.max_flows:,} "
-                  "flows each", file=sys.stderr)  # fmt: skip
+            print(
+                f"vmbox: replica memory: {runtime.cgroup_note}; up to {spec.max_flows:,} "
+                "flows each",
+                file=sys.stderr,
+            )
             await _until_stopped(controller, store, spec, live, stop)
         finally:
             await controller.shutdown()

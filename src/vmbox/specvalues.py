@@ -69,9 +69,15 @@ def parse_address(value: Any) -> tuple[str, int]:
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|K|M|G|k)?i?B?\s*$")
 _SIZE_UNITS = {
-    None: 1, "K": 1000, "k": 1000, "M": 1000**2, "G": 1000**3,
-    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3,
-}  # fmt: skip
+    None: 1,
+    "K": 1000,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+}
 
 
 def parse_size(value: Any) -> int:

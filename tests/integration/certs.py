@@ -77,10 +77,16 @@ def _builder(
 def _ca(common: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=True,
-        crl_sign=True, encipher_only=False, decipher_only=False,
-    )  # fmt: skip
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
     cert = (
         _builder(common, _name(common), key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

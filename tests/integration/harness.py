@@ -142,6 +142,9 @@ def run_experiment(out: Path, *args: str, timeout: float) -> ExperimentRun:
     """Run `vmbox experiment ARGS --out OUT` as an operator would, bounded in time."""
     result = subprocess.run(
         [sys.executable, "-m", "vmbox", "experiment", *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     return ExperimentRun(out, result)

@@ -100,8 +100,9 @@ def test_a_replica_draining_when_its_controller_died_is_left_to_finish(
 ) -> None:
     # Flows that never idle keep a drain going for drain_timeout (3 s here).
     spec = make_spec("adopt-drain", 2, limit=100_000)
-    spec = spec.model_copy(update={"replicas": spec.replicas.model_copy(
-        update={"drain_timeout": 3.0})})  # fmt: skip
+    spec = spec.model_copy(
+        update={"replicas": spec.replicas.model_copy(update={"drain_timeout": 3.0})}
+    )
     endpoints = list(etcd.endpoints)
 
     async def main() -> None:
@@ -121,8 +122,10 @@ def test_a_replica_draining_when_its_controller_died_is_left_to_finish(
             found = await list_members(store, spec.service)
             deadline = time.monotonic() + 5
             while True:
-                flows = {rid: (await scrape(str(m.info["metrics"]))).get("vmbox_flows", 0.0)
-                         for rid, m in found.items()}  # fmt: skip
+                flows = {
+                    rid: (await scrape(str(m.info["metrics"]))).get("vmbox_flows", 0.0)
+                    for rid, m in found.items()
+                }
                 victim = max(flows, key=lambda rid: flows[rid])
                 if flows[victim] > 0:
                     break
@@ -143,8 +146,11 @@ def test_a_replica_draining_when_its_controller_died_is_left_to_finish(
             for _ in range(3):
                 await second.reconcile()
                 await asyncio.sleep(0.1)
-            news = [(e.kind, e.data.get("replica")) for e in
-                    await events.recent(store, spec.service, 50) if e.time >= since]  # fmt: skip
+            news = [
+                (e.kind, e.data.get("replica"))
+                for e in await events.recent(store, spec.service, 50)
+                if e.time >= since
+            ]
             assert ("crash", victim) not in news, news  # its exit was the drain's end
             assert ("stop", victim) in news, news
             assert sum(kind == "start" for kind, _ in news) == 1, news  # one to replace it

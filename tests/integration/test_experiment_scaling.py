@@ -26,8 +26,16 @@ def test_runs_and_writes_its_files(run: ExperimentRun) -> None:
     assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
     assert "Traceback" not in run.result.stdout + run.result.stderr
     samples = rows(run.out / "scaling_samples.csv")
-    assert {"phase", "t", "replica", "memory_mib", "memory_percent", "cpu_percent",
-            "pps_in", "source"} <= set(samples[0])  # fmt: skip
+    assert {
+        "phase",
+        "t",
+        "replica",
+        "memory_mib",
+        "memory_percent",
+        "cpu_percent",
+        "pps_in",
+        "source",
+    } <= set(samples[0])
     assert {"phase", "kind", "old", "new", "value", "reaction_s"} <= set(
         rows(run.out / "scaling_events.csv")[0]
     )

@@ -45,10 +45,16 @@ def test_correctness_plateau_is_near_the_limit_for_each_replica_count(run: Exper
     table = rows(run.out / "correctness.csv")
     assert tuple(table[0]) == COLUMNS
     seconds = [
-        Second(int(r["replicas"]), int(r["second"]), float(r["offered"]), int(r["sent"]),
-               int(r["received"]), int(r["client_received"]))
+        Second(
+            int(r["replicas"]),
+            int(r["second"]),
+            float(r["offered"]),
+            int(r["sent"]),
+            int(r["received"]),
+            int(r["client_received"]),
+        )
         for r in table
-    ]  # fmt: skip
+    ]
     assert {s.replicas for s in seconds} == {1, 2, 4}
     for n in (1, 2, 4):
         acc = accuracy(plateau([s for s in seconds if s.replicas == n], LIMIT), LIMIT)

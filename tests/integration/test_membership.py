@@ -19,7 +19,6 @@ from vmbox.state.membership import MemberInfo, Membership, list_members, watch_m
 pytestmark = pytest.mark.timeout(60)
 
 
-
 @contextlib.asynccontextmanager
 async def running(member: Membership) -> AsyncIterator[asyncio.Task[None]]:
     """Run a membership; on exit cancel it without leaving (as a crashed replica would)."""
@@ -160,9 +159,12 @@ def test_a_sigkilled_replica_disappears_within_its_ttl(
 ) -> None:
     async def main() -> None:
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CHILD, ",".join(etcd.endpoints),
+            sys.executable,
+            "-c",
+            _CHILD,
+            ",".join(etcd.endpoints),
             stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         assert child.stdout is not None
         assert (await asyncio.wait_for(child.stdout.readline(), 10)).strip() == b"registered"
         assert "child" in await _members(store)

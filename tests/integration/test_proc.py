@@ -30,8 +30,9 @@ def test_the_child_dies_with_its_parent(setpriv: bool) -> None:
         env["PATH"] = os.path.dirname(sys.executable) + ":/nonexistent"
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT.replace('"sleep"', '"/bin/sleep"')],
-        stdout=subprocess.PIPE, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     try:
         assert parent.stdout is not None
         child = psutil.Process(int(parent.stdout.readline()))

@@ -193,8 +193,9 @@ def test_token_bucket_holds_the_limit_and_the_burst(
     burst = 50
 
     async def scenario() -> tuple[list[int], int, list[float]]:
-        spec = make_spec(f"tb{replicas}-{split}", replicas, algorithm="token_bucket",
-                         burst=burst, split=split)  # fmt: skip
+        spec = make_spec(
+            f"tb{replicas}-{split}", replicas, algorithm="token_bucket", burst=burst, split=split
+        )
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             await settled(svc)
             plan = LoadPlan(spec.listen, rate=300, sources=1, flows=64, duration=5.0)
@@ -207,8 +208,11 @@ def test_token_bucket_holds_the_limit_and_the_burst(
             blasted = int(time.time())
             blast(spec.listen, 4 * burst)
             await asyncio.sleep(1.15 - time.time() % 1.0)  # the echo server closed that second
-            return (per_second(svc.echo.history, int(started) + 1, 3),
-                    per_second(svc.echo.history, blasted, 1)[0], caps)  # fmt: skip
+            return (
+                per_second(svc.echo.history, int(started) + 1, 3),
+                per_second(svc.echo.history, blasted, 1)[0],
+                caps,
+            )
 
     seconds, passed, caps = asyncio.run(scenario())
     print(

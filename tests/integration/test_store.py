@@ -15,7 +15,6 @@ from vmbox.state.store import LeaseLost, StoreUnavailable, WatchEvent
 pytestmark = pytest.mark.timeout(60)
 
 
-
 def test_put_get_delete_and_prefixes(store: EtcdStore, aio: Aio) -> None:
     async def main() -> None:
         rev = await store.put("/vmbox/t/a", b"1")
@@ -92,8 +91,10 @@ def test_watch_sees_puts_and_deletes_in_order(store: EtcdStore, aio: Aio) -> Non
         await until(lambda: len(events) == 3, 5)
         task.cancel()
         assert [(e.kind, e.key, e.value) for e in events] == [
-            ("put", "/vmbox/t/a", b"1"), ("put", "/vmbox/t/b", b"2"), ("delete", "/vmbox/t/a", b""),
-        ]  # fmt: skip
+            ("put", "/vmbox/t/a", b"1"),
+            ("put", "/vmbox/t/b", b"2"),
+            ("delete", "/vmbox/t/a", b""),
+        ]
 
     aio.run(main())
 
@@ -142,7 +143,6 @@ def test_calls_fail_fast_when_etcd_is_gone(own_etcd: EtcdServer, aio: Aio) -> No
         await store.close()
 
     aio.run(main())
-
 
 
 def test_connect_to_nothing_fails_within_the_timeout(aio: Aio) -> None:

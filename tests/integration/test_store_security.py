@@ -107,9 +107,13 @@ def test_tls_with_the_right_certificates(tls_etcd: EtcdServer, certs: Certs, aio
     ):
         target = from_settings(
             [endpoint],
-            {"ca_cert": str(certs.ca), "cert": str(certs.client_cert),
-             "key": str(certs.client_key), "server_name": server_name},
-        )  # fmt: skip
+            {
+                "ca_cert": str(certs.ca),
+                "cert": str(certs.client_cert),
+                "key": str(certs.client_key),
+                "server_name": server_name,
+            },
+        )
 
         async def main(target: StoreSpec = target) -> bytes | None:
             store = await open_with(target)
@@ -235,9 +239,13 @@ store:
 
 async def vmbox(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *VMBOX, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        *VMBOX,
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -250,20 +258,30 @@ def test_a_service_runs_against_a_tls_and_auth_etcd(
     env = os.environ | {"VMBOX_STATE_DIR": str(tmp_path / "state")}
     target = from_settings(
         secure_etcd.client_urls,
-        {"ca_cert": str(spec.parent / "certs/ca.pem"),
-         "cert": str(spec.parent / "certs/client.pem"),
-         "key": str(spec.parent / "certs/client-key.pem"),
-         "username": "vmbox", "password_file": str(spec.parent / "etcd-password")},
-    )  # fmt: skip
+        {
+            "ca_cert": str(spec.parent / "certs/ca.pem"),
+            "cert": str(spec.parent / "certs/client.pem"),
+            "key": str(spec.parent / "certs/client-key.pem"),
+            "username": "vmbox",
+            "password_file": str(spec.parent / "etcd-password"),
+        },
+    )
 
     async def main() -> None:
         echo = EchoServer(("127.0.0.1", upstream))
         await echo.start()
         up = await asyncio.create_subprocess_exec(
-            *VMBOX, "up", str(spec), "--no-live", env=env, cwd=tmp_path,  # not the spec's folder
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
+            *VMBOX,
+            "up",
+            str(spec),
+            "--no-live",
+            env=env,
+            cwd=tmp_path,  # not the spec's folder
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
         store = await open_with(target)
         try:
             members = await wait_members(store, up, 2)

@@ -23,7 +23,6 @@ KEY = keys.state_key("t", "limit")  # /vmbox/t/state/limit
 Etcdctl = Callable[..., Awaitable[str]]
 
 
-
 @contextlib.asynccontextmanager
 async def running(view: View) -> AsyncIterator[View]:
     """Run a view until its first read is done; cancel it on exit."""

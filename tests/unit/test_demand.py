@@ -56,8 +56,13 @@ def reporter(store: FakeStore, offered: dict[str, int], lease: list[int]) -> Dem
 
     return DemandReporter(
         store,  # type: ignore[arg-type]
-        "web", "r1", collect, lambda: lease[0], interval=0.1, max_sources=2,
-    )  # fmt: skip
+        "web",
+        "r1",
+        collect,
+        lambda: lease[0],
+        interval=0.1,
+        max_sources=2,
+    )
 
 
 def test_one_put_per_report_on_the_lease_and_none_when_nothing_changed() -> None:

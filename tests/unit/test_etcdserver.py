@@ -41,9 +41,12 @@ def test_last_relevant_log_line_prefers_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("127.0.0.1:2379", "127.0.0.1:2379"), ("http://127.0.0.1:2379/", "127.0.0.1:2379"),
-     ("https://etcd:2379", "etcd:2379")],
-)  # fmt: skip
+    [
+        ("127.0.0.1:2379", "127.0.0.1:2379"),
+        ("http://127.0.0.1:2379/", "127.0.0.1:2379"),
+        ("https://etcd:2379", "etcd:2379"),
+    ],
+)
 def test_endpoints_accept_urls(given: str, expected: str) -> None:
     assert normalize_endpoint(given) == expected
 

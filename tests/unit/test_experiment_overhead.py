@@ -48,9 +48,14 @@ def stats(median: float, mean: float | None = None) -> Stats:
 
 def test_verdicts_poll_near_base_and_strong_slower_than_poll() -> None:
     rows = report_rows(
-        {"base": stats(0.1, mean=0.2), "poll1000": stats(0.105), "poll100": stats(0.12),
-         "watch": stats(0.1), "strong": stats(0.3)}
-    )  # fmt: skip
+        {
+            "base": stats(0.1, mean=0.2),
+            "poll1000": stats(0.105),
+            "poll100": stats(0.12),
+            "watch": stats(0.1),
+            "strong": stats(0.3),
+        }
+    )
     verdicts = {row.metric.split(", ")[1]: row.ok for row in rows}
     assert verdicts == {
         "base (no shared state": None,

@@ -36,9 +36,14 @@ def test_figures_table_escapes_pipes_and_lists_failures() -> None:
 
 def test_report_has_table_pictures_data_machine_and_command() -> None:
     text = render_report(
-        results(), MACHINE, "vmbox experiment all --out results", OUT,
-        started="2030-01-01 12:00:00 UTC", seconds=200.0, notes=["scaling: not available yet"],
-    )  # fmt: skip
+        results(),
+        MACHINE,
+        "vmbox experiment all --out results",
+        OUT,
+        started="2030-01-01 12:00:00 UTC",
+        seconds=200.0,
+        notes=["scaling: not available yet"],
+    )
     assert "3 min 20 s in all; 1 of 2 experiments match the published shape" in text
     assert "```sh\nvmbox experiment all --out results\n```" in text
     assert "![correctness](correctness.png)" in text

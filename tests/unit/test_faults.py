@@ -115,10 +115,15 @@ def test_the_runner_exits_1_when_a_row_is_not_ok(
 
 def test_the_table_has_the_issue_columns() -> None:
     rows = [
-        FaultResult("flood", injected=1_000_000, survived=True, peak_rss=98 * 2**20,
-                    notes=["table <= 10,001"]),
+        FaultResult(
+            "flood",
+            injected=1_000_000,
+            survived=True,
+            peak_rss=98 * 2**20,
+            notes=["table <= 10,001"],
+        ),
         FaultResult("bad", injected=2, survived=False, over_limit=7, problems=["replica r1 died"]),
-    ]  # fmt: skip
+    ]
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(fault_table(rows))
     text = console.export_text()

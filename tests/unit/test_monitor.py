@@ -120,10 +120,19 @@ def test_a_restarted_replica_starts_its_rates_over(monkeypatch: pytest.MonkeyPat
 
 def sample(**changes: Any) -> Sample:
     values: dict[str, Any] = {
-        "replica": "web-1", "time": 1.0, "memory_bytes": 10, "memory_limit": 20,
-        "memory_percent": 50.0, "cpu_percent": 3.0, "pps_in": 4.0, "pps_out": 5.0,
-        "bytes_in_per_s": 6.0, "bytes_out_per_s": 7.0, "drops_per_s": 0.0, "source": "psutil",
-    } | changes  # fmt: skip
+        "replica": "web-1",
+        "time": 1.0,
+        "memory_bytes": 10,
+        "memory_limit": 20,
+        "memory_percent": 50.0,
+        "cpu_percent": 3.0,
+        "pps_in": 4.0,
+        "pps_out": 5.0,
+        "bytes_in_per_s": 6.0,
+        "bytes_out_per_s": 7.0,
+        "drops_per_s": 0.0,
+        "source": "psutil",
+    } | changes
     return Sample(**values)
 
 

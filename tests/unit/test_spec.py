@@ -119,9 +119,11 @@ def test_any_input_gives_a_spec_or_one_line(data: Any) -> None:
 
 def test_max_flows_defaults_to_what_fits_the_memory_limit() -> None:
     base = {
-        "service": "web", "listen": "127.0.0.1:9000", "upstream": "127.0.0.1:9001",
+        "service": "web",
+        "listen": "127.0.0.1:9000",
+        "upstream": "127.0.0.1:9001",
         "middlebox": {"function": "ratelimit", "limit": 100},
-    }  # fmt: skip
+    }
     assert parse_spec(base, "t").max_flows == MAX_FLOWS  # no memory limit: the plain default
     limited = parse_spec(base | {"replicas": {"memory_limit": "70Mi"}}, "t")
     # 85% of 70 MiB less an idle replica's 36 MiB, at 4,800 bytes a flow: about 5,100,

@@ -195,13 +195,37 @@ BAD_VALUES: dict[Path_, list[Any]] = {
     ("flow_idle_timeout",): bad_durations,
 }
 KNOWN_FIELDS = {
-    "service", "listen", "upstream", "middlebox", "replicas", "autoscale", "store",
-    "metrics_host", "lease_ttl", "max_flows", "flow_idle_timeout", "limit", "function",
-    "window", "split", "consistency", "poll_interval", "max_sources", "count", "min", "max",
-    "memory_limit", "drain_timeout",
-}  # fmt: skip
-REQUIRED: list[Path_] = [("service",), ("listen",), ("upstream",), ("middlebox",),
-                         ("middlebox", "limit")]  # fmt: skip
+    "service",
+    "listen",
+    "upstream",
+    "middlebox",
+    "replicas",
+    "autoscale",
+    "store",
+    "metrics_host",
+    "lease_ttl",
+    "max_flows",
+    "flow_idle_timeout",
+    "limit",
+    "function",
+    "window",
+    "split",
+    "consistency",
+    "poll_interval",
+    "max_sources",
+    "count",
+    "min",
+    "max",
+    "memory_limit",
+    "drain_timeout",
+}
+REQUIRED: list[Path_] = [
+    ("service",),
+    ("listen",),
+    ("upstream",),
+    ("middlebox",),
+    ("middlebox", "limit"),
+]
 SECTIONS: list[Path_] = [(), ("middlebox",), ("replicas",)]
 
 
@@ -254,8 +278,12 @@ def assert_one_line(exc: SpecError, source: str = SOURCE) -> str:
 
 
 def _valid() -> dict[str, Any]:
-    return {"service": "web", "listen": "127.0.0.1:9000", "upstream": "127.0.0.1:9100",
-            "middlebox": {"limit": 100}}  # fmt: skip
+    return {
+        "service": "web",
+        "listen": "127.0.0.1:9000",
+        "upstream": "127.0.0.1:9100",
+        "middlebox": {"limit": 100},
+    }
 
 
 @pytest.mark.parametrize(
@@ -349,8 +377,11 @@ def test_the_real_command_prints_one_line_and_no_traceback(spec_dir: Path) -> No
         path.write_text(text)
         done = subprocess.run(
             [sys.executable, "-m", "vmbox", "up", str(path)],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         assert done.returncode == 2, done.stderr
         assert done.stdout == ""
         lines = done.stderr.splitlines()

@@ -166,9 +166,14 @@ def test_replicas_get_flags_naming_files_never_the_password(tmp_path: Path) -> N
     (tmp_path / "pw").write_text("hunter2")
     store = from_settings(
         ["https://127.0.0.1:2379"],
-        {"ca_cert": "/tls/ca.pem", "cert": "/tls/c.pem", "key": "/tls/k.pem",
-         "username": "vmbox", "password_file": str(tmp_path / "pw")},
-    )  # fmt: skip
+        {
+            "ca_cert": "/tls/ca.pem",
+            "cert": "/tls/c.pem",
+            "key": "/tls/k.pem",
+            "username": "vmbox",
+            "password_file": str(tmp_path / "pw"),
+        },
+    )
     runtime = LocalRuntime("web", store.endpoints, tmp_path / "logs", access=store)
     argv = runtime.command("web-1")
     assert argv[argv.index("--etcd") + 1] == "https://127.0.0.1:2379"

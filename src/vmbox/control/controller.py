@@ -81,9 +81,13 @@ class Controller:
         self.restarts = 0
         self.wake = asyncio.Event()
         self.scaler = ScaleLoop(
-            spec, store, runtime, current=lambda: self.desired, decided=self._decided,
+            spec,
+            store,
+            runtime,
+            current=lambda: self.desired,
+            decided=self._decided,
             event=self.event,
-        )  # fmt: skip
+        )
         self.metrics_port = metrics_port
         self.metrics = ControllerMetrics(
             ControllerView(

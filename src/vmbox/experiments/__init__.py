@@ -48,27 +48,35 @@ class Entry:
 
 REGISTRY: tuple[Entry, ...] = (
     Entry(
-        "correctness", "vmbox.experiments.correctness",
+        "correctness",
+        "vmbox.experiments.correctness",
         "Ramp 10 -> 300 packets/s through a 100/s limit with 1, 2 and 4 replicas.",
-        budget=300, small_budget=120,
+        budget=300,
+        small_budget=120,
     ),
     Entry(
-        "overhead", "vmbox.experiments.overhead",
+        "overhead",
+        "vmbox.experiments.overhead",
         "Per-packet latency at 1,000 packets/s: base, poll 1000/100 ms, watch, strong.",
-        budget=300, small_budget=120,
+        budget=300,
+        small_budget=120,
     ),
     Entry(
-        "scaling", "vmbox.experiments.scaling",
+        "scaling",
+        "vmbox.experiments.scaling",
         "70 MiB replicas, idle then rising load: a replica per 60% memory crossing; "
         "then scale up and down on packet rate.",
-        budget=420, small_budget=150,
+        budget=420,
+        small_budget=150,
     ),
     Entry(
-        "skew", "vmbox.experiments.skew",
+        "skew",
+        "vmbox.experiments.skew",
         "One heavy one-flow source (and 20 spread ones) on 4 replicas: even vs demand split.",
-        budget=180, small_budget=90,
+        budget=180,
+        small_budget=90,
     ),
-)  # fmt: skip
+)
 
 
 class NotAnExperiment(Exception):

@@ -213,9 +213,12 @@ async def _one_service(
         raise PortTaken(str(exc)) from None
     log_dir = Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
     runtime = LocalRuntime(
-        spec.service, store.endpoints, log_dir, adoptable=False,
+        spec.service,
+        store.endpoints,
+        log_dir,
+        adoptable=False,
         memory_limit=spec.replicas.memory_limit,
-    )  # fmt: skip
+    )
     controller = Controller(spec, store, runtime, tick=0.2, on_event=on_event, metrics_port=None)
     reconcile: asyncio.Task[None] | None = None
     try:

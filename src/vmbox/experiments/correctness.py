@@ -123,9 +123,11 @@ async def measure(
         spec = service.spec
         progress.update(task, description=f"{replicas} replica(s): ramping")
         plan = LoadPlan(
-            spec.listen, ramp=(ramp.start, ramp.stop, ramp.step), flows=FLOWS,
+            spec.listen,
+            ramp=(ramp.start, ramp.stop, ramp.step),
+            flows=FLOWS,
             duration=ramp.duration,
-        )  # fmt: skip
+        )
 
         def tick(_: SecondReport) -> None:
             progress.advance(task)

@@ -56,9 +56,20 @@ WARMUP = 300  # packets sent through each fresh service first, not counted
 POLL_TOLERANCE = 0.10
 PUBLISHED_BASE_MS = 0.3
 SUMMARY_COLUMNS = (
-    "variant", "consistency", "poll_interval_ms", "sent", "received", "min_ms", "mean_ms",
-    "p50_ms", "p99_ms", "max_ms", "round_median_ms", "mean_vs_base", "round_median_vs_base",
-)  # fmt: skip
+    "variant",
+    "consistency",
+    "poll_interval_ms",
+    "sent",
+    "received",
+    "min_ms",
+    "mean_ms",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "round_median_ms",
+    "mean_vs_base",
+    "round_median_vs_base",
+)
 
 
 @dataclass(frozen=True)
@@ -111,10 +122,15 @@ def summarize(rounds: Sequence[Sequence[float]], sent: int) -> Stats:
         raise ExperimentError("no packet came back through the service in a round")
     ordered = sorted(x for rnd in rounds for x in rnd)
     return Stats(
-        sent, len(ordered), ordered[0], statistics.fmean(ordered),
-        percentile(ordered, 0.5), percentile(ordered, 0.99), ordered[-1],
+        sent,
+        len(ordered),
+        ordered[0],
+        statistics.fmean(ordered),
+        percentile(ordered, 0.5),
+        percentile(ordered, 0.99),
+        ordered[-1],
         statistics.median(statistics.fmean(rnd) for rnd in rounds),
-    )  # fmt: skip
+    )
 
 
 def order(rounds: int) -> list[tuple[int, Variant]]:
@@ -218,8 +234,20 @@ def scale_note(stats: dict[str, Stats]) -> list[str]:
 def summary_row(v: Variant, s: Stats, base: Stats) -> tuple[object, ...]:
     interval = round(v.poll_interval * 1000) if v.consistency == "poll" else ""
     ratios = (s.mean / base.mean, s.round_median / base.round_median)
-    return (v.name, v.consistency, interval, s.sent, s.received, s.min, s.mean,
-            s.p50, s.p99, s.max, s.round_median, *ratios)  # fmt: skip
+    return (
+        v.name,
+        v.consistency,
+        interval,
+        s.sent,
+        s.received,
+        s.min,
+        s.mean,
+        s.p50,
+        s.p99,
+        s.max,
+        s.round_median,
+        *ratios,
+    )
 
 
 PUBLISHED = {"poll1000": "≈ 1x base", "poll100": "≈ 1x base", "strong": "≈ 3x base (≈ 0.9 ms)"}

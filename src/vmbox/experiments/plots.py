@@ -43,15 +43,28 @@ def correctness_png(seconds: Sequence[Second], limit: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     counts = sorted({s.replicas for s in seconds})
     top = max((s.sent for s in seconds), default=3 * limit)
-    ax.plot([0, limit, top], [0, limit, limit], color="0.6", ls="--", lw=1.5,
-            label=f"ideal: min(offered, {limit})")  # fmt: skip
+    ax.plot(
+        [0, limit, top],
+        [0, limit, limit],
+        color="0.6",
+        ls="--",
+        lw=1.5,
+        label=f"ideal: min(offered, {limit})",
+    )
     # Lines that coincide must all stay visible: shrinking markers, differing dashes.
     styles = [("o", 7, "-"), ("s", 5, "--"), ("^", 4, ":"), ("D", 3, "-."), ("v", 3, "-")]
     for i, n in enumerate(counts):
         rows = sorted((s for s in seconds if s.replicas == n), key=lambda s: s.sent)
         marker, size, dash = styles[i % len(styles)]
-        ax.plot([s.sent for s in rows], [s.received for s in rows], marker=marker, ms=size,
-                ls=dash, lw=1.4, label=f"{n} replica{'s' if n > 1 else ''}")  # fmt: skip
+        ax.plot(
+            [s.sent for s in rows],
+            [s.received for s in rows],
+            marker=marker,
+            ms=size,
+            ls=dash,
+            lw=1.4,
+            label=f"{n} replica{'s' if n > 1 else ''}",
+        )
     ax.set_xlabel("offered rate: packets the client sent that second (packets/s)")
     ax.set_ylabel("received by the server (packets/s)")
     ax.set_title(f"Rate limit {limit} packets/s holds at every replica count")
@@ -78,8 +91,14 @@ def overhead_png(stats: Mapping[str, Stats], path: Path) -> Path:
     base = stats[names[0]].round_median
     for i, n in enumerate(names):
         s = stats[n]
-        ax.annotate(f"mean {s.mean:.3f} ms\n{s.round_median / base:.2f}x base", (i, s.max),
-                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"mean {s.mean:.3f} ms\n{s.round_median / base:.2f}x base",
+            (i, s.max),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("round-trip latency (ms, log scale)")
@@ -99,8 +118,13 @@ def skew_png(runs: Sequence[CaseRun], limit: int, path: Path) -> Path:
     colors = {"even": "tab:orange", "demand": "tab:blue"}
     for run in (r for r in runs if r.case == "one flow"):
         counts = run.received["heavy"]
-        left.plot(range(len(counts)), counts, marker="o", color=colors[run.split],
-                  label=f"{run.split} split")  # fmt: skip
+        left.plot(
+            range(len(counts)),
+            counts,
+            marker="o",
+            color=colors[run.split],
+            label=f"{run.split} split",
+        )
     left.axhline(limit, color="0.5", ls="--", lw=1, label=f"limit {limit}/s")
     left.set_title("one source, one flow, 4 replicas", fontsize=10)
     left.set_xlabel("second of the run")
@@ -114,8 +138,9 @@ def skew_png(runs: Sequence[CaseRun], limit: int, path: Path) -> Path:
         color = colors[run.split]
         right.bar(xs, list(means.values()), 0.4, color=color, label=f"{run.split} split")
     labels = list(mixed[0].means()) if mixed else []
-    right.set_xticks(range(len(labels)), [s.replace("spread-", "s") for s in labels],
-                     rotation=90, fontsize=7)  # fmt: skip
+    right.set_xticks(
+        range(len(labels)), [s.replace("spread-", "s") for s in labels], rotation=90, fontsize=7
+    )
     right.axhline(limit, color="0.5", ls="--", lw=1)
     right.axhspan(limit * 0.9, limit * 1.1, color="0.9", zorder=0, label="limit ± 10%")
     right.set_title("mixed: a heavy one-flow source and 20 sources over 4 flows each", fontsize=10)

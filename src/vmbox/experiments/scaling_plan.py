@@ -48,31 +48,67 @@ class PhasePlan:
 
 PHASES: dict[str, tuple[PhasePlan, ...]] = {
     "full": (
-        PhasePlan("memory", idle=30, load_for=75, settle=30, interval=0.5, cooldown=5.0,
-                  flow_idle=20.0, ramp=(20.0, 400.0)),
-        PhasePlan("pps", idle=5, load_for=45, settle=30, interval=0.5, cooldown=3.0,
-                  steps=((100, 15), (250, 15), (400, 15))),
+        PhasePlan(
+            "memory",
+            idle=30,
+            load_for=75,
+            settle=30,
+            interval=0.5,
+            cooldown=5.0,
+            flow_idle=20.0,
+            ramp=(20.0, 400.0),
+        ),
+        PhasePlan(
+            "pps",
+            idle=5,
+            load_for=45,
+            settle=30,
+            interval=0.5,
+            cooldown=3.0,
+            steps=((100, 15), (250, 15), (400, 15)),
+        ),
     ),
     "small": (
-        PhasePlan("memory", idle=3, load_for=14, settle=12, interval=0.5, cooldown=2.0,
-                  flow_idle=6.0, ramp=(300.0, 700.0)),
-        PhasePlan("pps", idle=1, load_for=10, settle=15, interval=0.5, cooldown=1.5,
-                  steps=((250, 4), (400, 6))),
+        PhasePlan(
+            "memory",
+            idle=3,
+            load_for=14,
+            settle=12,
+            interval=0.5,
+            cooldown=2.0,
+            flow_idle=6.0,
+            ramp=(300.0, 700.0),
+        ),
+        PhasePlan(
+            "pps",
+            idle=1,
+            load_for=10,
+            settle=15,
+            interval=0.5,
+            cooldown=1.5,
+            steps=((250, 4), (400, 6)),
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def autoscale_section(plan: PhasePlan) -> dict[str, Any]:
     common = {"interval": plan.interval, "cooldown": plan.cooldown, "aggregate": "mean"}
     if plan.kind == "memory":
         return common | {
-            "metric": "memory", "scale_up_at": MEMORY_UP, "scale_down_at": MEMORY_DOWN,
-            "up_for": 2, "down_for": 5,
-        }  # fmt: skip
+            "metric": "memory",
+            "scale_up_at": MEMORY_UP,
+            "scale_down_at": MEMORY_DOWN,
+            "up_for": 2,
+            "down_for": 5,
+        }
     return common | {
-        "metric": "pps", "scale_up_at": PPS_UP, "scale_down_at": PPS_DOWN,
-        "up_for": 2, "down_for": 3,
-    }  # fmt: skip
+        "metric": "pps",
+        "scale_up_at": PPS_UP,
+        "scale_down_at": PPS_DOWN,
+        "up_for": 2,
+        "down_for": 3,
+    }
 
 
 def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True) -> Spec:
@@ -84,7 +120,9 @@ def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True)
             "upstream": f"127.0.0.1:{upstream}",
             "middlebox": {"function": "ratelimit", "limit": LIMIT},
             "replicas": {
-                "count": 1, "min": 1, "max": 4,
+                "count": 1,
+                "min": 1,
+                "max": 4,
                 "memory_limit": MEMORY_LIMIT if cgroup else PSUTIL_LIMIT,
                 "drain_timeout": "2s",
             },
@@ -96,4 +134,4 @@ def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True)
             "lease_ttl": 2,
             "autoscale": autoscale_section(plan),
         }
-    )  # fmt: skip
+    )

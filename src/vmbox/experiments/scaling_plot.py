@@ -47,17 +47,25 @@ def _panel(ax: Any, run: PhaseRun) -> None:
     if kind == "pps":
         seconds = sorted((s - run.t0, c) for s, c in run.server.items() if s >= run.t0)
         if seconds:
-            ax.step(*zip(*seconds, strict=True), where="post", color="black", lw=1.2,
-                    label=f"server received/s (limit {LIMIT})")  # fmt: skip
+            ax.step(
+                *zip(*seconds, strict=True),
+                where="post",
+                color="black",
+                lw=1.2,
+                label=f"server received/s (limit {LIMIT})",
+            )
     for decision in run.decisions:
         t = decision.time - run.t0
         up_event = decision.kind == "scale-up"
         ax.axvline(t, color="tab:green" if up_event else "tab:purple", alpha=0.6, lw=1.2)
         ax.annotate(
-            f"{decision.data.get('old')}->{decision.data.get('new')}", (t, 0.02),
-            xycoords=ax.get_xaxis_transform(), xytext=(2, 0), textcoords="offset points",
+            f"{decision.data.get('old')}->{decision.data.get('new')}",
+            (t, 0.02),
+            xycoords=ax.get_xaxis_transform(),
+            xytext=(2, 0),
+            textcoords="offset points",
             fontsize=8,
-        )  # fmt: skip
+        )
     start, stop = (t - run.t0 for t in run.load_window)
     ax.axvspan(start, stop, color="0.92", zorder=0, label="load on")
     ax.set_ylabel(LABEL[kind])
@@ -66,9 +74,11 @@ def _panel(ax: Any, run: PhaseRun) -> None:
         twin.step(*zip(*run.counts, strict=True), where="post", color="0.4", lw=2, alpha=0.5)
     twin.set_ylabel("replicas", color="0.4")
     twin.set_ylim(0, run.spec.replicas.max + 0.5)
-    ax.set_title(f"{kind}: autoscaled on {run.spec.autoscale.metric if run.spec.autoscale else '-'}"
-                 f" ({run.memory_source if kind == 'memory' else 'one source, 64 flows'})",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"{kind}: autoscaled on {run.spec.autoscale.metric if run.spec.autoscale else '-'}"
+        f" ({run.memory_source if kind == 'memory' else 'one source, 64 flows'})",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", ncol=2)
 

@@ -25,41 +25,82 @@ REACTION_GOAL = 2.0  # seconds from the crossing sample to the new replica passi
 
 def write_files(runs: list[PhaseRun], out_dir: Path, result: ExperimentResult) -> None:
     sample_rows = [
-        (r.plan.kind, round(t, 3), rid, s["memory_bytes"] / 2**20, s.get("memory_percent"),
-         s.get("cpu_percent"), s.get("pps_in"), s.get("pps_out"), s.get("bytes_in_per_s"),
-         s.get("drops_per_s"), s.get("source"))
-        for r in runs for t, rid, s in r.samples
-    ]  # fmt: skip
+        (
+            r.plan.kind,
+            round(t, 3),
+            rid,
+            s["memory_bytes"] / 2**20,
+            s.get("memory_percent"),
+            s.get("cpu_percent"),
+            s.get("pps_in"),
+            s.get("pps_out"),
+            s.get("bytes_in_per_s"),
+            s.get("drops_per_s"),
+            s.get("source"),
+        )
+        for r in runs
+        for t, rid, s in r.samples
+    ]
     result.csvs.append(
         write_csv(
             out_dir / "scaling_samples.csv",
-            ["phase", "t", "replica", "memory_mib", "memory_percent", "cpu_percent", "pps_in",
-             "pps_out", "bytes_in_per_s", "drops_per_s", "source"],
+            [
+                "phase",
+                "t",
+                "replica",
+                "memory_mib",
+                "memory_percent",
+                "cpu_percent",
+                "pps_in",
+                "pps_out",
+                "bytes_in_per_s",
+                "drops_per_s",
+                "source",
+            ],
             sample_rows,
         )
-    )  # fmt: skip
+    )
     event_rows = []
     for r in runs:
         ups = {id(d): (rid, reaction) for d, rid, reaction in r.reactions()}
         for d in r.decisions:
             rid, reaction = ups.get(id(d), ("", None))
             event_rows.append(
-                (r.plan.kind, round(d.time - r.t0, 3), d.kind, d.data.get("old"),
-                 d.data.get("new"), d.data.get("value"), rid,
-                 "" if reaction is None else round(reaction, 3), d.message)
-            )  # fmt: skip
+                (
+                    r.plan.kind,
+                    round(d.time - r.t0, 3),
+                    d.kind,
+                    d.data.get("old"),
+                    d.data.get("new"),
+                    d.data.get("value"),
+                    rid,
+                    "" if reaction is None else round(reaction, 3),
+                    d.message,
+                )
+            )
     result.csvs.append(
         write_csv(
             out_dir / "scaling_events.csv",
-            ["phase", "t", "kind", "old", "new", "value", "replica_started", "reaction_s",
-             "message"],
+            [
+                "phase",
+                "t",
+                "kind",
+                "old",
+                "new",
+                "value",
+                "replica_started",
+                "reaction_s",
+                "message",
+            ],
             event_rows,
         )
-    )  # fmt: skip
+    )
     server_rows = [
         (r.plan.kind, second - int(r.t0), count)
-        for r in runs for second, count in sorted(r.server.items()) if second >= int(r.t0)
-    ]  # fmt: skip
+        for r in runs
+        for second, count in sorted(r.server.items())
+        if second >= int(r.t0)
+    ]
     result.csvs.append(
         write_csv(out_dir / "scaling_server.csv", ["phase", "t", "received"], server_rows)
     )
@@ -68,8 +109,9 @@ def write_files(runs: list[PhaseRun], out_dir: Path, result: ExperimentResult) -
 def memory_rows(run: PhaseRun) -> tuple[list[ReportRow], list[str]]:
     ups = [d for d in run.decisions if d.kind == "scale-up"]
     downs = [d for d in run.decisions if d.kind == "scale-down"]
-    peak = max((len({rid for t, rid, _ in run.samples if t == tt}) for tt, _ in run.counts),
-               default=1)  # fmt: skip
+    peak = max(
+        (len({rid for t, rid, _ in run.samples if t == tt}) for tt, _ in run.counts), default=1
+    )
     start, stop = (t - run.t0 for t in run.load_window)
     percent = [(t, s.get("memory_percent") or 0.0) for t, _, s in run.samples]
     idle = [p for t, p in percent if t < start]

@@ -122,8 +122,10 @@ def summarise(runs: list[CaseRun], out_dir: Path, console: Console) -> Experimen
     result = ExperimentResult(NAME)
     rows = [
         (r.case, r.split, src, second, count)
-        for r in runs for src, counts in r.received.items() for second, count in enumerate(counts)
-    ]  # fmt: skip
+        for r in runs
+        for src, counts in r.received.items()
+        for second, count in enumerate(counts)
+    ]
     result.csvs.append(
         write_csv(out_dir / "skew.csv", ["case", "split", "source", "second", "received"], rows)
     )
@@ -144,24 +146,35 @@ def report_rows(runs: list[CaseRun]) -> list[ReportRow]:
     by = {(r.split, r.case): r.means() for r in runs}
     rows = []
     even_one = by[("even", "one flow")]["heavy"]
-    rows.append(ReportRow(
-        "one source, one flow, 4 replicas, even split", "limit / n = 25/s (the flaw)",
-        f"{even_one:.1f}/s", abs(even_one - LIMIT / REPLICAS) <= 0.2 * LIMIT / REPLICAS,
-    ))  # fmt: skip
+    rows.append(
+        ReportRow(
+            "one source, one flow, 4 replicas, even split",
+            "limit / n = 25/s (the flaw)",
+            f"{even_one:.1f}/s",
+            abs(even_one - LIMIT / REPLICAS) <= 0.2 * LIMIT / REPLICAS,
+        )
+    )
     demand_one = by[("demand", "one flow")]["heavy"]
-    rows.append(ReportRow(
-        "one source, one flow, 4 replicas, demand split", "the limit, 100/s",
-        f"{demand_one:.1f}/s", abs(demand_one - LIMIT) <= 0.05 * LIMIT,
-    ))  # fmt: skip
+    rows.append(
+        ReportRow(
+            "one source, one flow, 4 replicas, demand split",
+            "the limit, 100/s",
+            f"{demand_one:.1f}/s",
+            abs(demand_one - LIMIT) <= 0.05 * LIMIT,
+        )
+    )
     for split in SPLITS:
         means = by[(split, "mixed")]
         worst = max(means.values(), key=lambda v: abs(v - LIMIT))
-        rows.append(ReportRow(
-            f"mixed: heavy one-flow source + {SPREAD_SOURCES} spread sources, {split} split",
-            "every source at its limit" if split == "demand" else "not published",
-            f"heavy {means['heavy']:.1f}/s, spread {min(means.values()):.1f}"
-            f"-{max(means.values()):.1f}/s, worst {abs(worst - LIMIT) / LIMIT:.0%} off",
-            all(abs(v - LIMIT) <= 0.1 * LIMIT for v in means.values())
-            if split == "demand" else None,
-        ))  # fmt: skip
+        rows.append(
+            ReportRow(
+                f"mixed: heavy one-flow source + {SPREAD_SOURCES} spread sources, {split} split",
+                "every source at its limit" if split == "demand" else "not published",
+                f"heavy {means['heavy']:.1f}/s, spread {min(means.values()):.1f}"
+                f"-{max(means.values()):.1f}/s, worst {abs(worst - LIMIT) / LIMIT:.0%} off",
+                all(abs(v - LIMIT) <= 0.1 * LIMIT for v in means.values())
+                if split == "demand"
+                else None,
+            )
+        )
     return rows

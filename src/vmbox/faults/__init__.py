@@ -81,43 +81,64 @@ class Entry:
 
 REGISTRY: tuple[Entry, ...] = (
     Entry(
-        "flood", "vmbox.faults.flood", "flood",
+        "flood",
+        "vmbox.faults.flood",
+        "flood",
         "1,000,000 datagrams from 100,000 source addresses (small: 100,000 from 20,000): "
         "the limiter's table and the replica's memory stay bounded.",
-        budget=240, small_budget=60,
+        budget=240,
+        small_budget=60,
     ),
     Entry(
-        "odd datagrams", "vmbox.faults.bad_input", "odd_datagrams",
+        "odd datagrams",
+        "vmbox.faults.bad_input",
+        "odd_datagrams",
         "Empty and 65,507-byte datagrams among normal traffic.",
-        budget=90, small_budget=45,
+        budget=90,
+        small_budget=45,
     ),
     Entry(
-        "upstream vanished", "vmbox.faults.bad_input", "upstream_vanished",
+        "upstream vanished",
+        "vmbox.faults.bad_input",
+        "upstream_vanished",
         "The upstream stops while datagrams keep arriving, then comes back.",
-        budget=120, small_budget=45,
+        budget=120,
+        small_budget=45,
     ),
     Entry(
-        "corrupt etcd values", "vmbox.faults.bad_state", "corrupt_values",
+        "corrupt etcd values",
+        "vmbox.faults.bad_state",
+        "corrupt_values",
         "etcdctl writes abc, an empty value, a huge and a negative number as the limit.",
-        budget=90, small_budget=45,
+        budget=90,
+        small_budget=45,
     ),
     Entry(
-        "etcd member loss", "vmbox.faults.etcd_members", "etcd_members",
+        "etcd member loss",
+        "vmbox.faults.etcd_members",
+        "etcd_members",
         "On a three-member etcd: kill the leader, kill a follower, stop two (quorum lost), "
         "restart them; leases, watches and control carry on.",
-        budget=300, small_budget=150,
+        budget=300,
+        small_budget=150,
     ),
     Entry(
-        "replica churn", "vmbox.faults.churn", "churn",
+        "replica churn",
+        "vmbox.faults.churn",
+        "churn",
         "kill -9 a random replica every few seconds under load for 60 s (small: 17 s).",
-        budget=180, small_budget=90,
+        budget=180,
+        small_budget=90,
     ),
     Entry(
-        "controller restart", "vmbox.faults.controller_restart", "controller_restart",
+        "controller restart",
+        "vmbox.faults.controller_restart",
+        "controller_restart",
         "kill -9 `vmbox up` and start it again: it adopts the running replicas.",
-        budget=180, small_budget=90,
+        budget=180,
+        small_budget=90,
     ),
-)  # fmt: skip
+)
 
 
 class NotAFault(Exception):

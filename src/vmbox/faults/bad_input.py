@@ -107,8 +107,10 @@ async def odd_datagrams(scale: Scale, say: Say) -> FaultResult:
         before = await read_state(service.store, service.spec.service)
         drops = socket_drops(listen)
         async with Watch(service) as watch:
-            say(f"odd datagrams: empty and {HUGE:,}-byte datagrams from {len(ODD)} sources "
-                f"beside normal load, {duration:.0f} s")  # fmt: skip
+            say(
+                f"odd datagrams: empty and {HUGE:,}-byte datagrams from {len(ODD)} sources "
+                f"beside normal load, {duration:.0f} s"
+            )
             started = int(time.time())
             load, tally = await asyncio.gather(
                 steady_load(listen, NORMAL_SOURCES, duration),

@@ -114,19 +114,24 @@ async def _kill_one(service: Service, rng: random.Random, say: Say, started: flo
     running = service.runtime.running()
     # A member whose pid is the runtime's own child: never a stale key or a reused pid.
     candidates = sorted(
-        (rid, state.pid) for rid, state in running.items()
+        (rid, state.pid)
+        for rid, state in running.items()
         if state.pid is not None and rid in members and members[rid].info.get("pid") == state.pid
-    )  # fmt: skip
+    )
     if len(members) < 2 or not candidates:
-        say(f"replica churn: {len(members)} registered at {time.monotonic() - started:.1f} s; "
-            "no kill this round")  # fmt: skip
+        say(
+            f"replica churn: {len(members)} registered at {time.monotonic() - started:.1f} s; "
+            "no kill this round"
+        )
         return None
     rid, pid = rng.choice(candidates)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     kill = Kill(rid, pid, time.monotonic())
-    say(f"replica churn: kill -9 {rid} (pid {pid}) at {kill.at - started:.1f} s, "
-        f"{len(members)} registered")  # fmt: skip
+    say(
+        f"replica churn: kill -9 {rid} (pid {pid}) at {kill.at - started:.1f} s, "
+        f"{len(members)} registered"
+    )
     return kill
 
 
@@ -167,8 +172,10 @@ async def churn(scale: Scale, say: Say) -> FaultResult:
         name, etcd = service.spec.service, ",".join(service.store.endpoints)
         before = await read_state(service.store, name)
         low, high = plan.every
-        say(f"replica churn: {REPLICAS} replicas, {SOURCES} sources at 1.5 x {LIMIT}/s, "
-            f"a kill -9 every {low:g}-{high:g} s for {plan.seconds:g} s")  # fmt: skip
+        say(
+            f"replica churn: {REPLICAS} replicas, {SOURCES} sources at 1.5 x {LIMIT}/s, "
+            f"a kill -9 every {low:g}-{high:g} s for {plan.seconds:g} s"
+        )
         async with MemberLog(service) as members:
             began = time.time()
             load = asyncio.create_task(
@@ -216,12 +223,22 @@ def _judge(
     result.over_limit = max(0, total - int(TOLERANCE * budget))
     result.survived = worst > 0
     result.figures.update(
-        kills=len(delays), ratio=ratio, strict_over=strict, received=total, budget=budget,
-        measured_s=len(counts), min_second_fraction=worst, worst_member_delay=slowest,
+        kills=len(delays),
+        ratio=ratio,
+        strict_over=strict,
+        received=total,
+        budget=budget,
+        measured_s=len(counts),
+        min_second_fraction=worst,
+        worst_member_delay=slowest,
         lease_ttl=ttl,
-    )  # fmt: skip
-    result.check(worst > 0, f"a second of the load passed nothing ({counts.index(0) + first})"
-                 if 0 in counts else "no second of the load was measured")  # fmt: skip
+    )
+    result.check(
+        worst > 0,
+        f"a second of the load passed nothing ({counts.index(0) + first})"
+        if 0 in counts
+        else "no second of the load was measured",
+    )
     result.check(ratio <= TOLERANCE, f"the upstream received {ratio:.0%} of the limit")
     result.check(ratio >= PASSING, f"only {ratio:.0%} of the limit passed over the run")
     result.check(len(delays) >= 3, f"only {len(delays)} kill(s) happened")
@@ -256,8 +273,10 @@ def _baseline(
     churned = sum(during) / (allowed * len(during))
     cost = max(0.0, base - churned) * len(during) / result.injected
     result.figures.update(baseline_ratio=base, churn_ratio=churned, seconds_per_kill=cost)
-    result.notes.append(f"{base:.0%} of the limit before the first kill, {churned:.0%} after: "
-                        f"each kill cost {cost:.2f} s of the group's traffic")  # fmt: skip
+    result.notes.append(
+        f"{base:.0%} of the limit before the first kill, {churned:.0%} after: "
+        f"each kill cost {cost:.2f} s of the group's traffic"
+    )
 
 
 def _judge_processes(
@@ -268,9 +287,14 @@ def _judge_processes(
     result.figures.update(restarts=restarts, leaked=len(leaks), ready_at_end=ready)
     whole = ready == REPLICAS and restarts >= kills
     result.survived = result.survived and whole
-    result.check(whole, f"after {settled:.0f} s, {ready} of {REPLICAS} replicas ready and "
-                 f"{restarts} restart(s) for {kills} kill(s)")  # fmt: skip
+    result.check(
+        whole,
+        f"after {settled:.0f} s, {ready} of {REPLICAS} replicas ready and "
+        f"{restarts} restart(s) for {kills} kill(s)",
+    )
     result.check(restarts <= kills, f"{restarts} restarts for {kills} kills: a replica crashed")
     result.problems.extend(leaks)
-    result.notes.append(f"{restarts} restarts for {kills} kills, {ready} ready "
-                        f"{settled:.1f} s after the load; {len(leaks)} processes left")  # fmt: skip
+    result.notes.append(
+        f"{restarts} restarts for {kills} kills, {ready} ready "
+        f"{settled:.1f} s after the load; {len(leaks)} processes left"
+    )

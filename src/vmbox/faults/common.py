@@ -243,8 +243,13 @@ async def steady_load(
     source's limit, so a source whose flows all hash to one replica gets only
     that share through.
     """
-    plan = LoadPlan(target, rate=1.5 * LIMIT * sources, sources=sources, flows=flows * sources,
-                    duration=duration)  # fmt: skip
+    plan = LoadPlan(
+        target,
+        rate=1.5 * LIMIT * sources,
+        sources=sources,
+        flows=flows * sources,
+        duration=duration,
+    )
     return await run_load(plan)
 
 
@@ -276,9 +281,14 @@ async def etcdctl(endpoints: Iterable[str], *args: str, timeout: float = 10.0) -
     shown = " ".join(args)[:60]
     try:
         done = await asyncio.to_thread(
-            subprocess.run, command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env={"ETCDCTL_API": "3"}, timeout=timeout,
-        )  # fmt: skip
+            subprocess.run,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={"ETCDCTL_API": "3"},
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"etcdctl {shown} took over {timeout:g}s") from None
     out = done.stdout.decode(errors="replace")

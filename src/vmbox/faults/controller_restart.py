@@ -52,16 +52,32 @@ class Up:
     """`vmbox up SPEC --etcd E` in a session of its own (a kill hits it alone), logged to a file."""
 
     def __init__(self, spec: Path, etcd: str, workdir: Path) -> None:
-        self.argv = [sys.executable, "-m", "vmbox", "up", str(spec), "--etcd", etcd,
-                     "--no-live", "--metrics-port", "0"]  # fmt: skip
+        self.argv = [
+            sys.executable,
+            "-m",
+            "vmbox",
+            "up",
+            str(spec),
+            "--etcd",
+            etcd,
+            "--no-live",
+            "--metrics-port",
+            "0",
+        ]
         self.env = os.environ | {"VMBOX_STATE_DIR": str(workdir / "state")}
         self.log = workdir / "up.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)  # fmt: skip
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
 
     @property
     def running(self) -> bool:
@@ -75,8 +91,14 @@ class Up:
     async def scale(self, count: int) -> None:
         """`vmbox scale`, finding the etcd through the context `vmbox up` recorded."""
         argv = [sys.executable, "-m", "vmbox", "scale", SERVICE, str(count)]
-        done = await asyncio.to_thread(subprocess.run, argv, env=self.env, capture_output=True,
-                                       stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            env=self.env,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"vmbox scale {count}: {done.stderr.decode().strip()[-200:]}")
 
@@ -123,8 +145,11 @@ class Run:
         """Event key -> (kind, replica) of each event recorded after `since`."""
         kvs, _ = await self.store.get_prefix(keys.events_prefix(SERVICE))
         bodies = {kv.key: json.loads(kv.value) for kv in kvs}
-        return {key: (e["kind"], str(e.get("data", {}).get("replica")))
-                for key, e in bodies.items() if e["time"] >= since}  # fmt: skip
+        return {
+            key: (e["kind"], str(e.get("data", {}).get("replica")))
+            for key, e in bodies.items()
+            if e["time"] >= since
+        }
 
     async def restart(self) -> None:
         """kill -9 `vmbox up`, wait DOWN, start it again, check the adoption and the service."""
@@ -192,8 +217,10 @@ class Run:
             code = await asyncio.to_thread(self.up.popen.wait, WAIT)
         await self.up.kill()  # when it hung
         self.result.check(code == 0, f"vmbox up exited {code} on SIGINT")
-        self.result.check("Traceback" not in self.up.log.read_text(errors="replace"),
-                          f"a traceback in {self.up.log}")  # fmt: skip
+        self.result.check(
+            "Traceback" not in self.up.log.read_text(errors="replace"),
+            f"a traceback in {self.up.log}",
+        )
         left = await processes.leaks(SERVICE, self.etcd, within=10)
         self.f["leaked"] = len(left)
         self.result.check(not left, f"10 s after vmbox up exited: {'; '.join(left)}")
@@ -224,8 +251,10 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
             before = await common.read_state(store, SERVICE)
             run.first_events = set(await run.events())
             run.f["events_before"] = len(run.first_events)
-            say(f"controller restart: {kills} x kill -9 of vmbox up, {REPLICAS} replicas, "
-                f"{SOURCES} sources at 1.5 x {common.LIMIT}/s")  # fmt: skip
+            say(
+                f"controller restart: {kills} x kill -9 of vmbox up, {REPLICAS} replicas, "
+                f"{SOURCES} sources at 1.5 x {common.LIMIT}/s"
+            )
             started = time.time()
             load = asyncio.create_task(common.steady_load(run.spec.listen, SOURCES, 170, FLOWS))
             try:

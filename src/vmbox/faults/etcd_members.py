@@ -66,9 +66,15 @@ class _Run:
     """One service on one cluster, and what the faults did to it."""
 
     def __init__(
-        self, cluster: EtcdCluster, writer: EtcdStore, service: Service, watch: Watch,
-        probe: Prober, result: FaultResult, say: Say,
-    ) -> None:  # fmt: skip
+        self,
+        cluster: EtcdCluster,
+        writer: EtcdStore,
+        service: Service,
+        watch: Watch,
+        probe: Prober,
+        result: FaultResult,
+        say: Say,
+    ) -> None:
         self.cluster = cluster
         self.writer = writer
         self.service = service
@@ -153,9 +159,11 @@ class _Run:
         self.result.figures["recovered_max"] = max(
             self.result.figures.get("recovered_max", 0.0), time.monotonic() - back
         )
-        self.say(f"quorum lost for {outage:.1f} s: etcd back and seen in {took or 0:.2f} s, "
-                 f"{self.gap_line('quorum loss')}, "
-                 f"leases {'kept' if kept else 'renewed'}")  # fmt: skip
+        self.say(
+            f"quorum lost for {outage:.1f} s: etcd back and seen in {took or 0:.2f} s, "
+            f"{self.gap_line('quorum loss')}, "
+            f"leases {'kept' if kept else 'renewed'}"
+        )
 
     def gap_line(self, fault: str) -> str:
         gap, stall = self.gaps.get(fault, 0.0), self.stalls.get(fault, 0.0)
@@ -192,9 +200,13 @@ async def etcd_members(scale: Scale, say: Say) -> FaultResult:
 
 
 async def _inject(
-    cluster: EtcdCluster, writer: EtcdStore, service: Service, scale: Scale, say: Say,
+    cluster: EtcdCluster,
+    writer: EtcdStore,
+    service: Service,
+    scale: Scale,
+    say: Say,
     result: FaultResult,
-) -> FaultResult:  # fmt: skip
+) -> FaultResult:
     name = service.spec.service
     before = await read_state(service.store, name)
     limit = before[keys.state_key(name, "limit").removeprefix(keys.service_prefix(name))]
@@ -220,9 +232,10 @@ async def _inject(
             await watch.scrape()
             for rid, metrics in watch.last.items():
                 delivered = metrics.get("vmbox_state_watch_events", 0.0) - events0.get(rid, 0.0)
-                result.check(delivered == run.limit_writes,
-                             f"{rid}'s watch delivered {delivered:.0f} of "
-                             f"{run.limit_writes} limit writes")  # fmt: skip
+                result.check(
+                    delivered == run.limit_writes,
+                    f"{rid}'s watch delivered {delivered:.0f} of {run.limit_writes} limit writes",
+                )
             resumed = (
                 service.store.watch_resumes - resumes0[0],
                 watch.total("vmbox_store_watch_resumes") - resumes0[1],
@@ -246,9 +259,15 @@ async def _inject(
     worst = max(run.gaps.values(), default=0.0)
     policy = watch.highest.get("vmbox_fail_policy_active", 0.0)
     stall = max(run.stalls.values(), default=0.0)
-    result.figures |= {"worst_gap": worst, "worst_stall": stall, "acked": len(revisions.acked),
-                       "seen": len(revisions.seen), "limit_writes": run.limit_writes,
-                       "policy_max": policy, "resumed": resumed[0] + resumed[1]}  # fmt: skip
+    result.figures |= {
+        "worst_gap": worst,
+        "worst_stall": stall,
+        "acked": len(revisions.acked),
+        "seen": len(revisions.seen),
+        "limit_writes": run.limit_writes,
+        "policy_max": policy,
+        "resumed": resumed[0] + resumed[1],
+    }
     result.notes += [
         f"leader change: new leader within {result.figures.get('election_max', 0):.2f} s; "
         f"{run.gap_line('leader kill')}; a probe every {probe.interval * 1000:.0f} ms",

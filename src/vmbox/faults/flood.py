@@ -81,9 +81,12 @@ async def _one_sender(argv: list[str], timeout: float) -> dict[str, object]:
     command = [sys.executable, "-m", "vmbox.faults.sender", *argv]
     try:
         done = await asyncio.to_thread(
-            subprocess.run, command, stdin=subprocess.DEVNULL, capture_output=True,
+            subprocess.run,
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
             timeout=timeout,
-        )  # fmt: skip
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"a flood sender did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
@@ -99,11 +102,21 @@ async def send_flood(target: tuple[str, int], plan: FloodPlan) -> Sent:
     deadline = plan.seconds * 2 + 10  # a sender that falls this far behind stops
     start_at = time.time() + 1.0  # the interpreters start meanwhile
     common = [
-        "--target", f"{target[0]}:{target[1]}", "--sources", str(plan.sources),
-        "--parts", str(plan.senders), "--rounds", str(rounds),
-        "--rate", str(plan.rate / plan.senders), "--start-at", f"{start_at:.3f}",
-        "--deadline", str(deadline),
-    ]  # fmt: skip
+        "--target",
+        f"{target[0]}:{target[1]}",
+        "--sources",
+        str(plan.sources),
+        "--parts",
+        str(plan.senders),
+        "--rounds",
+        str(rounds),
+        "--rate",
+        str(plan.rate / plan.senders),
+        "--start-at",
+        f"{start_at:.3f}",
+        "--deadline",
+        str(deadline),
+    ]
     reports = await asyncio.gather(
         *(_one_sender([*common, "--part", str(i)], deadline + 15) for i in range(plan.senders))
     )
@@ -150,8 +163,10 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
         before = await read_state(service.store, service.spec.service)
         drops_before = socket_drops(listen)
         async with Watch(service) as watch:
-            say(f"flood: {plan.datagrams:,} datagrams from {plan.sources:,} sources "
-                f"at {plan.rate:,.0f}/s by {plan.senders} senders")  # fmt: skip
+            say(
+                f"flood: {plan.datagrams:,} datagrams from {plan.sources:,} sources "
+                f"at {plan.rate:,.0f}/s by {plan.senders} senders"
+            )
             started = time.monotonic()
             sent = await send_flood(listen, plan)
             result.figures["flood_s"] = time.monotonic() - started - 1.0
@@ -188,8 +203,10 @@ def _judge(result: FaultResult, watch: Watch, sent: Sent, probe_replies: int) ->
         peak_rss=watch.peak_rss,
     )
     result.check(sent.sent == sent.planned, f"sent {sent.sent:,} of {sent.planned:,} planned")
-    result.check(f["table_max"] <= MAX_SOURCES + 1,
-                 f"table reached {f['table_max']:,.0f} > {MAX_SOURCES + 1:,}")  # fmt: skip
+    result.check(
+        f["table_max"] <= MAX_SOURCES + 1,
+        f"table reached {f['table_max']:,.0f} > {MAX_SOURCES + 1:,}",
+    )
     result.check(f["overflowed"] > 0, "no source overflowed the table: the flood was too thin")
     peak = f"peak RSS {watch.peak_rss / MIB:.0f} MiB >= {RSS_BOUND / MIB:.0f} MiB"
     result.check(watch.peak_rss < RSS_BOUND, peak)

@@ -92,8 +92,9 @@ class RevisionCheck:
         found = []
         missed = sorted(set(self.acked) - set(self.seen))
         if missed:
-            found.append(f"the watch missed {len(missed)} of {len(self.acked)} revisions "
-                         f"(first {missed[0]})")  # fmt: skip
+            found.append(
+                f"the watch missed {len(missed)} of {len(self.acked)} revisions (first {missed[0]})"
+            )
         if len(set(self.seen)) != len(self.seen):
             found.append(f"the watch delivered {len(self.seen) - len(set(self.seen))} twice")
         for name, numbers in (("revisions", self.seen), ("values", self.values)):

@@ -82,9 +82,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--small", action="store_true", help="the quick version the tests run")
     parser.add_argument(
-        "--only", action="append", metavar="NAME", default=[],
+        "--only",
+        action="append",
+        metavar="NAME",
+        default=[],
         help="inject only this fault (repeatable); --list shows the names",
-    )  # fmt: skip
+    )
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     return parser.parse_args(argv)
 

@@ -116,13 +116,19 @@ class LocalRuntime:
     def command(self, replica_id: str) -> list[str]:
         tie = [] if self.adoptable else ["--parent-pid", str(os.getpid())]
         return [
-            sys.executable, "-m", "vmbox", "replica",
-            "--service", self.service,
-            "--id", replica_id,
-            "--etcd", ",".join(self.endpoints),
+            sys.executable,
+            "-m",
+            "vmbox",
+            "replica",
+            "--service",
+            self.service,
+            "--id",
+            replica_id,
+            "--etcd",
+            ",".join(self.endpoints),
             *replica_flags(self.access),
             *tie,
-        ]  # fmt: skip
+        ]
 
     def _cgroup_for(self, replica_id: str) -> MemoryCgroup | None:
         if self._cgroups is None:

@@ -183,9 +183,14 @@ class DemandSharing:
         self.service = service
         self.middlebox = middlebox
         self.reporter = DemandReporter(
-            store, service, replica_id, middlebox.take_demand, lease,
-            interval=interval, max_sources=max_sources,
-        )  # fmt: skip
+            store,
+            service,
+            replica_id,
+            middlebox.take_demand,
+            lease,
+            interval=interval,
+            max_sources=max_sources,
+        )
         self.snapshots = 0
 
     async def run(self) -> None:

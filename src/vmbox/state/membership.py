@@ -138,8 +138,11 @@ class Membership:
                 delay = 0.1
                 await self._keep_alive()
             except LeaseLost as exc:
-                log.warning("replica %s lost its membership lease (%s); registering again",
-                            self.replica_id, exc)  # fmt: skip
+                log.warning(
+                    "replica %s lost its membership lease (%s); registering again",
+                    self.replica_id,
+                    exc,
+                )
             except StoreError as exc:
                 self._failed(exc)
                 await asyncio.sleep(delay)

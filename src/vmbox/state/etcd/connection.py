@@ -65,10 +65,14 @@ async def connect(
     if (cert is None) != (key is None) or (cert is not None and ca_cert is None):
         raise StoreError("a client certificate needs its key and a CA certificate")
     client = Etcd3Client(
-        names, watch_reconnect_backoff_seconds=0.1, watch_max_reconnect_backoff_seconds=1.0,
-        tls_server_name=tls_server_name, ca_cert=_read(ca_cert, "CA certificate"),
-        cert_key=_read(key, "client key"), cert_chain=_read(cert, "client certificate"),
-    )  # fmt: skip
+        names,
+        watch_reconnect_backoff_seconds=0.1,
+        watch_max_reconnect_backoff_seconds=1.0,
+        tls_server_name=tls_server_name,
+        ca_cert=_read(ca_cert, "CA certificate"),
+        cert_key=_read(key, "client key"),
+        cert_chain=_read(cert, "client certificate"),
+    )
     # No public knob for channel options: extend the manager's before the channel exists.
     client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
     await client.connect()

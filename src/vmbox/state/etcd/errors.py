@@ -18,15 +18,20 @@ UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
 # What gRPC says when a TLS handshake fails, and what it means. These do not
 # heal by retrying, so connect() reports them at once.
 _TLS_FAILURES = (
-    ("hostname verification", "TLS: etcd's certificate does not name this host; set "
-     "store.server_name to a name it has"),
+    (
+        "hostname verification",
+        "TLS: etcd's certificate does not name this host; set store.server_name to a name it has",
+    ),
     ("certificate_verify_failed", "TLS: etcd's certificate is not signed by store.ca_cert"),
     ("tls handshake failed", "TLS handshake failed: check store.ca_cert"),
-    ("unwrap failed", "TLS: etcd refused the client certificate (none given, or signed by "
-     "a CA it does not trust): check store.cert and store.key"),
+    (
+        "unwrap failed",
+        "TLS: etcd refused the client certificate (none given, or signed by "
+        "a CA it does not trust): check store.cert and store.key",
+    ),
     # Not TLS's fault for sure (an etcd shutting down does it too): retried.
     ("handshake read failed", "closed during the TLS handshake: does etcd serve TLS?"),
-)  # fmt: skip
+)
 
 
 def failure_reason(exc: BaseException, tls: bool = False) -> str:
