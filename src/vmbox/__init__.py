@@ -3,10 +3,13 @@
 Public API re-exports only; see DESIGN.md for the architecture.
 """
 
-from vmbox.middlebox import Group, Middlebox, StateItem, get_function, register
+from vmbox.functions import get_function, register
+from vmbox.group import Group
+from vmbox.middlebox import Function, Middlebox, StateItem
 from vmbox.packet import Packet, Verdict
 
 __all__ = [
+    "Function",
     "Group",
     "Middlebox",
     "Packet",

@@ -1,11 +1,11 @@
-"""The Middlebox base class, declared state items, and the registry of functions.
+"""The Middlebox base class, declared state items, and what a registered function is.
 
-A middlebox class declares its state items (`state = (StateItem(...), ...)`)
-and registers itself under a function name with `@register("name")`. The
-replica (vmbox.replica) looks the class up by the spec's `middlebox.function`,
-builds one view per shared item, and calls `update()` whenever a value or the
-replica group changes. `process()` is synchronous, does no I/O and never reads
-the clock: the driver passes `now` in.
+A middlebox class declares its state items (`state = (StateItem(...), ...)`);
+a `Function` names it and says how to build it, and the registry
+(vmbox.functions) maps a spec's `middlebox.function` to one. The replica
+(vmbox.replica) builds the middlebox, one view per shared item, and calls
+`update()` whenever a value or the replica group changes. `process()` is
+synchronous, does no I/O and never reads the clock: the driver passes `now` in.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
+from vmbox.group import Group
 from vmbox.packet import Packet, Verdict
 
 
@@ -37,23 +38,6 @@ class StateItem:
     parse: Callable[[bytes], Any]
     encode: Callable[[Any], bytes]
     shared: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    """The live replicas of a service as one replica sees them."""
-
-    members: tuple[str, ...]
-    me: str
-    # The group before the latest change, while not every live member has
-    # acknowledged the change (the resize guard, vmbox.state.epoch): shares are
-    # then the smaller of the old and the new split. None once all agree.
-    previous: tuple[str, ...] | None = None
-
-    @property
-    def size(self) -> int:
-        """Live replicas, counting this one even before its registration is seen."""
-        return len(self.members) + (0 if self.me in self.members else 1)
 
 
 class Middlebox(ABC):
@@ -92,31 +76,19 @@ class Middlebox(ABC):
         return {}
 
 
-M = TypeVar("M", bound=type[Middlebox])
-_REGISTRY: dict[str, type[Middlebox]] = {}
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A middlebox function as the registry (vmbox.functions) knows it.
 
+    `state` is what the controller seeds in etcd before any replica runs;
+    `build(config, group)` makes the replica's middlebox from the spec's
+    `middlebox` section (a factory, so one function may offer several
+    algorithms, as `ratelimit` does).
+    """
 
-def register(name: str) -> Callable[[M], M]:
-    """Class decorator: make a middlebox available as `middlebox.function: name`."""
-
-    def wrap(cls: M) -> M:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"middlebox function {name!r} is registered twice")
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_function(name: str) -> type[Middlebox]:
-    """The middlebox class registered as `name`; imports the shipped ones first."""
-    import vmbox.functions  # noqa: F401 - registers the shipped middleboxes
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise KeyError(f"unknown middlebox function {name!r} (known: {known})") from None
+    name: str
+    state: tuple[StateItem, ...]
+    build: Callable[[Mapping[str, Any], Group], Middlebox]
 
 
 # The largest integer a stored state item may hold: no per-window packet budget

@@ -28,8 +28,10 @@ from typing import Any
 from vmbox.dataplane.counters import Counters
 from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.udp import UdpRelay
+from vmbox.functions import get_function
+from vmbox.group import Group
 from vmbox.metrics import ReplicaMetrics
-from vmbox.middlebox import Group, Middlebox, get_function
+from vmbox.middlebox import Middlebox
 from vmbox.packet import Packet, Verdict
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
@@ -85,7 +87,9 @@ class Replica:
         self.guard = ResizeGuard(
             replica_id, spec.middlebox.window, enabled=spec.middlebox.resize_guard
         )
-        self.middlebox: Middlebox = get_function(spec.middlebox.function)(config, self.guard.group)
+        self.middlebox: Middlebox = get_function(spec.middlebox.function).build(
+            config, self.guard.group
+        )
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.views: dict[str, View] = {}

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmbox.middlebox import Group
+from vmbox.group import Group
+from vmbox.sharing import even, even_share
 from vmbox.state.epoch import Ack, ResizeGuard, encode_ack, parse_ack
-from vmbox.state.sharing import even, even_share
 from vmbox.state.store import KeyValue
 
 LIMIT = 100

@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import tracemalloc
 
-from vmbox.functions.ratelimit import RateLimit
-from vmbox.middlebox import Group, get_function
+import pytest
+
+from vmbox.functions import get_function, ratelimit, register
+from vmbox.functions.fixedwindow import FixedWindow
+from vmbox.group import Group
+from vmbox.middlebox import Function
 from vmbox.packet import Packet, Verdict
 
 
 def make(
     limit: int = 100, members: tuple[str, ...] = ("r1",), me: str = "r1", **config: object
-) -> RateLimit:
-    return RateLimit({"limit": limit, "window": 1.0, **config}, Group(members, me))
+) -> FixedWindow:
+    return FixedWindow({"limit": limit, "window": 1.0, **config}, Group(members, me))
 
 
-def passed(mb: RateLimit, count: int, now: float, src: str = "10.0.0.1") -> int:
+def passed(mb: FixedWindow, count: int, now: float, src: str = "10.0.0.1") -> int:
     return sum(mb.process(Packet(src, 1000 + i, 64), now) is Verdict.PASS for i in range(count))
 
 
 def test_registered_under_its_name() -> None:
-    assert get_function("ratelimit") is RateLimit
+    function = get_function("ratelimit")
+    assert function is ratelimit.FUNCTION
+    assert [item.name for item in function.state] == ["limit"]
+    assert type(function.build({"limit": 5}, Group(("r1",), "r1"))) is FixedWindow
+
+
+def test_an_unknown_function_names_the_known_ones() -> None:
+    with pytest.raises(KeyError, match=r"'nat'.*known: ratelimit"):
+        get_function("nat")
+
+
+def test_a_name_cannot_be_registered_twice() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Function(name="ratelimit", state=(), build=ratelimit.build))
 
 
 def test_holds_a_source_to_the_limit_per_window() -> None:
@@ -147,7 +164,7 @@ def test_a_new_limit_applies_at_once() -> None:
 FOUR = ("r1", "r2", "r3", "r4")
 
 
-def demand(me: str = "r1", limit: int = 100, **config: object) -> RateLimit:
+def demand(me: str = "r1", limit: int = 100, **config: object) -> FixedWindow:
     return make(limit=limit, members=FOUR, me=me, split="demand", **config)
 
 

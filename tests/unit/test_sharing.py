@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmbox.middlebox import Group
-from vmbox.state.sharing import (
+from vmbox.group import Group
+from vmbox.sharing import (
     demand_shares,
     even,
     even_share,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from vmbox.functions.ratelimit import RateLimit
+import pytest
+
+from vmbox.functions import ratelimit
+from vmbox.functions.fixedwindow import FixedWindow
+from vmbox.functions.limiter import RateLimiter
 from vmbox.functions.tokenbucket import TokenBucket
-from vmbox.middlebox import Group
+from vmbox.group import Group
 from vmbox.packet import Packet, Verdict
 
 FOUR = ("r1", "r2", "r3", "r4")
@@ -13,26 +17,31 @@ FOUR = ("r1", "r2", "r3", "r4")
 def make(
     limit: int = 100, members: tuple[str, ...] = ("r1",), me: str = "r1", **config: object
 ) -> TokenBucket:
-    mb = RateLimit(
+    mb = ratelimit.build(
         {"limit": limit, "window": 1.0, "algorithm": "token_bucket", **config}, Group(members, me)
     )
     assert isinstance(mb, TokenBucket)
     return mb
 
 
-def passed(mb: RateLimit, count: int, now: float, src: str = "10.0.0.1") -> int:
+def passed(mb: RateLimiter, count: int, now: float, src: str = "10.0.0.1") -> int:
     return sum(mb.process(Packet(src, 1000 + i, 64), now) is Verdict.PASS for i in range(count))
 
 
-def paced(mb: RateLimit, rate: float, start: float, seconds: float, src: str = "s") -> int:
+def paced(mb: RateLimiter, rate: float, start: float, seconds: float, src: str = "s") -> int:
     """Offer `rate` packets/s from `start` for `seconds`; how many passed."""
     n = int(rate * seconds)
     return sum(passed(mb, 1, start + i / rate, src) for i in range(n))
 
 
 def test_the_config_picks_the_algorithm() -> None:
-    assert type(RateLimit({"limit": 5}, Group(("r1",), "r1"))) is RateLimit
+    assert type(ratelimit.build({"limit": 5}, Group(("r1",), "r1"))) is FixedWindow
     assert type(make()) is TokenBucket
+
+
+def test_an_unknown_algorithm_is_named() -> None:
+    with pytest.raises(ValueError, match=r"'leaky'.*fixed_window, token_bucket"):
+        ratelimit.build({"limit": 5, "algorithm": "leaky"}, Group(("r1",), "r1"))
 
 
 def test_holds_a_flooding_source_to_the_rate() -> None:

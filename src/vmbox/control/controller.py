@@ -28,7 +28,7 @@ from vmbox.control import events
 from vmbox.control.autoscale import choose_removals, free_ids
 from vmbox.control.exporter import ControllerMetrics, ControllerView
 from vmbox.control.scaling import ScaleLoop
-from vmbox.middlebox import get_function
+from vmbox.functions import get_function
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec
 from vmbox.state import keys

@@ -1,6 +1,6 @@
 """The ratelimit middlebox's `algorithm: token_bucket` (pure, like its fixed window).
 
-`RateLimit(config, group)` builds a `TokenBucket` when the config asks for one.
+vmbox.functions.ratelimit builds a `TokenBucket` when the config asks for one.
 Each source has a bucket that refills at this replica's share of `limit` per
 `window` and holds at most its share of `burst` (default: `limit`); a packet
 passes when a whole token is there. Shares come from the same split as the
@@ -20,22 +20,24 @@ ones, and the table stays bounded by `max_sources` plus one overflow bucket.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vmbox.functions.ratelimit import OVERFLOW, RateLimit
+from vmbox import sharing
+from vmbox.functions.limiter import OVERFLOW, RateLimiter
+from vmbox.group import Group
 from vmbox.packet import Packet, Verdict
-from vmbox.state import sharing
 
 Params = tuple[float, float]  # refill rate (tokens per second), capacity
 
 
-class TokenBucket(RateLimit):
+class TokenBucket(RateLimiter):
     """Drop a source's packets when its bucket holds no whole token."""
 
     algorithm = "token_bucket"
 
-    def setup(self) -> None:
+    def __init__(self, config: Mapping[str, Any], group: Group) -> None:
+        super().__init__(config, group)
         burst: Any = self.config.get("burst")
         self.burst: int | None = int(burst) if burst else None  # None: follow `limit`
         self.buckets: dict[str, list[float]] = {}  # source -> [tokens, last refill time]
@@ -45,6 +47,7 @@ class TokenBucket(RateLimit):
         self.started = -math.inf  # no packet passes before this time
         self.now = -math.inf  # the last packet's time: when a share change takes effect
         self.next_sweep = -math.inf
+        self.recompute()
 
     @property
     def capacity(self) -> int:

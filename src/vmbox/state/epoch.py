@@ -77,7 +77,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from vmbox.middlebox import Group
+from vmbox.group import Group
 from vmbox.state import keys
 from vmbox.state.membership import watch_snapshots
 from vmbox.state.store import KeyValue, Store, StoreError

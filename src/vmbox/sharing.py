@@ -1,6 +1,6 @@
 """Pure splits of a shared budget among the live replicas of a service.
 
-Called by middleboxes (vmbox.functions.ratelimit) whenever the limit, the
+Called by middleboxes (vmbox.functions.fixedwindow and tokenbucket) whenever the limit, the
 group or the demand reports change. No I/O: members and reports in, shares out.
 
 `even`: every replica gets `total / n`. `demand`: per source, each replica gets
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
-from vmbox.middlebox import Group
+from vmbox.group import Group
 
 Reports = Mapping[str, Mapping[str, int]]  # replica -> source -> packets offered
 
