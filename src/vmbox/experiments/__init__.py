@@ -9,7 +9,7 @@ Each experiment is a module exposing
 ExperimentResult is in vmbox.experiments.common). `REGISTRY` lists them in the
 order `vmbox experiment all` runs them; an optional entry (a plug-in module that
 may not be installed) is left out while its module is missing. Adding an
-experiment is one entry here. Called by vmbox.cli_experiment.
+experiment is one entry here. Called by vmbox.cli.experiment.
 """
 
 from __future__ import annotations

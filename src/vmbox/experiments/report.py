@@ -1,6 +1,6 @@
 """The experiments' report: report.md for `vmbox experiment all`, a table for the terminal.
 
-Called by vmbox.cli_experiment with the ExperimentResults of a run. Rendering
+Called by vmbox.cli.experiment with the ExperimentResults of a run. Rendering
 is pure (results, machine facts and a command line in, text or a rich Table
 out), so it is unit-tested without running anything.
 """

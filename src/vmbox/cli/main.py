@@ -7,84 +7,22 @@ etcd, busy port), never a traceback for those.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 
 from vmbox import context
-from vmbox.cli_experiment import experiment
-from vmbox.control.controller import PermanentError
-from vmbox.dataplane.sockets import BindError
-from vmbox.etcdserver import EtcdNotFound, EtcdStartError
-from vmbox.spec import SpecError, load_spec, parse_address
+from vmbox.cli.errors import EXIT_USAGE, fail, run
+from vmbox.cli.experiment import experiment
+from vmbox.cli.options import ETCD_HELP, access_options, etcd_endpoints, parse_address_option
+from vmbox.spec import SpecError, load_spec
 from vmbox.state import access
 from vmbox.state.access import StoreSpec
 from vmbox.state.store import StoreError
-
-T = TypeVar("T")
-EXIT_USAGE, EXIT_FAILED = 2, 1
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def run(coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on uvloop, turning user-caused errors into one line."""
-    import uvloop
-
-    try:
-        return uvloop.run(coro())
-    except SpecError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except (
-        StoreError,
-        PermanentError,
-        EtcdNotFound,
-        EtcdStartError,
-        context.NoContext,
-        BindError,
-    ) as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _etcd(value: str | None) -> list[str] | None:
-    return context.parse_endpoints(value) if value else None
-
-
-def _address(value: str, name: str) -> tuple[str, int]:
-    try:
-        return parse_address(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=name) from None
-
-
-ETCD_HELP = "etcd endpoints HOST:PORT[,...]; default: the one `vmbox up` recorded"
-
-
-def access_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Add --etcd-ca, --etcd-cert, ... (vmbox.state.access.FLAGS); the command gets `settings`.
-
-    Each names a file or a variable, never a secret: a command line is public.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        settings = {field: kwargs.pop(f"etcd_{field}") for field, _, _ in access.FLAGS}
-        command(*args, settings=settings, **kwargs)
-
-    for field, flag, help_text in reversed(access.FLAGS):
-        wrapper = click.option(flag, f"etcd_{field}", metavar="TEXT", help=help_text)(wrapper)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,7 +67,7 @@ def up(spec: str, etcd: str | None, live: bool, metrics_port: int) -> None:
     from vmbox.service import run_service
 
     loaded = load_spec_or_fail(spec)
-    run(lambda: run_service(loaded, _etcd(etcd), live, metrics_port))
+    run(lambda: run_service(loaded, etcd_endpoints(etcd), live, metrics_port))
 
 
 def load_spec_or_fail(path: str) -> Any:
@@ -152,7 +90,7 @@ def status(
     The etcd, and its TLS and user settings, are the ones `vmbox up` recorded
     unless given here.
     """
-    from vmbox.cli_status import show_status
+    from vmbox.cli.status import show_status
 
     name, target = _target(service, etcd, settings)
     run(lambda: show_status(name, target, watch))
@@ -165,7 +103,7 @@ def status(
 @access_options
 def scale(service: str, replicas: int, etcd: str | None, settings: dict[str, str | None]) -> None:
     """Set the desired replica count of SERVICE; a running `vmbox up` follows within a second."""
-    from vmbox.cli_status import set_desired
+    from vmbox.cli.status import set_desired
 
     name, target = _target(service, etcd, settings)
     run(lambda: set_desired(name, target, replicas))
@@ -223,7 +161,7 @@ def echo(listen: str, csv_path: str | None, duration: float | None) -> None:
     """A UDP echo server that reports datagrams received per second."""
     from vmbox.tools.echo import echo_main
 
-    address = _address(listen, "--listen")
+    address = parse_address_option(listen, "--listen")
     run(lambda: echo_main(address, csv_path, duration))
 
 
@@ -257,7 +195,7 @@ def load(
     if (rate is None) == (ramp is None):
         fail("give exactly one of --rate and --ramp", EXIT_USAGE)
     ramp_tuple = _ramp(ramp) if ramp else None
-    address = _address(target, "--target")
+    address = parse_address_option(target, "--target")
     try:  # the plan validates flows against sources and the like, in one line each
         LoadPlan(address, rate, ramp_tuple, sources, flows, duration)
     except ValueError as exc:

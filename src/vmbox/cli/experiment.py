@@ -1,6 +1,6 @@
 """`vmbox experiment`: reproduce the published evaluation, one figure or all of them.
 
-A click group registered by vmbox.cli. Its subcommands come from the registry
+A click group registered by vmbox.cli.main. Its subcommands come from the registry
 in vmbox.experiments (one per experiment whose module is there, plus `all`),
 and each one's --help is its module's docstring, read without importing it so
 help stays fast. Every run is bounded by its entry's time budget; a run that
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 
+from vmbox.cli.errors import fail, run
 from vmbox.experiments import REGISTRY, Entry, NotAnExperiment, available, load, lookup
 
 if TYPE_CHECKING:  # common imports the etcd client: only once an experiment runs
@@ -59,9 +60,9 @@ async def run_entry(
     started = time.monotonic()
     console.rule(f"experiment {entry.name} ({scale})")
     try:
-        run = load(entry)
+        experiment_run = load(entry)
         async with asyncio.timeout(budget):
-            result = await run(out_dir, scale=scale, console=console)
+            result = await experiment_run(out_dir, scale=scale, console=console)
     except TimeoutError:
         result = ExperimentResult(entry.name, error=f"did not finish within {budget:.0f} s")
     except expected as exc:
@@ -74,8 +75,6 @@ async def run_entry(
 
 
 def _prepare(out: str) -> Path:
-    from vmbox.cli import fail
-
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -121,8 +120,6 @@ def _single_command(entry: Entry) -> click.Command:
     @click.command(name=entry.name, help=_docstring(entry), short_help=entry.summary)
     @_options
     def command(out: str, small: bool) -> None:
-        from vmbox.cli import fail, run
-
         out_dir = _prepare(out)
         console = Console()
         scale: Scale = "small" if small else "full"
@@ -162,8 +159,6 @@ def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
     each matches the published shape, names the machine it ran on and gives
     the command line to repeat it. Exits 1 if an experiment could not run.
     """
-    from vmbox.cli import run
-
     out_dir = _prepare(out)
     console = Console()
     scale: Scale = "small" if small else "full"
