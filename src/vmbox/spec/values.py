@@ -1,6 +1,6 @@
 """The scalar values of a spec: durations, sizes and addresses, and their display.
 
-Used by vmbox.specparts and vmbox.spec, whose models annotate fields with
+Used by vmbox.spec.sections and vmbox.spec.model, whose models annotate fields with
 `Duration`, `Size` and `Address` (pydantic calls the parsers below), and
 re-exported by vmbox.spec for the CLI (parse_address), the experiments
 (parse_size) and the benchmarks. `short_repr` and `one_line` keep a value or a

@@ -1,13 +1,9 @@
-"""The YAML service spec as pydantic models, and `load_spec()`.
+"""The whole service spec as a pydantic model, its one-line SpecError, and `load_spec()`.
 
-Called by the CLI (`vmbox up`), the controller and each replica (which gets the
-spec as JSON). Every validation problem becomes one `SpecError` line naming the
-field, e.g. `web.yaml: middlebox.limit: must be greater than 0 (got -5)`.
-`store:` is `managed` or a StoreSpec: an external etcd, perhaps with TLS and a
-user (vmbox.state.access turns it into connect() arguments and replica flags).
-The sections of a spec are vmbox.specparts and its values (durations, sizes,
-addresses) vmbox.specvalues; this module re-exports what callers import from
-them, so `from vmbox.spec import ...` is the one import path.
+Every validation problem becomes one `SpecError` line naming the field, e.g.
+`web.yaml: middlebox.limit: must be greater than 0 (got -5)`. `store:` is
+`managed` or a StoreSpec: an external etcd, perhaps with TLS and a user
+(vmbox.state.access turns it into connect() arguments and replica flags).
 """
 
 from __future__ import annotations
@@ -19,56 +15,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from vmbox.specparts import (
-    FLOW_MEMORY,
-    IDLE_MEMORY,
+from vmbox.spec.sections import (
     MAX_FLOWS,
-    MEMORY_USABLE,
-    MIN_FLOWS,
     AutoscaleSpec,
-    Consistency,
     MiddleboxSpec,
     ReplicasSpec,
     SpecModel,
     Store,
     flows_for_memory,
 )
-from vmbox.specvalues import (
+from vmbox.spec.values import (
     Address,
     Duration,
-    Size,
     one_line,
-    parse_address,
-    parse_duration,
-    parse_size,
     short_repr,
 )
 from vmbox.state.access import StoreSpec
-
-__all__ = [
-    "FLOW_MEMORY",
-    "IDLE_MEMORY",
-    "MAX_FLOWS",
-    "MEMORY_USABLE",
-    "MIN_FLOWS",
-    "Address",
-    "AutoscaleSpec",
-    "Consistency",
-    "Duration",
-    "MiddleboxSpec",
-    "ReplicasSpec",
-    "Size",
-    "Spec",
-    "SpecError",
-    "Store",
-    "flows_for_memory",
-    "load_spec",
-    "one_line",
-    "parse_address",
-    "parse_duration",
-    "parse_size",
-    "parse_spec",
-]
 
 
 class SpecError(ValueError):

@@ -1,8 +1,8 @@
 """The sections of a spec below its top level: middlebox, replicas, autoscale, store.
 
-Used by vmbox.spec, whose Spec model holds one of each and re-exports them
-(the demo and the experiments build MiddleboxSpec and ReplicasSpec directly;
-vmbox.control.autoscale reads AutoscaleSpec). Also here: `SpecModel`, the
+Used by vmbox.spec.model, whose Spec model holds one of each; vmbox.spec
+re-exports them (the demo and the experiments build MiddleboxSpec and
+ReplicasSpec directly; vmbox.control.autoscale reads AutoscaleSpec). Also here: `SpecModel`, the
 strict frozen base of every spec model, and `flows_for_memory`, the default
 max_flows of a replica under replicas.memory_limit.
 """
@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from vmbox.specvalues import Duration, Size
+from vmbox.spec.values import Duration, Size
 from vmbox.state.access import StoreSpec
 
 MAX_FLOWS = 16384  # upstream sockets a replica keeps when nothing limits its memory
