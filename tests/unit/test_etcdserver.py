@@ -1,4 +1,4 @@
-"""Pure helpers of vmbox.etcdserver, etcdmember and vmbox.state.etcd: no etcd is started here."""
+"""Pure helpers of vmbox.etcdserver and vmbox.state.etcd: no etcd is started here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vmbox import etcdmember
 from vmbox.etcdserver import EtcdNotFound, find_etcd, free_port
+from vmbox.etcdserver import member as etcdmember
 from vmbox.state.etcd import normalize_endpoint
 
 
@@ -52,7 +52,7 @@ def test_endpoints_accept_urls(given: str, expected: str) -> None:
 
 
 def test_orphaned_private_etcd_dirs_are_removed(tmp_path: Path) -> None:
-    from vmbox.etcdserver import _dir_prefix, remove_orphaned_dirs
+    from vmbox.etcdserver.cluster import _dir_prefix, remove_orphaned_dirs
 
     dead = tmp_path / (_dir_prefix(2**22 + 1) + "abc")  # above any pid_max: never alive
     mine = tmp_path / (_dir_prefix() + "def")

@@ -1,6 +1,6 @@
 """One private etcd member: the binary, its ports, its process, its health and its log.
 
-Used by vmbox.etcdserver, whose EtcdCluster and EtcdServer start, stop and
+Used by vmbox.etcdserver.cluster, whose EtcdCluster and EtcdServer start, stop and
 restart `Member`s and wait for them with `wait_healthy`. Also here, and
 re-exported there: finding etcd and etcdctl (`find_etcd`), `ServerTLS` (the
 certificates a member serves and its health checks present), `free_port`, the

@@ -6,8 +6,7 @@ loopback ports, keep their data in a temporary directory unless one is given,
 and die with the process that started them (PR_SET_PDEATHSIG). For the tests of
 a secured store, members can serve TLS (`ServerTLS`, clients' certificates
 required) and `enable_auth` turns on etcd's users with etcdctl. One member's
-process, its health and its log are vmbox.etcdmember; this module re-exports
-what callers import from there (find_etcd, free_port, ServerTLS, the errors).
+process, its health and its log are vmbox.etcdserver.member.
 """
 
 from __future__ import annotations
@@ -22,29 +21,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from vmbox.etcdmember import (
-    EtcdNotFound,
+from vmbox.etcdserver.member import (
     EtcdStartError,
     Member,
     ServerTLS,
-    find_etcd,
     find_etcdctl,
     free_port,
     wait_healthy,
 )
 from vmbox.proc import pid_alive
-
-__all__ = [
-    "EtcdCluster",
-    "EtcdNotFound",
-    "EtcdServer",
-    "EtcdStartError",
-    "ServerTLS",
-    "find_etcd",
-    "find_etcdctl",
-    "free_port",
-    "remove_orphaned_dirs",
-]
 
 
 def _dir_prefix(pid: int | None = None) -> str:
