@@ -21,7 +21,7 @@ import asyncio
 import functools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +214,7 @@ def write_outputs(
             for x in rnd
         ),
     )
-    png = plots.overhead_png(stats, out_dir / "overhead.png")
+    png = overhead_png(stats, out_dir / "overhead.png")
     return ExperimentResult(
         NAME, [summary, samples], [png], report_rows(stats), notes(size, rtts) + scale_note(stats)
     )
@@ -305,3 +305,39 @@ def notes(size: Size, rtts: dict[str, list[list[float]]]) -> list[str]:
         "slower than base; strong is ok when slower than both polls.",
         f"Mean of each round (ms): {per_round}.",
     ]
+
+
+STAT_FIELDS = (("min", "min"), ("p50", "p50"), ("mean", "mean"), ("p99", "p99"), ("max", "max"))
+
+
+def overhead_png(stats: Mapping[str, Stats], path: Path) -> Path:
+    """Grouped bars (min, p50, mean, p99, max) per variant on a log scale; mean vs base above."""
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    names = list(stats)
+    width = 0.16
+    colors = ["#9ecae1", "#6baed6", "#08519c", "#fd8d3c", "#d94801"]
+    for j, (label, attr) in enumerate(STAT_FIELDS):
+        xs = [i + (j - 2) * width for i in range(len(names))]
+        ax.bar(xs, [getattr(stats[n], attr) for n in names], width, label=label, color=colors[j])
+    base = stats[names[0]].round_median
+    for i, n in enumerate(names):
+        s = stats[n]
+        ax.annotate(
+            f"mean {s.mean:.3f} ms\n{s.round_median / base:.2f}x base",
+            (i, s.max),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("round-trip latency (ms, log scale)")
+    ax.set_title("Round-trip latency per packet through one replica at 1,000 packets/s")
+    ax.set_ylim(min(s.min for s in stats.values()) * 0.5, max(s.max for s in stats.values()) * 6)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(ncol=5, loc="upper left", fontsize=8)
+    note = "x base: the median of a variant's round means over base's (rounds alternate)"
+    fig.text(0.01, -0.02, note, fontsize=8)
+    return plots.save(plt, fig, path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vmbox.demo import free_udp_port
+from vmbox.experiments import plots
 from vmbox.experiments.common import (
     ExperimentResult,
     ReportRow,
@@ -117,7 +119,6 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
 
 
 def summarise(runs: list[CaseRun], out_dir: Path, console: Console) -> ExperimentResult:
-    from vmbox.experiments.plots import skew_png
 
     result = ExperimentResult(NAME)
     rows = [
@@ -178,3 +179,44 @@ def report_rows(runs: list[CaseRun]) -> list[ReportRow]:
             )
         )
     return rows
+
+
+def skew_png(runs: Sequence[CaseRun], limit: int, path: Path) -> Path:
+    """Left: the one-flow source per second under each split. Right: every source's mean, mixed."""
+    plt = plots.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1, 2]})
+    colors = {"even": "tab:orange", "demand": "tab:blue"}
+    for run in (r for r in runs if r.case == "one flow"):
+        counts = run.received["heavy"]
+        left.plot(
+            range(len(counts)),
+            counts,
+            marker="o",
+            color=colors[run.split],
+            label=f"{run.split} split",
+        )
+    left.axhline(limit, color="0.5", ls="--", lw=1, label=f"limit {limit}/s")
+    left.set_title("one source, one flow, 4 replicas", fontsize=10)
+    left.set_xlabel("second of the run")
+    left.set_ylabel("packets/s through (the source's replies)")
+    left.set_ylim(0, limit * 1.4)
+    left.legend(fontsize=8)
+    mixed = [r for r in runs if r.case == "mixed"]
+    for i, run in enumerate(mixed):
+        means = run.means()
+        xs = [j + (i - 0.5) * 0.4 for j in range(len(means))]
+        color = colors[run.split]
+        right.bar(xs, list(means.values()), 0.4, color=color, label=f"{run.split} split")
+    labels = list(mixed[0].means()) if mixed else []
+    right.set_xticks(
+        range(len(labels)), [s.replace("spread-", "s") for s in labels], rotation=90, fontsize=7
+    )
+    right.axhline(limit, color="0.5", ls="--", lw=1)
+    right.axhspan(limit * 0.9, limit * 1.1, color="0.9", zorder=0, label="limit ± 10%")
+    right.set_title("mixed: a heavy one-flow source and 20 sources over 4 flows each", fontsize=10)
+    right.set_ylabel("mean packets/s through")
+    right.set_ylim(0, limit * 1.4)
+    right.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Skewed traffic: the demand split holds every source at its limit")
+    fig.tight_layout()
+    return plots.save(plt, fig, path)

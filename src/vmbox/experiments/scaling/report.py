@@ -1,6 +1,6 @@
 """The scaling experiment's outputs: CSVs, the figure, the report rows and the printed summary.
 
-Called by vmbox.experiments.scaling once both phases have run. The figure
+Called by vmbox.experiments.scaling.run once both phases have run. The figure
 follows the published one: each replica's metric over time, the threshold,
 and a mark at every scale event; the replica count rides on a second axis.
 """
@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from vmbox.experiments.common import ExperimentResult, ReportRow, write_csv
-from vmbox.experiments.scaling_plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_UP
-
-if TYPE_CHECKING:
-    from vmbox.experiments.scaling import PhaseRun
+from vmbox.experiments.scaling.phase import PhaseRun, server_seconds
+from vmbox.experiments.scaling.plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_UP
+from vmbox.experiments.scaling.plot import scaling_png
 
 REACTION_GOAL = 2.0  # seconds from the crossing sample to the new replica passing traffic
 
@@ -211,8 +210,6 @@ def summarise(
     runs: list[PhaseRun], out_dir: Path, result: ExperimentResult, console: Console
 ) -> None:
     """Write the CSVs and the PNG, fill the report rows and notes, print the summary."""
-    from vmbox.experiments.scaling import server_seconds
-    from vmbox.experiments.scaling_plot import scaling_png
 
     write_files(runs, out_dir, result)
     for run in runs:

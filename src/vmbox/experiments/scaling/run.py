@@ -1,22 +1,8 @@
-"""`vmbox experiment scaling`: the published autoscaling figure, redone, and scaling down too.
+"""The scaling experiment's run: each phase a fresh service whose controller runs here.
 
-Listed in the experiment registry (vmbox.experiments). Two phases, each a
-fresh service on a private etcd, its controller run in this process so every
-sample the autoscaler saw is recorded:
-
-- memory: replicas with a 70 MiB memory limit (a cgroup's, when run as root),
-  no load at first, then a rising rate of new flows from many sources (each
-  one makes a replica open an upstream flow, which costs memory until it idles
-  out); a new replica whenever the replicas' memory reaches 60% of the limit.
-  Then the load stops and the run watches whether memory, and the replica
-  count, come back down.
-- pps: steps of packet rate (one source, 64 flows, a limit of 100/s) scale the
-  service up on packets per second and, once the load stops, down to min; the
-  server's received rate is recorded every second to show the limit held.
-
-Writes scaling_samples.csv (one row per replica per sample), scaling_events.csv
-(decisions, with the reaction time from the first sample over the threshold to
-the new replica passing traffic) and scaling.png.
+Called through vmbox.experiments.scaling (the registry's entry). Records every
+sample the autoscaler saw, every decision and each replica's first passed
+packet into a PhaseRun (phase.py), then hands the runs to report.py.
 """
 
 from __future__ import annotations
@@ -25,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +19,6 @@ from rich.console import Console
 from vmbox.control import events
 from vmbox.control.controller import Controller
 from vmbox.demo import free_udp_port
-from vmbox.experiments.churn import churn
 from vmbox.experiments.common import (
     ExperimentResult,
     Scale,
@@ -42,44 +26,18 @@ from vmbox.experiments.common import (
     private_store,
     running_service,
 )
-from vmbox.experiments.scaling_plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
+from vmbox.experiments.scaling.phase import PhaseRun
+from vmbox.experiments.scaling.plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
+from vmbox.experiments.scaling.report import summarise
 from vmbox.metrics import scrape
 from vmbox.runtime.local import open_cgroups
 from vmbox.spec import Spec, parse_size
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
 from vmbox.tools.load import LoadPlan, run_load
+from vmbox.tools.newflows import new_flows
 
 NAME = "scaling"
-
-
-@dataclass
-class PhaseRun:
-    """What one phase recorded."""
-
-    plan: PhasePlan
-    spec: Spec
-    memory_source: str = ""
-    t0: float = 0.0
-    samples: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
-    counts: list[tuple[float, int]] = field(default_factory=list)
-    decisions: list[events.Event] = field(default_factory=list)
-    first_pass: dict[str, float] = field(default_factory=dict)
-    started: list[tuple[float, str]] = field(default_factory=list)
-    server: dict[int, int] = field(default_factory=dict)
-    load_window: tuple[float, float] = (0.0, 0.0)
-
-    def reactions(self) -> list[tuple[events.Event, str, float | None]]:
-        """Each scale-up, the replica it started, and seconds from crossing to passing traffic."""
-        out: list[tuple[events.Event, str, float | None]] = []
-        started = list(self.started)
-        for decision in (d for d in self.decisions if d.kind == "scale-up"):
-            rid = next((r for t, r in started if t >= decision.time - 0.01), "")
-            started = [(t, r) for t, r in started if r != rid]
-            passed = self.first_pass.get(rid)
-            since = float(decision.data.get("since", decision.time))
-            out.append((decision, rid, None if passed is None else passed - since))
-        return out
 
 
 def _listener(run: PhaseRun) -> Callable[[events.Event], None]:
@@ -125,7 +83,7 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
     on_tick(plan.idle)
     start = time.time()
     if plan.kind == "memory":
-        load: Any = churn(run.spec.listen, plan.rate_at, plan.load_for)
+        load: Any = new_flows(run.spec.listen, plan.rate_at, plan.load_for)
     else:
         load = _steps(run.spec, plan)
     task = asyncio.create_task(load)
@@ -175,8 +133,6 @@ async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> Phas
 
 
 async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> ExperimentResult:
-    from vmbox.experiments.scaling_report import summarise
-
     result = ExperimentResult(NAME)
     runs: list[PhaseRun] = []
     async with private_store() as store:
@@ -184,9 +140,3 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
             runs.append(await run_phase(store, plan, console))
     summarise(runs, out_dir, result, console)
     return result
-
-
-def server_seconds(run: PhaseRun) -> list[int]:
-    """The server's count for each whole second while the load ran (the first two skipped)."""
-    start, stop = run.load_window
-    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]

@@ -1,6 +1,6 @@
 """The scaling figure: per-replica metric over time with the scale events marked.
 
-Called by vmbox.experiments.scaling_report. One panel per phase, like the
+Called by vmbox.experiments.scaling.report. One panel per phase, like the
 published figure (memory of each replica against time, a new replica at each
 crossing), plus the replica count on a second axis and, in the packet-rate
 phase, the rate the protected server received.
@@ -9,12 +9,10 @@ phase, the rate the protected server received.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vmbox.experiments.scaling_plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_DOWN, PPS_UP
-
-if TYPE_CHECKING:
-    from vmbox.experiments.scaling import PhaseRun
+from vmbox.experiments.scaling.phase import PhaseRun
+from vmbox.experiments.scaling.plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_DOWN, PPS_UP
 
 FIELD = {"memory": "memory_percent", "pps": "pps_in"}
 LABEL = {

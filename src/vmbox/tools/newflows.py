@@ -22,7 +22,7 @@ MAX_FLOWS = 2_000_000  # a bound on any one run, whatever the rate says
 
 
 @dataclass
-class ChurnResult:
+class NewFlowsResult:
     flows: int = 0  # client flows opened (one datagram each)
     errors: int = 0  # sends the kernel refused (buffer full, no port)
 
@@ -33,7 +33,7 @@ def source_address(index: int, sources: int) -> str:
     return f"127.30.{k // 254}.{1 + k % 254}"
 
 
-async def churn(
+async def new_flows(
     target: tuple[str, int],
     rate_at: Callable[[float], float],
     duration: float,
@@ -41,9 +41,9 @@ async def churn(
     sources: int = 20_000,
     payload: int = 64,
     stop: asyncio.Event | None = None,
-) -> ChurnResult:
+) -> NewFlowsResult:
     """Open new flows at `rate_at(t)` per second for `duration` seconds (or until `stop`)."""
-    result = ChurnResult()
+    result = NewFlowsResult()
     data = b"\0" * payload
     started = time.monotonic()
     owed = 0.0
@@ -61,7 +61,7 @@ async def churn(
     return result
 
 
-def _one(target: tuple[str, int], source: str, data: bytes, result: ChurnResult) -> None:
+def _one(target: tuple[str, int], source: str, data: bytes, result: NewFlowsResult) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind((source, 0))

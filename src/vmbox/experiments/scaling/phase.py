@@ -1,0 +1,48 @@
+"""What one phase of the scaling experiment recorded (PhaseRun), and the figures drawn from it.
+
+Filled by run.py while a phase runs; read by report.py and plot.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmbox.control import events
+from vmbox.experiments.scaling.plan import PhasePlan
+from vmbox.spec import Spec
+
+
+@dataclass
+class PhaseRun:
+    """What one phase recorded."""
+
+    plan: PhasePlan
+    spec: Spec
+    memory_source: str = ""
+    t0: float = 0.0
+    samples: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    counts: list[tuple[float, int]] = field(default_factory=list)
+    decisions: list[events.Event] = field(default_factory=list)
+    first_pass: dict[str, float] = field(default_factory=dict)
+    started: list[tuple[float, str]] = field(default_factory=list)
+    server: dict[int, int] = field(default_factory=dict)
+    load_window: tuple[float, float] = (0.0, 0.0)
+
+    def reactions(self) -> list[tuple[events.Event, str, float | None]]:
+        """Each scale-up, the replica it started, and seconds from crossing to passing traffic."""
+        out: list[tuple[events.Event, str, float | None]] = []
+        started = list(self.started)
+        for decision in (d for d in self.decisions if d.kind == "scale-up"):
+            rid = next((r for t, r in started if t >= decision.time - 0.01), "")
+            started = [(t, r) for t, r in started if r != rid]
+            passed = self.first_pass.get(rid)
+            since = float(decision.data.get("since", decision.time))
+            out.append((decision, rid, None if passed is None else passed - since))
+        return out
+
+
+def server_seconds(run: PhaseRun) -> list[int]:
+    """The server's count for each whole second while the load ran (the first two skipped)."""
+    start, stop = run.load_window
+    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]
