@@ -1,13 +1,13 @@
-"""Demand reports: their encoding, the index a replica keeps, the reporter against a fake store."""
+"""Demand reports: their encoding, the index a replica keeps, the reporter on the memory store."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 from vmbox.functions.demandindex import DemandIndex
 from vmbox.state.demand import DemandReporter, encode_report, parse_report
-from vmbox.state.store import LeaseLost, StoreError, StoreUnavailable
+from vmbox.state.memory import MemoryStore
+from vmbox.state.store import KeyValue
 
 
 def test_a_report_keeps_the_heaviest_sources_sorted_and_compact() -> None:
@@ -36,55 +36,57 @@ def test_the_index_tells_which_sources_changed() -> None:
     assert index.by_source == {"u": {"a": 2}}
 
 
-class FakeStore:
-    def __init__(self) -> None:
-        self.puts: list[tuple[str, bytes, int]] = []
-        self.fail: StoreError | None = None
-
-    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        if self.fail is not None:
-            raise self.fail
-        self.puts.append((key, value, lease))
-        return len(self.puts)
-
-
-def reporter(store: FakeStore, offered: dict[str, int], lease: list[int]) -> DemandReporter:
+def reporter(store: MemoryStore, offered: dict[str, int], lease: list[int]) -> DemandReporter:
     def collect() -> dict[str, int]:
         out = dict(offered)
         offered.clear()
         return out
 
     return DemandReporter(
-        store,  # type: ignore[arg-type]
-        "web",
-        "r1",
-        collect,
-        lambda: lease[0],
-        interval=0.1,
-        max_sources=2,
+        store, "web", "r1", collect, lambda: lease[0], interval=0.1, max_sources=2
     )
 
 
+KEY = "/vmbox/web/demand/r1"
+
+
 def test_one_put_per_report_on_the_lease_and_none_when_nothing_changed() -> None:
-    store, offered, lease = FakeStore(), {"a": 5, "b": 1, "c": 9}, [7]
-    rep = reporter(store, offered, lease)
-    assert asyncio.run(rep.report())
-    assert store.puts == [("/vmbox/web/demand/r1", b'{"a":5,"c":9}', 7)]
-    assert asyncio.run(rep.report())  # nothing offered: an empty report, once
-    assert not asyncio.run(rep.report())
-    assert [json.loads(v) for _, v, _ in store.puts] == [{"a": 5, "c": 9}, {}]
-    lease[0] = 8  # registered again: the report went with the old lease
-    assert asyncio.run(rep.report()) and store.puts[-1][2] == 8 and rep.writes == 3
+    store, offered = MemoryStore(), {"a": 5, "b": 1, "c": 9}
+
+    async def main() -> None:
+        lease = [await store.grant_lease(10)]
+        rep = reporter(store, offered, lease)
+        assert await rep.report()
+        assert await store.get(KEY) == KeyValue(KEY, b'{"a":5,"c":9}', 2, lease[0])
+        assert await rep.report()  # nothing offered: an empty report, once
+        assert not await rep.report()
+        stored = await store.get(KEY)
+        assert stored is not None and stored.value == b"{}" and store.revision == 3
+        await store.revoke_lease(lease[0])  # the report goes with the lease
+        lease[0] = await store.grant_lease(10)  # registered again
+        assert await rep.report() and rep.writes == 3
+        stored = await store.get(KEY)
+        assert stored is not None and stored.lease == lease[0] and store.revision == 5
+
+    asyncio.run(main())
 
 
 def test_no_report_without_a_lease_or_a_store() -> None:
-    store, lease = FakeStore(), [0]
-    rep = reporter(store, {"a": 1}, lease)
-    assert not asyncio.run(rep.report()) and store.puts == []
-    lease[0] = 3
-    for error in (LeaseLost("gone"), StoreUnavailable("etcd away")):
-        store.fail = error
-        assert not asyncio.run(rep.report())
-    assert rep.last_error == "etcd away"
-    store.fail = None
-    assert asyncio.run(rep.report()) and rep.last_error is None
+    store, lease = MemoryStore(), [0]
+
+    async def main() -> None:
+        rep = reporter(store, {"a": 1}, lease)
+        assert not await rep.report() and store.revision == 1
+        lease[0] = await store.grant_lease(10)
+        await store.revoke_lease(lease[0])
+        assert not await rep.report()  # LeaseLost: the membership registers again
+        assert rep.last_error is None
+        lease[0] = await store.grant_lease(10)
+        store.available = False
+        assert not await rep.report()
+        assert rep.last_error is not None and "unavailable" in rep.last_error
+        store.available = True
+        assert await rep.report() and rep.last_error is None
+        assert await store.get(KEY) is not None and rep.writes == 1
+
+    asyncio.run(main())

@@ -1,4 +1,4 @@
-"""The store health decision and the fail policy, with a fake clock and a fake store."""
+"""The store health decision and the fail policy, with a fake clock and the memory store."""
 
 from __future__ import annotations
 
@@ -12,36 +12,27 @@ from vmbox.packet import Verdict
 from vmbox.state.health import (
     FAIL_MODE_CODES,
     FAIL_VERDICTS,
+    FailMode,
     HealthProbe,
     StoreHealth,
     failing_line,
     probe_interval,
     recovered_line,
 )
-from vmbox.state.store import KeyValue, StoreUnavailable
+from vmbox.state.memory import FakeClock, MemoryStore
+from vmbox.state.store import KeyValue
 
 
-class Clock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
+class DeadlineStore(MemoryStore):
+    """The memory store, noting the deadline of every read."""
 
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeStore:
-    """Answers `get` until `down` is set; counts reads and their deadlines."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.down = False
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
         self.deadlines: list[float | None] = []
 
     async def get(self, key: str, *, timeout: float | None = None) -> KeyValue | None:
         self.deadlines.append(timeout)
-        if self.down:
-            raise StoreUnavailable("etcd at 127.0.0.1:1 unavailable for get (connection refused)")
-        return KeyValue(key, b"{}", 1)
+        return await super().get(key, timeout=timeout)
 
 
 def test_probe_interval_is_a_third_of_the_timeout_at_most_a_second() -> None:
@@ -110,28 +101,30 @@ def test_log_lines_say_what_happens() -> None:
 
 
 @pytest.mark.parametrize("mode", ["static", "closed", "open"])
-def test_probe_applies_and_lifts_the_policy(mode: str, caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
-    store = FakeStore(clock)
+def test_probe_applies_and_lifts_the_policy(
+    mode: FailMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(100.0)
+    store = DeadlineStore(clock)
     applied: list[Verdict | None] = []
-    probe = HealthProbe(store, "/vmbox/web/spec", 1.0, mode, applied.append, clock=clock)  # type: ignore[arg-type]
+    probe = HealthProbe(store, "/vmbox/web/spec", 1.0, mode, applied.append, clock=clock)
 
     async def main() -> None:
         await probe.probe()
-        store.down = True
+        store.available = False
         for _ in range(3):  # 0.9 s of failed reads: within the timeout
-            clock.now += 0.3
+            clock.advance(0.3)
             await probe.probe()
         assert applied == [] and not probe.applying
         assert probe.down_for() == pytest.approx(0.9)
-        clock.now += 0.3
+        clock.advance(0.3)
         await probe.probe()
         assert applied == [FAIL_VERDICTS[mode]] and probe.applying
-        clock.now += 0.3
+        clock.advance(0.3)
         await probe.probe()
         assert len(applied) == 1
-        store.down = False
-        clock.now += 0.3
+        store.available = True
+        clock.advance(0.3)
         await probe.probe()
         assert applied == [FAIL_VERDICTS[mode], None] and not probe.applying
         assert probe.down_for() == 0.0
@@ -141,6 +134,7 @@ def test_probe_applies_and_lifts_the_policy(mode: str, caplog: pytest.LogCapture
     lines = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in lines] == [logging.WARNING, logging.INFO]
     assert lines[0][1].startswith("etcd unreachable for 1.2s: failing " + mode)
+    assert "(connection refused)" in lines[0][1]  # why the last read failed
     assert lines[1][1] == f"etcd reachable again after 1.8s: no longer failing {mode}"
     assert store.deadlines == [pytest.approx(1 / 3)] * len(store.deadlines)
 

@@ -1,7 +1,7 @@
-"""The monitor's arithmetic (vmbox.control.monitor) with a fake store, runtime and scrape.
+"""The monitor's arithmetic (vmbox.control.monitor): memory store, fake runtime, fake scrape.
 
-No etcd and no sockets: members come from a dict, usage from a table the test
-edits, and `scrape` is replaced by a function returning counters. The real
+No etcd and no sockets: members are keys of the memory store, usage comes from
+a table the test edits, and `scrape` is replaced by a function returning counters. The real
 thing runs in tests/integration/test_monitor.py.
 """
 
@@ -16,19 +16,15 @@ import pytest
 from vmbox.control import monitor
 from vmbox.control.monitor import Monitor, Sample
 from vmbox.runtime.base import ReplicaState, Usage
-from vmbox.state.store import KeyValue
+from vmbox.state import keys
+from vmbox.state.memory import MemoryStore
 
 
-class FakeStore:
-    def __init__(self, members: dict[str, dict[str, Any]]) -> None:
-        self.members = members
-
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
-        kvs = [
-            KeyValue(prefix + rid, json.dumps(info).encode(), 1)
-            for rid, info in self.members.items()
-        ]
-        return kvs, 1
+def registered(members: dict[str, dict[str, Any]]) -> MemoryStore:
+    store = MemoryStore()
+    for rid, info in members.items():
+        asyncio.run(store.put(keys.member_key("web", rid), json.dumps(info).encode()))
+    return store
 
 
 class FakeRuntime:
@@ -52,7 +48,7 @@ class Clock:
 
 
 def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Monitor, FakeRuntime, dict[str, Any], Clock]:
-    store = FakeStore({"web-1": {"pid": 11, "metrics": "m1:1"}, "web-2": {"pid": 12}})
+    store = registered({"web-1": {"pid": 11, "metrics": "m1:1"}, "web-2": {"pid": 12}})
     runtime = FakeRuntime()
     runtime.pids = {"web-1": 11, "web-2": 12, "web-3": 13}  # web-3 has not registered yet
     counters: dict[str, Any] = {"m1:1": {}}
@@ -65,7 +61,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Monitor, FakeRuntime, dict[s
         return dict(value)
 
     monkeypatch.setattr(monitor, "scrape", fake_scrape)
-    mon = Monitor("web", store, runtime, clock=clock)  # type: ignore[arg-type]
+    mon = Monitor("web", store, runtime, clock=clock)  # type: ignore[arg-type]  # FakeRuntime
     return mon, runtime, counters, clock
 
 
