@@ -5,7 +5,7 @@ by vmbox.runtime.local). It reads the service spec from etcd, builds the
 middlebox, keeps its shared state fresh through one view per item, binds the
 service address (SO_REUSEPORT, shared with its siblings), serves Prometheus
 metrics, and registers itself under members/<id> on a lease. A health probe
-(vmbox.state.health) applies the spec's `fail` policy while etcd is away
+(vmbox.state.healthprobe) applies the spec's `fail` policy while etcd is away
 longer than `store_timeout`. SIGTERM drains
 (vmbox.dataplane.drain: the flows in flight finish here, new ones go to the
 siblings, for at most `replicas.drain_timeout`), then leaves the membership so
@@ -37,8 +37,10 @@ from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
 from vmbox.state.demand import DemandAware, DemandSharing
-from vmbox.state.epoch import EpochSync, ResizeGuard
-from vmbox.state.health import FAIL_MODE_CODES, HealthProbe
+from vmbox.state.epoch import ResizeGuard
+from vmbox.state.epochsync import EpochSync
+from vmbox.state.health import FAIL_MODE_CODES
+from vmbox.state.healthprobe import HealthProbe
 from vmbox.state.membership import Membership
 from vmbox.state.store import Store, StoreError
 from vmbox.state.views import StrongView, View, make_view

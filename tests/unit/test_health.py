@@ -13,12 +13,12 @@ from vmbox.state.health import (
     FAIL_MODE_CODES,
     FAIL_VERDICTS,
     FailMode,
-    HealthProbe,
     StoreHealth,
     failing_line,
     probe_interval,
     recovered_line,
 )
+from vmbox.state.healthprobe import HealthProbe
 from vmbox.state.memory import FakeClock, MemoryStore
 from vmbox.state.store import KeyValue
 

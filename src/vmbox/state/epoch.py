@@ -1,11 +1,13 @@
 """The resize guard: shares stay safe while replicas disagree about the group.
 
-Called by vmbox.replica (`Replica._follow_members` runs an `EpochSync`). The
-epoch of a group is its member set; each replica writes the set it last
-applied, with the store revision it saw it at, to /vmbox/<service>/acks/<id>
-(on its membership lease, so the ack goes with the replica). `ResizeGuard` is
-the pure state machine (member sets, ack snapshots and the time in; a `Group`
-out); `EpochSync` is the thin asyncio layer that watches, writes and wakes.
+Pure: no I/O, no clock reads (the time is passed in). The epoch of a group is
+its member set; each replica writes the set it last applied, with the store
+revision it saw it at, to /vmbox/<service>/acks/<id> (on its membership lease,
+so the ack goes with the replica). `ResizeGuard` is the state machine (member
+sets, ack snapshots and the time in; a `Group` out), `encode_ack`/`parse_ack`
+the ack's bytes. vmbox.state.epochsync.EpochSync is the thin asyncio layer
+that watches members and acks, writes this replica's ack and wakes the guard;
+vmbox.replica runs one.
 
 The problem: the shares of a window come from each replica's own view of the
 group, and views change at slightly different times. A joiner that sees
@@ -68,26 +70,15 @@ cannot be written keeps this replica guarded, the safe side.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from vmbox.group import Group
-from vmbox.state import keys
-from vmbox.state.membership import watch_snapshots
-from vmbox.state.store import KeyValue, Store, StoreError
+from vmbox.state.store import KeyValue
 
-log = logging.getLogger(__name__)
-
-LEASE_CHECK = 0.5  # seconds between checks that the ack sits on the current lease
-LEASE_WAIT = 0.02  # the same while an ack waits for the first lease (a fresh replica)
 MAX_SETS = 32  # sets kept since the settle point; older ones are merged (never unsafely)
-TIMER_SLACK = 0.0005  # wake this long after a boundary, so floor(now / window) has moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,126 +259,3 @@ class ResizeGuard:
             self.last_duration = now - (self.since if self.since is not None else now)
             self.lifted_at = now
             self.lifts += 1
-
-
-class EpochSync:
-    """Follows members and acks, writes this replica's ack, hands each new group to `apply`."""
-
-    def __init__(
-        self,
-        store: Store,
-        service: str,
-        guard: ResizeGuard,
-        apply: Callable[[Group], None],
-        *,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.service = service
-        self.guard = guard
-        self.apply = apply
-        self.clock = clock
-        self.key = keys.ack_key(service, guard.me)
-        self.ack_errors = 0
-        self._applied: Group | None = None
-        # When the guard may lift (inf: not waiting). The data plane calls
-        # `catch_up` once a packet's time reaches it, so the lift is in place
-        # before the first packet of the new window, whatever the timer does.
-        self.due = math.inf
-        self._written: tuple[frozenset[str], int] | None = None  # (set, lease) last written
-        self._written_at = 0  # revision of that write
-        self._dirty = asyncio.Event()  # the ack may need (re)writing
-        self._wake = asyncio.Event()
-
-    async def run(self, lease: Callable[[], int]) -> None:
-        """Until cancelled; `lease()` is the membership lease (0 while unregistered)."""
-        self._apply()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._follow_members())
-            tasks.create_task(self._follow_acks())
-            tasks.create_task(self._write_acks(lease))
-            tasks.create_task(self._timer())
-
-    def catch_up(self, now: float) -> None:
-        """Lift a guard that is due at `now` (the data plane calls it; no I/O)."""
-        self.guard.tick(now)
-        self._apply()
-
-    def _apply(self, wake: bool = True) -> None:
-        group = self.guard.group
-        if group != self._applied:
-            self._applied = group
-            self.apply(group)
-        due = self.guard.wake_at()
-        self.due = math.inf if due is None else due
-        if wake:
-            self._wake.set()  # the guard's state changed: recompute the timer
-
-    async def _follow_members(self) -> None:
-        # Survives store outages: the watch re-lists after reconnecting.
-        prefix = keys.members_prefix(self.service)
-        async for revision, members in watch_snapshots(self.store, prefix, _present):
-            if self.guard.see_members(members, revision, self.clock()):
-                self._apply()  # applied before the ack is written: the ack's promise
-                self._dirty.set()
-
-    async def _follow_acks(self) -> None:
-        prefix = keys.acks_prefix(self.service)
-        async for revision, acks in watch_snapshots(self.store, prefix, parse_ack):
-            windows = {r: a.window for r, a in acks.items() if a.window is not None}
-            self.guard.see_acks({r: a.members for r, a in acks.items()}, self.clock(), windows)
-            self._apply()
-            mine, written = acks.get(self.guard.me), self._written
-            if (
-                written is not None
-                and revision >= self._written_at
-                and (mine is None or mine.members != written[0])
-            ):
-                self._written = None  # deleted or overwritten behind our back
-                self._dirty.set()
-
-    def leaving(self) -> None:
-        """Take nothing from now on (before the lease is revoked): see ResizeGuard.leaving."""
-        self.guard.leaving()
-        self._apply()
-
-    async def _write_acks(self, lease_of: Callable[[], int]) -> None:
-        delay = 0.1
-        while True:
-            lease, view = lease_of(), self.guard.view
-            if lease and (view, lease) != self._written:
-                try:
-                    value = encode_ack(view, self.guard.revision, self.guard.view_window)
-                    self._written_at = await self.store.put(self.key, value, lease=lease)
-                    self._written, delay = (view, lease), 0.1
-                except StoreError as exc:
-                    # Unacknowledged, everyone (this replica too) stays guarded.
-                    self.ack_errors += 1
-                    log.debug("replica %s cannot write its ack: %s", self.guard.me, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-            # cancellation that lands as the event is set, and the task lives on.
-            # An ack that waits for a lease (registration under way) is written
-            # as soon as there is one: everyone stays guarded until it is.
-            check = LEASE_WAIT if not lease else LEASE_CHECK
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(check):
-                    await self._dirty.wait()
-            self._dirty.clear()
-
-    async def _timer(self) -> None:
-        while True:
-            wake = self.guard.wake_at()
-            timeout = None if wake is None else max(0.0, wake - self.clock()) + TIMER_SLACK
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            self._wake.clear()
-            self.guard.tick(self.clock())
-            self._apply(wake=False)
-
-
-def _present(kv: KeyValue) -> bool:
-    return True  # a member key, whatever its info

@@ -1,30 +1,25 @@
 """Store health as a replica sees it, and the fail policy that follows from it.
 
-Each replica (vmbox.replica) runs one `HealthProbe`: every
-`probe_interval(store_timeout)` seconds a cheap linearizable read of the
+Each replica (vmbox.replica) runs one `HealthProbe` (vmbox.state.healthprobe):
+every `probe_interval(store_timeout)` seconds a cheap linearizable read of the
 service's spec key, with a deadline. The views already notice a lost store, but
 each in its own way (and `local` never does); the probe is the one place that
 decides "etcd has been unreachable for longer than `store_timeout`", so every
 consistency mode gets the spec's `fail` policy: `static` keeps deciding on the
 last shares, `closed` drops every packet, `open` passes every packet.
 
-`StoreHealth` is the pure decision (a clock is passed in, so it is tested with
-a fake one); `HealthProbe` is the thin loop that reads, logs the two
-transitions, and hands the verdict to apply (None: let the middlebox decide).
+Pure: `StoreHealth` is the decision (the time is passed in, so it is tested
+with a fake clock), with the probe's interval, the fail verdicts and gauge
+codes, and the two log lines. vmbox.state.healthprobe.HealthProbe is the thin
+loop that reads, logs the two transitions, and hands the verdict to apply
+(None: let the middlebox decide).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Callable
 from typing import Literal
 
 from vmbox.packet import Verdict
-from vmbox.state.store import Store, StoreError
-
-log = logging.getLogger(__name__)
 
 FailMode = Literal["static", "closed", "open"]
 Transition = Literal["failed", "recovered"]
@@ -106,67 +101,3 @@ def failing_line(mode: str, down: float, reason: str | None) -> str:
 def recovered_line(mode: str, down: float) -> str:
     """The one INFO a replica logs when the store answers again."""
     return f"etcd reachable again after {down:.1f}s: no longer {_DOING[mode].split(' (')[0]}"
-
-
-class HealthProbe:
-    """Reads `key` every `interval` seconds and calls `apply` with the fail verdict.
-
-    `apply(verdict)` is called when the policy starts (with FAIL_VERDICTS[mode])
-    and when it ends (with None); the replica stores it where its packet path
-    reads it. Never raises on store errors.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        key: str,
-        timeout: float,
-        mode: FailMode,
-        apply: Callable[[Verdict | None], None],
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.mode = mode
-        self.apply = apply
-        self.clock = clock
-        self.interval = probe_interval(timeout)
-        self.deadline = max(self.interval, 0.2)  # a loaded machine must not look like an outage
-        self.health = StoreHealth(timeout, clock())
-
-    def down_for(self) -> float:
-        return self.health.down_for(self.clock())
-
-    @property
-    def applying(self) -> bool:
-        return self.health.applying
-
-    async def probe(self) -> None:
-        """One read, then act on what it means."""
-        started = self.clock()
-        try:
-            await self.store.get(self.key, timeout=self.deadline)
-        except StoreError as exc:
-            self.health.failed_read(str(exc))
-        else:
-            self.health.succeeded(started)
-        self.check()
-
-    def check(self) -> None:
-        """Apply or lift the policy if the store's health says so (also between reads)."""
-        now = self.clock()
-        transition = self.health.step(now)
-        if transition == "failed":
-            down = self.health.down_for(now)
-            log.warning("%s", failing_line(self.mode, down, self.health.error))
-            self.apply(FAIL_VERDICTS[self.mode])
-        elif transition == "recovered":
-            log.info("%s", recovered_line(self.mode, self.health.outage))
-            self.apply(None)
-
-    async def run(self) -> None:
-        """Probe until cancelled."""
-        while True:
-            await self.probe()
-            await asyncio.sleep(self.interval)

@@ -7,7 +7,7 @@ within the lease TTL, and one that leaves (or is revoked by the controller)
 disappears at once. The controller and `vmbox status` call `list_members`;
 replicas follow the group with `watch_members` to re-divide shared budgets
 (`watch_snapshots` is the same following for any prefix, e.g. the resize
-guard's acks in vmbox.state.epoch).
+guard's acks in vmbox.state.epochsync).
 """
 
 from __future__ import annotations
