@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.harness import ExperimentRun, run_experiment
 from tests.integration.harness import csv_rows as rows
-from vmbox.experiments import REGISTRY
+from vmbox.experiments import EXPERIMENTS
 from vmbox.experiments.correctness import COLUMNS, LIMIT, Second, accuracy, plateau
 from vmbox.experiments.overhead import SUMMARY_COLUMNS
 
@@ -22,8 +22,8 @@ MINE = ("correctness", "overhead")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> ExperimentRun:
     # Other experiments (scaling, skew) have tests of their own; this run is about these two.
-    skip = [arg for e in REGISTRY if e.name not in MINE for arg in ("--skip", e.name)]
-    budget = sum(entry.small_budget for entry in REGISTRY if entry.name in MINE) + 60
+    skip = [arg for e in EXPERIMENTS.entries if e.name not in MINE for arg in ("--skip", e.name)]
+    budget = sum(entry.small_budget for entry in EXPERIMENTS.entries if entry.name in MINE) + 60
     out = tmp_path_factory.mktemp("results")
     return run_experiment(out, "all", "--small", *skip, timeout=budget)
 

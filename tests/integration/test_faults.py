@@ -13,7 +13,7 @@ import pytest
 import uvloop
 from rich.console import Console
 
-from vmbox.faults import NONE, FaultResult, available
+from vmbox.faults import FAULTS, NONE, FaultResult
 from vmbox.faults.flood import MAX_SOURCES, RSS_BOUND
 from vmbox.faults.runner import fault_table, run_all
 
@@ -22,12 +22,12 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, FaultResult]]:
-    rows = uvloop.run(run_all(available(), "small", print))
+    rows = uvloop.run(run_all(FAULTS.available(), "small", print))
     Console(width=160).print(fault_table(rows, "faults (small scale)"))
     yield {row.fault: row for row in rows}
 
 
-@pytest.mark.parametrize("name", [entry.name for entry in available()])
+@pytest.mark.parametrize("name", [entry.name for entry in FAULTS.available()])
 def test_every_fault_is_survived_without_losing_state(
     results: dict[str, FaultResult], name: str
 ) -> None:

@@ -1,4 +1,4 @@
-"""The registry of experiments: optional entries join when their module exists and fits."""
+"""The experiments' registry: optional entries join when their module exists and fits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from vmbox.cli import main
-from vmbox.experiments import REGISTRY, Entry, NotAnExperiment, available, installed, load
+from vmbox.experiments import EXPERIMENTS
+from vmbox.registry import Entry, NotRunnable
 
 GOOD = '''"""A stand-in experiment."""
 NAME = "fake"
@@ -20,34 +21,34 @@ async def run(out_dir, *, scale="full", console):
 
 
 def entry(module: str) -> Entry:
-    return Entry("fake", module, "a fake", budget=1, small_budget=1, optional=True)
+    return Entry("fake", module, "run", "a fake", budget=1, small_budget=1, optional=True)
 
 
 def test_the_published_figures_and_skew_are_registered_and_available() -> None:
-    names = [e.name for e in REGISTRY]
+    names = [e.name for e in EXPERIMENTS.entries]
     assert names == ["correctness", "overhead", "scaling", "skew"]
-    assert all(not e.optional and installed(e) for e in REGISTRY)
-    assert available() == list(REGISTRY)
-    assert all(callable(load(e)) for e in REGISTRY)
+    assert all(not e.optional and e.installed() for e in EXPERIMENTS.entries)
+    assert EXPERIMENTS.available() == list(EXPERIMENTS.entries)
+    assert all(callable(EXPERIMENTS.load(e)) for e in EXPERIMENTS.entries)
 
 
 def test_a_module_with_the_interface_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "vmbox_fake_experiment.py").write_text(GOOD)
     monkeypatch.syspath_prepend(str(tmp_path))
     fake = entry("vmbox_fake_experiment")
-    assert installed(fake)
-    assert callable(load(fake))
-    monkeypatch.setattr("vmbox.experiments.REGISTRY", (*REGISTRY, fake))
-    assert fake in available()
+    assert fake.installed()
+    assert callable(EXPERIMENTS.load(fake))
+    monkeypatch.setattr(EXPERIMENTS, "entries", (*EXPERIMENTS.entries, fake))
+    assert fake in EXPERIMENTS.available()
 
 
 def test_a_missing_or_misshapen_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert not installed(entry("vmbox_no_such_experiment"))
-    assert not installed(entry("no_such_package.sub"))
+    assert not entry("vmbox_no_such_experiment").installed()
+    assert not entry("no_such_package.sub").installed()
     (tmp_path / "vmbox_bad_experiment.py").write_text('NAME = "bad"\n\ndef run(): ...\n')
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(NotAnExperiment, match="async def run"):
-        load(entry("vmbox_bad_experiment"))
+    with pytest.raises(NotRunnable, match=r"vmbox_bad_experiment\.run must be an async def run"):
+        EXPERIMENTS.load(entry("vmbox_bad_experiment"))
 
 
 def test_cli_lists_the_experiments_and_explains_each() -> None:

@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from vmbox.faults import (
-    NONE,
-    REGISTRY,
-    Entry,
-    FaultResult,
-    NotAFault,
-    Say,
-    Scale,
-    available,
-    installed,
-    load,
-)
+from vmbox.faults import FAULTS, NONE, FaultResult, Say, Scale
 from vmbox.faults.common import over_limit, state_lost
 from vmbox.faults.runner import fault_table, main, run_entry
 from vmbox.faults.sender import _Seconds, source_address
 from vmbox.middlebox import MAX_STATE_INT, StateValueError, parse_positive_int
+from vmbox.registry import Entry, NotRunnable
 
 FAKE = '''"""Stand-in faults."""
 from vmbox.faults import FaultResult
@@ -60,23 +50,24 @@ def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Entry]:
 
 
 def test_the_issue_6_faults_are_registered_and_load() -> None:
-    names = [entry.name for entry in REGISTRY]
+    names = [entry.name for entry in FAULTS.entries]
     assert names[:4] == ["flood", "odd datagrams", "upstream vanished", "corrupt etcd values"]
     assert len(set(names)) == len(names)
-    assert all(installed(entry) for entry in REGISTRY)
-    assert all(callable(load(entry)) for entry in available())
+    assert all(entry.installed() for entry in FAULTS.entries)
+    assert all(callable(FAULTS.load(entry)) for entry in FAULTS.available())
 
 
 def test_an_optional_fault_without_its_module_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
     missing = Entry("etcd member kill", "vmbox.faults.not_there", "kill", "", 1, 1, optional=True)
-    monkeypatch.setattr("vmbox.faults.REGISTRY", (*REGISTRY, missing))
-    assert missing not in available()
-    assert [e.name for e in available()] == [e.name for e in REGISTRY]
+    shipped = FAULTS.entries
+    monkeypatch.setattr(FAULTS, "entries", (*shipped, missing))
+    assert missing not in FAULTS.available()
+    assert [e.name for e in FAULTS.available()] == [e.name for e in shipped]
 
 
 def test_a_fault_must_be_async(fakes: dict[str, Entry]) -> None:
-    with pytest.raises(NotAFault, match="must be an async def"):
-        load(fakes["not_async"])
+    with pytest.raises(NotRunnable, match="must be an async def"):
+        FAULTS.load(fakes["not_async"])
 
 
 def test_run_entry_turns_failures_into_rows(fakes: dict[str, Entry]) -> None:
@@ -92,8 +83,7 @@ def test_run_entry_bounds_a_fault_by_its_budget(monkeypatch: pytest.MonkeyPatch)
         await asyncio.sleep(60)
         raise AssertionError("not reached")
 
-    monkeypatch.setattr("vmbox.faults.load", lambda entry: stuck)
-    monkeypatch.setattr("vmbox.faults.runner.load", lambda entry: stuck)
+    monkeypatch.setattr(FAULTS, "load", lambda entry: stuck)
     entry = Entry("stuck", "x", "stuck", "", budget=60, small_budget=0.1)
     row = asyncio.run(run_entry(entry, "small", print))
     assert row.problems == ["did not finish within 0 s"] and not row.survived
@@ -102,7 +92,7 @@ def test_run_entry_bounds_a_fault_by_its_budget(monkeypatch: pytest.MonkeyPatch)
 def test_the_runner_exits_1_when_a_row_is_not_ok(
     fakes: dict[str, Entry], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("vmbox.faults.REGISTRY", (fakes["fine"], fakes["lossy"]))
+    monkeypatch.setattr(FAULTS, "entries", (fakes["fine"], fakes["lossy"]))
     assert main(["--small", "--only", "fine"]) == 0
     assert main(["--small"]) == 1  # lossy lost state
     out = capsys.readouterr().out

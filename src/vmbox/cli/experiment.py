@@ -23,7 +23,8 @@ import click
 from rich.console import Console
 
 from vmbox.cli.errors import fail, run
-from vmbox.experiments import REGISTRY, Entry, NotAnExperiment, available, load, lookup
+from vmbox.experiments import EXPERIMENTS
+from vmbox.registry import Entry, NotRunnable
 
 if TYPE_CHECKING:  # common imports the etcd client: only once an experiment runs
     from vmbox.experiments.common import ExperimentResult, Scale
@@ -55,12 +56,12 @@ async def run_entry(
     from vmbox.state.store import StoreError
 
     # Failures a user or the machine can cause, shown as one line; others are bugs.
-    expected = (ExperimentError, NotAnExperiment, StoreError, BindError, OSError, RuntimeError)
-    budget = entry.small_budget if scale == "small" else entry.budget
+    expected = (ExperimentError, NotRunnable, StoreError, BindError, OSError, RuntimeError)
+    budget = entry.budget_for(scale)
     started = time.monotonic()
     console.rule(f"experiment {entry.name} ({scale})")
     try:
-        experiment_run = load(entry)
+        experiment_run = EXPERIMENTS.load(entry)
         async with asyncio.timeout(budget):
             result = await experiment_run(out_dir, scale=scale, console=console)
     except TimeoutError:
@@ -100,10 +101,10 @@ class ExperimentGroup(click.Group):
     """A group whose commands are the registry's available entries, then `all`."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [entry.name for entry in available()] + super().list_commands(ctx)
+        return [entry.name for entry in EXPERIMENTS.available()] + super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        entry = lookup(cmd_name)
+        entry = EXPERIMENTS.lookup(cmd_name)
         if entry is not None:
             return _single_command(entry)
         return super().get_command(ctx, cmd_name)
@@ -149,7 +150,7 @@ def experiment() -> None:
 @click.option(
     "--skip",
     multiple=True,
-    type=click.Choice([entry.name for entry in REGISTRY]),
+    type=click.Choice([entry.name for entry in EXPERIMENTS.entries]),
     help="Leave this experiment out (repeatable).",
 )
 def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
@@ -175,10 +176,10 @@ def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
 def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
     """The entries to run, and a note for each one left out."""
     entries, notes = [], []
-    for entry in REGISTRY:
+    for entry in EXPERIMENTS.entries:
         if entry.name in skip:
             notes.append(f"{entry.name}: left out (--skip {entry.name}).")
-        elif entry not in available():
+        elif entry not in EXPERIMENTS.available():
             notes.append(f"{entry.name}: not available yet ({entry.module} is not installed).")
         else:
             entries.append(entry)

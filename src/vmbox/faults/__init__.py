@@ -12,23 +12,22 @@ upstream received over the limit, and whether any state in etcd was lost.
 `scale` is "full" (`make faults`) or "small" (the test suite's quick version);
 `say` takes one line of progress.
 
-`REGISTRY` lists the faults in the order the runner (`python -m vmbox.faults`,
-vmbox.faults.runner) injects them. Adding a fault (etcd member kills on a
-three-member cluster, replica churn, a controller restart, ...) is one module
-and one entry here; an entry marked `optional` is skipped while its module is
-missing (none is now). Nothing here imports the etcd client, so listing the faults is cheap.
+`FAULTS` (a lazy vmbox.registry.Registry, the one the experiments use too)
+lists the faults in the order the runner (`python -m vmbox.faults`,
+vmbox.faults.runner) injects them. Adding a fault is one module and one entry
+here. Nothing here imports the etcd client, so listing the faults is cheap.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-Scale = Literal["full", "small"]
+from vmbox.registry import Entry, Registry, Scale
+
+__all__ = ["FAULTS", "NONE", "FaultFunction", "FaultResult", "Say", "Scale"]
+
 Say = Callable[[str], None]
 NONE = "none"  # FaultResult.state_lost when nothing was lost
 
@@ -66,107 +65,68 @@ class FaultFunction(Protocol):
     def __call__(self, scale: Scale, say: Say) -> Awaitable[FaultResult]: ...
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One fault the runner injects: where it lives and how long a run may take."""
-
-    name: str
-    module: str
-    function: str
-    summary: str  # one line for the runner's --list
-    budget: float  # seconds a full run may take before it counts as not survived
-    small_budget: float  # the same for the small scale
-    optional: bool = False  # skipped while its module is not installed
-
-
-REGISTRY: tuple[Entry, ...] = (
-    Entry(
-        "flood",
-        "vmbox.faults.flood",
-        "flood",
-        "1,000,000 datagrams from 100,000 source addresses (small: 100,000 from 20,000): "
-        "the limiter's table and the replica's memory stay bounded.",
-        budget=240,
-        small_budget=60,
-    ),
-    Entry(
-        "odd datagrams",
-        "vmbox.faults.bad_input",
-        "odd_datagrams",
-        "Empty and 65,507-byte datagrams among normal traffic.",
-        budget=90,
-        small_budget=45,
-    ),
-    Entry(
-        "upstream vanished",
-        "vmbox.faults.bad_input",
-        "upstream_vanished",
-        "The upstream stops while datagrams keep arriving, then comes back.",
-        budget=120,
-        small_budget=45,
-    ),
-    Entry(
-        "corrupt etcd values",
-        "vmbox.faults.bad_state",
-        "corrupt_values",
-        "etcdctl writes abc, an empty value, a huge and a negative number as the limit.",
-        budget=90,
-        small_budget=45,
-    ),
-    Entry(
-        "etcd member loss",
-        "vmbox.faults.etcd_members",
-        "etcd_members",
-        "On a three-member etcd: kill the leader, kill a follower, stop two (quorum lost), "
-        "restart them; leases, watches and control carry on.",
-        budget=300,
-        small_budget=150,
-    ),
-    Entry(
-        "replica churn",
-        "vmbox.faults.churn",
-        "churn",
-        "kill -9 a random replica every few seconds under load for 60 s (small: 17 s).",
-        budget=180,
-        small_budget=90,
-    ),
-    Entry(
-        "controller restart",
-        "vmbox.faults.controller_restart",
-        "controller_restart",
-        "kill -9 `vmbox up` and start it again: it adopts the running replicas.",
-        budget=180,
-        small_budget=90,
-    ),
+FAULTS: Registry[FaultFunction] = Registry(
+    [
+        Entry(
+            name="flood",
+            module="vmbox.faults.flood",
+            function="flood",
+            summary="1,000,000 datagrams from 100,000 source addresses "
+            "(small: 100,000 from 20,000): the limiter's table and the replica's memory "
+            "stay bounded.",
+            budget=240,
+            small_budget=60,
+        ),
+        Entry(
+            name="odd datagrams",
+            module="vmbox.faults.bad_input",
+            function="odd_datagrams",
+            summary="Empty and 65,507-byte datagrams among normal traffic.",
+            budget=90,
+            small_budget=45,
+        ),
+        Entry(
+            name="upstream vanished",
+            module="vmbox.faults.bad_input",
+            function="upstream_vanished",
+            summary="The upstream stops while datagrams keep arriving, then comes back.",
+            budget=120,
+            small_budget=45,
+        ),
+        Entry(
+            name="corrupt etcd values",
+            module="vmbox.faults.bad_state",
+            function="corrupt_values",
+            summary="etcdctl writes abc, an empty value, a huge and a negative number "
+            "as the limit.",
+            budget=90,
+            small_budget=45,
+        ),
+        Entry(
+            name="etcd member loss",
+            module="vmbox.faults.etcd_members",
+            function="etcd_members",
+            summary="On a three-member etcd: kill the leader, kill a follower, "
+            "stop two (quorum lost), restart them; leases, watches and control carry on.",
+            budget=300,
+            small_budget=150,
+        ),
+        Entry(
+            name="replica churn",
+            module="vmbox.faults.churn",
+            function="churn",
+            summary="kill -9 a random replica every few seconds under load for 60 s (small: 17 s).",
+            budget=180,
+            small_budget=90,
+        ),
+        Entry(
+            name="controller restart",
+            module="vmbox.faults.controller_restart",
+            function="controller_restart",
+            summary="kill -9 `vmbox up` and start it again: it adopts the running replicas.",
+            budget=180,
+            small_budget=90,
+        ),
+    ],
+    signature="(scale, say)",
 )
-
-
-class NotAFault(Exception):
-    """A registered entry whose function is missing or not async; str() says which."""
-
-
-def installed(entry: Entry) -> bool:
-    """Whether the entry's module can be imported (checked without importing it)."""
-    try:
-        return importlib.util.find_spec(entry.module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def available() -> list[Entry]:
-    """The entries that can run here, in registry order."""
-    return [entry for entry in REGISTRY if not entry.optional or installed(entry)]
-
-
-def lookup(name: str) -> Entry | None:
-    return next((entry for entry in available() if entry.name == name), None)
-
-
-def load(entry: Entry) -> FaultFunction:
-    """Import the entry's module and return its fault function, checking the interface."""
-    module = importlib.import_module(entry.module)
-    function = getattr(module, entry.function, None)
-    if not inspect.iscoroutinefunction(function):
-        raise NotAFault(f"{entry.module}.{entry.function} must be an async def (scale, say)")
-    checked: FaultFunction = function
-    return checked

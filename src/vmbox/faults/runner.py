@@ -20,22 +20,23 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from vmbox.faults import NONE, Entry, FaultResult, NotAFault, Say, Scale, available, load, lookup
+from vmbox.faults import FAULTS, NONE, FaultResult, Say, Scale
+from vmbox.registry import Entry, NotRunnable
 
 MIB = 1024 * 1024
 
 
 async def run_entry(entry: Entry, scale: Scale, say: Say) -> FaultResult:
     """Inject one fault within its budget; failures come back as a row that did not survive."""
-    budget = entry.small_budget if scale == "small" else entry.budget
+    budget = entry.budget_for(scale)
     started = time.monotonic()
     try:
-        fault = load(entry)
+        fault = FAULTS.load(entry)
         async with asyncio.timeout(budget):
             result = await fault(scale, say)
     except TimeoutError:
         result = FaultResult(entry.name, problems=[f"did not finish within {budget:.0f} s"])
-    except (NotAFault, OSError, RuntimeError) as exc:  # the machine's or the setup's, one line
+    except (NotRunnable, OSError, RuntimeError) as exc:  # the machine's or the setup's, one line
         result = FaultResult(entry.name, problems=[str(exc) or type(exc).__name__])
     except Exception as exc:  # a bug in one fault must not lose the other rows
         say(traceback.format_exc())
@@ -101,13 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not console.is_terminal:  # piped or logged: room for the notes column
         console = Console(width=160)
     if args.list:
-        for entry in available():
+        for entry in FAULTS.available():
             console.print(f"{entry.name}: {entry.summary}", highlight=False)
         return 0
-    entries = [lookup(name) for name in args.only] if args.only else available()
+    entries = [FAULTS.lookup(name) for name in args.only] if args.only else FAULTS.available()
     unknown = [name for name, entry in zip(args.only, entries, strict=False) if entry is None]
     if unknown:
-        names = ", ".join(entry.name for entry in available())
+        names = ", ".join(entry.name for entry in FAULTS.available())
         console.print(f"error: no fault named {unknown[0]!r} (known: {names})", highlight=False)
         return 2
     chosen = [entry for entry in entries if entry is not None]
