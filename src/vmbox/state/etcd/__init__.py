@@ -9,7 +9,7 @@ a TLS handshake that fails (wrong CA, no client certificate) fails at once.
 
 Callers import from here; the modules are the package's own:
 connection.py (endpoints, TLS files, `connect()` and its first read),
-store.py (EtcdStore: reads, writes, leases, logins),
+etcdstore.py (EtcdStore: reads, writes, leases, logins),
 watch.py (prefix watches and their resumes, etcd3aio's reconnects counted),
 errors.py (a client failure in a few words; Unreachable).
 """
@@ -27,7 +27,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from vmbox.state.etcd.connection import connect, normalize_endpoint
 from vmbox.state.etcd.errors import Unreachable
-from vmbox.state.etcd.store import DEFAULT_OP_TIMEOUT, EtcdStore
+from vmbox.state.etcd.etcdstore import DEFAULT_OP_TIMEOUT, EtcdStore
 from vmbox.state.etcd.watch import WATCH_REOPEN
 
 __all__ = [

@@ -14,7 +14,7 @@ from pathlib import Path
 from etcd3aio import Etcd3Client
 
 from vmbox.state.etcd.errors import Unreachable
-from vmbox.state.etcd.store import DEFAULT_OP_TIMEOUT, EtcdStore
+from vmbox.state.etcd.etcdstore import DEFAULT_OP_TIMEOUT, EtcdStore
 from vmbox.state.store import StoreError, StoreUnavailable
 
 # gRPC's default reconnect backoff grows to two minutes; a restarted etcd must

@@ -1,6 +1,6 @@
 """Why an etcd call failed, in a few words, and Unreachable (a StoreUnavailable).
 
-Called by EtcdStore (vmbox.state.etcd.store), which turns every client error
+Called by EtcdStore (vmbox.state.etcd.etcdstore), which turns every client error
 into a StoreError with one of these reasons, and by connect()
 (vmbox.state.etcd.connection), which fails at once on a TLS failure.
 """

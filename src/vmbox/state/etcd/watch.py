@@ -1,6 +1,6 @@
 """Prefix watches over etcd3aio that resume where they broke, and etcd3aio's own resumes.
 
-Called by EtcdStore (vmbox.state.etcd.store): its watch_prefix is `watch_prefix`
+Called by EtcdStore (vmbox.state.etcd.etcdstore): its watch_prefix is `watch_prefix`
 here, and its watch_resumes adds `client_resumes()`, the resumes that etcd3aio
 makes by itself and that the loop here never sees.
 """
