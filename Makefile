@@ -20,8 +20,9 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# `make bench BENCH_ARGS="--csv bench.csv"` also writes the figures as CSV.
 bench: setup
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 # Every fault at full scale (about 90 s); `make test` runs them at small scale.
 faults: setup
