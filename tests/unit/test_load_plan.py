@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vmbox.tools.plan import LoadPlan, Schedule, flow_sources, source_addresses
+from vmbox.tools.loadplan import LoadPlan, Schedule, flow_sources, source_addresses
 
 TARGET = ("127.0.0.1", 9000)
 

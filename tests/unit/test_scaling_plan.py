@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmbox.experiments.scaling.plan import PHASES, phase_spec
+from vmbox.experiments.scaling.phases import PHASES, phase_spec
 
 
 @pytest.mark.parametrize("scale", ["full", "small"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmbox.dataplane.sockets import Address, format_address, resolve
-from vmbox.tools.plan import HEADER, LoadPlan, Schedule, flow_sources
+from vmbox.tools.loadplan import HEADER, LoadPlan, Schedule, flow_sources
 
 __all__ = ["LatencySummary", "LoadPlan", "LoadResult", "SecondReport", "load_main", "run_load"]
 

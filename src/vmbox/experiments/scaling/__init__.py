@@ -18,8 +18,8 @@ Writes scaling_samples.csv (one row per replica per sample), scaling_events.csv
 (decisions, with the reaction time from the first sample over the threshold to
 the new replica passing traffic) and scaling.png.
 
-plan.py holds the phases' plans and specs, phase.py what a phase records,
-run.py runs them, report.py turns them into tables, CSV files and verdicts,
+phases.py holds the phases' plans and specs, record.py what a phase records,
+run.py runs them, summary.py turns them into tables, CSV files and verdicts,
 plot.py draws scaling.png.
 """
 

@@ -1,6 +1,6 @@
 """The scaling figure: per-replica metric over time with the scale events marked.
 
-Called by vmbox.experiments.scaling.report. One panel per phase, like the
+Called by vmbox.experiments.scaling.summary. One panel per phase, like the
 published figure (memory of each replica against time, a new replica at each
 crossing), plus the replica count on a second axis and, in the packet-rate
 phase, the rate the protected server received.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vmbox.experiments.scaling.phase import PhaseRun
-from vmbox.experiments.scaling.plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_DOWN, PPS_UP
+from vmbox.experiments.scaling.phases import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_DOWN, PPS_UP
+from vmbox.experiments.scaling.record import PhaseRun
 
 FIELD = {"memory": "memory_percent", "pps": "pps_in"}
 LABEL = {

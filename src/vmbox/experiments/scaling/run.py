@@ -2,7 +2,7 @@
 
 Called through vmbox.experiments.scaling (the registry's entry). Records every
 sample the autoscaler saw, every decision and each replica's first passed
-packet into a PhaseRun (phase.py), then hands the runs to report.py.
+packet into a PhaseRun (record.py), then hands the runs to summary.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from vmbox.experiments.common import (
     private_store,
     running_service,
 )
-from vmbox.experiments.scaling.phase import PhaseRun
-from vmbox.experiments.scaling.plan import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
-from vmbox.experiments.scaling.report import summarise
+from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
+from vmbox.experiments.scaling.record import PhaseRun
+from vmbox.experiments.scaling.summary import summarise
 from vmbox.metrics import scrape
 from vmbox.runtime.local import open_cgroups
 from vmbox.spec import Spec, parse_size

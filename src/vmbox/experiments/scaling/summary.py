@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from vmbox.experiments.common import ExperimentResult, ReportRow, write_csv
-from vmbox.experiments.scaling.phase import PhaseRun, server_seconds
-from vmbox.experiments.scaling.plan import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_UP
+from vmbox.experiments.scaling.phases import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_UP
 from vmbox.experiments.scaling.plot import scaling_png
+from vmbox.experiments.scaling.record import PhaseRun, server_seconds
 
 REACTION_GOAL = 2.0  # seconds from the crossing sample to the new replica passing traffic
 

@@ -1,6 +1,6 @@
 """What one phase of the scaling experiment recorded (PhaseRun), and the figures drawn from it.
 
-Filled by run.py while a phase runs; read by report.py and plot.py.
+Filled by run.py while a phase runs; read by summary.py and plot.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmbox.control import events
-from vmbox.experiments.scaling.plan import PhasePlan
+from vmbox.experiments.scaling.phases import PhasePlan
 from vmbox.spec import Spec
 
 
