@@ -1,11 +1,23 @@
-"""Demand reports: their encoding, the index a replica keeps, the reporter on the memory store."""
+"""Demand reports: their encoding, the index a replica keeps, and on the memory store the
+reporter, the watch of the group's reports and two replicas sharing theirs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
 
+from tests.conftest import until
 from vmbox.functions.demandindex import DemandIndex
-from vmbox.state.demand import DemandReporter, encode_report, parse_report
+from vmbox.state import keys
+from vmbox.state.demand import (
+    DemandReporter,
+    DemandSharing,
+    Report,
+    encode_report,
+    parse_report,
+    watch_demand,
+)
 from vmbox.state.memory import MemoryStore
 from vmbox.state.store import KeyValue
 
@@ -88,5 +100,86 @@ def test_no_report_without_a_lease_or_a_store() -> None:
         store.available = True
         assert await rep.report() and rep.last_error is None
         assert await store.get(KEY) is not None and rep.writes == 1
+
+    asyncio.run(main())
+
+
+class Offered:
+    """A DemandAware middlebox reduced to its demand: offered counts out, reports in."""
+
+    def __init__(self, offered: dict[str, int]) -> None:
+        self.offered = offered
+        self.seen: list[dict[str, dict[str, int]]] = []
+
+    def take_demand(self) -> dict[str, int]:
+        return dict(self.offered)
+
+    def set_demand(self, reports: Mapping[str, Mapping[str, int]]) -> None:
+        self.seen.append({replica: dict(report) for replica, report in reports.items()})
+
+
+def test_watch_demand_follows_reports_and_keeps_unchanged_ones_identical() -> None:
+    store = MemoryStore()
+    prefix = keys.demand_prefix("web")
+
+    async def main() -> None:
+        await store.put(prefix + "r1", b'{"a":1}')
+        snapshots: list[dict[str, Report]] = []
+
+        async def follow() -> None:
+            async for reports in watch_demand(store, "web", retry=0.01):
+                snapshots.append(reports)
+
+        task = asyncio.create_task(follow())
+        await until(lambda: len(snapshots) == 1, 1)
+        lease = await store.grant_lease(10)
+        await store.put(prefix + "r2", b'{"b":2}', lease=lease)
+        await store.put(prefix + "r2", b"[not a report]", lease=lease)
+        await until(lambda: len(snapshots) == 3, 1)
+        store.available = False  # an outage: the watch goes on where it was
+        await asyncio.sleep(0.02)
+        store.available = True
+        await store.revoke_lease(lease)  # r2 leaves: its report goes with its lease
+        await until(lambda: len(snapshots) == 4, 1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        r1 = {"a": 1}
+        assert snapshots == [
+            {"r1": r1},
+            {"r1": r1, "r2": {"b": 2}},
+            {"r1": r1, "r2": {}},
+            {"r1": r1},
+        ]
+        assert all(s["r1"] is snapshots[0]["r1"] for s in snapshots)
+
+    asyncio.run(main())
+
+
+def test_replicas_see_each_others_reports_through_the_store() -> None:
+    store = MemoryStore()
+
+    async def main() -> None:
+        boxes = {"r1": Offered({"10.0.0.1": 4}), "r2": Offered({"10.0.0.1": 1, "10.0.0.2": 9})}
+        leases = {r: await store.grant_lease(10) for r in boxes}
+
+        def lease_of(replica: str) -> Callable[[], int]:
+            return lambda: leases[replica]
+
+        sharings = [
+            DemandSharing(store, "web", r, box, lease_of(r), interval=0.01, max_sources=8)
+            for r, box in boxes.items()
+        ]
+        tasks = [asyncio.create_task(sharing.run()) for sharing in sharings]
+        both = {"r1": {"10.0.0.1": 4}, "r2": {"10.0.0.1": 1, "10.0.0.2": 9}}
+        await until(lambda: all(box.seen and box.seen[-1] == both for box in boxes.values()), 1)
+        writes = [sharing.gauges()["demand_report_writes"] for sharing in sharings]
+        await asyncio.sleep(0.05)  # the same demand: nothing more is written
+        assert (
+            [sharing.gauges()["demand_report_writes"] for sharing in sharings] == writes == [1, 1]
+        )
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
