@@ -16,6 +16,7 @@ from typing import Any
 from tests.integration.harness import make_spec, running_service
 from vmbox.control import events
 from vmbox.control.monitor import read_samples
+from vmbox.etcdserver import EtcdServer
 from vmbox.metrics import scrape
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
@@ -56,7 +57,7 @@ async def watch_first_passes(svc: Any, seen: dict[str, float]) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_load_step_scales_up_to_3_and_back_to_1(etcd, tmp_path: Path) -> None:
+def test_load_step_scales_up_to_3_and_back_to_1(etcd: EtcdServer, tmp_path: Path) -> None:
     async def scenario() -> dict[str, Any]:
         spec = autoscaled_spec("auto")
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
@@ -74,7 +75,9 @@ def test_load_step_scales_up_to_3_and_back_to_1(etcd, tmp_path: Path) -> None:
             back = time.time()
             await asyncio.sleep(1.5)  # would a late decision follow?
             recorded = await events.recent(svc.store, spec.service, 100)
-            where = json.loads((await svc.store.get(keys.controller_key(spec.service))).value)
+            controller_kv = await svc.store.get(keys.controller_key(spec.service))
+            assert controller_kv is not None, "no controller record"
+            where = json.loads(controller_kv.value)
             controller = await scrape(where["metrics"])
             samples = await read_samples(svc.store, spec.service)
             desired = await svc.store.get(keys.desired_key(spec.service))

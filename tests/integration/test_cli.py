@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmbox.demo import free_udp_port
-from vmbox.etcdserver import free_port
+from vmbox.etcdserver import EtcdServer, free_port
 
 VMBOX = [sys.executable, "-m", "vmbox"]
 
@@ -88,7 +88,7 @@ def test_unreachable_etcd_is_reported(tmp_path: Path) -> None:
     assert dead in line
 
 
-def test_busy_port_is_reported(etcd, tmp_path: Path) -> None:
+def test_busy_port_is_reported(etcd: EtcdServer, tmp_path: Path) -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # no SO_REUSEPORT
     holder.bind(("127.0.0.1", 0))
     port = holder.getsockname()[1]
@@ -100,7 +100,7 @@ def test_busy_port_is_reported(etcd, tmp_path: Path) -> None:
         holder.close()
 
 
-def test_up_scale_status_and_clean_stop(etcd, tmp_path: Path) -> None:
+def test_up_scale_status_and_clean_stop(etcd: EtcdServer, tmp_path: Path) -> None:
     env = os.environ | {"VMBOX_STATE_DIR": str(tmp_path / "state")}
     spec = write_spec(tmp_path / "s.yaml", free_udp_port(), free_udp_port())
     up = subprocess.Popen(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Service, make_spec, running_service
+from vmbox.etcdserver import EtcdServer
 from vmbox.metrics import scrape
 from vmbox.state import keys
 
@@ -41,7 +42,7 @@ async def limit_seen_after(svc: Service, endpoint: str, value: int, timeout: flo
 
 @pytest.mark.parametrize(("mode", "bound"), [("watch", 0.2), ("poll", 0.1 + 0.15)])
 def test_new_limit_reaches_watch_and_poll_replicas(
-    etcd, tmp_path: Path, mode: str, bound: float
+    etcd: EtcdServer, tmp_path: Path, mode: str, bound: float
 ) -> None:
     async def scenario() -> list[float]:
         spec = make_spec(f"prop-{mode}", 1, consistency=mode, poll_interval="100ms")
@@ -54,7 +55,7 @@ def test_new_limit_reaches_watch_and_poll_replicas(
     assert max(delays) < bound, delays
 
 
-def test_local_replicas_ignore_the_store(etcd, tmp_path: Path) -> None:
+def test_local_replicas_ignore_the_store(etcd: EtcdServer, tmp_path: Path) -> None:
     async def scenario() -> float:
         spec = make_spec("prop-local", 1, consistency="local")
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
@@ -63,7 +64,9 @@ def test_local_replicas_ignore_the_store(etcd, tmp_path: Path) -> None:
     assert asyncio.run(scenario()) == float("inf")
 
 
-def test_strong_replicas_use_the_new_limit_on_the_next_packet(etcd, tmp_path: Path) -> None:
+def test_strong_replicas_use_the_new_limit_on_the_next_packet(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
     async def scenario() -> int:
         spec = make_spec("prop-strong", 1, consistency="strong")
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 
 from tests.integration.harness import make_spec, running_service
+from vmbox.etcdserver import EtcdServer
 
 SOURCES = 100_000
 
@@ -30,7 +31,7 @@ def flood(target: tuple[str, int], count: int, rate: float = 20_000) -> None:
             sock.sendto(b"x", target)
 
 
-def test_100k_sources_keep_memory_bounded(etcd, tmp_path: Path) -> None:
+def test_100k_sources_keep_memory_bounded(etcd: EtcdServer, tmp_path: Path) -> None:
     async def scenario() -> tuple[int, int, dict[str, float]]:
         spec = make_spec("flood", 1, max_sources=10_000)
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:

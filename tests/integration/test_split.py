@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import Aio, until
 from tests.integration.harness import Service, make_spec, running_service
+from vmbox.etcdserver import EtcdServer
 from vmbox.state.demand import DemandReporter, watch_demand
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import Membership
@@ -116,7 +117,7 @@ async def one_flow(
 
 
 @pytest.mark.parametrize("split", ["even", "demand"])
-def test_one_flow_on_four_replicas(etcd, tmp_path: Path, split: str) -> None:
+def test_one_flow_on_four_replicas(etcd: EtcdServer, tmp_path: Path, split: str) -> None:
     """even: the one replica that gets the flow passes its quarter; demand: the whole limit."""
 
     async def scenario() -> tuple[float, list[float], list[int]]:
@@ -144,7 +145,9 @@ def test_one_flow_on_four_replicas(etcd, tmp_path: Path, split: str) -> None:
         assert all(95 <= c <= 105 for c in seconds), seconds
 
 
-def test_mixed_heavy_and_spread_sources_each_get_the_limit(etcd, tmp_path: Path) -> None:
+def test_mixed_heavy_and_spread_sources_each_get_the_limit(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
     """One source at 300/s on one flow plus 20 at 150/s over 4 flows each: each gets ~100/s."""
 
     async def scenario() -> list[list[int]]:
@@ -187,7 +190,7 @@ def blast(target: tuple[str, int], count: int, source: str = "127.0.0.2") -> Non
     ("replicas", "split"), [(1, "even"), (1, "demand"), (4, "even"), (4, "demand")]
 )
 def test_token_bucket_holds_the_limit_and_the_burst(
-    etcd, tmp_path: Path, replicas: int, split: str
+    etcd: EtcdServer, tmp_path: Path, replicas: int, split: str
 ) -> None:
     """300/s over 64 flows: 100 ± 5 per second; after idling, a blast passes at most `burst`."""
     burst = 50

@@ -139,7 +139,11 @@ def test_tls_with_the_right_certificates(tls_etcd: EtcdServer, certs: Certs, aio
 def test_tls_failures_are_one_clear_line(
     tls_etcd: EtcdServer, certs: Certs, aio: Aio, case: str, expected: str
 ) -> None:
-    settings = {"ca_cert": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
+    settings: dict[str, Path | str] = {
+        "ca_cert": certs.ca,
+        "cert": certs.client_cert,
+        "key": certs.client_key,
+    }
     if case == "no client certificate":
         settings = {"ca_cert": certs.ca}
     elif case == "client certificate of another CA":

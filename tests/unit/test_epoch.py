@@ -251,7 +251,9 @@ class Proc:
     views: list[tuple[int, frozenset[str]]] = field(default_factory=list)
 
 
-def _deliver(rng: random.Random, events: list[tuple[int, T]], start: int, late: int) -> list:
+def _deliver(
+    rng: random.Random, events: list[tuple[int, T]], start: int, late: int
+) -> list[tuple[int, T]]:
     """A watch of `events` (time-ordered) from `start`: a listing, then each event, in order.
 
     The listing shows the latest state when it is taken (up to `late` ms after
@@ -493,7 +495,7 @@ class LastSettled(OldAndNew):
 
 
 @pytest.mark.parametrize("rule", [OldAndNew, LastSettled])
-def test_two_sets_are_not_enough(rule: type[ResizeGuard], monkeypatch) -> None:
+def test_two_sets_are_not_enough(rule: type[ResizeGuard], monkeypatch: pytest.MonkeyPatch) -> None:
     """Why `previous` is the union of every set since the last lift (see the module)."""
     monkeypatch.setattr(sys.modules[__name__], "ResizeGuard", rule)
     # Under the boundary rule 200 schedules show it; with declared windows the
