@@ -8,6 +8,13 @@ packets at limit 100. The figure without the guard is printed beside it (the
 window-freeze rule already hides most disagreement, so it is usually small
 too; bench/resize.py aims changes at window boundaries and repeats them).
 The guard must also come down within about a second of the last change.
+
+Over-admission alone cannot tell the guard from its absence (both are
+usually under the bound), so each survivor must also show that its guard
+went up for this resize and came down after it (`vmbox_resize_guard_lifts`
+grew, `vmbox_resize_guard_lifted_at` is after the first change), and the run
+without it must show no guard at all: the same assertions fail with the guard
+switched off.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Service, make_spec, running_service
+from vmbox.etcdserver import EtcdServer
 from vmbox.state.membership import watch_members
 from vmbox.tools.load import LoadPlan, run_load
 
@@ -33,7 +41,17 @@ class Outcome:
     over: int
     per_second: list[int]
     changes: list[float]  # wall times the membership changed
-    gauges: list[dict[str, float]]  # the survivors', after the window
+    before: dict[str, dict[str, float]]  # each replica's gauges just before the resize
+    gauges: dict[str, dict[str, float]]  # the survivors', after the window
+
+    def engaged(self) -> dict[str, bool]:
+        """Survivor -> whether its guard went up for this resize and came down after it."""
+        return {
+            rid: g["vmbox_resize_guard_lifts"]
+            > self.before.get(rid, {}).get("vmbox_resize_guard_lifts", 0.0)
+            and g["vmbox_resize_guard_lifted_at"] > self.changes[0]
+            for rid, g in self.gauges.items()
+        }
 
 
 async def resize(svc: Service, target: int) -> Outcome:
@@ -53,22 +71,25 @@ async def resize(svc: Service, target: int) -> Outcome:
         await asyncio.sleep(2.0)
         # Just before a whole second, as a boundary is where replicas disagree.
         await asyncio.sleep(math.floor(time.time()) + 1.95 - time.time())
+        before = await svc.gauges()
         mark = len(changes)
         await svc.scale(target)
         await svc.wait_members(target)
         window = math.floor(changes[mark]) - 1
         await asyncio.sleep(window + SECONDS + 0.3 - time.time())
-        gauges = list((await svc.gauges()).values())
+        gauges = await svc.gauges()
         await load
     finally:
         watcher.cancel()
     counts = dict(svc.echo.history)
     per_second = [counts.get(s, 0) for s in range(window, window + SECONDS)]
     over = sum(max(0, c - LIMIT) for c in per_second)
-    return Outcome(over, per_second, changes[mark:], gauges)
+    return Outcome(over, per_second, changes[mark:], before, gauges)
 
 
-def run_case(etcd_endpoints: list[str], tmp_path: Path, case: tuple[int, int], guard: bool):
+def run_case(
+    etcd_endpoints: list[str], tmp_path: Path, case: tuple[int, int], guard: bool
+) -> Outcome:
     async def scenario() -> Outcome:
         name = f"guard{case[0]}{case[1]}{'on' if guard else 'off'}"
         spec = make_spec(name, case[0], resize_guard=guard)
@@ -81,12 +102,13 @@ def run_case(etcd_endpoints: list[str], tmp_path: Path, case: tuple[int, int], g
 
 @pytest.mark.parametrize("case", [(1, 4), (4, 1)], ids=["1to4", "4to1"])
 def test_over_admission_around_a_resize_stays_under_5_percent(
-    etcd, tmp_path: Path, case: tuple[int, int]
+    etcd: EtcdServer, tmp_path: Path, case: tuple[int, int]
 ) -> None:
     on = run_case(etcd.endpoints, tmp_path, case, guard=True)
     off = run_case(etcd.endpoints, tmp_path, case, guard=False)
-    up = max(g["vmbox_resize_guard_last_seconds"] for g in on.gauges)
-    settle = max(g["vmbox_resize_guard_lifted_at"] for g in on.gauges) - on.changes[-1]
+    survivors = list(on.gauges.values())
+    up = max(g["vmbox_resize_guard_last_seconds"] for g in survivors)
+    settle = max(g["vmbox_resize_guard_lifted_at"] for g in survivors) - on.changes[-1]
     print(
         f"{case[0]} -> {case[1]}: over-admission with the guard {on.over} packets "
         f"({100 * on.over / (LIMIT * SECONDS):.1f}% of {LIMIT}/s * {SECONDS} s) {on.per_second}; "
@@ -94,7 +116,13 @@ def test_over_admission_around_a_resize_stays_under_5_percent(
         f"guard up {up:.2f} s, down {settle:.2f} s after the last change"
     )
     assert on.over < ALLOWED, on.per_second
-    assert all(g["vmbox_resize_guarded"] == 0 for g in on.gauges), on.gauges
-    assert len(on.gauges) == case[1]
-    # Down at the first window boundary after every member acknowledged.
-    assert settle <= 1.5 and up <= 1.5 + on.changes[-1] - on.changes[0]
+    assert len(on.gauges) == len(off.gauges) == case[1]
+    # The guard went up at this resize on every survivor (joiners included: they
+    # start guarded) and came down after it; without it, it never did.
+    assert all(on.engaged().values()), (on.before, on.gauges)
+    assert all(g["vmbox_resize_guard_lifts"] == 0 for g in off.gauges.values()), off.gauges
+    assert all(g["vmbox_resize_guarded"] == 0 for g in survivors), on.gauges
+    # Down at the first window boundary after every member acknowledged; settle is
+    # measured from a lift that followed the changes (engaged above), so it cannot
+    # pass by a lift that never happened.
+    assert 0 < settle <= 1.5 and 0 < up <= 1.5 + on.changes[-1] - on.changes[0]
