@@ -71,3 +71,39 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: cannot write to --out")
     assert len(result.output.strip().splitlines()) == 1
+
+
+VERDICTS = '''"""A stand-in experiment whose verdicts are {verdicts}."""
+from vmbox.experiments.common import ExperimentResult, ReportRow
+
+
+async def run(out_dir, *, scale="full", console):
+    rows = [ReportRow(f"figure {{i}}", "published", f"measured {{i}}", ok)
+            for i, ok in enumerate({verdicts})]
+    return ExperimentResult("fake", rows=rows)
+'''
+
+
+@pytest.mark.parametrize("command", ["fake", "all"])
+@pytest.mark.parametrize(
+    ("verdicts", "code"), [([True, None], 0), ([True, False, None], 1)], ids=["held", "NO"]
+)
+def test_the_exit_status_says_whether_every_verdict_held(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    verdicts: list[bool | None],
+    code: int,
+) -> None:
+    module = f"vmbox_verdict_experiment_{code}"  # one per case: imported modules are cached
+    (tmp_path / f"{module}.py").write_text(VERDICTS.format(verdicts=verdicts))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(EXPERIMENTS, "entries", (entry(module),))
+    result = CliRunner().invoke(main, ["experiment", command, "--out", str(tmp_path / "out")])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    if code:
+        assert errors == ["error: did not hold: fake: figure 1: measured 1"]
+    else:
+        assert errors == []
+    assert (tmp_path / "out" / "report.md").exists() == (command == "all")

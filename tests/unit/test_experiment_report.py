@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vmbox.experiments.common import ExperimentResult, ReportRow
-from vmbox.experiments.report import console_table, figures_table, render_report
+from vmbox.experiments.report import console_table, failures, figures_table, render_report
 
 OUT = Path("/tmp/results")
 MACHINE = {"cores": "2", "CPU": "Test CPU | 2 GHz", "kernel": "Linux 6.1", "etcd": "3.4.23"}
@@ -63,3 +63,20 @@ def test_console_table_shows_rows_and_failures() -> None:
     out = console.export_text()
     assert "99.5/s |err| 1%" in out and "yes" in out
     assert "(failed)" in out and "did not finish within 300 s" in out
+
+
+def test_failures_name_failed_runs_and_verdicts_that_did_not_hold() -> None:
+    assert failures(results()[:1]) == []  # one verdict, held
+    unjudged = ExperimentResult("skew", rows=[ReportRow("even split", "n/a", "25/s", None)])
+    assert failures([unjudged]) == []  # nothing published to judge against
+    missed = ExperimentResult(
+        "scaling",
+        rows=[
+            ReportRow("memory trigger", "60%", "0 scale-ups", False),
+            ReportRow("reaction", "15 s", "2 s", True),
+        ],
+    )
+    assert failures([*results(), missed]) == [
+        "overhead failed: did not finish within 300 s",
+        "scaling: memory trigger: 0 scale-ups",
+    ]

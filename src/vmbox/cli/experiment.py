@@ -4,7 +4,9 @@ A click group registered by vmbox.cli.main. Its subcommands come from the regist
 in vmbox.experiments (one per experiment whose module is there, plus `all`),
 and each one's --help is its module's docstring, read without importing it so
 help stays fast. Every run is bounded by its entry's time budget; a run that
-cannot finish ends in one line, not a traceback.
+cannot finish ends in one line, not a traceback. The exit status says whether
+the published shape was reproduced (EXIT_HELP): a verdict that does not hold
+fails the command as an error does, so a script or CI can rely on it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ if TYPE_CHECKING:  # common imports the etcd client: only once an experiment run
 
 OUT_HELP = "Directory for the CSV files, PNG pictures (and report.md for `all`)."
 SMALL_HELP = "The quick version (shorter runs, as the test suite does); figures are rougher."
+EXIT_HELP = (
+    "Exit status: 0 when every experiment ran and every verdict (the report's ok column) "
+    "held; 1 when an experiment failed to run or a verdict did not hold (one line on stderr "
+    "says which); 2 for bad usage."
+)
 
 
 def _docstring(entry: Entry) -> str:
@@ -97,6 +104,14 @@ def _show(result: ExperimentResult, console: Console) -> None:
         console.print(f"wrote {path}", highlight=False)
 
 
+def _exit_on_failures(results: list[ExperimentResult]) -> None:
+    """Exit 1 with one line naming what did not hold, if anything did not (EXIT_HELP)."""
+    from vmbox.experiments.report import failures
+
+    if problems := failures(results):
+        fail("did not hold: " + "; ".join(problems))
+
+
 class ExperimentGroup(click.Group):
     """A group whose commands are the registry's available entries, then `all`."""
 
@@ -118,7 +133,9 @@ def _options(func: Any) -> Any:
 
 
 def _single_command(entry: Entry) -> click.Command:
-    @click.command(name=entry.name, help=_docstring(entry), short_help=entry.summary)
+    @click.command(
+        name=entry.name, help=_docstring(entry), short_help=entry.summary, epilog=EXIT_HELP
+    )
     @_options
     def command(out: str, small: bool) -> None:
         out_dir = _prepare(out)
@@ -128,11 +145,12 @@ def _single_command(entry: Entry) -> click.Command:
         if result.error:
             fail(f"{entry.name}: {result.error}")
         _show(result, console)
+        _exit_on_failures([result])
 
     return command
 
 
-@click.group(cls=ExperimentGroup)
+@click.group(cls=ExperimentGroup, epilog=EXIT_HELP)
 def experiment() -> None:
     """Reproduce the published evaluation, with CSV files, pictures and a report.
 
@@ -145,7 +163,7 @@ def experiment() -> None:
     """
 
 
-@experiment.command(name="all")
+@experiment.command(name="all", epilog=EXIT_HELP)
 @_options
 @click.option(
     "--skip",
@@ -158,7 +176,8 @@ def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
 
     The report puts vmbox's figures beside the published ones, says whether
     each matches the published shape, names the machine it ran on and gives
-    the command line to repeat it. Exits 1 if an experiment could not run.
+    the command line to repeat it. The report is written even when something
+    failed; the exit status then says so.
     """
     out_dir = _prepare(out)
     console = Console()
@@ -168,9 +187,8 @@ def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
         + (["--small"] if small else [])
         + [arg for name in skip for arg in ("--skip", name)]
     )
-    failed = run(lambda: _run_all(out_dir, scale, set(skip), command, console))
-    if failed:
-        raise SystemExit(1)
+    results = run(lambda: _run_all(out_dir, scale, set(skip), command, console))
+    _exit_on_failures(results)
 
 
 def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
@@ -188,8 +206,8 @@ def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
 
 async def _run_all(
     out_dir: Path, scale: Scale, skip: set[str], command: str, console: Console
-) -> bool:
-    """Every available experiment in registry order, then report.md; True if one failed."""
+) -> list[ExperimentResult]:
+    """Every available experiment in registry order, then report.md; their results."""
     from vmbox.experiments.common import machine_info
     from vmbox.experiments.report import console_table, render_report
 
@@ -209,4 +227,4 @@ async def _run_all(
     report.write_text(text)
     console.print(console_table(results))
     console.print(f"wrote {report} ({time.monotonic() - started:.0f} s in all)", highlight=False)
-    return any(result.error for result in results)
+    return results

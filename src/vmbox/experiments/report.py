@@ -100,6 +100,22 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
+def failures(results: Sequence[ExperimentResult]) -> list[str]:
+    """What did not hold, one phrase each: runs that failed, then verdicts that said NO.
+
+    Empty when every experiment ran and every verdict held (rows without a
+    verdict, `ok` None, judge nothing). `vmbox experiment` exits 1 otherwise.
+    """
+    out = []
+    for result in results:
+        if result.error:
+            out.append(f"{result.name} failed: {result.error}")
+        out += [
+            f"{result.name}: {row.metric}: {row.vmbox}" for row in result.rows if row.ok is False
+        ]
+    return out
+
+
 def console_table(results: Sequence[ExperimentResult]) -> Table:
     """The same figures as a rich Table, for the end of a run."""
     table = Table(title="published figures beside vmbox's", title_justify="left")
