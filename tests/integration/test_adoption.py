@@ -30,9 +30,11 @@ from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
 
 
-def controller(spec: Spec, store: EtcdStore, endpoints: list[str], logs: Path) -> Controller:
+def controller(
+    spec: Spec, store: EtcdStore, endpoints: list[str], logs: Path, tick: float = 0.2
+) -> Controller:
     runtime = LocalRuntime(spec.service, endpoints, logs, adoptable=True)
-    return Controller(spec, store, runtime, tick=0.2, metrics_port=None)
+    return Controller(spec, store, runtime, tick=tick, metrics_port=None)
 
 
 async def members(store: EtcdStore, service: str, count: int, within: float) -> dict[str, int]:
@@ -163,3 +165,62 @@ def test_a_replica_draining_when_its_controller_died_is_left_to_finish(
             await asyncio.to_thread(first.runtime.stop_all)
 
     aio.run(main(), timeout=60)
+
+
+def test_a_crashed_replica_is_restarted_after_its_backoff_not_at_the_next_tick(
+    etcd: EtcdServer, store: EtcdStore, aio: Aio, tmp_path: Path
+) -> None:
+    """kill -9 of an adopted replica, then of the one that replaced it: each comes back
+    its backoff (0.2 s, then 0.4 s) after its crash, though the adopting controller's
+    tick is 3 s: a pass returns when the next restart is due (vmbox.control.plan)."""
+    spec = make_spec("adopt-crash", 1)
+    endpoints = list(etcd.endpoints)
+    tick = 3.0
+
+    async def main() -> list[float]:
+        first = controller(spec, store, endpoints, tmp_path / "first")
+        second = controller(spec, store, endpoints, tmp_path / "second", tick=tick)
+        reconciling: asyncio.Task[None] | None = None
+        gaps = []
+        try:
+            await first.setup()
+            run = asyncio.create_task(first.run())
+            pids = await members(store, spec.service, 1, within=20)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            await second.setup()
+            assert set(second.runtime.running()) == set(pids)  # adopted
+            reconciling = asyncio.create_task(second.run())
+            for backoff in (0.2, 0.4):
+                [(rid, pid)] = pids.items()
+                since = time.time()
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 2 * tick + 5
+                while True:
+                    news = [
+                        e for e in await events.recent(store, spec.service, 20) if e.time >= since
+                    ]
+                    crash = [e for e in news if e.kind == "crash"]
+                    start = [e for e in news if e.kind == "start"]
+                    if crash and start:
+                        break
+                    assert time.monotonic() < deadline, news
+                    await asyncio.sleep(0.02)
+                assert f"restarting in {backoff:.1f}s" in crash[0].message, crash
+                assert start[0].data["replica"] == rid
+                gaps.append(start[0].time - crash[0].time)
+                while (pids := await members(store, spec.service, 1, within=20))[rid] == pid:
+                    await asyncio.sleep(0.05)  # the old key is revoked, the new one not yet up
+        finally:
+            if reconciling is not None:
+                reconciling.cancel()
+                await asyncio.gather(reconciling, return_exceptions=True)
+            await second.shutdown()
+            await asyncio.to_thread(first.runtime.stop_all)
+        return gaps
+
+    gaps = aio.run(main(), timeout=60)
+    print(f"crash -> start: {', '.join(f'{g:.3f}s' for g in gaps)} (tick {tick:.0f}s)")
+    # Not before the backoff; well before the tick (it was the tick before: 3 s).
+    assert 0.2 - 0.05 <= gaps[0] < 0.2 + 1.2, gaps
+    assert 0.4 - 0.05 <= gaps[1] < 0.4 + 1.2, gaps

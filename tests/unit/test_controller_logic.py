@@ -1,4 +1,4 @@
-"""Pure parts of the control plane: restart backoff, rate tracking, context files."""
+"""Pure parts of the control plane: rate tracking, context files (the backoff: test_plan.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmbox import context
-from vmbox.control.controller import restart_delay
 from vmbox.control.status import RateTracker
-
-
-def test_restart_backoff_doubles_up_to_a_cap() -> None:
-    assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.2, 0.4, 0.8, 1.6]
-    assert restart_delay(50) == 10.0
 
 
 def test_rates_come_from_two_scrapes() -> None:

@@ -6,6 +6,10 @@ toward what should be; a missed event is healed by the next pass. Store errors
 requeue the pass with backoff; a replica that cannot start for a reason no
 restart fixes (busy port, bad spec) raises PermanentError.
 
+A pass reads, plans and acts: what it decides is the pure function
+vmbox.control.plan.plan (tested on a fake clock), and it returns when the next
+crashed replica is due for a restart, so `run` sleeps `min(tick, that)`.
+
 Beside the reconcile loop runs the sampling loop (vmbox.control.scaling), which
 moves the desired count when the spec asks for autoscaling. A surplus replica
 is the least loaded one; it is drained (SIGTERM: it keeps its open flows for
@@ -22,11 +26,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from vmbox.control import events
-from vmbox.control.autoscale import choose_removals, free_ids
 from vmbox.control.exporter import ControllerMetrics, ControllerView
+from vmbox.control.plan import Backoff, Observed, crashed, plan, restart_delay
 from vmbox.control.scaling import ScaleLoop
 from vmbox.functions import get_function
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
@@ -37,24 +40,11 @@ from vmbox.state.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-STABLE_AFTER = 30.0  # a replica that ran this long has its crash backoff reset
 STOP_MARGIN = 3.0  # beyond the drain timeout, before a draining replica is killed
 
 
 class PermanentError(Exception):
     """The service cannot run as specified; retrying will not help."""
-
-
-@dataclass
-class _Backoff:
-    failures: int = 0
-    not_before: float = 0.0
-    waiting: bool = False  # crashed, to be restarted at not_before
-
-
-def restart_delay(failures: int, base: float = 0.2, cap: float = 10.0) -> float:
-    """Exponential backoff for the n-th consecutive crash (pure, unit-tested)."""
-    return float(min(cap, base * 2 ** max(0, failures - 1)))
 
 
 class Controller:
@@ -76,7 +66,7 @@ class Controller:
         self.tick = tick
         self.on_event = on_event
         self.desired = spec.replicas.count
-        self.backoff: dict[str, _Backoff] = {}
+        self.backoff: dict[str, Backoff] = {}
         self.draining: dict[str, asyncio.Task[float]] = {}
         self.restarts = 0
         self.wake = asyncio.Event()
@@ -172,8 +162,8 @@ class Controller:
             return self.desired
         return max(lo, min(hi, wanted))
 
-    async def reconcile(self) -> None:
-        """One level-based pass."""
+    async def reconcile(self) -> float | None:
+        """One level-based pass: read, plan, act; returns seconds until a restart is due."""
         for exited in self.runtime.reap():
             await self._on_exit(exited)
         await self._finish_drains()
@@ -186,27 +176,30 @@ class Controller:
                 new=desired,
             )
             self.desired = desired
-        running = set(self.runtime.running()) - set(self.draining)
-        waiting = {rid for rid, b in self.backoff.items() if b.waiting and rid not in running}
-        surplus = len(running) + len(waiting) - self.desired
-        for rid in sorted(waiting, reverse=True)[: max(0, surplus)]:
+        seen = Observed(
+            service=self.service,
+            desired=self.desired,
+            running=set(self.runtime.running()),
+            draining=set(self.draining),
+            backoff=dict(self.backoff),
+            now=time.monotonic(),
+            load=self.scaler.load(),
+        )
+        actions = plan(seen)
+        for rid in actions.forget:
             del self.backoff[rid]  # a crashed replica that is no longer wanted
-            waiting.discard(rid)
-            surplus -= 1
-        for rid in choose_removals(sorted(running), surplus, self.scaler.load()):
+        for rid in actions.drain:
             self._drain(rid)
-        now = time.monotonic()
-        for rid in sorted(waiting):
-            if self.backoff[rid].not_before <= now:
-                await self._start(rid, restart=True)
-        taken = running | waiting | set(self.draining)
-        for rid in free_ids(self.service, taken, self.desired - len(running) - len(waiting)):
+        for rid in actions.restart:
+            await self._start(rid, restart=actions.backoff[rid])
+        for rid in actions.start:
             await self._start(rid)
+        return actions.requeue_after
 
-    async def _start(self, rid: str, restart: bool = False) -> None:
+    async def _start(self, rid: str, restart: Backoff | None = None) -> None:
         self.runtime.start(rid)
-        if restart:
-            self.backoff[rid].waiting = False
+        if restart is not None:
+            self.backoff[rid] = restart  # no longer waiting
             self.restarts += 1
         await self.event("start", f"started replica {rid}", replica=rid)
 
@@ -243,11 +236,8 @@ class Controller:
             raise PermanentError(
                 exited.last_log_line or f"replica {rid} exited with a config error"
             )
-        state = self.backoff.setdefault(rid, _Backoff())
-        state.failures = 1 if exited.ran_for >= STABLE_AFTER else state.failures + 1
+        state = self.backoff[rid] = crashed(self.backoff.get(rid), exited.ran_for, time.monotonic())
         delay = restart_delay(state.failures)
-        state.not_before = time.monotonic() + delay
-        state.waiting = True
         detail = f": {exited.last_log_line}" if exited.last_log_line else ""
         await self.event(
             "crash",
@@ -281,7 +271,7 @@ class Controller:
         try:
             while True:
                 try:
-                    await self.reconcile()
+                    requeue_after = await self.reconcile()
                     delay = 0.2
                 except StoreError as exc:
                     log.warning("reconcile failed (%s); retrying in %.1fs", exc, delay)
@@ -292,7 +282,8 @@ class Controller:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that lands as the event is set, and the loop lives on.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.tick):
+                    wait = self.tick if requeue_after is None else min(self.tick, requeue_after)
+                    async with asyncio.timeout(wait):
                         await self.wake.wait()
         finally:
             for task in helpers:

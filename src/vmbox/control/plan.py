@@ -1,0 +1,126 @@
+"""The reconcile plan of one service, as a pure function: what is -> what to do.
+
+`Controller.reconcile` (vmbox.control.controller) reads what is (the runtime's
+running replicas, the drains in flight, the desired count, each replica's
+load), calls `plan`, carries its actions out and sleeps `min(tick,
+requeue_after)`, like controller-runtime's `Result{RequeueAfter}`: a replica
+due for a restart in 0.2 s is restarted 0.2 s later, not at the next tick.
+Crashes go through `crashed`, which keeps each replica's restart backoff.
+No I/O and no clock reads here: `now` is passed in (`time.monotonic` in the
+controller, a number in tests/unit/test_plan.py).
+
+Terms. A replica is *running* if the runtime runs it and it is not *draining*
+(being stopped in the background: asked to finish its flows and leave, by this
+controller or by one before it that this one adopted). It is *waiting* if it
+crashed and has not been restarted yet: its `Backoff` says when it may be
+(`not_before`). Waiting replicas are wanted ones: they count toward the
+desired count, so a crash is healed by restarting the same id, never by
+starting another one beside it.
+
+Invariants of a `Plan` (tests/unit/test_plan.py checks each):
+
+1. Each replica id is in at most one action, and each action fits what was
+   seen: `forget` and `restart` take waiting replicas, `drain` takes running
+   ones (never a draining one: no replica is drained twice), and `start` takes
+   ids that are none of running, waiting or draining (a draining replica still
+   holds its id until it has gone).
+2. The level: when the plan's actions are done, running - drained + waiting -
+   forgotten + started == desired. A surplus forgets waiting replicas first
+   (highest ids first: nothing to stop), then drains the least loaded running
+   ones (`autoscale.choose_removals`); a shortfall starts the lowest free ids
+   (`autoscale.free_ids`).
+3. A waiting replica is restarted exactly when `not_before <= now` (and it is
+   still wanted); one that is not due stays waiting and is not replaced.
+4. `requeue_after` is the time from `now` to the earliest `not_before` of the
+   replicas still waiting after the plan (always > 0), or None when none is.
+5. `backoff` is the table after the actions: forgotten and drained replicas
+   have no entry (a replica that comes back under that id starts its backoff
+   afresh), restarted ones are no longer waiting and keep their failure count,
+   every other entry is unchanged.
+
+Crash backoff: the n-th consecutive crash of a replica waits
+`restart_delay(n)` (0.2 s doubling up to 10 s); a crash of a replica that ran
+for `STABLE_AFTER` seconds or more counts as the first again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field, replace
+
+from vmbox.control.autoscale import choose_removals, free_ids
+
+STABLE_AFTER = 30.0  # a replica that ran this long has its crash backoff reset
+
+
+def restart_delay(failures: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff for the n-th consecutive crash."""
+    return float(min(cap, base * 2 ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """One replica's crash bookkeeping."""
+
+    failures: int = 0  # consecutive crashes (a crash after STABLE_AFTER s of running is 1)
+    not_before: float = 0.0  # when it may be restarted (the clock `now` comes from)
+    waiting: bool = False  # crashed, to be restarted at not_before
+
+
+def crashed(old: Backoff | None, ran_for: float, now: float) -> Backoff:
+    """The backoff of a replica that just exited on its own after running `ran_for` s."""
+    previous = old.failures if old is not None else 0
+    failures = 1 if ran_for >= STABLE_AFTER else previous + 1
+    return Backoff(failures, now + restart_delay(failures), waiting=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What one reconcile pass saw."""
+
+    service: str  # replica ids are <service>-<n>
+    desired: int
+    running: Set[str]  # what the runtime runs, draining replicas included
+    draining: Set[str]  # being stopped in the background (they count as leaving)
+    backoff: Mapping[str, Backoff]
+    now: float
+    load: Mapping[str, float] = field(default_factory=dict)  # for choosing whom to drain
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The actions of one pass, in the order the controller carries them out."""
+
+    forget: tuple[str, ...] = ()  # waiting replicas no longer wanted: just drop their backoff
+    drain: tuple[str, ...] = ()  # surplus running replicas to stop in the background
+    restart: tuple[str, ...] = ()  # waiting replicas whose backoff is over
+    start: tuple[str, ...] = ()  # new replicas
+    requeue_after: float | None = None  # seconds until the next restart is due
+    backoff: Mapping[str, Backoff] = field(default_factory=dict)  # the table afterwards
+
+
+def plan(seen: Observed) -> Plan:
+    """The actions that move the service from what was seen toward its desired count."""
+    running = set(seen.running) - set(seen.draining)
+    waiting = {rid for rid, b in seen.backoff.items() if b.waiting and rid not in running}
+    surplus = len(running) + len(waiting) - seen.desired
+    forget = sorted(waiting, reverse=True)[: max(0, surplus)]
+    waiting.difference_update(forget)
+    surplus -= len(forget)
+    drain = choose_removals(sorted(running), surplus, seen.load)
+    due = sorted(rid for rid in waiting if seen.backoff[rid].not_before <= seen.now)
+    taken = running | waiting | set(seen.draining)
+    start = free_ids(seen.service, taken, seen.desired - len(running) - len(waiting))
+
+    table = {rid: b for rid, b in seen.backoff.items() if rid not in forget and rid not in drain}
+    for rid in due:
+        table[rid] = replace(table[rid], waiting=False)
+    later = [table[rid].not_before for rid in waiting if table[rid].waiting]
+    return Plan(
+        forget=tuple(forget),
+        drain=tuple(drain),
+        restart=tuple(due),
+        start=tuple(start),
+        requeue_after=min(later) - seen.now if later else None,
+        backoff=table,
+    )
