@@ -24,6 +24,12 @@ from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT = 100
 OFFERED = 400  # packets/s: 400 on 1, 200 on 2 (both >= 150), 133 on 3 (< 150): settle at 3
+# Seconds from the first sample over the line to the new replica passing traffic:
+# up_for more samples (1 s), a replica process starting (1-2 s on a busy 2-core
+# machine) and, at worst, a window at nothing for the resize guard (1 s): 1.5 to
+# 2.5 s measured here, 4.3 s at most under a heavy load. A decision or a join that
+# waited for anything else (a lease TTL, a cooldown, a slow reconcile) takes longer.
+REACTION_BOUND = 6.0
 
 
 def autoscaled_spec(service: str) -> Spec:
@@ -66,12 +72,12 @@ def test_load_step_scales_up_to_3_and_back_to_1(etcd: EtcdServer, tmp_path: Path
             watcher = asyncio.create_task(watch_first_passes(svc, passes))
             started = time.time()
             load = asyncio.create_task(run_load(plan))
-            await svc.wait_members(3, timeout=15.0)
+            await svc.wait_ready(3, timeout=15.0)
             reached = time.time()
             await load
             watcher.cancel()
             stopped = time.time()
-            await svc.wait_members(1, timeout=20.0)
+            await svc.wait_ready(1, timeout=20.0)
             back = time.time()
             await asyncio.sleep(1.5)  # would a late decision follow?
             recorded = await events.recent(svc.store, spec.service, 100)
@@ -111,6 +117,7 @@ def test_load_step_scales_up_to_3_and_back_to_1(etcd: EtcdServer, tmp_path: Path
         assert rid in out["passes"], f"{rid} never passed traffic"
         reaction = out["passes"][rid] - event.data["since"]
         print(f"reaction of {rid}: crossing sample -> passing traffic {reaction:.2f}s")
+        assert 0 < reaction < REACTION_BOUND, (rid, reaction)
     assert out["desired"] == b"1" and out["members"] == ["auto-1"]
     metrics = out["controller"]
     assert metrics["vmbox_controller_decisions_total"] == 4

@@ -129,15 +129,25 @@ def test_watch_resumes_across_an_etcd_restart(own_etcd: EtcdServer, aio: Aio) ->
 
 
 def test_calls_fail_fast_when_etcd_is_gone(own_etcd: EtcdServer, aio: Aio) -> None:
+    # A refused connection is an answer: each call must say so at once, not wait
+    # out its timeout. The timeout is made far longer than the bound, so a call
+    # that waited for etcd (the bound's 2 s only catch a stall) cannot pass.
+    op_timeout, bound = 10.0, 2.0
+
     async def main() -> None:
-        store = await connect(own_etcd.endpoints)
+        store = await connect(own_etcd.endpoints, op_timeout=op_timeout)
         await asyncio.to_thread(own_etcd.kill_member, 0)
+        elapsed = []
         start = time.monotonic()
         with pytest.raises(StoreUnavailable, match=own_etcd.endpoint):
             await store.get("/vmbox/t/a")
+        elapsed.append(time.monotonic() - start)
+        start = time.monotonic()
         with pytest.raises(StoreUnavailable):
             await store.put("/vmbox/t/a", b"1")
-        assert time.monotonic() - start < 8
+        elapsed.append(time.monotonic() - start)
+        print(f"calls failed after {elapsed} s")
+        assert max(elapsed) < bound, elapsed
         await asyncio.to_thread(own_etcd.restart)
         await retry(lambda: store.put("/vmbox/t/a", b"1"))
         await store.close()
