@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -91,7 +90,7 @@ class _Pin(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Peer | None) -> None:
-        self.last_seen = time.monotonic()
+        self.last_seen = self.relay.monotonic()
         # Between bind and connect a pin is an ordinary member of the group, so a
         # stray datagram of another client may land here: trust the sender's address.
         self.relay.receive(data, addr or self.addr)
@@ -130,7 +129,7 @@ class Drain:
         self.timeout = timeout
         self.recent = recent
         self.pins: dict[Peer, _Pin] = {}
-        self.started = time.monotonic()
+        self.started = relay.monotonic()  # the relay's clock: its flows' times are compared
         self._received = relay.counters.received
         self._replies = relay.counters.replies
         self._stop = asyncio.Event()
@@ -138,7 +137,7 @@ class Drain:
     async def begin(self) -> int:
         """Pin the recent clients, then take no new ones; returns how many were pinned."""
         relay = self.relay
-        self.started = time.monotonic()
+        self.started = relay.monotonic()
         self._received, self._replies = relay.counters.received, relay.counters.replies
         socks: list[tuple[_Pin, socket.socket]] = []
         if relay.listening:
@@ -175,14 +174,14 @@ class Drain:
         deadline = self.started + self.timeout
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
+                now = self.relay.monotonic()
                 wake = next_check(self._activity().values(), now, deadline, self.idle)
                 if wake is None:
                     break
                 with contextlib.suppress(TimeoutError):  # not wait_for: see controller.run
                     async with asyncio.timeout(wake - now):
                         await self._stop.wait()
-            return self._result(time.monotonic())
+            return self._result(self.relay.monotonic())
         finally:
             self.close()
 

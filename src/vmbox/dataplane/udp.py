@@ -12,6 +12,12 @@ vmbox.dataplane.drain takes a relay out of its group with `leave_group`.
 
 Nothing a client or the upstream sends can stop the relay: errors are counted
 in `Counters` and logged at most once per second.
+
+Two injected clocks: `clock` (wall time, default `time.time`) is the `now` the
+middlebox decides with, since its windows are aligned to the epoch across
+replicas; `monotonic` (default `time.monotonic`) times everything else, the
+flow table (vmbox.dataplane.flows, pure), the idle sweep, the rate-limited log
+and a drain's pins, so none of it follows a step of the wall clock.
 """
 
 from __future__ import annotations
@@ -20,11 +26,11 @@ import asyncio
 import logging
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from vmbox.dataplane.counters import Counters
+from vmbox.dataplane.flows import Flow, FlowTable, Peer
 from vmbox.dataplane.sockets import (
     Address,
     AddressInUse,
@@ -36,12 +42,10 @@ from vmbox.dataplane.sockets import (
 )
 from vmbox.packet import Packet, Verdict
 
-__all__ = ["AddressInUse", "BindError", "UdpRelay"]
+__all__ = ["AddressInUse", "BindError", "Peer", "UdpRelay"]
 
 log = logging.getLogger(__name__)
 
-# What the kernel reports as a peer: (host, port) for IPv4, 4 items for IPv6.
-Peer = tuple[str | Any, int]
 Decide = Callable[[Packet, float], Verdict]
 Barrier = Callable[[], Awaitable[None]]
 
@@ -57,24 +61,24 @@ WRITE_LIMIT = 4 * 1024 * 1024
 class _RateLimitedLog:
     """Log each kind of trouble at most once per `interval` seconds."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, clock: Callable[[], float], interval: float = 1.0) -> None:
+        self.clock = clock
         self.interval = interval
         self.last: dict[str, float] = {}
 
     def warning(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last.get(key, -self.interval) >= self.interval:
             self.last[key] = now
             log.warning(message, *args, exc_info=exc_info)
 
 
-class _Flow(asyncio.DatagramProtocol):
-    """One client's connected upstream socket, its pending queue and last activity."""
+class _Flow(Flow, asyncio.DatagramProtocol):
+    """One client's connected upstream socket and its pending queue (its activity: Flow)."""
 
     def __init__(self, relay: UdpRelay, addr: Peer, now: float) -> None:
+        super().__init__(addr, now)
         self.relay = relay
-        self.addr = addr
-        self.last_seen = now
         self.queue: deque[bytes] = deque()
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None
@@ -116,6 +120,7 @@ class UdpRelay:
         max_flows: int = 65536,
         reuse_port: bool = True,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if idle_timeout <= 0 or max_flows < 1:
             raise ValueError("idle_timeout must be positive and max_flows at least 1")
@@ -127,15 +132,16 @@ class UdpRelay:
         self.idle_timeout = idle_timeout
         self.max_flows = max_flows
         self.reuse_port = reuse_port
-        self.clock = clock
-        self._flows: OrderedDict[Peer, _Flow] = OrderedDict()
+        self.clock = clock  # the middlebox's now: wall time
+        self.monotonic = monotonic  # flows, the sweep, the log and drains
+        self._flows: FlowTable[_Flow] = FlowTable(idle_timeout, max_flows)
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
         self._upstream_addr: tuple[socket.AddressFamily, Address] | None = None
         self._pending: list[tuple[bytes, Peer]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._trouble = _RateLimitedLog()
+        self._trouble = _RateLimitedLog(monotonic)
 
     @property
     def listening(self) -> bool:
@@ -176,22 +182,16 @@ class UdpRelay:
 
     def recent_clients(self, within: float) -> list[tuple[Peer, float]]:
         """Clients whose flow was active in the last `within` s, newest first, with when."""
-        cutoff = time.monotonic() - within
-        recent = []
-        for addr, flow in reversed(self._flows.items()):  # the table is in LRU order
-            if flow.last_seen < cutoff:
-                break
-            recent.append((addr, flow.last_seen))
-        return recent
+        return self._flows.recent(self.monotonic(), within)
 
     async def close(self) -> None:
         """Cancel the owned tasks and close every socket."""
-        tasks = self._tasks + [f.task for f in self._flows.values() if f.task is not None]
+        tasks = self._tasks + [f.task for f in self._flows.flows() if f.task is not None]
         self._tasks = []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for flow in list(self._flows.values()):
+        for flow in self._flows.flows():
             self._remove_flow(flow)
         if self._transport is not None:
             self._transport.close()
@@ -232,8 +232,7 @@ class UdpRelay:
         if flow is None:
             flow = self._open_flow(addr)
         else:
-            self._flows.move_to_end(addr)
-            flow.last_seen = time.monotonic()
+            self._flows.touch(flow, self.monotonic())
         transport = flow.transport
         if transport is None:
             if len(flow.queue) < FLOW_QUEUE:
@@ -267,10 +266,9 @@ class UdpRelay:
                     self.counters.upstream_errors += 1
 
     def _on_reply(self, flow: _Flow, data: bytes) -> None:
-        if self._flows.get(flow.addr) is not flow or self._transport is None:
+        if not self._flows.holds(flow) or self._transport is None:
             return  # the flow was evicted; its client gets no late replies
-        flow.last_seen = time.monotonic()
-        self._flows.move_to_end(flow.addr)
+        self._flows.touch(flow, self.monotonic())
         self.counters.replies += 1
         self.counters.bytes_replied += len(data)
         self._send(self._transport, self._sock, data, flow.addr)
@@ -278,12 +276,10 @@ class UdpRelay:
     # -- flows -------------------------------------------------------------
 
     def _open_flow(self, addr: Peer) -> _Flow:
-        while len(self._flows) >= self.max_flows:
-            _, oldest = self._flows.popitem(last=False)
+        flow = _Flow(self, addr, self.monotonic())
+        for oldest in self._flows.add(flow):
             self._drop_flow(oldest)
             self.counters.flows_evicted += 1
-        flow = _Flow(self, addr, time.monotonic())
-        self._flows[addr] = flow
         self.counters.flows = len(self._flows)
         flow.task = asyncio.get_running_loop().create_task(self._connect(flow))
         return flow
@@ -310,7 +306,7 @@ class UdpRelay:
             self._remove_flow(flow)
             return
         flow.task = None
-        if self._flows.get(flow.addr) is not flow:
+        if not self._flows.holds(flow):
             transport.close()  # evicted or closed while connecting
             return
         flow.transport, flow.sock = transport, sock
@@ -318,8 +314,7 @@ class UdpRelay:
             self._send(transport, sock, flow.queue.popleft(), None)
 
     def _remove_flow(self, flow: _Flow) -> None:
-        if self._flows.get(flow.addr) is flow:
-            del self._flows[flow.addr]
+        self._flows.remove(flow)
         self._drop_flow(flow)
 
     def _drop_flow(self, flow: _Flow) -> None:
@@ -334,19 +329,12 @@ class UdpRelay:
         self.counters.flows = len(self._flows)
 
     def expire_idle(self, now: float | None = None) -> int:
-        """Close flows idle for `idle_timeout` seconds; returns how many."""
-        cutoff = (time.monotonic() if now is None else now) - self.idle_timeout
-        expired = 0
-        # The table is in least-recently-used order, so the scan stops at the
-        # first live flow: the cost is the number of flows expired.
-        while self._flows:
-            flow = next(iter(self._flows.values()))
-            if flow.last_seen > cutoff:
-                break
-            self._remove_flow(flow)
-            expired += 1
-        self.counters.flows_expired += expired
-        return expired
+        """Close flows idle for `idle_timeout` seconds (monotonic time); returns how many."""
+        expired = self._flows.expire(self.monotonic() if now is None else now)
+        for flow in expired:
+            self._drop_flow(flow)
+        self.counters.flows_expired += len(expired)
+        return len(expired)
 
     async def _sweep_loop(self) -> None:
         interval = min(1.0, max(0.02, self.idle_timeout / 4))
