@@ -5,7 +5,7 @@ inside its cgroup with that limit, the monitor's samples must read that cgroup
 and see the traffic offered, the cgroup must go when the service stops, and
 without a limit (or without root) the samples say they come from psutil. The
 cgroup parts are skipped, with the reason, where no writable memory cgroup
-exists.
+exists (they fail instead under CI: tests/integration/cgroup.py).
 """
 
 from __future__ import annotations
@@ -17,26 +17,19 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.integration.cgroup import require_cgroups
 from tests.integration.harness import make_spec, running_service
 from vmbox.control.monitor import Monitor, Sample, publish, read_samples
+from vmbox.etcdserver import EtcdServer
 from vmbox.runtime import local
 from vmbox.runtime.cgroups import MemoryCgroup, find_hierarchy
-from vmbox.runtime.local import LocalRuntime, open_cgroups
+from vmbox.runtime.local import LocalRuntime
 from vmbox.state import keys
 from vmbox.state.etcd import connect
 from vmbox.tools.load import LoadPlan, run_load
 
 MIB = 1024 * 1024
 LIMIT = 70 * MIB  # 73400320
-
-
-def no_cgroups() -> str | None:
-    """Why replicas cannot get memory cgroups here, or None when they can."""
-    cgroups, note = open_cgroups(f"probe{time.monotonic_ns()}", LIMIT)
-    if cgroups is not None:
-        cgroups.sweep()
-        return None
-    return note
 
 
 async def sample_twice(monitor: Monitor, gap: float) -> tuple[Sample, Sample]:
@@ -47,9 +40,10 @@ async def sample_twice(monitor: Monitor, gap: float) -> tuple[Sample, Sample]:
     return one, two
 
 
-def test_replica_runs_in_its_cgroup_and_the_monitor_reads_it(etcd, tmp_path: Path) -> None:
-    if reason := no_cgroups():
-        pytest.skip(reason)
+def test_replica_runs_in_its_cgroup_and_the_monitor_reads_it(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    require_cgroups()
 
     async def scenario() -> tuple[Path, Sample, Sample, int]:
         spec = make_spec("mon", 1, memory_limit="70Mi", limit=100_000)
@@ -92,7 +86,7 @@ def test_replica_runs_in_its_cgroup_and_the_monitor_reads_it(etcd, tmp_path: Pat
     assert not path.exists() and not path.parent.exists(), "cgroups left behind"
 
 
-def test_without_a_memory_limit_samples_come_from_psutil(etcd, tmp_path: Path) -> None:
+def test_without_a_memory_limit_samples_come_from_psutil(etcd: EtcdServer, tmp_path: Path) -> None:
     async def scenario() -> tuple[str, Sample]:
         spec = make_spec("nolimit", 1)
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
@@ -107,7 +101,7 @@ def test_without_a_memory_limit_samples_come_from_psutil(etcd, tmp_path: Path) -
 
 
 def test_without_root_the_limit_is_only_a_figure(
-    etcd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(local, "is_root", lambda: False)
 
@@ -123,9 +117,8 @@ def test_without_root_the_limit_is_only_a_figure(
     assert sample.memory_percent == pytest.approx(sample.memory_bytes / LIMIT * 100)
 
 
-def test_a_replica_killed_for_memory_is_reported_as_such(etcd, tmp_path: Path) -> None:
-    if reason := no_cgroups():
-        pytest.skip(reason)
+def test_a_replica_killed_for_memory_is_reported_as_such(etcd: EtcdServer, tmp_path: Path) -> None:
+    require_cgroups()
     # 16 MiB is less than a replica needs to import its modules.
     runtime = LocalRuntime("oomtest", etcd.endpoints, tmp_path, memory_limit=16 * MIB)
     runtime.start("oomtest-1")
@@ -139,7 +132,7 @@ def test_a_replica_killed_for_memory_is_reported_as_such(etcd, tmp_path: Path) -
     assert exited[0].exit_code == -9
 
 
-def test_samples_are_published_and_garbage_is_ignored(etcd) -> None:
+def test_samples_are_published_and_garbage_is_ignored(etcd: EtcdServer) -> None:
     sample = Sample("web-1", 1.0, 10, 20, 50.0, None, None, None, None, None, None, "psutil")
 
     async def scenario() -> tuple[dict[str, Sample], dict[str, Sample], dict[str, Sample]]:
