@@ -1,18 +1,31 @@
-"""A flood of new source addresses keeps a replica's memory bounded."""
+"""A flood of new source addresses keeps a replica's memory bounded; and a replica
+under a memory limit survives a flood of new flows at the max_flows derived from it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
 
 import psutil
 
+from tests.integration.cgroup import require_cgroups
 from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
+from vmbox.runtime.cgroups import MemoryCgroup, find_hierarchy
+from vmbox.spec.sections import flows_for_memory
+from vmbox.tools.load import LoadPlan, run_load
 
 SOURCES = 100_000
+MIB = 1024 * 1024
+MEMORY_LIMIT = 70 * MIB
+# New flows offered to the memory-limited replica: more than twice its derived
+# max_flows (5,133 at 70 MiB) and past the ~9,300 flows at which 70 MiB ran out
+# when nothing bounded them (DESIGN.md "Autoscaling"), so without the bound, or
+# with one that does not fit the limit, the OOM killer acts.
+FLOW_SOURCES = 12_000
 
 
 def flood(target: tuple[str, int], count: int, rate: float = 20_000) -> None:
@@ -54,3 +67,65 @@ def test_100k_sources_keep_memory_bounded(etcd: EtcdServer, tmp_path: Path) -> N
     assert gauges["vmbox_sources"] <= 10_001
     assert gauges["vmbox_flows"] <= 16_384
     assert after - before < 96 * 2**20
+
+
+def test_a_memory_limited_replica_survives_a_flood_at_its_derived_max_flows(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    require_cgroups()
+    spec = make_spec("flowcap", 1, memory_limit="70Mi")
+    cap = spec.max_flows  # unset in the spec: derived from the memory limit
+    assert cap == flows_for_memory(MEMORY_LIMIT) < FLOW_SOURCES / 2
+
+    async def scenario() -> dict[str, float]:
+        async with running_service(etcd.endpoints, spec, tmp_path) as svc:
+            ((rid, member),) = (await svc.members()).items()
+            pid = int(member.info["pid"])
+            hierarchy = find_hierarchy()
+            path = hierarchy.of_pid(pid)
+            assert path is not None and path.name == rid
+            cgroup = MemoryCgroup(path, hierarchy.version)
+            peak = {"flows": 0.0, "working_set": 0.0, "oom_kills": 0.0}
+
+            async def follow() -> None:
+                while True:
+                    for gauges in (await svc.gauges()).values():
+                        peak["flows"] = max(peak["flows"], gauges["vmbox_flows"])
+                    # Read while it lasts: the runtime replaces a killed replica's cgroup.
+                    with contextlib.suppress(OSError):
+                        peak["working_set"] = max(peak["working_set"], cgroup.working_set())
+                        peak["oom_kills"] = max(peak["oom_kills"], cgroup.oom_kills())
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(follow())
+            try:
+                await asyncio.to_thread(flood, spec.listen, FLOW_SOURCES, 4_000)
+                await asyncio.sleep(1.0)
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            # Still the same process, and it still relays: a source at twice the limit.
+            probe = await run_load(
+                LoadPlan(spec.listen, rate=200, sources=1, flows=4, duration=2.0)
+            )
+            after = await svc.members()
+            with contextlib.suppress(OSError):
+                peak["oom_kills"] = max(peak["oom_kills"], cgroup.oom_kills())
+            return {
+                "same_pid": float(rid in after and int(after[rid].info["pid"]) == pid),
+                "alive": float(psutil.pid_exists(pid)),
+                "restarts": svc.controller.restarts,
+                "probe_received": probe.received,
+                **peak,
+            }
+
+    out = asyncio.run(scenario())
+    print(
+        f"{FLOW_SOURCES:,} new flows at max_flows {cap:,}: flows <= {out['flows']:,.0f}, working "
+        f"set <= {out['working_set'] / MIB:.1f} MiB of {MEMORY_LIMIT / MIB:.0f}; {out}"
+    )
+    assert out["oom_kills"] == 0, out
+    assert out["same_pid"] == out["alive"] == 1.0 and out["restarts"] == 0, out
+    assert out["flows"] == cap, out  # the flood filled the table to its bound, not past it
+    assert out["working_set"] < MEMORY_LIMIT, out
+    assert out["probe_received"] >= 100, out  # at least a window's limit came back
