@@ -1,0 +1,385 @@
+"""A service stood up on loopback, for the demo, experiments, faults, benches and tests.
+
+Free ports; a private etcd (one member or three), a store connected to it and
+the real etcdctl to write to it by hand; an echo server as the protected
+upstream; and `running_service`, which turns a spec into a controller, the
+local runtime and its replicas, picking new ports when one was taken between
+its pick and its bind. One readiness rule for all of them (`wait_ready`):
+`count` replicas are ready when exactly that many are registered and each
+one's metrics answer vmbox_ready 1 (registered, and holding its share: its
+resize guard is down). Everything started here is stopped here. It sits above
+control, runtime and state; none of them imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbox.control import events
+from vmbox.control.controller import Controller, PermanentError
+from vmbox.dataplane.sockets import Address, AddressInUse
+from vmbox.etcdserver import EtcdCluster, EtcdServer, find_etcdctl, free_port
+from vmbox.metrics import scrape
+from vmbox.runtime.local import LocalRuntime
+from vmbox.spec import Spec
+from vmbox.state import keys
+from vmbox.state.etcd import EtcdStore, connect
+from vmbox.state.membership import MemberInfo, list_members
+from vmbox.state.store import Store
+from vmbox.tools.echo import EchoServer
+
+READY_TIMEOUT = 30.0  # seconds replicas get to be ready (2 shared cores, noise)
+CONNECT_TIMEOUT = 10.0  # seconds a store gets to connect to a fresh etcd
+
+
+class SetupError(RuntimeError):
+    """A service the testbed could not stand up; str() is the one line to show."""
+
+
+class PortTaken(SetupError):
+    """A port picked for a service was taken by another program before it was bound."""
+
+
+class NotReady(SetupError):
+    """The replicas were not ready in time."""
+
+
+# -- ports ---------------------------------------------------------------------
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it, as for etcd members)."""
+    return free_port(host)
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A free UDP port below the kernel's ephemeral range (32768 up).
+
+    A port the kernel handed out for port 0 can be handed out again, to one of
+    the thousands of sockets a load generator or a replica's flows bind,
+    between this pick and the service's bind; below the range it cannot.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20_000, 32_768)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# -- etcd and the upstream -----------------------------------------------------
+
+
+@asynccontextmanager
+async def connected(endpoints: Sequence[str]) -> AsyncIterator[EtcdStore]:
+    """A store connected to `endpoints`, closed afterwards."""
+    store = await connect(list(endpoints), timeout=CONNECT_TIMEOUT)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def private_etcd(members: int = 1) -> AsyncIterator[tuple[EtcdCluster, EtcdStore]]:
+    """A private etcd of `members` on loopback and a store connected to all of them;
+    both gone afterwards. The cluster is there for faults that stop its members."""
+    server = EtcdServer() if members == 1 else EtcdCluster(members)
+    await asyncio.to_thread(server.start)
+    try:
+        async with connected(server.endpoints) as store:
+            yield server, store
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@asynccontextmanager
+async def private_store() -> AsyncIterator[EtcdStore]:
+    """A private etcd on loopback and a store connected to it; both gone afterwards."""
+    async with private_etcd() as (_, store):
+        yield store
+
+
+async def etcdctl(endpoints: Iterable[str], *args: str, timeout: float = 10.0) -> str:
+    """Run the real etcdctl (v3 API) against `endpoints`, as an operator would; its output.
+
+    RuntimeError with etcdctl's output when it fails. subprocess.run in a
+    thread: uvloop's own subprocesses fork beside gRPC's threads.
+    """
+    command = [find_etcdctl(), "--endpoints", ",".join(endpoints), *args]
+    shown = " ".join(args)[:60]
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={"ETCDCTL_API": "3"},
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"etcdctl {shown} took over {timeout:g}s") from None
+    out = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        raise RuntimeError(f"etcdctl {shown} failed: {out.strip()}")
+    return out
+
+
+@asynccontextmanager
+async def upstream_echo(address: Address) -> AsyncIterator[EchoServer]:
+    """An echo server at `address` (the protected upstream); PortTaken if it is busy.
+
+    Its `history` (received per epoch second) stays readable after it closed.
+    """
+    echo = EchoServer(address)
+    try:
+        await echo.start()
+    except AddressInUse as exc:
+        raise PortTaken(str(exc)) from None
+    try:
+        yield echo
+    finally:
+        await echo.close()
+
+
+async def echo_seconds(echo: EchoServer, last: int, within: float = 3.0) -> dict[int, int]:
+    """The echo's per-second counts once epoch second `last` is closed (or `within` passes)."""
+    deadline = time.monotonic() + within
+    while not any(second >= last for second, _ in echo.history):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return dict(echo.history)
+
+
+async def until_second(into: float = 0.0) -> int:
+    """Sleep until `into` s past a whole wall-clock second (the limiter's windows start on
+    them), the next such moment; returns that second."""
+    now = time.time()
+    target = int(now) + into if now % 1.0 < into else int(now) + 1 + into
+    await asyncio.sleep(max(0.0, target - time.time()))
+    return int(target)
+
+
+# -- readiness -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One look at a service's replicas: those registered, and those of them that are ready."""
+
+    registered: dict[str, MemberInfo]
+    ready: dict[str, MemberInfo]  # registered, and their metrics answer vmbox_ready 1
+
+    def complete(self, count: int, exclude_pids: Collection[int] = ()) -> bool:
+        """Exactly `count` registered, all ready, and none of them one of `exclude_pids`."""
+        pids = {member.info.get("pid") for member in self.registered.values()}
+        return len(self.registered) == len(self.ready) == count and not pids & set(exclude_pids)
+
+    def pids(self) -> dict[str, int]:
+        return {rid: int(member.info["pid"]) for rid, member in self.ready.items()}
+
+
+async def readiness(store: Store, service: str) -> Readiness:
+    """Which replicas of `service` are registered and which of them report vmbox_ready 1."""
+    members = await list_members(store, service)
+
+    async def is_ready(member: MemberInfo) -> bool:
+        with contextlib.suppress(Exception):  # starting or stopping: not ready
+            metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
+            return metrics.get("vmbox_ready", 0.0) == 1.0
+        return False
+
+    answers = await asyncio.gather(*map(is_ready, members.values()))
+    ready = {rid: m for (rid, m), ok in zip(members.items(), answers, strict=True) if ok}
+    return Readiness(members, ready)
+
+
+async def wait_ready(
+    store: Store,
+    service: str,
+    count: int,
+    *,
+    timeout: float = READY_TIMEOUT,
+    exclude_pids: Collection[int] = (),
+    check: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, MemberInfo]:
+    """Until exactly `count` replicas of `service` are registered and ready; those replicas.
+
+    `exclude_pids` (a replica killed and restarted) must not be among them.
+    `check`, awaited before each look, raises to stop waiting (what starts the
+    replicas has stopped). NotReady after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            await check()
+        seen = await readiness(store, service)
+        if seen.complete(count, exclude_pids):
+            return seen.ready
+        if time.monotonic() > deadline:
+            raise NotReady(
+                f"{service}: {count} replicas were not ready within {timeout:.0f}s "
+                f"({len(seen.registered)} registered, {len(seen.ready)} ready)"
+            )
+        await asyncio.sleep(0.1)
+
+
+# -- a running service ---------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """A service the testbed runs: spec, store, upstream echo, controller, runtime, logs."""
+
+    spec: Spec
+    store: EtcdStore
+    echo: EchoServer  # its history stays readable after the service has ended
+    controller: Controller
+    runtime: LocalRuntime
+    log_dir: Path
+
+    async def members(self) -> dict[str, MemberInfo]:
+        return await list_members(self.store, self.spec.service)
+
+    async def gauges(self) -> dict[str, dict[str, float]]:
+        """Each live replica's metrics, scraped now (those that answer)."""
+        out = {}
+        for rid, member in (await self.members()).items():
+            with contextlib.suppress(Exception):
+                out[rid] = await scrape(str(member.info["metrics"]))
+        return out
+
+    async def scale(self, count: int) -> None:
+        """Write the desired replica count, as `vmbox scale` does."""
+        await self.store.put(keys.desired_key(self.spec.service), str(count).encode())
+
+    async def wait_ready(
+        self, count: int, timeout: float = READY_TIMEOUT, exclude_pids: Collection[int] = ()
+    ) -> dict[str, MemberInfo]:
+        """`wait_ready` for this service: exactly `count` replicas registered and ready."""
+        return await wait_ready(
+            self.store, self.spec.service, count, timeout=timeout, exclude_pids=exclude_pids
+        )
+
+
+@asynccontextmanager
+async def running_service(
+    store: EtcdStore,
+    spec: Spec | Callable[[], Spec],
+    *,
+    log_dir: Path | None = None,
+    tick: float = 0.2,
+    metrics_port: int | None = None,
+    adoptable: bool = False,
+    on_event: Callable[[events.Event], None] | None = None,
+    attempts: int = 3,
+) -> AsyncIterator[Service]:
+    """An echo server at the spec's upstream and the spec's replicas, all ready.
+
+    Given a function that makes specs (each with new ports), a port taken
+    between its pick and its bind costs a retry with a new spec, up to
+    `attempts` times. Replica logs go to `log_dir`, or to a temporary directory
+    that is removed unless the service failed (the error names it). The
+    controller ticks every `tick` s and serves its metrics on `metrics_port`
+    (None: none); `on_event` sees its events (starts, scale decisions) as they
+    happen. Replicas of a runtime that is not `adoptable` die with this process.
+    """
+    make = spec if callable(spec) else (lambda: spec)
+    tries = attempts if callable(spec) else 1
+    options = _Options(log_dir, tick, metrics_port, adoptable, on_event)
+    for attempt in range(1, tries + 1):
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                service = await stack.enter_async_context(_one_service(store, make(), options))
+            except PortTaken:
+                if attempt == tries:
+                    raise
+                continue
+            yield service
+            return
+
+
+@dataclass(frozen=True)
+class _Options:
+    log_dir: Path | None
+    tick: float
+    metrics_port: int | None
+    adoptable: bool
+    on_event: Callable[[events.Event], None] | None
+
+
+@asynccontextmanager
+async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> AsyncIterator[Service]:
+    temporary = options.log_dir is None
+    async with upstream_echo(spec.upstream) as echo:
+        log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
+        runtime = LocalRuntime(
+            spec.service,
+            store.endpoints,
+            log_dir,
+            adoptable=options.adoptable,
+            memory_limit=spec.replicas.memory_limit,
+        )
+        controller = Controller(
+            spec,
+            store,
+            runtime,
+            tick=options.tick,
+            on_event=options.on_event,
+            metrics_port=options.metrics_port,
+        )
+        reconcile: asyncio.Task[None] | None = None
+        try:
+            await controller.setup()
+            reconcile = asyncio.create_task(controller.run())
+            await _wait_started(store, spec, reconcile, log_dir, temporary)
+            yield Service(spec, store, echo, controller, runtime, log_dir)
+        finally:
+            if reconcile is not None:
+                reconcile.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reconcile
+            await controller.shutdown()
+            await store.delete_prefix(keys.service_prefix(spec.service))
+    if temporary:  # reached only when nothing failed
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+async def _wait_started(
+    store: EtcdStore, spec: Spec, reconcile: asyncio.Task[None], log_dir: Path, temporary: bool
+) -> None:
+    """`wait_ready` for the spec's count, stopping if the controller stops (a busy port)."""
+
+    async def controller_runs() -> None:
+        if not reconcile.done():
+            return
+        cause = reconcile.exception() if not reconcile.cancelled() else None
+        if isinstance(cause, PermanentError) and "already in use" in str(cause):
+            if temporary:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise PortTaken(str(cause))
+        raise SetupError(f"{spec.service}: the controller stopped ({cause}); logs in {log_dir}")
+
+    try:
+        await wait_ready(store, spec.service, spec.replicas.count, check=controller_runs)
+    except NotReady as exc:
+        raise NotReady(f"{exc}; logs in {log_dir}") from None
