@@ -13,9 +13,10 @@ import pytest
 from rich.console import Console
 
 from vmbox.faults import FAULTS, NONE, FaultResult, Say, Scale
-from vmbox.faults.common import over_limit, state_lost
 from vmbox.faults.runner import fault_table, main, run_entry
 from vmbox.faults.sender import _Seconds, source_address
+from vmbox.faults.snapshot import state_lost
+from vmbox.faults.traffic import over_limit
 from vmbox.middlebox import MAX_STATE_INT, StateValueError, parse_positive_int
 from vmbox.registry import Entry, NotRunnable
 

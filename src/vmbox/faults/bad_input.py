@@ -22,18 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 from vmbox.faults import FaultResult, Say, Scale
-from vmbox.faults.common import (
-    LIMIT,
-    Watch,
-    fault_service,
-    fault_spec,
-    finish,
-    over_limit,
-    read_state,
-    received_between,
-    socket_drops,
-    steady_load,
-)
+from vmbox.faults.sampler import ReplicaSampler, finish
+from vmbox.faults.service import LIMIT, fault_service, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state
+from vmbox.faults.traffic import over_limit, received_between, socket_drops
 from vmbox.tools.echo import EchoServer
 
 NORMAL_SOURCES = 2  # the steady load's 127.0.0.2 and 127.0.0.3
@@ -106,7 +98,7 @@ async def odd_datagrams(scale: Scale, say: Say) -> FaultResult:
         listen = service.spec.listen
         before = await read_state(service.store, service.spec.service)
         drops = socket_drops(listen)
-        async with Watch(service) as watch:
+        async with ReplicaSampler(service) as sampler:
             say(
                 f"odd datagrams: empty and {HUGE:,}-byte datagrams from {len(ODD)} sources "
                 f"beside normal load, {duration:.0f} s"
@@ -139,7 +131,7 @@ async def odd_datagrams(scale: Scale, say: Say) -> FaultResult:
         f"{tally.back['empty']:,} and {tally.back['huge']:,} intact",
         f"normal traffic at {normal:.0%} of the limit; kernel drops {drops:,}",
     ]
-    return finish(result, watch, before, after)
+    return finish(result, sampler, before, after)
 
 
 async def upstream_vanished(scale: Scale, say: Say) -> FaultResult:
@@ -151,7 +143,7 @@ async def upstream_vanished(scale: Scale, say: Say) -> FaultResult:
         before = await read_state(service.store, service.spec.service)
         echoes = [service.echo]
         outages: list[tuple[float, float]] = []
-        async with Watch(service) as watch:
+        async with ReplicaSampler(service) as sampler:
             say(f"upstream vanished: {cycles} outage(s) of {gone:.0f} s under load")
             started = int(time.time())
             load = asyncio.create_task(
@@ -182,18 +174,18 @@ async def upstream_vanished(scale: Scale, say: Say) -> FaultResult:
     cap = LIMIT * NORMAL_SOURCES
     result.injected = len(outages)
     result.over_limit = over_limit(counts.items(), lambda s: cap if started <= s <= ended else None)
-    _judge_vanished(result, watch, counts, outages, back)
-    return finish(result, watch, before, after)
+    _judge_vanished(result, sampler, counts, outages, back)
+    return finish(result, sampler, before, after)
 
 
 def _judge_vanished(
     result: FaultResult,
-    watch: Watch,
+    sampler: ReplicaSampler,
     counts: dict[int, int],
     outages: list[tuple[float, float]],
     back: float,
 ) -> None:
-    errors = watch.total("vmbox_upstream_errors_total")
+    errors = sampler.total("vmbox_upstream_errors_total")
     result.check(errors > 0, "the replica counted no upstream errors while the upstream was gone")
     # The whole seconds after each return, but the first (the socket may have returned mid-way).
     resumed = [

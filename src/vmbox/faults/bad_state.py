@@ -18,22 +18,13 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from vmbox.experiments.common import Service
 from vmbox.faults import FaultResult, Say, Scale
-from vmbox.faults.common import (
-    LIMIT,
-    Watch,
-    etcdctl,
-    fault_service,
-    fault_spec,
-    finish,
-    over_limit,
-    read_state,
-    received_between,
-    steady_load,
-    until_mid_second,
-)
+from vmbox.faults.sampler import ReplicaSampler, finish
+from vmbox.faults.service import LIMIT, fault_service, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state
+from vmbox.faults.traffic import over_limit, received_between
 from vmbox.state import keys
+from vmbox.testbed import Service, etcdctl, until_second
 
 SOURCES = 2
 GOOD = 60  # the good value written after the bad ones
@@ -54,7 +45,7 @@ def _bad_values_at_least(count: int) -> Callable[[Metrics], bool]:
 
 
 async def _inject(
-    service: Service, watch: Watch, values: Sequence[str], kept: int, result: FaultResult
+    service: Service, watch: ReplicaSampler, values: Sequence[str], kept: int, result: FaultResult
 ) -> None:
     """Write each bad value with etcdctl; every replica must report it and keep `kept`."""
     key = keys.state_key(service.spec.service, "limit")
@@ -90,14 +81,14 @@ async def corrupt_values(scale: Scale, say: Say) -> FaultResult:
     async with fault_service(lambda: fault_spec("corrupt", 2)) as service:
         key = keys.state_key(service.spec.service, "limit")
         before = await read_state(service.store, service.spec.service)
-        async with Watch(service) as watch:
+        async with ReplicaSampler(service) as watch:
             say(f"corrupt etcd values: {len(bad) + 1} bad values for {key} under load")
             started = int(time.time())
             load = asyncio.create_task(steady_load(service.spec.listen, SOURCES, 60.0, flows=32))
             try:
                 await asyncio.sleep(1.0)
                 await _inject(service, watch, bad, LIMIT, result)
-                await until_mid_second()
+                await until_second(0.5)
                 await etcdctl(service.store.endpoints, "put", key, str(GOOD))
                 good_at = int(time.time())
                 applied = await watch.until_every(_limit_is(GOOD), SEEN_WITHIN)

@@ -9,7 +9,7 @@ lease and starts it again with backoff. What is measured:
 - traffic: the upstream receives something in every whole second of the load;
 - the limit: the upstream's total over the run against sources x limit x seconds
   must stay within 10% (the row's over_limit is what passed above that); the
-  strict per-second count (common.over_limit) is a figure and a note: the cost
+  strict per-second count (traffic.over_limit) is a figure and a note: the cost
   of the kills;
 - membership: a watch on the members prefix must see each killed replica's key
   deleted (or replaced by its restart's) within the lease TTL of the kill;
@@ -30,21 +30,14 @@ import time
 from dataclasses import dataclass
 from typing import Self
 
-from vmbox.experiments.common import Service, count_ready
 from vmbox.faults import FaultResult, Say, Scale, processes
-from vmbox.faults.common import (
-    LIMIT,
-    fault_service,
-    fault_spec,
-    over_limit,
-    read_state,
-    received_between,
-    state_lost,
-    steady_load,
-)
+from vmbox.faults.service import LIMIT, fault_service, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state, state_lost
+from vmbox.faults.traffic import over_limit, received_between
 from vmbox.state import keys
 from vmbox.state.membership import list_members
 from vmbox.state.store import StoreError
+from vmbox.testbed import Service, readiness
 
 SOURCES = 4
 FLOWS = 8  # per source, so every replica sees every source
@@ -155,11 +148,12 @@ async def _settle(service: Service, kills: int) -> tuple[int, float]:
     started = time.monotonic()
     deadline = started + SETTLE
     while True:
-        ready = 0
+        ready, whole = 0, False
         with contextlib.suppress(StoreError):
-            ready = await count_ready(service.store, service.spec.service)
+            seen = await readiness(service.store, service.spec.service)
+            ready, whole = len(seen.ready), seen.complete(REPLICAS)
         restarted = service.controller.restarts >= kills
-        if (ready == REPLICAS and restarted) or time.monotonic() > deadline:
+        if (whole and restarted) or time.monotonic() > deadline:
             return ready, time.monotonic() - started
         await asyncio.sleep(0.2)
 

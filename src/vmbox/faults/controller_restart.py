@@ -31,12 +31,16 @@ from pathlib import Path
 
 import psutil
 
-from vmbox.experiments.common import private_store, ready_members
-from vmbox.faults import FaultResult, Say, Scale, common, processes
+from vmbox.faults import FaultResult, Say, Scale, processes
+from vmbox.faults.service import LIMIT, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state, state_lost
+from vmbox.faults.traffic import over_limit, received_between
 from vmbox.runtime.local import last_line
+from vmbox.spec import Spec
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
+from vmbox.testbed import NotReady, private_store, upstream_echo, wait_ready
 from vmbox.tools.echo import EchoServer
 
 SERVICE = "restart"
@@ -106,11 +110,12 @@ class Up:
 class Run:
     """One fault run: the service, `vmbox up`, and what the checks found."""
 
-    def __init__(self, store: EtcdStore, workdir: Path, result: FaultResult) -> None:
+    def __init__(
+        self, store: EtcdStore, workdir: Path, result: FaultResult, spec: Spec, echo: EchoServer
+    ) -> None:
         self.store, self.workdir, self.result = store, workdir, result
         self.etcd = ",".join(store.endpoints)
-        self.spec = common.fault_spec(SERVICE, 2)
-        self.echo = EchoServer(self.spec.upstream)
+        self.spec, self.echo = spec, echo
         self.up = Up(workdir / "spec.yaml", self.etcd, workdir)
         self.down: list[tuple[float, float]] = []  # (killed, adopted) of each restart
         self.resized: list[tuple[float, float]] = []  # while scaling down and up again
@@ -129,17 +134,17 @@ class Run:
             await asyncio.sleep(0.1)
 
     async def wait_ready(self, count: int) -> dict[str, int]:
-        """Until exactly `count` replicas are registered and report vmbox_ready; their pids."""
-        ready: dict[str, int] = {}
+        """Until exactly `count` replicas are registered and ready (the testbed's rule); pids."""
 
-        async def done() -> bool:
-            registered, found = await ready_members(self.store, SERVICE)
-            ready.clear()
-            ready.update(found)
-            return registered == len(ready) == count
+        async def up_runs() -> None:
+            if not self.up.running:
+                raise RuntimeError(f"vmbox up exited: {last_line(self.up.log)}")
 
-        await self.until(f"not {count} replicas ready", done)
-        return ready
+        try:
+            ready = await wait_ready(self.store, SERVICE, count, timeout=WAIT, check=up_runs)
+        except NotReady as exc:
+            raise NotReady(f"{exc} (logs in {self.workdir})") from None
+        return {rid: int(member.info["pid"]) for rid, member in ready.items()}
 
     async def events(self, since: float = 0.0) -> dict[str, tuple[str, str]]:
         """Event key -> (kind, replica) of each event recorded after `since`."""
@@ -226,12 +231,11 @@ class Run:
         self.result.check(not left, f"10 s after vmbox up exited: {'; '.join(left)}")
 
     async def cleanup(self) -> None:
-        """Kill whatever is left: `vmbox up`, its replicas, the echo server."""
+        """Kill whatever is left: `vmbox up` and its replicas."""
         await self.up.kill()
         for proc in processes.replica_processes(SERVICE, self.etcd):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        await self.echo.close()
 
 
 async def controller_restart(scale: Scale, say: Say) -> FaultResult:
@@ -239,24 +243,24 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
     kills = 3 if scale == "full" else 1
     result = FaultResult("controller restart")
     workdir = Path(tempfile.mkdtemp(prefix="vmbox-restart-"))
-    async with private_store() as store:
-        run = Run(store, workdir, result)
+    spec = fault_spec(SERVICE, 2)
+    async with private_store() as store, upstream_echo(spec.upstream) as echo:
+        run = Run(store, workdir, result, spec, echo)
         try:
-            await run.echo.start()
             (workdir / "spec.yaml").write_text(run.spec.to_json())
             run.up.start()
             await run.wait_ready(2)
             await run.up.scale(REPLICAS)
             await run.wait_ready(REPLICAS)
-            before = await common.read_state(store, SERVICE)
+            before = await read_state(store, SERVICE)
             run.first_events = set(await run.events())
             run.f["events_before"] = len(run.first_events)
             say(
                 f"controller restart: {kills} x kill -9 of vmbox up, {REPLICAS} replicas, "
-                f"{SOURCES} sources at 1.5 x {common.LIMIT}/s"
+                f"{SOURCES} sources at 1.5 x {LIMIT}/s"
             )
             started = time.time()
-            load = asyncio.create_task(common.steady_load(run.spec.listen, SOURCES, 170, FLOWS))
+            load = asyncio.create_task(steady_load(run.spec.listen, SOURCES, 170, FLOWS))
             try:
                 await asyncio.sleep(2.0)
                 for i in range(kills):
@@ -267,12 +271,12 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
                 load.cancel()
                 await asyncio.gather(load, return_exceptions=True)
             ended = time.time()
-            after = await common.read_state(store, SERVICE)
+            after = await read_state(store, SERVICE)
             await run.stop()
         finally:
             await run.cleanup()
     judge(run, list(run.echo.history), started, ended)
-    result.state_lost = common.state_lost(before, after)
+    result.state_lost = state_lost(before, after)
     if result.ok:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -282,14 +286,14 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
 
 def judge(run: Run, history: list[tuple[int, int]], started: float, ended: float) -> None:
     """Over-limit packets, the worst second passed, survival and the table's notes."""
-    result, f, cap = run.result, run.result.figures, SOURCES * common.LIMIT
+    result, f, cap = run.result, run.result.figures, SOURCES * LIMIT
     first, last = int(started), int(ended)
-    result.over_limit = common.over_limit(history, lambda s: cap if first <= s <= last else None)
+    result.over_limit = over_limit(history, lambda s: cap if first <= s <= last else None)
     # A join costs the joiner's first window (DESIGN.md): the resizes are not judged.
     resizing = {s for a, b in run.resized for s in range(int(a), int(b) + 2)}
     counts = dict(history)
     steady = [counts.get(s, 0) for s in range(first + 1, last) if s not in resizing]
-    between = common.received_between
+    between = received_between
     down = [c for k, b in run.down for c in between(history, int(k) + 1, int(b) - 1)]
     f["down_seconds"] = len(down)
     f["worst_second_fraction"] = min(down + steady, default=0) / cap

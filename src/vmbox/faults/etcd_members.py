@@ -27,23 +27,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 from vmbox.etcdserver import EtcdCluster
-from vmbox.experiments.common import Service, private_etcd, running_service
 from vmbox.faults import FaultResult, Say, Scale
-from vmbox.faults.common import (
-    LIMIT,
-    Watch,
-    fault_spec,
-    finish,
-    over_limit,
-    read_state,
-    received_between,
-    steady_load,
-)
 from vmbox.faults.probe import Prober
 from vmbox.faults.revisions import RevisionCheck
+from vmbox.faults.sampler import ReplicaSampler, finish
+from vmbox.faults.service import LIMIT, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state
+from vmbox.faults.traffic import over_limit, received_between
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.membership import list_members
+from vmbox.testbed import Service, private_etcd, running_service
 
 SOURCES = 2  # load sources at 1.5x the limit
 HOLD = 2.0  # seconds the cluster runs a member short before it comes back
@@ -70,7 +64,7 @@ class _Run:
         cluster: EtcdCluster,
         writer: EtcdStore,
         service: Service,
-        watch: Watch,
+        sampler: ReplicaSampler,
         probe: Prober,
         result: FaultResult,
         say: Say,
@@ -78,7 +72,7 @@ class _Run:
         self.cluster = cluster
         self.writer = writer
         self.service = service
-        self.watch = watch
+        self.sampler = sampler
         self.probe = probe
         self.result = result
         self.say = say
@@ -98,7 +92,7 @@ class _Run:
         """Write the limit (its own value again); every replica's watch must deliver it."""
         revision = await self.writer.put(keys.state_key(self.name, "limit"), value)
         self.limit_writes += 1
-        took = await self.watch.until_every(
+        took = await self.sampler.until_every(
             lambda m: m.get("vmbox_state_watch_revision", 0.0) >= revision, SEEN_WITHIN
         )
         self.result.check(took is not None, f"a limit write (rev {revision}) missed a replica")
@@ -141,13 +135,13 @@ class _Run:
             await asyncio.to_thread(self.cluster.stop_member, index, 5)
             self.result.injected += 1
         await asyncio.sleep(max(0.0, outage - (time.monotonic() - started)))
-        await self.watch.scrape()
-        applied = [m.get("vmbox_fail_policy_active", 0.0) for m in self.watch.last.values()]
+        await self.sampler.scrape()
+        applied = [m.get("vmbox_fail_policy_active", 0.0) for m in self.sampler.last.values()]
         self.result.check(all(applied), f"the fail policy was not applied by all: {applied}")
         back = time.monotonic()
         for index in stopped:
             await asyncio.to_thread(self.cluster.start_member, index)
-        took = await self.watch.until_every(
+        took = await self.sampler.until_every(
             lambda m: m.get("vmbox_store_down_seconds", 1.0) == 0.0, SEEN_WITHIN
         )
         self.result.check(took is not None, "the replicas did not see etcd back")
@@ -214,23 +208,25 @@ async def _inject(
     load = asyncio.create_task(steady_load(service.spec.listen, SOURCES, duration=300))
     try:
         async with (
-            Watch(service) as watch,
+            ReplicaSampler(service) as sampler,
             Prober(service.spec.listen) as probe,
             RevisionCheck(service.store, writer, watch_key) as revisions,
         ):
-            run = _Run(cluster, writer, service, watch, probe, result, say)
+            run = _Run(cluster, writer, service, sampler, probe, result, say)
             run.leases = await run.members()
             first = int(time.time()) + 1
-            events0 = {rid: m.get("vmbox_state_watch_events", 0.0) for rid, m in watch.last.items()}
-            resumes0 = service.store.watch_resumes, watch.total("vmbox_store_watch_resumes")
+            events0 = {
+                rid: m.get("vmbox_state_watch_events", 0.0) for rid, m in sampler.last.items()
+            }
+            resumes0 = service.store.watch_resumes, sampler.total("vmbox_store_watch_resumes")
             await asyncio.sleep(1.0)
             for _ in range(CYCLES[scale]):
                 await run.kill("leader", limit)
                 await run.kill("follower", limit)
                 await run.lose_quorum(OUTAGE[scale], limit)
             result.problems.extend(await revisions.verify())
-            await watch.scrape()
-            for rid, metrics in watch.last.items():
+            await sampler.scrape()
+            for rid, metrics in sampler.last.items():
                 delivered = metrics.get("vmbox_state_watch_events", 0.0) - events0.get(rid, 0.0)
                 result.check(
                     delivered == run.limit_writes,
@@ -238,7 +234,7 @@ async def _inject(
                 )
             resumed = (
                 service.store.watch_resumes - resumes0[0],
-                watch.total("vmbox_store_watch_resumes") - resumes0[1],
+                sampler.total("vmbox_store_watch_resumes") - resumes0[1],
             )
             last = int(time.time()) - 1
             await run.scale_up()
@@ -255,9 +251,9 @@ async def _inject(
     result.check(quietest > 0, "a whole second passed with nothing forwarded")
     after = await read_state(service.store, name)
     desired = keys.desired_key(name).removeprefix(keys.service_prefix(name))
-    finish(result, watch, before, after, written={desired: b"3"})
+    finish(result, sampler, before, after, written={desired: b"3"})
     worst = max(run.gaps.values(), default=0.0)
-    policy = watch.highest.get("vmbox_fail_policy_active", 0.0)
+    policy = sampler.highest.get("vmbox_fail_policy_active", 0.0)
     stall = max(run.stalls.values(), default=0.0)
     result.figures |= {
         "worst_gap": worst,

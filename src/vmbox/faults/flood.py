@@ -25,17 +25,10 @@ import time
 from dataclasses import dataclass
 
 from vmbox.faults import FaultResult, Say, Scale
-from vmbox.faults.common import (
-    MIB,
-    Watch,
-    fault_service,
-    fault_spec,
-    finish,
-    over_limit,
-    read_state,
-    socket_drops,
-    steady_load,
-)
+from vmbox.faults.sampler import MIB, ReplicaSampler, finish
+from vmbox.faults.service import fault_service, fault_spec, steady_load
+from vmbox.faults.snapshot import read_state
+from vmbox.faults.traffic import over_limit, socket_drops
 from vmbox.spec import Spec
 
 FLOOD_LIMIT = 1  # packets per second per source: makes each window's bound max_sources + 1
@@ -162,7 +155,7 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
         listen = service.spec.listen
         before = await read_state(service.store, service.spec.service)
         drops_before = socket_drops(listen)
-        async with Watch(service) as watch:
+        async with ReplicaSampler(service) as watch:
             say(
                 f"flood: {plan.datagrams:,} datagrams from {plan.sources:,} sources "
                 f"at {plan.rate:,.0f}/s by {plan.senders} senders"
@@ -192,7 +185,7 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
     return finish(result, watch, before, after)
 
 
-def _judge(result: FaultResult, watch: Watch, sent: Sent, probe_replies: int) -> None:
+def _judge(result: FaultResult, watch: ReplicaSampler, sent: Sent, probe_replies: int) -> None:
     f = result.figures
     f.update(
         sent=sent.sent,
