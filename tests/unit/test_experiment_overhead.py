@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from vmbox.experiments.common import ExperimentError
 from vmbox.experiments.overhead import (
     VARIANTS,
     Stats,
@@ -14,6 +13,7 @@ from vmbox.experiments.overhead import (
     scale_note,
     summarize,
 )
+from vmbox.experiments.results import ExperimentError
 
 
 def test_summarize_gives_exact_min_mean_max_and_nearest_rank_percentiles() -> None:

@@ -74,7 +74,7 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path: Path) -> None:
 
 
 VERDICTS = '''"""A stand-in experiment whose verdicts are {verdicts}."""
-from vmbox.experiments.common import ExperimentResult, ReportRow
+from vmbox.experiments.results import ExperimentResult, ReportRow
 
 
 async def run(out_dir, *, scale="full", console):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vmbox.experiments.common import ExperimentResult, ReportRow
 from vmbox.experiments.report import console_table, failures, figures_table, render_report
+from vmbox.experiments.results import ExperimentResult, ReportRow
 
 OUT = Path("/tmp/results")
 MACHINE = {"cores": "2", "CPU": "Test CPU | 2 GHz", "kernel": "Linux 6.1", "etcd": "3.4.23"}

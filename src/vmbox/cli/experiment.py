@@ -28,8 +28,8 @@ from vmbox.cli.errors import fail, run
 from vmbox.experiments import EXPERIMENTS
 from vmbox.registry import Entry, NotRunnable
 
-if TYPE_CHECKING:  # common imports the etcd client: only once an experiment runs
-    from vmbox.experiments.common import ExperimentResult, Scale
+if TYPE_CHECKING:  # results (and what it imports) only once an experiment runs
+    from vmbox.experiments.results import ExperimentResult, Scale
 
 OUT_HELP = "Directory for the CSV files, PNG pictures (and report.md for `all`)."
 SMALL_HELP = "The quick version (shorter runs, as the test suite does); figures are rougher."
@@ -59,7 +59,7 @@ async def run_entry(
 ) -> ExperimentResult:
     """Run one experiment within its budget; failures come back as a result with `error`."""
     from vmbox.dataplane.sockets import BindError
-    from vmbox.experiments.common import ExperimentError, ExperimentResult
+    from vmbox.experiments.results import ExperimentError, ExperimentResult
     from vmbox.state.store import StoreError
 
     # Failures a user or the machine can cause, shown as one line; others are bugs.
@@ -208,8 +208,8 @@ async def _run_all(
     out_dir: Path, scale: Scale, skip: set[str], command: str, console: Console
 ) -> list[ExperimentResult]:
     """Every available experiment in registry order, then report.md; their results."""
-    from vmbox.experiments.common import machine_info
     from vmbox.experiments.report import console_table, render_report
+    from vmbox.experiments.results import machine_info
 
     started, wall = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     entries, left_out = _left_out(skip)

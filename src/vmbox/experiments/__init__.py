@@ -5,7 +5,7 @@ Each experiment is a module exposing
     async def run(out_dir: Path, *, scale: str = "full", console: Console) -> ExperimentResult
 
 (`scale` is "full", the real run, or "small", the quick version the tests run;
-ExperimentResult is in vmbox.experiments.common). `EXPERIMENTS` (a lazy
+ExperimentResult is in vmbox.experiments.results). `EXPERIMENTS` (a lazy
 vmbox.registry.Registry) lists them in the order `vmbox experiment all` runs
 them. Adding an experiment is one module and one entry here. Called by
 vmbox.cli.experiment.
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from vmbox.registry import Entry, Registry
 
-if TYPE_CHECKING:  # common imports the etcd client: not at `vmbox --help` time
+if TYPE_CHECKING:  # results imports rich.progress: not at `vmbox --help` time
     from rich.console import Console
 
-    from vmbox.experiments.common import ExperimentResult, Scale
+    from vmbox.experiments.results import ExperimentResult, Scale
 
 
 class RunFunction(Protocol):

@@ -23,22 +23,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from vmbox.demo import free_udp_port
 from vmbox.experiments import plots
-from vmbox.experiments.common import (
-    START_TIMEOUT,
-    ExperimentResult,
-    ReportRow,
-    Scale,
-    echo_seconds,
-    new_progress,
-    private_store,
-    running_service,
-    until_epoch_second,
-    write_csv,
-)
+from vmbox.experiments.results import ExperimentResult, ReportRow, Scale, new_progress, write_csv
 from vmbox.spec import MiddleboxSpec, ReplicasSpec, Spec
 from vmbox.state.etcd import EtcdStore
+from vmbox.testbed import (
+    READY_TIMEOUT,
+    echo_seconds,
+    free_udp_port,
+    private_store,
+    running_service,
+    until_second,
+)
 from vmbox.tools.load import LoadPlan, SecondReport, run_load
 
 NAME = "correctness"
@@ -133,7 +129,7 @@ async def measure(
             progress.advance(task)
 
         await asyncio.sleep(0.3)  # every replica sees the whole group before the first window
-        t0 = await until_epoch_second()
+        t0 = await until_second()
         result = await run_load(plan, tick)
         counts = await echo_seconds(service.echo, t0 + len(result.seconds) - 1)
     return [
@@ -153,7 +149,7 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
         async with private_store() as store:
             for n in COUNTS:
                 progress.update(tasks[n], description=f"{n} replica(s): starting")
-                async with asyncio.timeout(ramp.duration + START_TIMEOUT + 20):
+                async with asyncio.timeout(ramp.duration + READY_TIMEOUT + 20):
                     seconds += await measure(store, n, ramp, progress, tasks[n])
                 progress.update(tasks[n], description=f"{n} replica(s): done")
     return write_outputs(out_dir, seconds, ramp)

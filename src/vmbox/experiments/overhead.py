@@ -28,22 +28,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from vmbox.demo import free_udp_port
 from vmbox.experiments import plots
-from vmbox.experiments.common import (
-    START_TIMEOUT,
+from vmbox.experiments.results import (
     ExperimentError,
     ExperimentResult,
     ReportRow,
     Scale,
     new_progress,
-    private_store,
-    running_service,
-    until_epoch_second,
     write_csv,
 )
 from vmbox.spec import Consistency, MiddleboxSpec, Spec
 from vmbox.state.etcd import EtcdStore
+from vmbox.testbed import (
+    READY_TIMEOUT,
+    free_udp_port,
+    private_store,
+    running_service,
+    until_second,
+)
 from vmbox.tools.load import LoadPlan, SecondReport, run_load
 
 NAME = "overhead"
@@ -161,7 +163,7 @@ async def measure(
     async with running_service(store, make_spec) as service:
         spec = service.spec
         # A replica admits nothing in the window it joined in: warm up in a whole one.
-        await until_epoch_second()
+        await until_second()
         await run_load(LoadPlan(spec.listen, rate=RATE, flows=FLOWS, duration=WARMUP / RATE))
 
         def tick(report: SecondReport) -> None:
@@ -182,7 +184,7 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
         tasks = {v.name: progress.add_task(v.name, total=per_round * size.rounds) for v in VARIANTS}
         async with private_store() as store:
             for r, variant in order(size.rounds):
-                async with asyncio.timeout(per_round / RATE + START_TIMEOUT + 20):
+                async with asyncio.timeout(per_round / RATE + READY_TIMEOUT + 20):
                     got, n = await measure(
                         store,
                         functools.partial(overhead_spec, variant, r),

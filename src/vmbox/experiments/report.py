@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from vmbox.experiments.common import ExperimentResult, ReportRow
+from vmbox.experiments.results import ExperimentResult, ReportRow
 
 
 def verdict(ok: bool | None) -> str:

@@ -23,18 +23,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vmbox.demo import free_udp_port
 from vmbox.experiments import plots
-from vmbox.experiments.common import (
-    ExperimentResult,
-    ReportRow,
-    Scale,
-    new_progress,
-    private_store,
-    running_service,
-    write_csv,
-)
+from vmbox.experiments.results import ExperimentResult, ReportRow, Scale, new_progress, write_csv
 from vmbox.spec import Spec, parse_spec
+from vmbox.testbed import free_udp_port, private_store, running_service
 from vmbox.tools.load import LoadPlan, LoadResult, run_load
 
 NAME = "skew"

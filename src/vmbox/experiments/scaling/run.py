@@ -18,14 +18,7 @@ from rich.console import Console
 
 from vmbox.control import events
 from vmbox.control.controller import Controller
-from vmbox.demo import free_udp_port
-from vmbox.experiments.common import (
-    ExperimentResult,
-    Scale,
-    new_progress,
-    private_store,
-    running_service,
-)
+from vmbox.experiments.results import ExperimentResult, Scale, new_progress
 from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
 from vmbox.experiments.scaling.record import PhaseRun
 from vmbox.experiments.scaling.summary import summarise
@@ -34,6 +27,7 @@ from vmbox.runtime.local import open_cgroups
 from vmbox.spec import Spec, parse_size
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
+from vmbox.testbed import free_udp_port, private_store, running_service
 from vmbox.tools.load import LoadPlan, run_load
 from vmbox.tools.newflows import new_flows
 

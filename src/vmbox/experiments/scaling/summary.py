@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vmbox.experiments.common import ExperimentResult, ReportRow, write_csv
+from vmbox.experiments.results import ExperimentResult, ReportRow, write_csv
 from vmbox.experiments.scaling.phases import LIMIT, MEMORY_DOWN, MEMORY_UP, PPS_UP
 from vmbox.experiments.scaling.plot import scaling_png
 from vmbox.experiments.scaling.record import PhaseRun, server_seconds

@@ -1,0 +1,121 @@
+"""What every experiment's outcome is made of: the result type, CSV files, machine facts
+and the progress display.
+
+Called by the experiment modules (correctness, overhead and whichever others
+the registry in vmbox.experiments lists), by report.py and by `vmbox experiment`.
+The service an experiment measures comes from vmbox.testbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from vmbox.etcdserver import find_etcd
+
+Scale = Literal["full", "small"]
+
+
+class ExperimentError(Exception):
+    """An experiment that could not run to the end; str() is the one line to show."""
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One line of the report: a published figure beside vmbox's."""
+
+    metric: str
+    published: str
+    vmbox: str
+    ok: bool | None = None  # None: nothing published to judge against
+
+
+@dataclass
+class ExperimentResult:
+    """What one experiment produced: files, report rows and notes."""
+
+    name: str
+    csvs: list[Path] = field(default_factory=list)
+    pngs: list[Path] = field(default_factory=list)
+    rows: list[ReportRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the run, filled in by whoever ran it
+    error: str | None = None  # set when the run failed or ran out of time
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(row.ok is not False for row in self.rows)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """Write `rows` under `header`; floats get 4 decimals so the files diff well."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
+    return path
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def etcd_version() -> str:
+    try:
+        out = subprocess.run(
+            [find_etcd(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError, RuntimeError):
+        return "unknown"
+    first = out.splitlines()[0] if out else ""
+    return first.split(":", 1)[1].strip() if ":" in first else first or "unknown"
+
+
+def machine_info() -> dict[str, str]:
+    """The facts a reader needs to weigh the figures, in report order."""
+    try:
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    except RuntimeError:
+        loop = "none running"
+    return {
+        "cores": str(os.cpu_count() or "unknown"),
+        "CPU": cpu_model(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "etcd": etcd_version(),
+        "event loop": loop,
+    }
+
+
+def new_progress(console: Console) -> Progress:
+    """The progress display every phase of every experiment uses."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
