@@ -24,7 +24,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +31,10 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from vmbox.demo import free_udp_port
-from vmbox.etcdserver import EtcdServer
 from vmbox.spec import parse_spec
 from vmbox.state import keys
-from vmbox.state.etcd import EtcdStore, connect
-from vmbox.state.membership import list_members
+from vmbox.state.etcd import EtcdStore
+from vmbox.testbed import free_udp_port, private_store, wait_ready
 from vmbox.tools.load import LoadPlan, run_load
 
 HERE = Path(__file__).parent
@@ -125,12 +122,13 @@ async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Fig
             ",".join(store.endpoints),
         ]
     )
+
+    async def replica_runs() -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"replica for {mode} exited with {proc.returncode}")
+
     try:
-        deadline = time.monotonic() + 20
-        while not await list_members(store, service):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"replica for {mode} did not start")
-            await asyncio.sleep(0.1)
+        await wait_ready(store, service, 1, check=replica_runs)
         return await measure(spec.listen)
     finally:
         stop(proc)
@@ -194,17 +192,15 @@ async def run_all() -> dict[str, Figures]:
     progress = Console(stderr=True)
     upstream = ("127.0.0.1", free_udp_port())
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
-    with EtcdServer() as server:
-        store = await connect(server.endpoints)
-        try:
+    try:
+        async with private_store() as store:
             with progress.status("measuring the plain relay"):
                 results = {"plain": await plain(upstream)}
             for mode in MODES:
                 with progress.status(f"measuring a replica in {mode} mode"):
                     results[mode] = await replica(store, mode, upstream)
-        finally:
-            await store.close()
-            stop(echo)
+    finally:
+        stop(echo)
     return results
 
 

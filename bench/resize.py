@@ -23,28 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from vmbox.control.controller import Controller
-from vmbox.demo import free_udp_port
-from vmbox.etcdserver import EtcdServer
-from vmbox.metrics import scrape
-from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
-from vmbox.state.etcd import EtcdStore, connect
-from vmbox.state.membership import list_members, watch_members
-from vmbox.tools.echo import EchoServer
+from vmbox.state.etcd import EtcdStore
+from vmbox.state.membership import watch_members
+from vmbox.testbed import free_udp_port, private_store, running_service
 from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT, RATE, FLOWS, SECONDS = 100, 300.0, 64, 5
@@ -116,14 +108,6 @@ class Timeline:
                 self.changes.append((time.time(), len(members)))
 
 
-async def wait_count(store: EtcdStore, service: str, count: int, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while len(await list_members(store, service)) != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{service}: never reached {count} members")
-        await asyncio.sleep(0.05)
-
-
 async def write_aimed(
     store: EtcdStore, service: str, count: int, lag: float, aim: float | None
 ) -> float:
@@ -141,74 +125,56 @@ async def write_aimed(
     return written
 
 
-async def gauges(store: EtcdStore, service: str) -> list[dict[str, float]]:
-    out = []
-    for member in (await list_members(store, service)).values():
-        with contextlib.suppress(Exception):
-            out.append(await scrape(str(member.info["metrics"])))
-    return out
-
-
 async def one_run(
     store: EtcdStore,
-    log_dir: Path,
     case: tuple[int, int],
     guard: bool,
     lag: float,
     aim: float | None,
     name: str,
 ) -> Run:
-    spec = make_spec(name, case[0], guard)
-    echo = EchoServer(spec.upstream)
-    await echo.start()
-    runtime = LocalRuntime(spec.service, list(store.endpoints), log_dir)
-    controller = Controller(spec, store, runtime, tick=0.2, metrics_port=None)
     timeline = Timeline()
     tasks: list[asyncio.Task[object]] = []
-    try:
-        await controller.setup()
-        tasks.append(asyncio.create_task(controller.run()))
-        await wait_count(store, spec.service, case[0])
-        await asyncio.sleep(1.5)  # past the first window, guard settled
-        plan = LoadPlan(spec.listen, rate=RATE, sources=1, flows=FLOWS, duration=12.0)
-        started = time.time()
-        load = asyncio.create_task(run_load(plan))
-        tasks.append(asyncio.create_task(timeline.follow(store, spec.service)))
-        await asyncio.sleep(3.0)
-        mark = len(timeline.changes)
-        written = await write_aimed(store, spec.service, case[1], lag, aim)
-        await wait_count(store, spec.service, case[1])
-        changes = timeline.changes[mark:]
-        first, last = changes[0][0], changes[-1][0]
-        window = math.floor(first) - 1
-        while time.time() < window + SECONDS + 0.3:
-            await asyncio.sleep(0.1)
-        survivors = await gauges(store, spec.service)
-        await load
-        over, per_second = over_admission(echo.history, window, SECONDS)
-        steady = math.floor(started) + 1
-        baseline, _ = over_admission(echo.history, steady, max(0, window - steady))
-        return Run(
-            case,
-            guard,
-            over,
-            per_second,
-            phases=[1000 * (t - math.floor(t)) for t, _ in changes],
-            lag=first - written,
-            guard_up=max(
-                (g.get("vmbox_resize_guard_last_seconds", 0.0) for g in survivors), default=0.0
-            ),
-            settle=max((g.get("vmbox_resize_guard_lifted_at", 0.0) for g in survivors), default=0.0)
-            - last,
-            baseline=baseline,
-        )
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await controller.shutdown()
-        await echo.close()
-        await store.delete_prefix(keys.service_prefix(spec.service))
+    async with running_service(store, lambda: make_spec(name, case[0], guard)) as service:
+        spec = service.spec
+        try:
+            await asyncio.sleep(1.5)  # past the first window, guard settled
+            plan = LoadPlan(spec.listen, rate=RATE, sources=1, flows=FLOWS, duration=12.0)
+            started = time.time()
+            load = asyncio.create_task(run_load(plan))
+            tasks.append(asyncio.create_task(timeline.follow(store, spec.service)))
+            await asyncio.sleep(3.0)
+            mark = len(timeline.changes)
+            written = await write_aimed(store, spec.service, case[1], lag, aim)
+            await service.wait_ready(case[1])
+            changes = timeline.changes[mark:]
+            first, last = changes[0][0], changes[-1][0]
+            window = math.floor(first) - 1
+            while time.time() < window + SECONDS + 0.3:
+                await asyncio.sleep(0.1)
+            survivors = list((await service.gauges()).values())
+            await load
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    over, per_second = over_admission(service.echo.history, window, SECONDS)
+    steady = math.floor(started) + 1
+    baseline, _ = over_admission(service.echo.history, steady, max(0, window - steady))
+    return Run(
+        case,
+        guard,
+        over,
+        per_second,
+        phases=[1000 * (t - math.floor(t)) for t, _ in changes],
+        lag=first - written,
+        guard_up=max(
+            (g.get("vmbox_resize_guard_last_seconds", 0.0) for g in survivors), default=0.0
+        ),
+        settle=max((g.get("vmbox_resize_guard_lifted_at", 0.0) for g in survivors), default=0.0)
+        - last,
+        baseline=baseline,
+    )
 
 
 def table(runs: list[Run], aim: float | None) -> Table:
@@ -258,29 +224,25 @@ def table(runs: list[Run], aim: float | None) -> Table:
 
 async def main(reps: int, cases: list[tuple[int, int]], aim: float | None) -> list[Run]:
     runs: list[Run] = []
-    with EtcdServer() as etcd, tempfile.TemporaryDirectory() as tmp:
-        store = await connect(etcd.endpoints, timeout=10)
-        try:
-            for case in cases:
-                lags: list[float] = []
-                for rep in range(reps):
-                    # Alternate, so both settings see the same machine conditions.
-                    for guard in (True, False):
-                        like = (1, 4) if case[1] > case[0] else (4, 1)
-                        guess = LAG_GUESS.get(case, LAG_GUESS[like])
-                        lag = statistics.median(lags) if lags else guess
-                        name = f"rs{case[0]}{case[1]}-{rep}-{'on' if guard else 'off'}"
-                        run = await one_run(store, Path(tmp), case, guard, lag, aim, name)
-                        lags.append(run.lag)
-                        runs.append(run)
-                        print(
-                            f"{name}: over {run.over} ({run.percent:.1f}%) {run.per_second} "
-                            f"changes at {[round(p) for p in run.phases]} ms, "
-                            f"lag {run.lag:.3f}s",
-                            flush=True,
-                        )
-        finally:
-            await store.close()
+    async with private_store() as store:
+        for case in cases:
+            lags: list[float] = []
+            for rep in range(reps):
+                # Alternate, so both settings see the same machine conditions.
+                for guard in (True, False):
+                    like = (1, 4) if case[1] > case[0] else (4, 1)
+                    guess = LAG_GUESS.get(case, LAG_GUESS[like])
+                    lag = statistics.median(lags) if lags else guess
+                    name = f"rs{case[0]}{case[1]}-{rep}-{'on' if guard else 'off'}"
+                    run = await one_run(store, case, guard, lag, aim, name)
+                    lags.append(run.lag)
+                    runs.append(run)
+                    print(
+                        f"{name}: over {run.over} ({run.percent:.1f}%) {run.per_second} "
+                        f"changes at {[round(p) for p in run.phases]} ms, "
+                        f"lag {run.lag:.3f}s",
+                        flush=True,
+                    )
     return runs
 
 

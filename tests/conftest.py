@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vmbox.etcdserver import EtcdCluster, EtcdServer, find_etcd
+from vmbox import testbed
+from vmbox.etcdserver import EtcdCluster, EtcdServer
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.store import StoreUnavailable
 
@@ -97,21 +98,4 @@ def store(etcd: EtcdServer, aio: Aio) -> Iterator[EtcdStore]:
 @pytest.fixture(scope="session")
 def etcdctl() -> Callable[..., Awaitable[str]]:
     """`await etcdctl(endpoints, "put", key, value)`: the real command-line client."""
-    binary = find_etcd().removesuffix("etcd") + "etcdctl"
-
-    async def call(endpoints: list[str], *args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            "--endpoints",
-            ",".join(endpoints),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={"ETCDCTL_API": "3"},
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {out.decode().strip()}")
-        return out.decode()
-
-    return call
+    return testbed.etcdctl

@@ -10,54 +10,24 @@ summary table closes the run. Called by the CLI; everything it starts it stops.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
-import shutil
-import socket
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vmbox.control.controller import Controller
-from vmbox.etcdserver import EtcdServer
-from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import MiddleboxSpec, ReplicasSpec, Spec
 from vmbox.state import keys
-from vmbox.state.etcd import connect
 from vmbox.state.membership import list_members
 from vmbox.state.store import Store
+from vmbox.testbed import free_udp_port, private_store, running_service
 from vmbox.tools.echo import EchoServer
 from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT = 100
 TRANSITION = 2  # seconds after a resize left out of the plateau figures
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A free UDP port below the kernel's ephemeral range (32768 up).
-
-    A port the kernel handed out for port 0 can be handed out again, to one of
-    the thousands of sockets a load generator or a replica's flows bind,
-    between this pick and the service's bind; below the range it cannot.
-    """
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20_000, 32_768)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        return port
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -72,14 +42,6 @@ class Second:
 class DemoRun:
     seconds: list[Second] = field(default_factory=list)
     resized_at: dict[int, int] = field(default_factory=dict)  # second -> new replica count
-
-
-async def wait_members(store: Store, service: str, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(await list_members(store, service)) != count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{service} did not reach {count} live replicas in {timeout:.0f}s")
-        await asyncio.sleep(0.1)
 
 
 def demo_spec(listen: int, upstream: int) -> Spec:
@@ -153,40 +115,17 @@ async def run_demo(duration: float = 90.0, console: Console | None = None) -> De
     """Run the demo for about `duration` seconds in all; returns what was measured."""
     console = console or Console()
     started = time.monotonic()
-    spec = demo_spec(free_udp_port(), free_udp_port())
-    server = EtcdServer()
-    await asyncio.to_thread(server.start)
-    try:
-        store = await connect(server.endpoints)
-        echo = EchoServer(spec.upstream)
-        await echo.start()
-        log_dir = Path(tempfile.mkdtemp(prefix="vmbox-demo-"))
-        controller = Controller(
-            spec,
-            store,
-            LocalRuntime(spec.service, server.endpoints, log_dir, adoptable=False),
-            tick=0.5,
-        )
-        try:
-            await controller.setup()
-            reconcile = asyncio.create_task(controller.run())
-            try:
-                await wait_members(store, spec.service, 1)
-                load_for = max(10.0, duration - (time.monotonic() - started) - 3.0)
-                run = await _drive(store, spec, echo, load_for, console)
-            finally:
-                reconcile.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reconcile
-        finally:
-            await controller.shutdown()
-            await echo.close()
-            await store.close()
-    finally:
-        await asyncio.to_thread(server.stop)
+
+    def make_spec() -> Spec:
+        return demo_spec(free_udp_port(), free_udp_port())
+
     # The replica logs are kept only when the demo failed, to explain why.
-    shutil.rmtree(log_dir, ignore_errors=True)
-    return run
+    async with (
+        private_store() as store,
+        running_service(store, make_spec, tick=0.5, metrics_port=0) as service,
+    ):
+        load_for = max(10.0, duration - (time.monotonic() - started) - 3.0)
+        return await _drive(store, service.spec, service.echo, load_for, console)
 
 
 async def _record_seconds(

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vmbox.demo import free_udp_port
-from vmbox.etcdserver import EtcdServer, free_port
+from vmbox.etcdserver import EtcdServer
+from vmbox.testbed import free_tcp_port, free_udp_port
 
 VMBOX = [sys.executable, "-m", "vmbox"]
 
@@ -81,7 +81,7 @@ def test_malformed_spec_names_the_field(tmp_path: Path) -> None:
 
 def test_unreachable_etcd_is_reported(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "s.yaml", free_udp_port(), free_udp_port())
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{free_tcp_port()}"
     line = one_error_line(vmbox("up", str(spec), "--etcd", dead, "--no-live"))
     assert "cannot reach etcd" in line and dead in line
     line = one_error_line(vmbox("status", "clitest", "--etcd", dead))

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Service, make_spec, running_service
+from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
 from vmbox.metrics import scrape
 from vmbox.state import keys
+from vmbox.testbed import Service
 
 
 def etcdctl_put(endpoint: str, key: str, value: str) -> None:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import uvloop
 
-from tests.integration.harness import Service, make_spec, running_service
+from tests.integration.harness import make_spec, running_service
 from vmbox.control import events
 from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.udp import UdpRelay
@@ -28,6 +28,7 @@ from vmbox.etcdserver import EtcdServer
 from vmbox.metrics import scrape
 from vmbox.packet import Packet, Verdict
 from vmbox.state.membership import MemberInfo
+from vmbox.testbed import Service
 from vmbox.tools.echo import EchoServer
 
 LOOP = "127.0.0.1"

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Service, make_spec, running_service
+from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
 from vmbox.state.membership import watch_members
+from vmbox.testbed import Service
 from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT, SECONDS = 100, 5
@@ -74,7 +75,7 @@ async def resize(svc: Service, target: int) -> Outcome:
         before = await svc.gauges()
         mark = len(changes)
         await svc.scale(target)
-        await svc.wait_members(target)
+        await svc.wait_ready(target)
         window = math.floor(changes[mark]) - 1
         await asyncio.sleep(window + SECONDS + 0.3 - time.time())
         gauges = await svc.gauges()

@@ -69,7 +69,7 @@ def test_kill_9_replica_is_restarted_and_limit_holds(etcd, tmp_path: Path) -> No
             old_pid = int(victim.info["pid"])
             os.kill(old_pid, signal.SIGKILL)
             killed_at = time.time()
-            members = await svc.wait_members(3, timeout=10, exclude_pids={old_pid})
+            members = await svc.wait_ready(3, timeout=10, exclude_pids={old_pid})
             rejoined_at = time.time()
             # The new replica takes its share at the first window boundary after
             # every member acknowledged it (the resize guard): within ~1 s.

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import Aio, until
-from tests.integration.harness import Service, make_spec, running_service
+from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
 from vmbox.state.demand import DemandReporter, watch_demand
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import Membership
+from vmbox.testbed import Service
 from vmbox.tools.load import LoadPlan, LoadResult, run_load
 
 LIMIT = 100

@@ -24,15 +24,13 @@ import pytest
 from tests.conftest import Aio
 from tests.integration.certs import Certs, make_certs
 from tests.integration.harness import make_spec, running_service
-from vmbox.demo import free_udp_port
 from vmbox.etcdserver import EtcdServer, ServerTLS
 from vmbox.metrics import scrape
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs, from_settings
 from vmbox.state.etcd import EtcdStore, connect
-from vmbox.state.membership import list_members
 from vmbox.state.store import StoreError, StoreUnavailable
-from vmbox.tools.echo import EchoServer
+from vmbox.testbed import free_udp_port, upstream_echo, wait_ready
 from vmbox.tools.load import LoadPlan, run_load
 
 PASSWORD = "s3cret-Pa55"  # the vmbox user's; must never show on a command line or in a record
@@ -272,56 +270,47 @@ def test_a_service_runs_against_a_tls_and_auth_etcd(
     )
 
     async def main() -> None:
-        echo = EchoServer(("127.0.0.1", upstream))
-        await echo.start()
-        up = await asyncio.create_subprocess_exec(
-            *VMBOX,
-            "up",
-            str(spec),
-            "--no-live",
-            env=env,
-            cwd=tmp_path,  # not the spec's folder
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        store = await open_with(target)
-        try:
-            members = await wait_members(store, up, 2)
-            await check_replicas(members, store)
-            await check_traffic(listen, members)
-            code, out, err = await vmbox("status", env=env)  # endpoints and TLS from the record
-            assert code == 0, err
-            assert "2 replicas" in out and "secure-1" in out and "secure-2" in out, out
-            assert "controller metrics: http://127.0.0.1:" in out, out
-            record = (tmp_path / "state" / "services" / "secure.json").read_text()
-            assert "etcd-password" in record and PASSWORD not in record
-        finally:
-            await store.close()
-            await echo.close()
-            if up.returncode is None:
-                up.send_signal(signal.SIGINT)
-            _, err_bytes = await asyncio.wait_for(up.communicate(), 20)
+        async with upstream_echo(("127.0.0.1", upstream)):
+            up = await asyncio.create_subprocess_exec(
+                *VMBOX,
+                "up",
+                str(spec),
+                "--no-live",
+                env=env,
+                cwd=tmp_path,  # not the spec's folder
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+            store = await open_with(target)
+            try:
+                ready = await wait_ready(store, "secure", 2, timeout=25, check=lambda: still_up(up))
+                members = {rid: member.info for rid, member in ready.items()}
+                await check_replicas(members, store)
+                await check_traffic(listen, members)
+                code, out, err = await vmbox("status", env=env)  # endpoints, TLS from the record
+                assert code == 0, err
+                assert "2 replicas" in out and "secure-1" in out and "secure-2" in out, out
+                assert "controller metrics: http://127.0.0.1:" in out, out
+                record = (tmp_path / "state" / "services" / "secure.json").read_text()
+                assert "etcd-password" in record and PASSWORD not in record
+            finally:
+                await store.close()
+                if up.returncode is None:
+                    up.send_signal(signal.SIGINT)
+                _, err_bytes = await asyncio.wait_for(up.communicate(), 20)
         assert up.returncode == 0, err_bytes.decode()
         assert "(TLS with a client certificate, user vmbox)" in err_bytes.decode()
 
     aio.run(main(), timeout=50)
 
 
-async def wait_members(
-    store: EtcdStore, up: asyncio.subprocess.Process, count: int
-) -> dict[str, dict[str, object]]:
-    deadline = time.monotonic() + 25
-    while time.monotonic() < deadline:
-        if up.returncode is not None:
-            _, err = await up.communicate()
-            raise AssertionError(f"vmbox up exited {up.returncode}: {err.decode()}")
-        members = await list_members(store, "secure")
-        if len(members) == count:
-            return {rid: member.info for rid, member in members.items()}
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"never saw {count} replicas")
+async def still_up(up: asyncio.subprocess.Process) -> None:
+    """Raises once `vmbox up` has exited (wait_ready's check), with what it said."""
+    if up.returncode is not None:
+        _, err = await up.communicate()
+        raise AssertionError(f"vmbox up exited {up.returncode}: {err.decode()}")
 
 
 async def check_replicas(members: dict[str, dict[str, object]], store: EtcdStore) -> None:
