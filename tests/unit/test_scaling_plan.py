@@ -13,6 +13,7 @@ import pytest
 
 from vmbox.experiments import EXPERIMENTS
 from vmbox.experiments.scaling.phases import MEMORY_UP, PHASES, PhasePlan, phase_spec
+from vmbox.registry import Scale
 from vmbox.spec.sections import FLOW_MEMORY, IDLE_MEMORY
 
 MIB = 1024 * 1024
@@ -56,7 +57,7 @@ def test_the_memory_load_can_cross_the_trigger_under_a_cgroup(scale: str) -> Non
 
 
 @pytest.mark.parametrize("scale", ["full", "small"])
-def test_runs_fit_the_experiments_time_budget(scale: str) -> None:
+def test_runs_fit_the_experiments_time_budget(scale: Scale) -> None:
     entry = EXPERIMENTS.lookup("scaling")
     assert entry is not None
     run_for = sum(p.total for p in PHASES[scale])
