@@ -36,7 +36,8 @@ from vmbox.packet import Packet, Verdict
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
-from vmbox.state.demand import DemandAware, DemandSharing
+from vmbox.state.demand import DemandAware
+from vmbox.state.demandsync import DemandSharing
 from vmbox.state.epoch import ResizeGuard
 from vmbox.state.epochsync import EpochSync
 from vmbox.state.health import FAIL_MODE_CODES
@@ -125,7 +126,7 @@ class Replica:
         )
         self.metrics = ReplicaMetrics(spec.service, replica_id, self.counters, self.gauges)
         self.membership: Membership | None = None
-        self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demand)
+        self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demandsync)
         self.stopping = asyncio.Event()
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None

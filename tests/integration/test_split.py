@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import Aio, until
 from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
-from vmbox.state.demand import DemandReporter, watch_demand
+from vmbox.state.demandsync import DemandReporter, watch_demand
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import Membership
 from vmbox.testbed import Service

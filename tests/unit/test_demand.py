@@ -10,14 +10,8 @@ from collections.abc import Callable, Mapping
 from tests.conftest import until
 from vmbox.functions.demandindex import DemandIndex
 from vmbox.state import keys
-from vmbox.state.demand import (
-    DemandReporter,
-    DemandSharing,
-    Report,
-    encode_report,
-    parse_report,
-    watch_demand,
-)
+from vmbox.state.demand import Report, encode_report, parse_report
+from vmbox.state.demandsync import DemandReporter, DemandSharing, watch_demand
 from vmbox.state.memory import MemoryStore
 from vmbox.state.store import KeyValue
 

@@ -4,7 +4,7 @@ vmbox.functions.fixedwindow and vmbox.functions.tokenbucket each subclass it;
 vmbox.functions.ratelimit picks one by the spec's `algorithm`. The base holds
 the declared state (the shared `limit`), the demand the replica was offered
 per source (counted by each algorithm's `process`, collected by
-vmbox.state.demand every report interval) and the demand reports of the group
+vmbox.state.demandsync every report interval) and the demand reports of the group
 (a DemandIndex, re-divided by the algorithm as they change), the even share
 and the gauges both export. It decides no packet: that is each algorithm's.
 

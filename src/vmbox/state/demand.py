@@ -1,38 +1,18 @@
-"""Demand reports for the `demand` split: publish this replica's, follow the group's.
+"""Demand reports for the `demand` split, as values: their format and who takes them (pure).
 
-vmbox.replica runs one `DemandSharing` per replica when the spec says
-`split: demand`. Every `report_interval` (aligned to the epoch, so all
-replicas report the same slices of time, and half an interval off the rate
-limit's windows) the `DemandReporter` takes the packets each source offered
-the middlebox since the last report, keeps the heaviest
-`report_max_sources`, and writes them as one compact JSON object to
-/vmbox/<service>/demand/<replica> on the replica's membership lease: a replica
-that dies or leaves takes its report with it. That is one write per replica
-per interval whatever the number of sources, and none while the report is the
-same as the last one (an idle replica writes `{}` once).
-
-`watch_demand` follows the prefix (re-listing after store errors, like
-`watch_members`) and the replica hands each snapshot, replica -> source ->
-packets, to the middlebox, which re-divides the sources whose counts changed.
-A report of an unchanged replica is the same object from one snapshot to the
-next, so the middlebox can tell what changed cheaply.
+A report is what one replica says each source offered it in one report
+interval: a JSON object of positive counts, the heaviest sources only,
+sorted so equal reports are equal bytes (vmbox.state.demandsync writes and
+watches them; a middlebox that is `DemandAware` counts and takes them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import json
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from operator import itemgetter
 from typing import Protocol, runtime_checkable
-
-from vmbox.state import keys
-from vmbox.state.store import LeaseLost, Store, StoreError
-
-log = logging.getLogger(__name__)
 
 Report = dict[str, int]  # source -> packets offered in one report interval
 
@@ -68,141 +48,3 @@ def parse_report(raw: bytes) -> Report | None:
             return None
         report[source] = count
     return report
-
-
-class DemandReporter:
-    """Writes this replica's demand report once per interval, on the membership lease."""
-
-    def __init__(
-        self,
-        store: Store,
-        service: str,
-        replica_id: str,
-        collect: Callable[[], Mapping[str, int]],
-        lease: Callable[[], int],
-        *,
-        interval: float = 0.1,
-        max_sources: int = 256,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.key = keys.demand_key(service, replica_id)
-        self.collect = collect
-        self.lease = lease
-        self.interval = interval
-        self.max_sources = max_sources
-        self.clock = clock
-        self.writes = 0
-        self.last_error: str | None = None
-        self._written: tuple[int, bytes] | None = None  # (lease, report) last stored
-
-    async def run(self) -> None:
-        """Report every interval until cancelled; never raises StoreError."""
-        while True:
-            # Half an interval off the epoch's multiples of it, so a report
-            # never races the start of a rate-limit window (which freezes shares).
-            phase = (self.clock() - self.interval / 2) % self.interval
-            await asyncio.sleep(self.interval - phase)
-            await self.report()
-
-    async def report(self) -> bool:
-        """Collect and write one report; False when skipped (unchanged, no lease, store away)."""
-        value = encode_report(self.collect(), self.max_sources)
-        lease = self.lease()
-        if not lease or self._written == (lease, value):
-            return False
-        try:
-            await self.store.put(self.key, value, lease=lease)
-        except LeaseLost:
-            return False  # the membership registers again; the next report uses its lease
-        except StoreError as exc:
-            if self.last_error is None:
-                log.warning("demand report %s not written: %s (retrying)", self.key, exc)
-            self.last_error = str(exc)
-            return False
-        if self.last_error is not None:
-            log.info("demand report %s written again", self.key)
-            self.last_error = None
-        self._written = (lease, value)
-        self.writes += 1
-        return True
-
-
-def _parsed(key: str, raw: bytes) -> Report:
-    report = parse_report(raw)
-    if report is None:
-        log.warning("ignoring a demand report that does not parse at %s: %r", key, raw[:60])
-        return {}
-    return report
-
-
-async def watch_demand(
-    store: Store, service: str, *, retry: float = 0.5
-) -> AsyncIterator[dict[str, Report]]:
-    """A snapshot of every replica's report first, then one after each change, forever.
-
-    Store errors never end the iteration: it re-lists and watches again from
-    the listing's revision. Unchanged reports keep their identity.
-    """
-    prefix = keys.demand_prefix(service)
-    reports: dict[str, Report] = {}
-    while True:
-        try:
-            kvs, revision = await store.get_prefix(prefix)
-            listed = {keys.last_segment(kv.key): _parsed(kv.key, kv.value) for kv in kvs}
-            # Keep the objects of reports that did not change while we were away.
-            reports = {r: reports[r] if reports.get(r) == v else v for r, v in listed.items()}
-            yield dict(reports)
-            async for event in store.watch_prefix(prefix, revision + 1):
-                replica = keys.last_segment(event.key)
-                if event.kind == "delete":
-                    reports.pop(replica, None)
-                else:
-                    reports[replica] = _parsed(event.key, event.value)
-                yield dict(reports)
-        except StoreError as exc:
-            log.debug("demand watch of %s interrupted: %s", service, exc)
-        await asyncio.sleep(retry)
-
-
-class DemandSharing:
-    """One replica's side of the demand split: its reporter and its watch of the others."""
-
-    def __init__(
-        self,
-        store: Store,
-        service: str,
-        replica_id: str,
-        middlebox: DemandAware,
-        lease: Callable[[], int],
-        *,
-        interval: float,
-        max_sources: int,
-    ) -> None:
-        self.store = store
-        self.service = service
-        self.middlebox = middlebox
-        self.reporter = DemandReporter(
-            store,
-            service,
-            replica_id,
-            middlebox.take_demand,
-            lease,
-            interval=interval,
-            max_sources=max_sources,
-        )
-        self.snapshots = 0
-
-    async def run(self) -> None:
-        """Report and follow until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self.reporter.run())
-            group.create_task(self._follow())
-
-    async def _follow(self) -> None:
-        async for reports in watch_demand(self.store, self.service):
-            self.middlebox.set_demand(reports)
-            self.snapshots += 1
-
-    def gauges(self) -> dict[str, float]:
-        return {"demand_report_writes": float(self.reporter.writes)}
