@@ -6,11 +6,12 @@ for 60 s (small: 17 s). Every 3-5 s (small: 3 s) a random registered replica
 gets SIGKILL, never the last one; the controller reaps it, revokes its member
 lease and starts it again with backoff. What is measured:
 
-- traffic: the upstream receives something in every whole second of the load;
+- traffic: every whole second of the load, the kills' included, the upstream
+  receives at least FLOOR of sources x limit;
 - the limit: the upstream's total over the run against sources x limit x seconds
-  must stay within 10% (the row's over_limit is what passed above that); the
-  strict per-second count (traffic.over_limit) is a figure and a note: the cost
-  of the kills;
+  must stay within 10% (the row's over_limit is what passed above that), and no
+  single second may pass more than sources x limit (the strict per-second count
+  of traffic.over_limit, after its one-window carry, must be 0);
 - membership: a watch on the members prefix must see each killed replica's key
   deleted (or replaced by its restart's) within the lease TTL of the kill;
 - processes: the controller restarted one replica per kill, the service ends
@@ -44,6 +45,14 @@ FLOWS = 8  # per source, so every replica sees every source
 REPLICAS = 3
 TOLERANCE = 1.10  # the issue's: the limit holds within 10% averaged over the run
 PASSING = 0.5  # below this share of the limit over the run, traffic did not really pass
+# The least share of SOURCES x LIMIT a second of the load may pass, kills included.
+# A kill never takes the last replica, and the kernel moves a dead replica's
+# flows to the others, which keep their shares of the window's group (a share
+# grows only after the revoke, at a boundary): at worst one replica holds a third
+# of the limit while its sibling has just joined and waits for its first whole
+# window. Less the even split's unevenness (a source's 8 flows hash unevenly),
+# a quarter. The row shows about 70% in the worst second.
+FLOOR = 0.25
 LEAD = 4.0  # seconds of load before the first kill: the baseline without kills
 TAIL = 3.0  # seconds of load after the last kill may start
 SETTLE = 20.0  # seconds the group gets to be whole again (restart backoff reaches 10 s)
@@ -228,11 +237,17 @@ def _judge(
         lease_ttl=ttl,
     )
     result.check(
-        worst > 0,
-        f"a second of the load passed nothing ({counts.index(0) + first})"
-        if 0 in counts
+        worst >= FLOOR,
+        f"second {counts.index(min(counts)) + first} of the load passed "
+        f"{min(counts):,} of {allowed:,} (at least {FLOOR:.0%} must pass)"
+        if counts
         else "no second of the load was measured",
     )
+    # The design's bound, second by second: a window's shares come from its
+    # group at the window's start and add up to the limit; a killed replica's
+    # share is not reclaimed before its lease is revoked and the guard settles
+    # at a boundary, and a restarted one admits nothing in the window it joins.
+    result.check(strict == 0, f"{strict:,} packets passed over the limit within single seconds")
     result.check(ratio <= TOLERANCE, f"the upstream received {ratio:.0%} of the limit")
     result.check(ratio >= PASSING, f"only {ratio:.0%} of the limit passed over the run")
     result.check(len(delays) >= 3, f"only {len(delays)} kill(s) happened")
