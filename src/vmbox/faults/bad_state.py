@@ -27,6 +27,7 @@ from vmbox.state import keys
 from vmbox.testbed import Service, etcdctl, until_second
 
 SOURCES = 2
+REPLICAS = 2
 GOOD = 60  # the good value written after the bad ones
 BAD_SMALL = ("abc", "", "99999999999999999999", "-5")
 BAD_FULL = (*BAD_SMALL, "0", "1.5", "12 packets", "0x40", "9" * 5000, "-0")
@@ -78,7 +79,7 @@ async def corrupt_values(scale: Scale, say: Say) -> FaultResult:
     """etcdctl writes garbage as the limit; replicas report it and keep the last good one."""
     bad = BAD_FULL if scale == "full" else BAD_SMALL
     result = FaultResult("corrupt etcd values")
-    async with fault_service(lambda: fault_spec("corrupt", 2)) as service:
+    async with fault_service(lambda: fault_spec("corrupt", REPLICAS)) as service:
         key = keys.state_key(service.spec.service, "limit")
         before = await read_state(service.store, service.spec.service)
         async with ReplicaSampler(service) as watch:
@@ -112,6 +113,16 @@ async def corrupt_values(scale: Scale, say: Say) -> FaultResult:
         return SOURCES * (LIMIT if second <= good_at else GOOD)
 
     result.over_limit = over_limit(history, allowed)
+    # What the replicas counted, beside what was written: each bad value once
+    # (a view reports a revision once, not per read), by every replica.
+    counted = [metrics.get("vmbox_state_bad_values", 0.0) for metrics in watch.last.values()]
+    result.figures.update(
+        bad_values_min=min(counted, default=0.0), bad_values_max=max(counted, default=0.0)
+    )
+    result.check(
+        len(counted) == REPLICAS and set(counted) == {result.injected},
+        f"the replicas counted {counted} bad values; {result.injected} were written",
+    )
     _judge(result, history, good_at, ended, logged)
     result.notes.insert(0, "values: " + ", ".join(_shown(value) for value in bad))
     return finish(result, watch, before, after, written={"state/limit": str(GOOD).encode()})
