@@ -194,9 +194,6 @@ class Readiness:
         pids = {member.info.get("pid") for member in self.registered.values()}
         return len(self.registered) == len(self.ready) == count and not pids & set(exclude_pids)
 
-    def pids(self) -> dict[str, int]:
-        return {rid: int(member.info["pid"]) for rid, member in self.ready.items()}
-
 
 async def readiness(store: Store, service: str) -> Readiness:
     """Which replicas of `service` are registered and which of them report vmbox_ready 1."""
