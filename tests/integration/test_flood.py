@@ -14,11 +14,19 @@ import psutil
 from tests.integration.cgroup import require_cgroups
 from tests.integration.harness import make_spec, running_service
 from vmbox.etcdserver import EtcdServer
+from vmbox.faults.traffic import socket_drops
 from vmbox.runtime.cgroups import MemoryCgroup, find_hierarchy
 from vmbox.spec.sections import flows_for_memory
 from vmbox.tools.load import LoadPlan, run_load
 
 SOURCES = 100_000
+# The limiter's table bound in the flood test: well under the new sources a
+# window brings, so it overflows every window. A source within the bound
+# passes and makes the relay open an upstream flow (a socket), which caps a
+# replica here near 9,500 new sources a second; overflowed ones are dropped
+# without one. With a bound of 10,000 half the 20,000/s offer never reached
+# the table (the kernel dropped it at the socket) and the table never filled.
+MAX_SOURCES = 2_000
 MIB = 1024 * 1024
 MEMORY_LIMIT = 70 * MIB
 # New flows offered to the memory-limited replica: more than twice its derived
@@ -45,26 +53,35 @@ def flood(target: tuple[str, int], count: int, rate: float = 20_000) -> None:
 
 
 def test_100k_sources_keep_memory_bounded(etcd: EtcdServer, tmp_path: Path) -> None:
-    async def scenario() -> tuple[int, int, dict[str, float]]:
-        spec = make_spec("flood", 1, max_sources=10_000)
+    async def scenario() -> tuple[int, int, int, dict[str, float]]:
+        spec = make_spec("flood", 1, max_sources=MAX_SOURCES)
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             member = next(iter((await svc.members()).values()))
             proc = psutil.Process(int(member.info["pid"]))
             before = proc.memory_info().rss
+            drops_before = socket_drops(spec.listen)
             await asyncio.to_thread(flood, spec.listen, SOURCES)
             await asyncio.sleep(1.0)
             after = proc.memory_info().rss
+            drops = socket_drops(spec.listen) - drops_before
             gauges = next(iter((await svc.gauges()).values()))
-            return before, after, gauges
+            return before, after, drops, gauges
 
-    before, after, gauges = asyncio.run(scenario())
+    before, after, drops, gauges = asyncio.run(scenario())
+    received = gauges["vmbox_packets_received_total"]
     print(
         f"replica RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB after "
-        f"{SOURCES} sources; gauges {gauges}"
+        f"{SOURCES} sources ({received:.0f} received, {drops} dropped by the kernel at "
+        f"the service socket); gauges {gauges}"
     )
-    assert gauges["vmbox_packets_received_total"] >= 0.9 * SOURCES
+    # How many new flows a second one replica opens depends on the machine:
+    # what the socket could not queue the kernel drops and counts. Every
+    # datagram must be accounted for, and enough must reach the table to fill
+    # it three times over, or its bound was never tested.
+    assert received + drops >= 0.999 * SOURCES
+    assert received >= 3 * MAX_SOURCES
     assert gauges["vmbox_overflowed_sources"] > 0
-    assert gauges["vmbox_sources"] <= 10_001
+    assert gauges["vmbox_sources"] <= MAX_SOURCES + 1
     assert gauges["vmbox_flows"] <= 16_384
     assert after - before < 96 * 2**20
 
