@@ -239,8 +239,11 @@ def test_drain_ends_at_the_timeout_when_flows_never_stop(uv: bool) -> None:
         assert timeout <= result.seconds <= timeout + 0.5, result
         assert (result.pinned, result.active, result.idle) == (pinned, pinned, 0)
         # Nothing lost (checked above): what was relayed but not answered when
-        # the pins closed was in flight, a few ticks' worth per pinned client.
-        assert result.packets > 0 and 0 <= result.packets - result.replies <= 5 * pinned, result
+        # the pins closed was in flight, a few ticks' worth per pinned client;
+        # and replies can outnumber packets by the requests relayed just before
+        # the drain began (counted from then on) whose replies came during it.
+        in_flight = result.packets - result.replies
+        assert result.packets > 0 and -2 * pinned <= in_flight <= 5 * pinned, result
         print(f"\n{'uvloop' if uv else 'asyncio'}: {result.line()}")
         await pair.close(old)
 

@@ -13,7 +13,8 @@ it receives to the relay like the listener does), then takes the listener out
 of the hash (`UdpRelay.leave_group`): new clients reach the siblings only.
 `finish` keeps relaying, every packet still decided by the middlebox, until
 each pinned flow has been idle for `idle` seconds or `timeout` has passed,
-then closes the pins. Replies keep leaving from the listen socket, which the
+then closes the pins, each after relaying what was queued in it (`_Pin.unpin`).
+Replies keep leaving from the listen socket, which the
 caller closes with the relay.
 """
 
@@ -80,10 +81,11 @@ def count_idle(last_active: Collection[float], now: float, idle: float) -> int:
 class _Pin(asyncio.DatagramProtocol):
     """One client's connected socket on the service address: its datagrams keep coming here."""
 
-    def __init__(self, relay: UdpRelay, addr: Peer, last_seen: float) -> None:
+    def __init__(self, relay: UdpRelay, addr: Peer, last_seen: float, sock: socket.socket) -> None:
         self.relay = relay
         self.addr = addr
         self.last_seen = last_seen
+        self.sock = sock
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,6 +99,21 @@ class _Pin(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pass  # nothing is sent from a pin; replies leave from the listen socket
+
+    def unpin(self) -> None:
+        """Hand the client to the siblings without losing what is queued here, then close.
+
+        Closing a socket drops the datagrams waiting in it. So the pin first
+        connects to its own address, which sends nothing: from then on the
+        client's datagrams find no connected socket and go to the group. Then
+        it relays what had been queued before it closes.
+        """
+        with contextlib.suppress(OSError):
+            self.sock.connect(self.sock.getsockname())
+            while True:
+                self.relay.receive(self.sock.recv(65536), self.addr)
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _pin_socket(service: Address, client: Peer) -> socket.socket | None:
@@ -149,7 +166,7 @@ class Drain:
                 sock = _pin_socket(service, addr)
                 if sock is None:
                     break
-                socks.append((_Pin(relay, addr, last_seen), sock))
+                socks.append((_Pin(relay, addr, last_seen, sock), sock))
         relay.leave_group()
         loop = asyncio.get_running_loop()
         for index, (pin, sock) in enumerate(socks):
@@ -210,5 +227,4 @@ class Drain:
     def close(self) -> None:
         """Close every pin: their clients reach the siblings from now on."""
         for pin in self.pins.values():
-            if pin.transport is not None:
-                pin.transport.close()
+            pin.unpin()
