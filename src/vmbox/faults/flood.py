@@ -45,12 +45,13 @@ MAX_SOURCES = 10_000
 RSS_BOUND = 160 * MIB
 # The flood once more over the same sources, RSS at its high-water mark: the
 # tables are full and reused, so a replica that keeps nothing per datagram grows
-# by 0.1 to 1.3 MiB over a repeat of the small flood (measured), the allocator
-# settling. Anything kept per datagram costs more than 40 bytes (a dict entry
+# by 0.1 to 1.3 MiB over a repeat of the small flood on a quiet machine, and
+# once by 4.3 MiB with other test runs beside it (measured), the allocator
+# settling. Anything kept per datagram costs more than 64 bytes (a dict entry
 # alone is about 100); the flat RSS_BOUND lets 500 bytes per datagram through
 # at small scale.
 REPEAT = {"full": 200_000, "small": 100_000}  # datagrams
-LEAK_BOUND = 40  # bytes of RSS growth per datagram of the repeat
+LEAK_BOUND = 64  # bytes of RSS growth per datagram of the repeat
 
 
 @dataclass(frozen=True)
