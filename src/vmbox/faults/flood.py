@@ -9,9 +9,10 @@ overflow counter one more, so the upstream may receive at most max_sources + 1
 per second. What is measured:
 
 - the replica's RSS, sampled every 50 ms, against RSS_BOUND; then the flood is
-  repeated over the same sources and RSS may grow by at most LEAK_BOUND bytes per
-  datagram of the repeat (memory kept per datagram grows with the flood, which a
-  flat bound only sees once it is large);
+  repeated over the same sources until the flow table is full (at most WARMUPS
+  times), and once more, over which RSS may grow by at most LEAK_BOUND bytes per
+  datagram (memory kept per datagram grows with the flood, which a flat bound
+  only sees once it is large);
 - the flow table (gauge vmbox_flows), which must never exceed the spec's max_flows;
 - the limiter's table (gauge vmbox_sources), which must never exceed max_sources + 1;
 - the kernel's drops at the service socket (/proc/net/udp), so that sent =
@@ -43,14 +44,19 @@ MAX_SOURCES = 10_000
 # about 1 MiB); the allocator keeps its high-water mark. 160 MiB leaves 60 MiB
 # for that slack; memory that grew with the datagram count would pass it.
 RSS_BOUND = 160 * MIB
-# The flood once more over the same sources, RSS at its high-water mark: the
-# tables are full and reused, so a replica that keeps nothing per datagram grows
-# by 0.1 to 1.3 MiB over a repeat of the small flood on a quiet machine, and
-# once by 4.3 MiB with other test runs beside it (measured), the allocator
+# The flood once more over the same sources, RSS at its high-water mark: both
+# tables full and reused. The first small flood leaves the flow table short of
+# max_flows (about 14,900 of 16,384: flows open only for admitted datagrams),
+# and each repeat that fills it grows RSS by 6 to 12 MiB (2 KiB a flow); so
+# the flood is repeated until the table is full, then once more to measure.
+# Over that repeat a replica that keeps nothing per datagram grows by 0.01 to
+# 1.3 MiB on a quiet machine (measured: 0.11, 0.26, 0.01 over three repeats in
+# a row), once by 4.3 MiB with other test runs beside it, the allocator
 # settling. Anything kept per datagram costs more than 64 bytes (a dict entry
 # alone is about 100); the flat RSS_BOUND lets 500 bytes per datagram through
 # at small scale.
 REPEAT = {"full": 200_000, "small": 100_000}  # datagrams
+WARMUPS = 3  # repeats at most until the flow table is full, before the measured one
 LEAK_BOUND = 64  # bytes of RSS growth per datagram of the repeat
 
 
@@ -149,7 +155,8 @@ def _notes(result: FaultResult, sent: Sent, plan: FloodPlan) -> None:
         f"{f['overflowed']:,.0f} overflowed; flows <= {f['flows_max']:,.0f}",
         f"RSS {f['idle_rss'] / MIB:.0f} -> {f['peak_rss'] / MIB:.0f} MiB "
         f"(bound {RSS_BOUND / MIB:.0f}); {f['repeat_growth'] / MIB:+.1f} MiB over a repeat of "
-        f"{f['repeat_sent']:,.0f} datagrams ({f['repeat_bytes_per_datagram']:.1f} bytes each)",
+        f"{f['repeat_sent']:,.0f} datagrams ({f['repeat_bytes_per_datagram']:.1f} bytes each), "
+        f"after {f['warmups']:.0f} to fill the flow table",
     ]
     if f["late"]:
         result.notes.append(
@@ -181,12 +188,14 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
             await watch.scrape()
             result.figures["received"] = watch.total("vmbox_packets_received_total")
             result.figures["kernel_drops"] = socket_drops(listen) - drops_before
-            again = await _repeat(listen, replace(plan, datagrams=REPEAT[scale]), watch, result)
+            again = await _repeat(
+                listen, replace(plan, datagrams=REPEAT[scale]), watch, result, service.spec
+            )
             probe = await steady_load(listen, sources=2, duration=2.0)
         after = await read_state(service.store, service.spec.service)
         history = list(service.echo.history)
     result.injected = sent.sent
-    flooded = sorted({*sent.seconds, *again.seconds})
+    flooded = sorted({*sent.seconds, *(second for one in again for second in one.seconds)})
     bound = MAX_SOURCES * FLOOD_LIMIT + FLOOD_LIMIT
 
     def allowed(second: int) -> int | None:
@@ -202,19 +211,28 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
 
 
 async def _repeat(
-    target: tuple[str, int], plan: FloodPlan, watch: ReplicaSampler, result: FaultResult
-) -> Sent:
-    """The flood again, once RSS is at its high-water mark: how much it grows by."""
+    target: tuple[str, int], plan: FloodPlan, watch: ReplicaSampler, result: FaultResult, spec: Spec
+) -> list[Sent]:
+    """The flood again until the flow table is full, then once more: how much RSS grows by."""
+    sent: list[Sent] = []
+
+    async def once() -> None:
+        sent.append(await send_flood(target, plan))
+        await asyncio.sleep(1.0)  # the replica works through its queue
+        await watch.scrape()
+
+    while len(sent) < WARMUPS and watch.highest.get("vmbox_flows", 0.0) < spec.max_flows:
+        await once()
     before = watch.peak_rss
-    again = await send_flood(target, plan)
-    await asyncio.sleep(1.0)  # the replica works through its queue
+    await once()
     growth = watch.peak_rss - before
     result.figures.update(
-        repeat_sent=again.sent,
+        warmups=len(sent) - 1,
+        repeat_sent=sent[-1].sent,
         repeat_growth=growth,
-        repeat_bytes_per_datagram=growth / max(1, again.sent),
+        repeat_bytes_per_datagram=growth / max(1, sent[-1].sent),
     )
-    return again
+    return sent
 
 
 def _judge_leaks(result: FaultResult, max_flows: int) -> None:
