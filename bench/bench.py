@@ -129,7 +129,7 @@ async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Fig
 
     try:
         await wait_ready(store, service, 1, check=replica_runs)
-        return await measure(spec.listen)
+        return await measure(spec.relay.listen)
     finally:
         stop(proc)
         await store.delete_prefix(keys.service_prefix(service))

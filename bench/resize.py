@@ -139,7 +139,7 @@ async def one_run(
         spec = service.spec
         try:
             await asyncio.sleep(1.5)  # past the first window, guard settled
-            plan = LoadPlan(spec.listen, rate=RATE, sources=1, flows=FLOWS, duration=12.0)
+            plan = LoadPlan(spec.relay.listen, rate=RATE, sources=1, flows=FLOWS, duration=12.0)
             started = time.time()
             load = asyncio.create_task(run_load(plan))
             tasks.append(asyncio.create_task(timeline.follow(store, spec.service)))

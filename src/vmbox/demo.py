@@ -148,7 +148,7 @@ async def _drive(
     run = DemoRun()
     step = 290.0 / max(1.0, load_for / 4)  # reach 300/s a quarter of the way in
     plan = LoadPlan(
-        target=spec.listen,
+        target=spec.relay.listen,
         rate=None,
         ramp=(10.0, 300.0, step),
         sources=1,

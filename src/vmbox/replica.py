@@ -116,8 +116,8 @@ class Replica:
         )
         strong = [v for v in self.views.values() if isinstance(v, StrongView)]
         self.relay = UdpRelay(
-            spec.listen,
-            spec.upstream,
+            spec.relay.listen,
+            spec.relay.upstream,
             self.decide,
             barrier=self._barrier(strong) if strong else None,
             counters=self.counters,

@@ -104,11 +104,22 @@ def _line(status: ServiceStatus) -> str:
     )
 
 
+def where(spec: Spec) -> str:
+    """Where the service's traffic passes, for the first line `vmbox up` prints."""
+    if spec.gateway is not None:
+        gw = spec.gateway
+        entering = f" entering {gw.interface}" if gw.interface else ""
+        return f"in the path of namespace {gw.namespace}{entering} (queues from {gw.queue})"
+    (lhost, lport), (uhost, uport) = spec.relay
+    return f"on {lhost}:{lport} -> {uhost}:{uport}"
+
+
 async def run_service(
     spec: Spec, etcd: list[str] | None, live: bool = True, metrics_port: int = 0
 ) -> None:
     """Run until SIGINT/SIGTERM/SIGHUP; raise BindError, PermanentError or StoreUnavailable."""
-    check_listen(spec.listen)
+    if spec.dataplane == "relay":
+        check_listen(spec.relay.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: the terminal closed
@@ -128,8 +139,7 @@ async def run_service(
         try:
             await controller.setup()
             print(
-                f"vmbox: service {spec.service} on {spec.listen[0]}:{spec.listen[1]} -> "
-                f"{spec.upstream[0]}:{spec.upstream[1]}, etcd {access.describe(target)}, "
+                f"vmbox: service {spec.service} {where(spec)}, etcd {access.describe(target)}, "
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )

@@ -327,7 +327,7 @@ class _Options:
 @asynccontextmanager
 async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> AsyncIterator[Service]:
     temporary = options.log_dir is None
-    async with upstream_echo(spec.upstream) as echo:
+    async with upstream_echo(spec.relay.upstream) as echo:
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
         runtime = LocalRuntime(
             spec.service,

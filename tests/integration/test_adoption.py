@@ -117,7 +117,7 @@ def test_a_replica_draining_when_its_controller_died_is_left_to_finish(
             run = asyncio.create_task(first.run())
             pids = await members(store, spec.service, 2, within=20)
             await asyncio.sleep(1.1)  # a replica admits nothing in the window it starts in
-            sending = asyncio.create_task(keep_sending(spec.listen, stop))
+            sending = asyncio.create_task(keep_sending(spec.relay.listen, stop))
             run.cancel()  # the controller dies...
             await asyncio.gather(run, return_exceptions=True)
             # ... just as it had told the replica with the most flows to drain.

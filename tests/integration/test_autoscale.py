@@ -67,7 +67,7 @@ def test_load_step_scales_up_to_3_and_back_to_1(etcd: EtcdServer, tmp_path: Path
     async def scenario() -> dict[str, Any]:
         spec = autoscaled_spec("auto")
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
-            plan = LoadPlan(spec.listen, rate=OFFERED, sources=1, flows=64, duration=11.0)
+            plan = LoadPlan(spec.relay.listen, rate=OFFERED, sources=1, flows=64, duration=11.0)
             passes: dict[str, float] = {}
             watcher = asyncio.create_task(watch_first_passes(svc, passes))
             started = time.time()

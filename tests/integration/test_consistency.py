@@ -81,7 +81,7 @@ def test_strong_replicas_use_the_new_limit_on_the_next_packet(
             sock.bind(("127.0.0.77", 0))  # a source the replica has not seen
             sock.setblocking(False)
             for i in range(20):
-                sock.sendto(b"p%d" % i, spec.listen)
+                sock.sendto(b"p%d" % i, spec.relay.listen)
             await asyncio.sleep(0.4)
             sock.close()
             return svc.echo.total

@@ -318,7 +318,7 @@ async def signal_busiest(
         await asyncio.sleep(1.1)
         clients = [await Client.open() for _ in range(6)]
         stop = asyncio.Event()
-        load = asyncio.create_task(pump(clients, spec.listen, stop))
+        load = asyncio.create_task(pump(clients, spec.relay.listen, stop))
         await asyncio.sleep(0.5)
         victim, other, pid = await busiest(svc)
         os.kill(pid, sig)

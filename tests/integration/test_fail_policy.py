@@ -108,7 +108,9 @@ def test_fail_policy_while_etcd_is_stopped(
         async with running_service(own_etcd.endpoints, spec, tmp_path) as svc:
             addresses = [str(m.info["metrics"]) for m in (await svc.wait_ready(2)).values()]
             await wait_all(addresses, lambda g: g.get("vmbox_members") == 2, within=5.0)
-            plan = LoadPlan(spec.listen, rate=RATE, sources=1, flows=32, duration=LOAD_SECONDS)
+            plan = LoadPlan(
+                spec.relay.listen, rate=RATE, sources=1, flows=32, duration=LOAD_SECONDS
+            )
             load = asyncio.create_task(run_load(plan))
             try:
                 await outage(own_etcd, addresses, line)

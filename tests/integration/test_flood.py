@@ -59,11 +59,11 @@ def test_100k_sources_keep_memory_bounded(etcd: EtcdServer, tmp_path: Path) -> N
             member = next(iter((await svc.members()).values()))
             proc = psutil.Process(int(member.info["pid"]))
             before = proc.memory_info().rss
-            drops_before = socket_drops(spec.listen)
-            await asyncio.to_thread(flood, spec.listen, SOURCES)
+            drops_before = socket_drops(spec.relay.listen)
+            await asyncio.to_thread(flood, spec.relay.listen, SOURCES)
             await asyncio.sleep(1.0)
             after = proc.memory_info().rss
-            drops = socket_drops(spec.listen) - drops_before
+            drops = socket_drops(spec.relay.listen) - drops_before
             gauges = next(iter((await svc.gauges()).values()))
             return before, after, drops, gauges
 
@@ -116,14 +116,14 @@ def test_a_memory_limited_replica_survives_a_flood_at_its_derived_max_flows(
 
             watcher = asyncio.create_task(follow())
             try:
-                await asyncio.to_thread(flood, spec.listen, FLOW_SOURCES, 4_000)
+                await asyncio.to_thread(flood, spec.relay.listen, FLOW_SOURCES, 4_000)
                 await asyncio.sleep(1.0)
             finally:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
             # Still the same process, and it still relays: a source at twice the limit.
             probe = await run_load(
-                LoadPlan(spec.listen, rate=200, sources=1, flows=4, duration=2.0)
+                LoadPlan(spec.relay.listen, rate=200, sources=1, flows=4, duration=2.0)
             )
             after = await svc.members()
             with contextlib.suppress(OSError):

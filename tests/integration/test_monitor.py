@@ -64,7 +64,7 @@ def test_replica_runs_in_its_cgroup_and_the_monitor_reads_it(
             usage = again.usage("mon-1")
             assert usage is not None and usage.source == f"cgroup v{hierarchy.version}"
             monitor = Monitor(spec.service, svc.store, svc.runtime)
-            plan = LoadPlan(target=spec.listen, rate=400, flows=8, duration=4.0)
+            plan = LoadPlan(target=spec.relay.listen, rate=400, flows=8, duration=4.0)
             load = asyncio.create_task(run_load(plan))
             await asyncio.sleep(1.0)
             first, second = await sample_twice(monitor, 2.0)

@@ -65,7 +65,7 @@ async def resize(svc: Service, target: int) -> Outcome:
                 members = set(snapshot)
                 changes.append(time.time())
 
-    plan = LoadPlan(svc.spec.listen, rate=300, sources=1, flows=64, duration=10.0)
+    plan = LoadPlan(svc.spec.relay.listen, rate=300, sources=1, flows=64, duration=10.0)
     load = asyncio.create_task(run_load(plan))
     watcher = asyncio.create_task(follow())
     try:

@@ -39,7 +39,7 @@ def test_limit_holds_with_n_replicas(etcd: EtcdServer, tmp_path: Path, replicas:
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             await asyncio.sleep(0.5)  # every replica has seen the others
             plan = LoadPlan(
-                target=spec.listen, rate=300, ramp=None, sources=1, flows=64, duration=8.0
+                target=spec.relay.listen, rate=300, ramp=None, sources=1, flows=64, duration=8.0
             )
             started = time.time()
             load = asyncio.create_task(run_load(plan))
@@ -79,7 +79,7 @@ def test_kill_9_replica_is_restarted_and_limit_holds(etcd: EtcdServer, tmp_path:
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             await asyncio.sleep(0.5)
             plan = LoadPlan(
-                target=spec.listen, rate=300, ramp=None, sources=1, flows=64, duration=14.0
+                target=spec.relay.listen, rate=300, ramp=None, sources=1, flows=64, duration=14.0
             )
             started = time.time()
             load = asyncio.create_task(run_load(plan))

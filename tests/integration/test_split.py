@@ -127,7 +127,7 @@ def test_one_flow_on_four_replicas(etcd: EtcdServer, tmp_path: Path, split: str)
             await settled(svc)
             # Start just after a window begins, so the first 0.3 s lie in one window.
             await asyncio.sleep(1.02 - time.time() % 1.0)
-            started, replies = await one_flow(spec.listen, 300, 4.3)
+            started, replies = await one_flow(spec.relay.listen, 300, 4.3)
             await asyncio.sleep(1.0)
             return started, replies, per_second(svc.echo.history, int(started), 4)
 
@@ -155,9 +155,11 @@ def test_mixed_heavy_and_spread_sources_each_get_the_limit(
         spec = make_spec("mixed", 4, split="demand")
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             await settled(svc)
-            plans = [LoadPlan(spec.listen, rate=300, sources=1, flows=1, duration=6.0)]
+            plans = [LoadPlan(spec.relay.listen, rate=300, sources=1, flows=1, duration=6.0)]
             plans += [
-                LoadPlan(spec.listen, rate=150, sources=1, flows=4, duration=6.0, source_offset=i)
+                LoadPlan(
+                    spec.relay.listen, rate=150, sources=1, flows=4, duration=6.0, source_offset=i
+                )
                 for i in range(1, 21)
             ]
             results: list[LoadResult] = await asyncio.gather(*(run_load(p) for p in plans))
@@ -202,7 +204,7 @@ def test_token_bucket_holds_the_limit_and_the_burst(
         )
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             await settled(svc)
-            plan = LoadPlan(spec.listen, rate=300, sources=1, flows=64, duration=5.0)
+            plan = LoadPlan(spec.relay.listen, rate=300, sources=1, flows=64, duration=5.0)
             started = time.time()
             await run_load(plan)
             # Idle long enough for every bucket to fill (0.5 s), then blast as a second begins.
@@ -210,7 +212,7 @@ def test_token_bucket_holds_the_limit_and_the_burst(
             await asyncio.sleep(idle if idle >= 0.7 else idle + 1.0)
             caps = [g.get("vmbox_burst_share", 0.0) for g in (await svc.gauges()).values()]
             blasted = int(time.time())
-            blast(spec.listen, 4 * burst)
+            blast(spec.relay.listen, 4 * burst)
             await asyncio.sleep(1.15 - time.time() % 1.0)  # the echo server closed that second
             return (
                 per_second(svc.echo.history, int(started) + 1, 3),

@@ -36,7 +36,7 @@ def test_the_example_spec_loads() -> None:
     spec = load_spec(EXAMPLE)
     assert spec.middlebox.limit == 100
     assert spec.middlebox.poll_interval == pytest.approx(0.1)
-    assert spec.listen == ("127.0.0.1", 9000)
+    assert spec.relay.listen == ("127.0.0.1", 9000)
     assert spec.store == "managed"
 
 

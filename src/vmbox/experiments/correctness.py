@@ -119,7 +119,7 @@ async def measure(
         spec = service.spec
         progress.update(task, description=f"{replicas} replica(s): ramping")
         plan = LoadPlan(
-            spec.listen,
+            spec.relay.listen,
             ramp=(ramp.start, ramp.stop, ramp.step),
             flows=FLOWS,
             duration=ramp.duration,

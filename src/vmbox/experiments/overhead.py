@@ -166,12 +166,12 @@ async def measure(
         spec = service.spec
         # A replica admits nothing in the window it joined in: warm up in a whole one.
         await until_second()
-        await run_load(LoadPlan(spec.listen, rate=RATE, flows=FLOWS, duration=WARMUP / RATE))
+        await run_load(LoadPlan(spec.relay.listen, rate=RATE, flows=FLOWS, duration=WARMUP / RATE))
 
         def tick(report: SecondReport) -> None:
             progress.advance(task, report.sent)
 
-        plan = LoadPlan(spec.listen, rate=RATE, flows=FLOWS, duration=packets / RATE)
+        plan = LoadPlan(spec.relay.listen, rate=RATE, flows=FLOWS, duration=packets / RATE)
         result = await run_load(plan, tick)
     return result.rtts_ms, result.sent
 

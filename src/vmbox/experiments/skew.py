@@ -104,7 +104,7 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
                     await asyncio.sleep(SETTLE)
                     for case in ("one flow", "mixed"):
                         progress.update(bar, description=f"{split}: {case}")
-                        runs.append(await run_case(service.spec.listen, split, case, seconds))
+                        runs.append(await run_case(service.spec.relay.listen, split, case, seconds))
                         progress.advance(bar)
                         await asyncio.sleep(1.5)  # the last case's reports age out
     return summarise(runs, out_dir, console)

@@ -95,7 +95,7 @@ async def odd_datagrams(scale: Scale, say: Say) -> FaultResult:
     duration = 10.0 if scale == "full" else 5.0
     result = FaultResult("odd datagrams")
     async with fault_service(lambda: fault_spec("odd", 1)) as service:
-        listen = service.spec.listen
+        listen = service.spec.relay.listen
         before = await read_state(service.store, service.spec.service)
         drops = socket_drops(listen)
         async with ReplicaSampler(service) as sampler:
@@ -139,7 +139,7 @@ async def upstream_vanished(scale: Scale, say: Say) -> FaultResult:
     cycles, lead, gone, back = (3 if scale == "full" else 1), 2.0, 2.0, 3.0
     result = FaultResult("upstream vanished")
     async with fault_service(lambda: fault_spec("vanish", 1)) as service:
-        listen = service.spec.listen
+        listen = service.spec.relay.listen
         before = await read_state(service.store, service.spec.service)
         echoes = [service.echo]
         outages: list[tuple[float, float]] = []
@@ -155,7 +155,7 @@ async def upstream_vanished(scale: Scale, say: Say) -> FaultResult:
                     await echoes[-1].close()
                     went = time.time()
                     await asyncio.sleep(gone)
-                    echoes.append(EchoServer(service.spec.upstream))
+                    echoes.append(EchoServer(service.spec.relay.upstream))
                     await echoes[-1].start()
                     outages.append((went, time.time()))
                     await asyncio.sleep(back)

@@ -85,7 +85,9 @@ async def corrupt_values(scale: Scale, say: Say) -> FaultResult:
         async with ReplicaSampler(service) as watch:
             say(f"corrupt etcd values: {len(bad) + 1} bad values for {key} under load")
             started = int(time.time())
-            load = asyncio.create_task(steady_load(service.spec.listen, SOURCES, 60.0, flows=32))
+            load = asyncio.create_task(
+                steady_load(service.spec.relay.listen, SOURCES, 60.0, flows=32)
+            )
             try:
                 await asyncio.sleep(1.0)
                 await _inject(service, watch, bad, LIMIT, result)

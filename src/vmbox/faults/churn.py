@@ -182,7 +182,7 @@ async def churn(scale: Scale, say: Say) -> FaultResult:
         async with MemberLog(service) as members:
             began = time.time()
             load = asyncio.create_task(
-                steady_load(service.spec.listen, SOURCES, plan.seconds, FLOWS)
+                steady_load(service.spec.relay.listen, SOURCES, plan.seconds, FLOWS)
             )
             try:
                 kills = await _churn(service, plan, say)

@@ -244,7 +244,7 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
     result = FaultResult("controller restart")
     workdir = Path(tempfile.mkdtemp(prefix="vmbox-restart-"))
     spec = fault_spec(SERVICE, 2)
-    async with private_store() as store, upstream_echo(spec.upstream) as echo:
+    async with private_store() as store, upstream_echo(spec.relay.upstream) as echo:
         run = Run(store, workdir, result, spec, echo)
         try:
             (workdir / "spec.yaml").write_text(run.spec.to_json())
@@ -260,7 +260,7 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
                 f"{SOURCES} sources at 1.5 x {LIMIT}/s"
             )
             started = time.time()
-            load = asyncio.create_task(steady_load(run.spec.listen, SOURCES, 170, FLOWS))
+            load = asyncio.create_task(steady_load(run.spec.relay.listen, SOURCES, 170, FLOWS))
             try:
                 await asyncio.sleep(2.0)
                 for i in range(kills):

@@ -205,11 +205,11 @@ async def _inject(
     before = await read_state(service.store, name)
     limit = before[keys.state_key(name, "limit").removeprefix(keys.service_prefix(name))]
     watch_key = keys.service_prefix(name) + "fault/watched"
-    load = asyncio.create_task(steady_load(service.spec.listen, SOURCES, duration=300))
+    load = asyncio.create_task(steady_load(service.spec.relay.listen, SOURCES, duration=300))
     try:
         async with (
             ReplicaSampler(service) as sampler,
-            Prober(service.spec.listen) as probe,
+            Prober(service.spec.relay.listen) as probe,
             RevisionCheck(service.store, writer, watch_key) as revisions,
         ):
             run = _Run(cluster, writer, service, sampler, probe, result, say)

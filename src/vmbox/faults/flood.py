@@ -173,7 +173,7 @@ async def flood(scale: Scale, say: Say) -> FaultResult:
         return fault_spec("flood", 1, limit=FLOOD_LIMIT, max_sources=MAX_SOURCES)
 
     async with fault_service(spec) as service:
-        listen = service.spec.listen
+        listen = service.spec.relay.listen
         before = await read_state(service.store, service.spec.service)
         drops_before = socket_drops(listen)
         async with ReplicaSampler(service) as watch:

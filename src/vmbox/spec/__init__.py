@@ -7,6 +7,7 @@ sections.py its sections (middlebox, replicas, autoscale, store) and
 """
 
 from vmbox.spec.model import (
+    Relay,
     Spec,
     SpecError,
     load_spec,
@@ -20,6 +21,7 @@ from vmbox.spec.sections import (
     MIN_FLOWS,
     AutoscaleSpec,
     Consistency,
+    GatewaySpec,
     MiddleboxSpec,
     ReplicasSpec,
     Store,
@@ -45,7 +47,9 @@ __all__ = [
     "AutoscaleSpec",
     "Consistency",
     "Duration",
+    "GatewaySpec",
     "MiddleboxSpec",
+    "Relay",
     "ReplicasSpec",
     "Size",
     "Spec",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator, model
 from vmbox.spec.sections import (
     MAX_FLOWS,
     AutoscaleSpec,
+    GatewaySpec,
     MiddleboxSpec,
     ReplicasSpec,
     SpecModel,
@@ -37,12 +38,26 @@ class SpecError(ValueError):
     """A spec that cannot be used; str() is the one line to show the operator."""
 
 
+class Relay(NamedTuple):
+    """A relay service's two addresses: where clients send, where it relays to."""
+
+    listen: tuple[str, int]
+    upstream: tuple[str, int]
+
+
 class Spec(SpecModel):
-    """One deployed middlebox service."""
+    """One deployed middlebox service.
+
+    `dataplane: relay` (the default) is a UDP relay between `listen` and
+    `upstream`; `dataplane: nfqueue` sits in the packet path of the `gateway`
+    namespace and has no addresses of its own.
+    """
 
     service: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-    listen: Address
-    upstream: Address
+    dataplane: Literal["relay", "nfqueue"] = "relay"
+    listen: Address | None = None
+    upstream: Address | None = None
+    gateway: GatewaySpec | None = None
     middlebox: MiddleboxSpec
     replicas: ReplicasSpec = ReplicasSpec()
     autoscale: AutoscaleSpec | None = None
@@ -86,6 +101,31 @@ class Spec(SpecModel):
                 "must be an IP address to bind, e.g. 127.0.0.1 (or 0.0.0.0 for every interface)"
             ) from None
         return value
+
+    @model_validator(mode="after")
+    def _dataplane_fields(self) -> Spec:
+        if self.dataplane == "relay":
+            for name in ("listen", "upstream"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: is required with dataplane: relay")
+            if self.gateway is not None:
+                raise ValueError("gateway: only for dataplane: nfqueue")
+        else:
+            if self.gateway is None:
+                raise ValueError("gateway: is required with dataplane: nfqueue")
+            for name in ("listen", "upstream"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: only for dataplane: relay (nfqueue sits in the path)"
+                    )
+        return self
+
+    @property
+    def relay(self) -> Relay:
+        """The relay's addresses; a ValueError for an in-path service, which has none."""
+        if self.listen is None or self.upstream is None:
+            raise ValueError(f"service {self.service} is in-path (dataplane: nfqueue): no relay")
+        return Relay(self.listen, self.upstream)
 
     @model_validator(mode="after")
     def _memory_needs_limit(self) -> Spec:

@@ -78,6 +78,25 @@ class MiddleboxSpec(SpecModel):
     max_sources: PositiveInt = 65536
 
 
+class GatewaySpec(SpecModel):
+    """Where an in-path service (`dataplane: nfqueue`) sits: a gateway network namespace.
+
+    The gateway forwards between a client side and a server side; a rule in its
+    FORWARD chain (vmbox.dataplane.steering) sends the service's packets to the
+    replicas' netfilter queues. Replica `<service>-<n>` consumes queue
+    `queue + n - 1`. `interface` limits the service to packets that enter the
+    gateway there (the client side); unset, every forwarded packet is the
+    service's, replies included. `spread: flow` hashes the 5-tuple (HMARK) so one
+    client's flows spread over the replicas; `addresses` leaves it to the
+    kernel's --queue-balance, which hashes the address pair and protocol only.
+    """
+
+    namespace: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    interface: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    queue: Annotated[int, Field(ge=0, le=65000)] = 0
+    spread: Literal["flow", "addresses"] = "flow"
+
+
 class ReplicasSpec(SpecModel):
     """How many replicas, within which bounds."""
 

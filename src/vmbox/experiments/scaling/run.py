@@ -77,7 +77,7 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
     on_tick(plan.idle)
     start = time.time()
     if plan.kind == "memory":
-        load: Any = new_flows(run.spec.listen, plan.rate_at, plan.load_for)
+        load: Any = new_flows(run.spec.relay.listen, plan.rate_at, plan.load_for)
     else:
         load = _steps(run.spec, plan)
     task = asyncio.create_task(load)
@@ -97,7 +97,9 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
 
 async def _steps(spec: Spec, plan: PhasePlan) -> None:
     for rate, seconds in plan.steps:
-        await run_load(LoadPlan(spec.listen, rate=rate, sources=1, flows=64, duration=seconds))
+        await run_load(
+            LoadPlan(spec.relay.listen, rate=rate, sources=1, flows=64, duration=seconds)
+        )
 
 
 async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> PhaseRun:
