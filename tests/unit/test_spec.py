@@ -136,3 +136,52 @@ def test_max_flows_defaults_to_what_fits_the_memory_limit() -> None:
     assert again.max_flows == limited.max_flows
     assert flows_for_memory(16 * 1024 * 1024) == MIN_FLOWS  # never none
     assert flows_for_memory(4 * 1024**3) == MAX_FLOWS  # never more than without a limit
+
+
+INPATH = Path(__file__).parents[2] / "examples" / "inpath.yaml"
+
+
+def test_the_inpath_example_loads_and_has_no_relay() -> None:
+    spec = load_spec(INPATH)
+    assert spec.dataplane == "nfqueue"
+    assert spec.gateway is not None and spec.gateway.namespace == "vmbox-gw"
+    assert spec.listen is None and spec.upstream is None
+    with pytest.raises(ValueError, match="in-path"):
+        spec.relay  # noqa: B018 - the property raises
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dataplane": "nfqueue"}, r"web\.yaml: gateway: is required with dataplane: nfqueue"),
+        (
+            {"dataplane": "nfqueue", "gateway": {"namespace": "gw"}},
+            r"web\.yaml: listen: only for dataplane: relay",
+        ),
+        ({"gateway": {"namespace": "gw"}}, r"web\.yaml: gateway: only for dataplane: nfqueue"),
+        ({"dataplane": "tap"}, r"web\.yaml: dataplane: Input should be 'relay' or 'nfqueue'"),
+        ({"upstream": None}, r"web\.yaml: upstream: is required with dataplane: relay"),
+    ],
+)
+def test_each_dataplane_rejects_the_others_fields(change: dict[str, Any], message: str) -> None:
+    data = good() | change
+    if data["upstream"] is None:
+        del data["upstream"]
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data, "web.yaml")
+
+
+@pytest.mark.parametrize(
+    ("gateway", "field"),
+    [
+        ({"namespace": "gw", "interface": "a-name-that-is-too-long"}, "gateway.interface"),
+        ({"namespace": "gw", "queue": -1}, "gateway.queue"),
+        ({"namespace": "gw", "spread": "ports"}, "gateway.spread"),
+        ({"namespace": "../etc"}, "gateway.namespace"),
+    ],
+)
+def test_a_bad_gateway_field_is_named(gateway: dict[str, Any], field: str) -> None:
+    data = good() | {"dataplane": "nfqueue", "gateway": gateway}
+    del data["listen"], data["upstream"]
+    with pytest.raises(SpecError, match=rf"^web\.yaml: {field}: "):
+        parse_spec(data, "web.yaml")

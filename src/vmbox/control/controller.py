@@ -25,11 +25,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 from vmbox.control import events
 from vmbox.control.exporter import ControllerMetrics, ControllerView
-from vmbox.control.plan import Backoff, Observed, crashed, plan, restart_delay
+from vmbox.control.inpath import PathSteering
+from vmbox.control.plan import Backoff, Observed, crashed, plan, restart_delay, serving
 from vmbox.control.scaling import ScaleLoop
 from vmbox.functions import get_function
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
@@ -70,6 +71,8 @@ class Controller:
         self.draining: dict[str, asyncio.Task[float]] = {}
         self.restarts = 0
         self.wake = asyncio.Event()
+        # An in-path service: the gateway's steering follows the serving replicas.
+        self.path = PathSteering(spec, spec.gateway) if spec.gateway is not None else None
         self.scaler = ScaleLoop(
             spec,
             store,
@@ -122,6 +125,8 @@ class Controller:
         # starting from the spec's would record a scale that never happened.
         self.desired = await self.read_desired()
         await self._adopt()
+        if self.path is not None:
+            await self._install_path()
 
     async def _seed_state(self, old_spec: dict[str, object] | None) -> None:
         config = self.spec.middlebox.model_dump()
@@ -188,6 +193,9 @@ class Controller:
         actions = plan(seen)
         for rid in actions.forget:
             del self.backoff[rid]  # a crashed replica that is no longer wanted
+        if self.path is not None:
+            # Before any drain: a leaving replica's queue is out of the path first.
+            await self._steer(seen.running, set(seen.draining) | set(actions.drain))
         for rid in actions.drain:
             self._drain(rid)
         for rid in actions.restart:
@@ -195,6 +203,41 @@ class Controller:
         for rid in actions.start:
             await self._start(rid)
         return actions.requeue_after
+
+    async def _install_path(self) -> None:
+        """Put the service in the gateway's path, steering to the replicas adopted."""
+        assert self.path is not None
+        members = await list_members(self.store, self.service)
+        replicas = serving(
+            set(members), set(self.runtime.running()), self.backoff, set(self.draining)
+        )
+        try:
+            await self.path.install(replicas)
+        except OSError as exc:
+            raise PermanentError(str(exc)) from None
+        gw = self.path.gateway
+        await self.event(
+            "steer",
+            f"in the path of {gw.namespace}: chain {self.path.chain}, queues {_queues(self.path)}",
+        )
+
+    async def _steer(self, running: Set[str], leaving: Set[str]) -> None:
+        """Rewrite the gateway's steering when the serving replicas changed."""
+        assert self.path is not None
+        members = await list_members(self.store, self.service)
+        replicas = serving(set(members), set(running), self.backoff, leaving)
+        before = _queues(self.path)
+        try:
+            changed = await self.path.sync(replicas)
+        except OSError as exc:  # the next pass tries again
+            await self.event("steer", f"steering not rewritten: {exc}")
+            return
+        if changed:
+            await self.event(
+                "steer",
+                f"steering queues {before} -> {_queues(self.path)}",
+                replicas=list(replicas),
+            )
 
     async def _start(self, rid: str, restart: Backoff | None = None) -> None:
         self.runtime.start(rid)
@@ -304,9 +347,21 @@ class Controller:
         await asyncio.gather(*self.draining.values(), return_exceptions=True)
         self.draining.clear()
         await asyncio.to_thread(self.runtime.stop_all)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                await self.path.remove()  # the gateway forwards as it did before
         self.metrics.stop()
         with contextlib.suppress(StoreError):
             await self.store.delete(keys.desired_key(self.service))
             await self.store.delete(keys.controller_key(self.service))
             await self.store.delete(keys.samples_key(self.service))
             await self.event("down", "service stopped")
+
+
+def _queues(path: PathSteering) -> str:
+    written = path.written
+    if written is None:
+        return "none"
+    if not written.queues:
+        return f"none serving (fallback {written.fallback})"
+    return ",".join(str(q) for q in written.queues)

@@ -38,6 +38,11 @@ Invariants of a `Plan` (tests/unit/test_plan.py checks each):
    afresh), restarted ones are no longer waiting and keep their failure count,
    every other entry is unchanged.
 
+For an in-path service, `serving` says which replicas' queues the gateway
+steers traffic to (vmbox.dataplane.steering); the controller rewrites the
+steering before it drains a replica, so a leaving replica's queue is out of
+the path before it is told to stop.
+
 Crash backoff: the n-th consecutive crash of a replica waits
 `restart_delay(n)` (0.2 s doubling up to 10 s); a crash of a replica that ran
 for `STABLE_AFTER` seconds or more counts as the first again.
@@ -124,3 +129,24 @@ def plan(seen: Observed) -> Plan:
         requeue_after=min(later) - seen.now if later else None,
         backoff=table,
     )
+
+
+def _by_number(rid: str) -> tuple[int, str]:
+    suffix = rid.rsplit("-", 1)[-1]
+    return (int(suffix) if suffix.isdigit() else 0, rid)
+
+
+def serving(
+    registered: Set[str], running: Set[str], backoff: Mapping[str, Backoff], leaving: Set[str]
+) -> tuple[str, ...]:
+    """The replicas an in-path service's traffic is steered to, by replica number.
+
+    A replica enters once it is registered (it has bound its queue before it
+    registers) and runs; one that crashed stays, waiting for its restart, so
+    its share of the flows meets the fail policy meanwhile rather than moving;
+    one that is leaving (draining, or about to be drained by this pass, or a
+    waiting one forgotten) is out. Nothing here waits for the resize guard: the
+    new replica takes no share until the guard lifts, as with the relay.
+    """
+    chosen = (set(registered) & set(running)) | set(backoff)
+    return tuple(sorted(chosen - set(leaving), key=_by_number))
