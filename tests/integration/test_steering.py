@@ -20,6 +20,11 @@ def _ns(name: str, *argv: str) -> str:
     return done.stdout
 
 
+def strip(saved: str) -> list[str]:
+    """iptables-save output without its comment lines (they carry the time)."""
+    return [line for line in saved.splitlines() if not line.startswith("#")]
+
+
 @pytest.fixture
 def namespace() -> Iterator[str]:
     if os.geteuid() != 0:
@@ -54,7 +59,6 @@ def test_install_rewrite_and_remove_leave_the_namespace_as_it_was(namespace: str
     steering.remove(namespace, chain, "gw-c")
     steering.remove(namespace, chain, "gw-c")  # gone already is fine
     after = {tool: _ns(namespace, f"{tool}-save") for tool in steering.FAMILIES}
-    strip = lambda text: [x for x in text.splitlines() if not x.startswith("#")]  # noqa: E731
     assert {k: strip(v) for k, v in after.items()} == {k: strip(v) for k, v in before.items()}
 
 
