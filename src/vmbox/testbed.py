@@ -249,10 +249,18 @@ class Service:
 
     spec: Spec
     store: EtcdStore
-    echo: EchoServer  # its history stays readable after the service has ended
+    # A relay service's echo at spec.relay.upstream; its history stays readable
+    # after the service has ended. None for an in-path one: its servers run in the lab.
+    upstream: EchoServer | None
     controller: Controller
     runtime: LocalRuntime
     log_dir: Path
+
+    @property
+    def echo(self) -> EchoServer:
+        if self.upstream is None:
+            raise SetupError(f"{self.spec.service} is in-path: no echo upstream of vmbox's")
+        return self.upstream
 
     async def members(self) -> dict[str, MemberInfo]:
         return await list_members(self.store, self.spec.service)
@@ -327,7 +335,8 @@ class _Options:
 @asynccontextmanager
 async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> AsyncIterator[Service]:
     temporary = options.log_dir is None
-    async with upstream_echo(spec.relay.upstream) as echo:
+    relay = spec.dataplane == "relay"
+    async with upstream_echo(spec.relay.upstream) if relay else _no_echo() as echo:
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
         runtime = LocalRuntime(
             spec.service,
@@ -359,6 +368,11 @@ async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> Async
             await store.delete_prefix(keys.service_prefix(spec.service))
     if temporary:  # reached only when nothing failed
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def _no_echo() -> AsyncIterator[None]:
+    yield None
 
 
 async def _wait_started(
