@@ -1,0 +1,253 @@
+"""The lab driver: build, read back, enter and remove a lab of network namespaces.
+
+Called by `vmbox lab` (vmbox.cli.lab) and by the tests, experiments and demo
+that run an in-path service. `up` runs a `LabPlan`'s commands (an existing lab
+of that name is an error, or is removed first with `replace=True`; a failure
+half-way removes what this call made); `down` stops every process inside the
+lab's namespaces and removes the namespaces, which takes their links,
+addresses, routes, rules and sysctls with them; `show` reads the lab from the
+kernel (`ip -j addr` inside each namespace), so it works from any process.
+Every failure is a `LabError` whose str() is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+from typing import Any
+
+from vmbox import netns
+from vmbox.lab.plan import (
+    CLIENT_IF,
+    DEFAULT_PREFIX,
+    GATEWAY_CLIENT_IF,
+    GATEWAY_SERVER_IF,
+    SERVER_IF,
+    Argv,
+    LabError,
+    LabPlan,
+    Step,
+)
+
+COMMAND_TIMEOUT = 30.0
+STOP_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for a lab's processes
+
+
+def require_tools() -> None:
+    """Return when this process can build labs; a LabError saying what is missing if not."""
+    if os.geteuid() != 0:
+        raise LabError("vmbox lab needs root (it makes network namespaces): run it with sudo")
+    for tool, package in (("ip", "iproute2"), ("sysctl", "procps")):
+        if shutil.which(tool) is None:
+            raise LabError(
+                f"`{tool}` not found: `make setup` installs it (or apt-get install {package})"
+            )
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LabError(f"`{' '.join(argv)}`: {exc}") from None
+    if done.returncode != 0:
+        raise LabError(f"`{' '.join(argv)}` failed: {_why(done, stdin)}")
+    return done.stdout
+
+
+def _why(done: subprocess.CompletedProcess[str], stdin: str | None) -> str:
+    """The cause in one line; for `ip -batch`, with the command that failed."""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    causes = [line for line in lines if not line.startswith("Command failed")]
+    why = causes[-1] if causes else lines[-1] if lines else f"exit code {done.returncode}"
+    failed = re.search(r"Command failed -:(\d+)", done.stderr or "")
+    if failed and stdin is not None:
+        batch = stdin.splitlines()
+        index = int(failed.group(1)) - 1
+        if 0 <= index < len(batch):
+            why = f"{why} (at `{batch[index]}`)"
+    return why
+
+
+def _batches(steps: Sequence[Step]) -> Iterable[tuple[list[Step], Argv, str | None]]:
+    """Steps in runs: consecutive `ip -n NS ...` steps go to one `ip -n NS -batch -`.
+
+    K clients take 2K address commands; one process per namespace instead of
+    one per command keeps `up --clients 200` well under a second.
+    """
+
+    def key(step: Step) -> str | None:
+        batchable = step.argv[:2] == ("ip", "-n") and step.undo is None
+        return step.argv[2] if batchable else None
+
+    for ns, run in groupby(steps, key=key):
+        group = list(run)
+        if ns is None:
+            for step in group:
+                yield [step], step.argv, None
+        else:
+            lines = "".join(" ".join(step.argv[3:]) + "\n" for step in group)
+            yield group, ("ip", "-n", ns, "-batch", "-"), lines
+
+
+def up(plan: LabPlan, replace: bool = False) -> dict[str, Any]:
+    """Build the lab; return what `show` will read back. A lab of that name is an error."""
+    require_tools()
+    if replace:
+        down(plan.prefix)
+    if found := [ns for ns in plan.namespaces if netns.exists(ns)]:
+        raise LabError(
+            f"lab {plan.prefix!r} already exists ({', '.join(found)}): "
+            f"`vmbox lab down --name {plan.prefix}` removes it"
+        )
+    made: list[Step] = []
+    try:
+        for steps, argv, stdin in _batches(plan.up_steps()):
+            _run(argv, stdin)
+            made += steps
+    except BaseException:
+        _undo(made)
+        raise
+    return plan.describe()
+
+
+def _undo(made: Sequence[Step]) -> None:
+    """Remove what a failed `up` made (its own namespaces only, never an existing one)."""
+    for step in reversed(made):
+        if step.undo is not None:
+            ns = step.undo[-1]
+            _stop_processes(ns)
+            with contextlib.suppress(LabError):
+                _run(step.undo)
+
+
+def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Stop every process in the lab's namespaces and remove them; return the ones removed."""
+    plan = LabPlan(prefix)
+    require_tools()
+    present = [ns for ns in plan.namespaces if netns.exists(ns)]
+    for ns in present:
+        _stop_processes(ns)
+    for argv in plan.down_commands():
+        if netns.exists(argv[-1]):
+            _run(argv)
+    return present
+
+
+def pids_in(ns: str) -> list[int]:
+    """The processes whose network namespace is `ns` (what `ip netns pids` lists), not us."""
+    try:
+        target = os.stat(netns.path(ns))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            mine = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:  # gone, a zombie, or a kernel thread
+            continue
+        if (mine.st_ino, mine.st_dev) == (target.st_ino, target.st_dev):
+            found.append(int(entry))
+    return found
+
+
+def _stop_processes(ns: str) -> None:
+    """SIGTERM the namespace's processes, SIGKILL those left after STOP_GRACE."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = pids_in(ns)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_GRACE
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pids = pids_in(ns)
+        if not pids:
+            return
+    raise LabError(f"processes {pids} in network namespace {ns} survived SIGKILL")
+
+
+def _interfaces(ns: str) -> dict[str, dict[str, list[str]]]:
+    """{ifname: {"inet": [...], "inet6": [...]}}: the global addresses, in numeric order."""
+    try:
+        links = json.loads(_run(("ip", "-n", ns, "-j", "addr", "show")))
+    except json.JSONDecodeError as exc:
+        raise LabError(f"`ip -n {ns} -j addr` printed something that is not JSON: {exc}") from None
+    found: dict[str, dict[str, list[str]]] = {}
+    for link in links:
+        families: dict[str, list[str]] = {"inet": [], "inet6": []}
+        for addr in link.get("addr_info", []):
+            if addr.get("scope") == "global" and addr.get("family") in families:
+                families[addr["family"]].append(addr["local"])
+        for values in families.values():
+            values.sort(key=ipaddress.ip_address)
+        found[link["ifname"]] = families
+    return found
+
+
+def show(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """The lab as the kernel has it, in the shape of `LabPlan.describe()`."""
+    plan = LabPlan(prefix)
+    require_tools()
+    missing = [ns for ns in plan.namespaces if not netns.exists(ns)]
+    if len(missing) == len(plan.namespaces):
+        raise LabError(f"no lab named {prefix!r}: `vmbox lab up --name {prefix}` builds one")
+    if missing:
+        raise LabError(
+            f"lab {prefix!r} is incomplete (no {', '.join(missing)}): "
+            f"`vmbox lab down --name {prefix}` removes the rest"
+        )
+    client_ns, gw_ns, server_ns = plan.namespaces
+    client_ifs, gw_ifs, server_ifs = (_interfaces(ns) for ns in plan.namespaces)
+
+    def on(ifs: dict[str, dict[str, list[str]]], name: str, ns: str) -> dict[str, list[str]]:
+        if name not in ifs:
+            raise LabError(f"lab {prefix!r} is incomplete: no interface {name} in {ns}")
+        return ifs[name]
+
+    c, s = on(client_ifs, CLIENT_IF, client_ns), on(server_ifs, SERVER_IF, server_ns)
+    gc, gs = on(gw_ifs, GATEWAY_CLIENT_IF, gw_ns), on(gw_ifs, GATEWAY_SERVER_IF, gw_ns)
+    return {
+        "name": prefix,
+        "client": {
+            "namespace": client_ns,
+            "interface": CLIENT_IF,
+            "addresses": c["inet"],
+            "addresses6": c["inet6"],
+        },
+        "gateway": {
+            "namespace": gw_ns,
+            "interfaces": {"client": GATEWAY_CLIENT_IF, "server": GATEWAY_SERVER_IF},
+            "addresses": sorted(gc["inet"] + gs["inet"], key=ipaddress.ip_address),
+            "addresses6": sorted(gc["inet6"] + gs["inet6"], key=ipaddress.ip_address),
+        },
+        "server": {
+            "namespace": server_ns,
+            "interface": SERVER_IF,
+            "address": s["inet"][0] if s["inet"] else None,
+            "address6": s["inet6"][0] if s["inet6"] else None,
+        },
+    }
+
+
+def exec_argv(role: str, argv: Sequence[str], prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The command line that runs `argv` inside the lab's `role` namespace (it must exist)."""
+    ns = LabPlan(prefix).namespace(role)
+    if not netns.exists(ns):
+        raise LabError(
+            f"no lab named {prefix!r} (no namespace {ns}): "
+            f"`vmbox lab up --name {prefix}` builds one"
+        )
+    return netns.exec_argv(ns, argv)
