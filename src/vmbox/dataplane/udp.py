@@ -40,7 +40,7 @@ from vmbox.dataplane.sockets import (
     resolve,
     write_backlog,
 )
-from vmbox.packet import Packet, Verdict
+from vmbox.packet import UDP, Packet, Verdict
 
 __all__ = ["AddressInUse", "BindError", "Peer", "UdpRelay"]
 
@@ -138,6 +138,7 @@ class UdpRelay:
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
         self._upstream_addr: tuple[socket.AddressFamily, Address] | None = None
+        self._dst = ("", 0)  # what a middlebox sees as a packet's destination: the upstream
         self._pending: list[tuple[bytes, Peer]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -157,6 +158,7 @@ class UdpRelay:
         """Bind the listen address and start the owned background tasks."""
         loop = asyncio.get_running_loop()
         self._upstream_addr = await resolve(self.upstream)
+        self._dst = (str(self._upstream_addr[1][0]), int(self._upstream_addr[1][1]))
         sock = self._sock = await bind_udp(self.listen, "listen", reuse_port=self.reuse_port)
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _ListenProtocol(self), sock=sock
@@ -215,7 +217,8 @@ class UdpRelay:
     def _decide_and_forward(self, data: bytes, addr: Peer) -> None:
         counters = self.counters
         try:
-            verdict = self.decide(Packet(addr[0], addr[1], len(data)), self.clock())
+            packet = Packet(addr[0], addr[1], len(data), UDP, self._dst[0], self._dst[1])
+            verdict = self.decide(packet, self.clock())
         except Exception:
             # A middlebox bug must not kill the relay: treat it as a drop.
             self._trouble.warning("decide", "relay: decide() failed", exc_info=True)
