@@ -38,6 +38,17 @@ COUNTERS = (
     ("vmbox_barrier_errors", "barrier_errors", "Strong-mode store reads that failed."),
     ("vmbox_queue_drops", "queue_drops", "Datagrams dropped because a queue was full."),
     ("vmbox_flows_expired", "flows_expired", "Upstream flows closed after idling."),
+    ("vmbox_packets_malformed", "malformed", "Packets that did not parse (dropped)."),
+    (
+        "vmbox_kernel_queue_drops",
+        "kernel_queue_drops",
+        "Packets the kernel dropped because this replica's netfilter queue was full.",
+    ),
+    (
+        "vmbox_kernel_socket_drops",
+        "kernel_socket_drops",
+        "Packets the kernel could not deliver to this replica's queue socket.",
+    ),
 )
 LABELS = ("service", "replica")
 MAX_RESPONSE = 8 * 1024 * 1024  # a scrape larger than this is not a vmbox replica
@@ -47,13 +58,22 @@ class ScrapeError(Exception):
     """A replica's /metrics could not be read; str() is one line."""
 
 
+RuleCounters = Callable[[], Mapping[str, Mapping[str, int]]]  # rule -> verdict -> packets
+RULE_VERDICTS = ("passed", "dropped", "shadow_dropped")
+
+
 class _ReplicaCollector(Collector):
     def __init__(
-        self, labels: list[str], counters: Counters, gauges: Callable[[], Mapping[str, float]]
+        self,
+        labels: list[str],
+        counters: Counters,
+        gauges: Callable[[], Mapping[str, float]],
+        rules: RuleCounters | None = None,
     ) -> None:
         self.labels = labels
         self.counters = counters
         self.gauges = gauges
+        self.rules = rules
 
     def collect(self) -> Iterator[Metric]:
         for name, attr, doc in COUNTERS:
@@ -67,6 +87,27 @@ class _ReplicaCollector(Collector):
             gauge = GaugeMetricFamily(f"vmbox_{key}", f"Middlebox gauge {key}.", labels=LABELS)
             gauge.add_metric(self.labels, float(value))
             yield gauge
+        yield from self._rule_families()
+
+    def _rule_families(self) -> Iterator[Metric]:
+        """Per-rule counts (vmbox.functions.rules), when the middlebox has rules."""
+        counts = self.rules() if self.rules is not None else {}
+        if not counts:
+            return
+        packets = CounterMetricFamily(
+            "vmbox_rule_packets",
+            "Packets each rule decided, by verdict (shadow_dropped: a shadow rule would drop).",
+            labels=(*LABELS, "rule", "verdict"),
+        )
+        matched = CounterMetricFamily(
+            "vmbox_rule_matched", "Packets each rule matched.", labels=(*LABELS, "rule")
+        )
+        for rule, by_verdict in counts.items():
+            matched.add_metric([*self.labels, rule], float(by_verdict["matched"]))
+            for verdict in RULE_VERDICTS:
+                packets.add_metric([*self.labels, rule, verdict], float(by_verdict[verdict]))
+        yield packets
+        yield matched
 
 
 class MetricsServer:
@@ -100,8 +141,9 @@ class MetricsServer:
 class ReplicaMetrics(MetricsServer):
     """The /metrics endpoint of one replica.
 
-    `gauges` is called from the HTTP server's thread at scrape time: it must
-    only read (the middlebox's gauges() does).
+    `gauges` and `rules` (per-rule counts, vmbox_rule_packets_total{rule,verdict})
+    are called from the HTTP server's thread at scrape time: they must only
+    read (the middlebox's gauges() and rule_counters() do).
     """
 
     def __init__(
@@ -110,9 +152,10 @@ class ReplicaMetrics(MetricsServer):
         replica: str,
         counters: Counters,
         gauges: Callable[[], Mapping[str, float]],
+        rules: RuleCounters | None = None,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_ReplicaCollector([service, replica], counters, gauges))
+        registry.register(_ReplicaCollector([service, replica], counters, gauges, rules))
         super().__init__(registry)
 
 

@@ -43,14 +43,21 @@ class StateItem:
 class Middlebox(ABC):
     """Processing logic plus declared state.
 
-    Subclasses set `state`, implement `process`, and react to `update`.
+    Subclasses set `state`, implement `process`, and react to `update`. A
+    middlebox whose items depend on its config (one limit per rule) passes
+    them as `items`; `self.items` is what the replica makes views of.
     """
 
     state: ClassVar[tuple[StateItem, ...]] = ()
 
-    def __init__(self, config: Mapping[str, Any], group: Group) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], group: Group, items: tuple[StateItem, ...] | None = None
+    ) -> None:
         self.config = dict(config)
-        self.values: dict[str, Any] = {item.name: config[item.config_key] for item in self.state}
+        self.items: tuple[StateItem, ...] = self.state if items is None else items
+        self.values: dict[str, Any] = {
+            item.name: config_value(config, item.config_key) for item in self.items
+        }
         self.group = group
 
     @abstractmethod
@@ -75,20 +82,46 @@ class Middlebox(ABC):
         """Numbers worth exporting as metrics (e.g. the current share)."""
         return {}
 
+    def rule_counters(self) -> dict[str, dict[str, int]]:
+        """Packets per rule and verdict (rule -> matched, passed, dropped, shadow_dropped).
+
+        Empty for a middlebox without rules; read from the metrics thread, so it only reads.
+        """
+        return {}
+
 
 @dataclass(frozen=True, slots=True)
 class Function:
     """A middlebox function as the registry (vmbox.functions) knows it.
 
-    `state` is what the controller seeds in etcd before any replica runs;
-    `build(config, group)` makes the replica's middlebox from the spec's
-    `middlebox` section (a factory, so one function may offer several
-    algorithms, as `ratelimit` does).
+    `state_items(config)` is what the controller seeds in etcd before any
+    replica runs: `state`, unless `items` derives them from the config (one
+    limit per rule); `build(config, group)` makes the replica's middlebox from
+    the spec's `middlebox` section (a factory, so one function may offer
+    several algorithms, as `ratelimit` does).
     """
 
     name: str
     state: tuple[StateItem, ...]
     build: Callable[[Mapping[str, Any], Group], Middlebox]
+    items: Callable[[Mapping[str, Any]], tuple[StateItem, ...]] | None = None
+
+    def state_items(self, config: Mapping[str, Any]) -> tuple[StateItem, ...]:
+        """The state items a middlebox built from `config` declares."""
+        return self.state if self.items is None else self.items(config)
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The config value a state item is seeded from: `limit`, or a path like `rules.2.limit`.
+
+    A dotted path steps into mappings by key and into lists by index.
+    """
+    if key in config:
+        return config[key]
+    value: Any = config
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list | tuple) else value[part]
+    return value
 
 
 # The largest integer a stored state item may hold: no per-window packet budget

@@ -27,11 +27,13 @@ from typing import Any
 
 from vmbox.dataplane.counters import Counters
 from vmbox.dataplane.drain import Drain, DrainResult
+from vmbox.dataplane.nfqueue import NfqueueDriver
+from vmbox.dataplane.steering import queue_of
 from vmbox.dataplane.udp import UdpRelay
 from vmbox.functions import get_function
 from vmbox.group import Group
 from vmbox.metrics import ReplicaMetrics
-from vmbox.middlebox import Middlebox
+from vmbox.middlebox import Middlebox, config_value
 from vmbox.packet import Packet, Verdict
 from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
@@ -49,6 +51,7 @@ from vmbox.state.views import StrongView, View, make_view
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT = 1.0  # a revoke takes milliseconds; the lease TTL covers a store that is away
+INPATH_DRAIN_IDLE = 0.2  # an in-path replica's queue is drained once this long quiet
 MARK_TIMEOUT = 0.5  # marking the member info as draining: a drain does not wait longer
 
 
@@ -97,14 +100,14 @@ class Replica:
         self.counters = Counters()
         self.views: dict[str, View] = {}
         self.members = 0
-        for item in type(self.middlebox).state:
+        for item in self.middlebox.items:
             if item.shared:
                 self.views[item.name] = make_view(
                     spec.middlebox.consistency,
                     store,
                     keys.state_key(spec.service, item.name),
                     item,
-                    config[item.config_key],
+                    config_value(config, item.config_key),
                     poll_interval=spec.middlebox.poll_interval,
                     on_change=self._on_change(item.name),
                 )
@@ -115,16 +118,31 @@ class Replica:
             store, keys.spec_key(spec.service), spec.store_timeout, spec.fail, self._set_fail
         )
         strong = [v for v in self.views.values() if isinstance(v, StrongView)]
-        self.relay = UdpRelay(
-            spec.relay.listen,
-            spec.relay.upstream,
-            self.decide,
-            barrier=self._barrier(strong) if strong else None,
-            counters=self.counters,
-            idle_timeout=spec.flow_idle_timeout,
-            max_flows=flow_budget(spec.max_flows),
+        barrier = self._barrier(strong) if strong else None
+        # The driver: a UDP relay, or (dataplane: nfqueue) this replica's queue in the gateway.
+        self.relay: UdpRelay | None = None
+        self.inpath: NfqueueDriver | None = None
+        if spec.gateway is not None:
+            try:
+                queue = queue_of(spec.service, replica_id, spec.gateway.queue)
+            except ValueError as exc:
+                raise ReplicaConfigError(f"{exc}: an in-path replica's id says its queue") from None
+            self.inpath = NfqueueDriver(
+                spec.gateway.namespace, queue, self.decide, counters=self.counters, barrier=barrier
+            )
+        else:
+            self.relay = UdpRelay(
+                spec.relay.listen,
+                spec.relay.upstream,
+                self.decide,
+                barrier=barrier,
+                counters=self.counters,
+                idle_timeout=spec.flow_idle_timeout,
+                max_flows=flow_budget(spec.max_flows),
+            )
+        self.metrics = ReplicaMetrics(
+            spec.service, replica_id, self.counters, self.gauges, self.middlebox.rule_counters
         )
-        self.metrics = ReplicaMetrics(spec.service, replica_id, self.counters, self.gauges)
         self.membership: Membership | None = None
         self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demandsync)
         self.stopping = asyncio.Event()
@@ -159,12 +177,19 @@ class Replica:
         return read_all
 
     @property
+    def relay_driver(self) -> UdpRelay:
+        assert self.relay is not None, "a relay service's replica has a relay"
+        return self.relay
+
+    @property
     def ready(self) -> bool:
         """Registered, and holding its share: the group it sees is settled (a readiness probe)."""
         registered = self.membership is not None and self.membership.registered.is_set()
         return registered and not self.guard.guarded
 
     def gauges(self) -> dict[str, float]:
+        if self.inpath is not None:
+            self.inpath.read_kernel_counters()  # the kernel's drops at this queue
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
         values["ready"] = float(self.ready)
@@ -216,7 +241,10 @@ class Replica:
         """Serve until `stop()` or cancellation; leave the group on the way out."""
         self.middlebox.start(time.time())
         try:
-            await self.relay.start()
+            if self.inpath is not None:
+                await self.inpath.start()  # bound before registering: the controller steers then
+            else:
+                await self.relay_driver.start()
         except OSError as exc:
             raise ReplicaConfigError(str(exc)) from None
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
@@ -238,7 +266,10 @@ class Replica:
             await self._leave()
             for task in tasks:
                 task.cancel()
-        await self.relay.close()
+        if self.inpath is not None:
+            await self.inpath.close()
+        else:
+            await self.relay_driver.close()
         self.metrics.stop()
 
     def _no_drain_because(self) -> str:
@@ -258,8 +289,16 @@ class Replica:
         try:
             if reason:
                 result = DrainResult(skipped=reason)
+            elif self.inpath is not None:
+                # The controller took this queue out of the steering before SIGTERM:
+                # what is still queued is decided here, nothing new arrives.
+                await self._mark_draining()
+                await self.inpath.drain(INPATH_DRAIN_IDLE, self.spec.replicas.drain_timeout)
+                quiet = time.monotonic() - started
+                log.info("replica %s drained its queue in %.2fs", self.replica_id, quiet)
+                return
             else:
-                self._drain = Drain(self.relay, timeout=self.spec.replicas.drain_timeout)
+                self._drain = Drain(self.relay_driver, timeout=self.spec.replicas.drain_timeout)
                 await self._drain.begin()
                 await self._mark_draining()
                 result = await self._drain.finish()

@@ -33,6 +33,7 @@ from vmbox.control.inpath import PathSteering
 from vmbox.control.plan import Backoff, Observed, crashed, plan, restart_delay, serving
 from vmbox.control.scaling import ScaleLoop
 from vmbox.functions import get_function
+from vmbox.middlebox import config_value
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec
 from vmbox.state import keys
@@ -132,12 +133,13 @@ class Controller:
         config = self.spec.middlebox.model_dump()
         old_config = old_spec.get("middlebox", {}) if old_spec else {}
         assert isinstance(old_config, dict)
-        for item in get_function(self.spec.middlebox.function).state:
+        for item in get_function(self.spec.middlebox.function).state_items(config):
             if not item.shared:
                 continue
-            value = item.encode(config[item.config_key])
+            seed = config_value(config, item.config_key)
+            value = item.encode(seed)
             key = keys.state_key(self.service, item.name)
-            if old_config.get(item.config_key) != config[item.config_key]:
+            if _seeded(old_config, item.config_key) != seed:
                 await self.store.put(key, value)  # the operator changed the spec
             else:
                 await self.store.compare_and_swap(key, None, value)
@@ -365,3 +367,11 @@ def _queues(path: PathSteering) -> str:
     if not written.queues:
         return f"none serving (fallback {written.fallback})"
     return ",".join(str(q) for q in written.queues)
+
+
+def _seeded(old_config: dict[str, object], config_key: str) -> object:
+    """What the previous spec seeded an item from (None: it had no such item)."""
+    try:
+        return config_value(old_config, config_key)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None

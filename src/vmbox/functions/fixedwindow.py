@@ -154,7 +154,8 @@ class FixedWindow(RateLimiter):
         self.live = set()
         self.table = _NONE if window_id == self.first_window else self.window_allow
 
-    def process(self, packet: Packet, now: float) -> Verdict:
+    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
+        """Decide one packet that costs `cost` against the allowance (1, or its size in bytes)."""
         window_id = math.floor(now / self.window)
         if window_id != self.window_id:
             self._new_window(window_id)
@@ -164,9 +165,9 @@ class FixedWindow(RateLimiter):
             offered = self.offered
             times = offered.get(key)
             if times is not None:
-                offered[key] = times + 1
+                offered[key] = times + cost
             elif len(offered) < self.max_sources:
-                offered[key] = 1
+                offered[key] = cost
             allowance = self.table.get(key, self.window_share)
         else:
             allowance = self.window_share
@@ -179,9 +180,10 @@ class FixedWindow(RateLimiter):
                 allowance = self.window_share
             else:
                 count = 0
-        if count >= allowance:
+        count += cost
+        if count > allowance:
             return Verdict.DROP
-        self.counts[key] = count + 1
+        self.counts[key] = count
         return Verdict.PASS
 
     def algorithm_gauges(self) -> dict[str, float]:

@@ -24,6 +24,7 @@ from vmbox import sharing
 from vmbox.functions.demandindex import DemandIndex, Report
 from vmbox.group import Group
 from vmbox.middlebox import Middlebox, StateItem, encode_int, parse_positive_int
+from vmbox.packet import Packet, Verdict
 
 OVERFLOW = "<overflow>"
 
@@ -65,6 +66,10 @@ class RateLimiter(Middlebox):
         self.latest_reports = reports
         if self.demand:
             self.demand_changed(self.index.replace(reports, self.keep_reports()))
+
+    @abstractmethod
+    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
+        """Decide one packet that costs `cost` (1, or its size in bytes under `unit: bytes`)."""
 
     @abstractmethod
     def keep_reports(self) -> tuple[str, ...]:

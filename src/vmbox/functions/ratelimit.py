@@ -3,8 +3,11 @@
 `middlebox.algorithm` picks how a source's packets are counted:
 `fixed_window` (vmbox.functions.fixedwindow, the default) or `token_bucket`
 (vmbox.functions.tokenbucket). Both split the shared `limit` among the live
-replicas the same way (vmbox.functions.limiter, vmbox.sharing). `FUNCTION` is
-what the registry (vmbox.functions) hands the controller and the replica.
+replicas the same way (vmbox.functions.limiter, vmbox.sharing). A spec with
+`rules` gets a rule set (vmbox.functions.rules) whose ratelimit rules each
+own a limiter of that algorithm; one with only `limit` gets the limiter
+itself. `FUNCTION` is what the registry (vmbox.functions) hands the
+controller and the replica.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from vmbox.functions import rules
 from vmbox.functions.fixedwindow import FixedWindow
 from vmbox.functions.limiter import RateLimiter
+from vmbox.functions.rules import RuleSet
 from vmbox.functions.tokenbucket import TokenBucket
 from vmbox.group import Group
-from vmbox.middlebox import Function
+from vmbox.middlebox import Function, Middlebox, StateItem
 
 ALGORITHMS: dict[str, type[RateLimiter]] = {
     FixedWindow.algorithm: FixedWindow,
@@ -24,7 +29,7 @@ ALGORITHMS: dict[str, type[RateLimiter]] = {
 }
 
 
-def build(config: Mapping[str, Any], group: Group) -> RateLimiter:
+def limiter_for(config: Mapping[str, Any], group: Group) -> RateLimiter:
     """The rate limiter `config["algorithm"]` names (fixed_window when unset)."""
     name = config.get("algorithm", FixedWindow.algorithm)
     try:
@@ -35,4 +40,16 @@ def build(config: Mapping[str, Any], group: Group) -> RateLimiter:
     return algorithm(config, group)
 
 
-FUNCTION = Function(name="ratelimit", state=RateLimiter.state, build=build)
+def build(config: Mapping[str, Any], group: Group) -> Middlebox:
+    """A rule set when the config has `rules`, else the one limiter `limit` asks for."""
+    if config.get("rules"):
+        return RuleSet(config, group, limiter_for)
+    return limiter_for(config, group)
+
+
+def state_items(config: Mapping[str, Any]) -> tuple[StateItem, ...]:
+    """`limit` alone, or one limit per ratelimit rule (vmbox.functions.rules)."""
+    return rules.state_items(config) if config.get("rules") else RateLimiter.state
+
+
+FUNCTION = Function(name="ratelimit", state=RateLimiter.state, build=build, items=state_items)

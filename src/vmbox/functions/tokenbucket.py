@@ -118,7 +118,8 @@ class TokenBucket(RateLimiter):
                 del self.buckets[source]
         self.next_sweep = now + self.window
 
-    def process(self, packet: Packet, now: float) -> Verdict:
+    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
+        """Decide one packet that takes `cost` tokens (1, or its size in bytes)."""
         self.now = now
         key = packet.src
         if self.demand:
@@ -126,9 +127,9 @@ class TokenBucket(RateLimiter):
             offered = self.offered
             times = offered.get(key)
             if times is not None:
-                offered[key] = times + 1
+                offered[key] = times + cost
             elif len(offered) < self.max_sources:
-                offered[key] = 1
+                offered[key] = cost
         if now < self.started:
             return Verdict.DROP
         if now >= self.next_sweep:
@@ -149,8 +150,8 @@ class TokenBucket(RateLimiter):
             if tokens > cap:
                 tokens = cap
             bucket[1] = now
-        if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
+        if tokens >= cost:
+            bucket[0] = tokens - cost
             return Verdict.PASS
         bucket[0] = tokens
         return Verdict.DROP

@@ -20,9 +20,13 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     Tag,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from vmbox.spec.rules import RuleSpec, unique_names
 from vmbox.spec.values import Duration, Size
 from vmbox.state.access import StoreSpec
 
@@ -56,8 +60,12 @@ class MiddleboxSpec(SpecModel):
     """What runs in each replica and how its shared state is kept fresh."""
 
     function: Literal["ratelimit"] = "ratelimit"
+    # An ordered firewall (vmbox.spec.rules): first match wins, no match accepts.
+    # (Before `limit`, whose check reads it.)
+    rules: tuple[RuleSpec, ...] | None = None
     # Bounded like every value a replica accepts from etcd (middlebox.MAX_STATE_INT).
-    limit: Annotated[int, Field(gt=0, le=10**9)]
+    # Required without `rules`; beside them, a final ratelimit rule matching everything.
+    limit: Annotated[int, Field(gt=0, le=10**9)] | None = Field(default=None, validate_default=True)
     window: Duration = 1.0
     # fixed_window: a counter per source per window; token_bucket: a bucket per
     # source refilled at the share of `limit` per `window`, holding up to its
@@ -76,6 +84,15 @@ class MiddleboxSpec(SpecModel):
     consistency: Consistency = "watch"
     poll_interval: Duration = 0.1
     max_sources: PositiveInt = 65536
+
+    _unique_rule_names = field_validator("rules")(unique_names)
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_or_rules(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None and info.data.get("rules") is None:
+            raise PydanticCustomError("missing", "is required (or give rules)")
+        return value
 
 
 class GatewaySpec(SpecModel):
