@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench faults setup etcd clean
+.PHONY: demo test lint unit integration bench faults setup etcd tools clean
 
 demo: setup
 	$(BIN)/vmbox demo
@@ -28,9 +28,9 @@ bench: setup
 faults: setup
 	$(BIN)/python -m vmbox.faults
 
-setup: $(STAMP) etcd
+setup: $(STAMP) etcd tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | tools
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-venv; }
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV) || { \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -44,6 +44,31 @@ etcd:
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q etcd-server etcd-client; \
 		$(SUDO) systemctl stop etcd >/dev/null 2>&1 || true; }
+
+# The lab's and the in-path data plane's tools (`command:package`), and what building
+# netfilterqueue (pinned in pyproject.toml, no wheel) needs; one apt-get for all missing.
+# Root's tools live in /usr/sbin, which a user's PATH may lack: look there too.
+TOOLS := ip:iproute2 sysctl:procps iptables:iptables nft:nftables iperf3:iperf3 \
+	hping3:hping3 curl:curl tcpdump:tcpdump ping:iputils-ping gcc:gcc
+NFQ_HEADER := /usr/include/libnetfilter_queue/libnetfilter_queue.h
+
+tools:
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for pair in $(TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	ldconfig -p 2>/dev/null | grep -q 'libnetfilter_queue\.so\.1 ' || \
+		missing="$$missing libnetfilter-queue1"; \
+	[ -e $(NFQ_HEADER) ] || missing="$$missing libnetfilter-queue-dev"; \
+	$(PYTHON) -c 'import sysconfig, os, sys; \
+		sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+		2>/dev/null || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing from Debian:$$missing"; \
+		echo 'iperf3 iperf3/start_daemon boolean false' | $(SUDO) debconf-set-selections || true; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
