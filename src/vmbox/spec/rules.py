@@ -93,7 +93,8 @@ class RuleSpec(_Strict):
     @field_validator("limit", "unit")
     @classmethod
     def _ratelimit_only(cls, value: object, info: ValidationInfo) -> object:
-        if info.data.get("action", "ratelimit") != "ratelimit":
+        # The defaults are fine anywhere: a stored spec (model_dump) spells them out.
+        if value not in (None, "packets") and info.data.get("action", "ratelimit") != "ratelimit":
             raise ValueError("only with action ratelimit")
         return value
 

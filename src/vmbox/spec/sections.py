@@ -91,7 +91,9 @@ class MiddleboxSpec(SpecModel):
     @classmethod
     def _limit_or_rules(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None and info.data.get("rules") is None:
-            raise PydanticCustomError("missing", "is required (or give rules)")
+            raise PydanticCustomError(
+                "missing", "is required (or give rules)"
+            )  # shown as "is required"
         return value
 
 
