@@ -30,9 +30,10 @@ from vmbox.control import events
 from vmbox.control.controller import Controller, PermanentError
 from vmbox.dataplane.sockets import Address, AddressInUse
 from vmbox.etcdserver import EtcdCluster, EtcdServer, find_etcdctl, free_port
+from vmbox.lab import GATEWAY_CLIENT_IF, LabPlan
 from vmbox.metrics import scrape
 from vmbox.runtime.local import LocalRuntime
-from vmbox.spec import Spec
+from vmbox.spec import Spec, parse_spec
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.membership import MemberInfo, list_members
@@ -41,6 +42,34 @@ from vmbox.tools.echo import EchoServer
 
 READY_TIMEOUT = 30.0  # seconds replicas get to be ready (2 shared cores, noise)
 CONNECT_TIMEOUT = 10.0  # seconds a store gets to connect to a fresh etcd
+
+
+def inpath_spec(
+    service: str,
+    lab: LabPlan,
+    replicas: int = 1,
+    *,
+    fail: str = "static",
+    spread: str = "flow",
+    **middlebox: object,
+) -> Spec:
+    """An in-path ratelimit service in `lab`'s gateway, on the client side's packets."""
+    return parse_spec(
+        {
+            "service": service,
+            "dataplane": "nfqueue",
+            "gateway": {
+                "namespace": lab.namespace("gateway"),
+                "interface": GATEWAY_CLIENT_IF,
+                "spread": spread,
+            },
+            "middlebox": {"function": "ratelimit", "limit": 100} | middlebox,
+            "replicas": {"count": replicas, "min": 1, "max": 4},
+            "fail": fail,
+            "lease_ttl": 2,
+        },
+        f"in-path {service}",
+    )
 
 
 class SetupError(RuntimeError):

@@ -1,0 +1,153 @@
+"""The firewall in the packet path, end to end: a lab, the nfqueue driver, real clients.
+
+A lab of namespaces (client - gateway - server, tests/integration/labs.py), a
+service with `dataplane: nfqueue` in the gateway (real etcd, real replica
+processes binding real netfilter queues), and clients nobody here wrote:
+hping3 for floods of TCP and UDP segments, curl against `python3 -m
+http.server`, iperf3, ping. What the server received is counted at the server
+by tcpdump (vmbox.tools.capture), never by vmbox's own metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import running_service
+from tests.integration.labs import in_lab, lab_running
+from vmbox.etcdserver import EtcdServer
+from vmbox.lab import LabPlan, exec_argv
+from vmbox.lab.plan import SERVER_IF
+from vmbox.testbed import inpath_spec
+from vmbox.tools.capture import Capture, full_seconds, per_second
+
+LIMIT = 100
+OFFERED = 300  # packets per second from one client address
+LOAD_SECONDS = 5.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabPlan]:
+    with lab_running(clients=2) as plan:
+        yield plan
+
+
+def server_address(lab: LabPlan) -> str:
+    return str(lab.describe()["server"]["address"])
+
+
+def hping(lab: LabPlan, proto: str, rate: float, seconds: float, port: int = 9000) -> list[str]:
+    """hping3 from the first client address: a new source port per packet (one flow each)."""
+    flag = {"udp": ["--udp"], "tcp": ["-S"], "icmp": ["--icmp"]}[proto]
+    count = int(rate * seconds)
+    interval = f"u{int(1_000_000 / rate)}"
+    return exec_argv(
+        "client",
+        ["hping3", *flag, "-p", str(port), "-i", interval, "-c", str(count), server_address(lab)],
+        lab.prefix,
+    )
+
+
+def offer(lab: LabPlan, proto: str, seconds: float = LOAD_SECONDS) -> tuple[list[int], float]:
+    """OFFERED/s of `proto` for `seconds`; what the server received in each whole second."""
+    client = lab.client_addresses[0]
+    with Capture(lab.namespace("server"), SERVER_IF, f"{proto} and src host {client}") as cap:
+        started = time.time()
+        done = subprocess.run(
+            hping(lab, proto, OFFERED, seconds),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 20,
+            check=False,
+        )
+        ended = min(time.time(), started + seconds)  # hping3 waits a while after its last packet
+        time.sleep(0.3)
+    assert "packets transmitted" in done.stderr + done.stdout, done.stderr[-300:]
+    counts = per_second(cap.packets, client)
+    return full_seconds(counts, started, ended), ended - started
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_the_limit_holds_at_the_server(
+    etcd: EtcdServer, lab: LabPlan, tmp_path: Path, replicas: int, proto: str
+) -> None:
+    """300 packets/s from one client over hundreds of flows: the server gets 100 +- 5 a second."""
+
+    async def scenario() -> tuple[list[int], list[float]]:
+        spec = inpath_spec(f"hold{proto}{replicas}", lab, replicas)
+        async with running_service(etcd.endpoints, spec, tmp_path) as svc:
+            await asyncio.sleep(0.5)  # every replica has seen the others
+            seconds, _ = await asyncio.to_thread(offer, lab, proto)
+            shares = [g.get("vmbox_share", 0.0) for g in (await svc.gauges()).values()]
+            return seconds, shares
+
+    seconds, shares = asyncio.run(scenario())
+    print(f"{proto}, {replicas} replicas: shares {sorted(shares)}, server received/s {seconds}")
+    assert sum(shares) == LIMIT and len(shares) == replicas
+    assert len(seconds) >= 3, seconds
+    assert abs(statistics.fmean(seconds) - LIMIT) <= 5, seconds
+    assert all(abs(count - LIMIT) <= 5 for count in seconds), seconds
+
+
+def test_the_server_sees_each_clients_own_address(
+    etcd: EtcdServer, lab: LabPlan, tmp_path: Path
+) -> None:
+    """curl to python3 -m http.server over IPv4 and IPv6, from both clients: the log names them."""
+    described = lab.describe()
+    server4, server6 = described["server"]["address"], described["server"]["address6"]
+    log = tmp_path / "http.log"
+
+    async def scenario() -> list[str]:
+        spec = inpath_spec("whosees", lab, 2)
+        async with running_service(etcd.endpoints, spec, tmp_path / "logs") as _svc:
+            argv = ["python3", "-m", "http.server", "8080", "--bind", "::"]
+            with log.open("wb") as out:
+                server = subprocess.Popen(  # noqa: ASYNC220 - a server for the block's length
+                    exec_argv("server", argv, lab.prefix), stdout=out, stderr=out
+                )
+                try:
+                    await asyncio.sleep(1.0)
+                    got = []
+                    for index, (four, six) in enumerate(
+                        zip(lab.client_addresses, lab.client_addresses6, strict=True)
+                    ):
+                        for source, url in (
+                            (four, f"http://{server4}:8080/"),
+                            (six, f"http://[{server6}]:8080/"),
+                        ):
+                            done = await asyncio.to_thread(
+                                in_lab,
+                                lab,
+                                "client",
+                                [
+                                    "curl",
+                                    "-sS",
+                                    "-o",
+                                    "/dev/null",
+                                    "-w",
+                                    "%{http_code}",
+                                    "--interface",
+                                    source,
+                                    "--max-time",
+                                    "5",
+                                    url,
+                                ],
+                            )
+                            got.append(f"{index}:{source}:{done.stdout}")
+                    return got
+                finally:
+                    server.terminate()
+                    server.wait(timeout=5)
+
+    got = asyncio.run(scenario())
+    assert all(line.endswith(":200") for line in got), got
+    text = log.read_text()
+    for source in [*lab.client_addresses, *lab.client_addresses6]:
+        assert source in text, (source, text[-500:])
