@@ -148,6 +148,8 @@ class Replica:
         self.stopping = asyncio.Event()
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None
+        self.fatal: ReplicaConfigError | None = None  # raised by run() once it has left
+        self.queue_bound = False  # in-path: its netfilter queue is bound (_bind_queue)
 
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
@@ -182,10 +184,15 @@ class Replica:
         return self.relay
 
     @property
-    def ready(self) -> bool:
-        """Registered, and holding its share: the group it sees is settled (a readiness probe)."""
+    def holding_share(self) -> bool:
+        """Registered, and the group it sees is settled (its resize guard is down)."""
         registered = self.membership is not None and self.membership.registered.is_set()
         return registered and not self.guard.guarded
+
+    @property
+    def ready(self) -> bool:
+        """Holding its share and, in-path, its queue bound (a readiness probe)."""
+        return self.holding_share and (self.inpath is None or self.queue_bound)
 
     def gauges(self) -> dict[str, float]:
         if self.inpath is not None:
@@ -240,13 +247,11 @@ class Replica:
     async def run(self) -> None:
         """Serve until `stop()` or cancellation; leave the group on the way out."""
         self.middlebox.start(time.time())
-        try:
-            if self.inpath is not None:
-                await self.inpath.start()  # bound before registering: the controller steers then
-            else:
-                await self.relay_driver.start()
-        except OSError as exc:
-            raise ReplicaConfigError(str(exc)) from None
+        if self.relay is not None:
+            try:
+                await self.relay.start()
+            except OSError as exc:
+                raise ReplicaConfigError(str(exc)) from None
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
         info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
         self.membership = Membership(
@@ -260,6 +265,8 @@ class Replica:
             if self.demand is not None:
                 tasks.append(group.create_task(self.demand.run()))
             tasks.append(group.create_task(self.health.run()))
+            if self.inpath is not None:
+                tasks.append(group.create_task(self._bind_queue(self.inpath, self.membership)))
             await self.stopping.wait()
             if self.drain_first:
                 await self._drain_flows()
@@ -271,6 +278,40 @@ class Replica:
         else:
             await self.relay_driver.close()
         self.metrics.stop()
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _bind_queue(self, driver: NfqueueDriver, membership: Membership) -> None:
+        """Bind this replica's queue once it can decide packets as the limit allows.
+
+        Until then its queue has no listener, so its flows meet the fail policy in
+        the kernel (--queue-bypass passes them under `fail: open`, the rest drop)
+        rather than reaching a replica that would drop them all: a replica takes
+        nothing until it is registered and its resize guard is down, nor in the
+        window it started in (its predecessor's admissions of that window are
+        unknown). Then the member info says `queue`, and the controller steers to it.
+        """
+        window = self.spec.middlebox.window
+        started = time.time()
+        while not self.holding_share:
+            await asyncio.sleep(0.01)
+        now = time.time()
+        if int(now / window) == int(started / window):
+            await asyncio.sleep(window - now % window)
+        try:
+            await driver.start()
+        except OSError as exc:
+            self.fatal = ReplicaConfigError(str(exc))
+            self.stop()
+            return
+        self.queue_bound = True
+        while True:  # until the controller can see it: it steers nothing here before
+            try:
+                async with asyncio.timeout(MARK_TIMEOUT * 4):
+                    await membership.set_info(membership.info | {"queue": driver.queue})
+                return
+            except (StoreError, TimeoutError):
+                await asyncio.sleep(0.2)
 
     def _no_drain_because(self) -> str:
         """Why pinning flows would be pointless now ('' when it is not)."""

@@ -50,12 +50,12 @@ def test_n_queues_take_one_mark_each_from_the_hash(spread: str, tuple_: str) -> 
 def test_serving_takes_registered_running_and_crashed_but_never_leaving() -> None:
     waiting = {"web-3": Backoff(failures=1, not_before=5.0, waiting=True)}
     got = serving(
-        registered={"web-1", "web-2", "web-10", "web-4"},
+        bound={"web-1", "web-2", "web-10", "web-4"},
         running={"web-1", "web-2", "web-10", "web-5"},
         backoff=waiting,
         leaving={"web-2"},
     )
-    # web-4 registered but not running (a stale key), web-5 running but not yet
-    # registered (its queue may not be bound): both out. Ordered by number.
+    # web-4 bound but not running (a stale key), web-5 running but its queue not yet
+    # bound: both out. Ordered by number.
     assert got == ("web-1", "web-3", "web-10")
     assert serving(set(), set(), {}, set()) == ()

@@ -209,9 +209,8 @@ class Controller:
     async def _install_path(self) -> None:
         """Put the service in the gateway's path, steering to the replicas adopted."""
         assert self.path is not None
-        members = await list_members(self.store, self.service)
         replicas = serving(
-            set(members), set(self.runtime.running()), self.backoff, set(self.draining)
+            await self._bound(), set(self.runtime.running()), self.backoff, set(self.draining)
         )
         try:
             await self.path.install(replicas)
@@ -223,11 +222,15 @@ class Controller:
             f"in the path of {gw.namespace}: chain {self.path.chain}, queues {_queues(self.path)}",
         )
 
+    async def _bound(self) -> set[str]:
+        """Registered replicas whose queue is bound (their member info names it)."""
+        members = await list_members(self.store, self.service)
+        return {rid for rid, member in members.items() if "queue" in member.info}
+
     async def _steer(self, running: Set[str], leaving: Set[str]) -> None:
         """Rewrite the gateway's steering when the serving replicas changed."""
         assert self.path is not None
-        members = await list_members(self.store, self.service)
-        replicas = serving(set(members), set(running), self.backoff, leaving)
+        replicas = serving(await self._bound(), set(running), self.backoff, leaving)
         before = _queues(self.path)
         try:
             changed = await self.path.sync(replicas)

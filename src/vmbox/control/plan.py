@@ -137,16 +137,16 @@ def _by_number(rid: str) -> tuple[int, str]:
 
 
 def serving(
-    registered: Set[str], running: Set[str], backoff: Mapping[str, Backoff], leaving: Set[str]
+    bound: Set[str], running: Set[str], backoff: Mapping[str, Backoff], leaving: Set[str]
 ) -> tuple[str, ...]:
     """The replicas an in-path service's traffic is steered to, by replica number.
 
-    A replica enters once it is registered (it has bound its queue before it
-    registers) and runs; one that crashed stays, waiting for its restart, so
-    its share of the flows meets the fail policy meanwhile rather than moving;
-    one that is leaving (draining, or about to be drained by this pass, or a
-    waiting one forgotten) is out. Nothing here waits for the resize guard: the
-    new replica takes no share until the guard lifts, as with the relay.
+    A replica enters once it runs and its member info says it has bound its
+    queue (it binds once registered, its resize guard down and a new window
+    begun, so it can decide what it gets); one that crashed stays, waiting for
+    its restart, so its share of the flows meets the fail policy in the kernel
+    meanwhile rather than moving; one that is leaving (draining, or about to be
+    drained by this pass, or a waiting one forgotten) is out.
     """
-    chosen = (set(registered) & set(running)) | set(backoff)
+    chosen = (set(bound) & set(running)) | set(backoff)
     return tuple(sorted(chosen - set(leaving), key=_by_number))
