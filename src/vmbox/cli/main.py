@@ -133,18 +133,37 @@ def _target(
 
 @main.command()
 @click.option("--duration", default=90.0, show_default=True, help="Seconds the whole run may take.")
-def demo(duration: float) -> None:
+@click.option(
+    "--dataplane",
+    type=click.Choice(["relay", "nfqueue"]),
+    default="relay",
+    show_default=True,
+    help="relay: the UDP relay on loopback. nfqueue (root): in the packet path of a lab "
+    "of network namespaces it builds and removes, with a UDP and a TCP client.",
+)
+def demo(duration: float, dataplane: str) -> None:
     """The reference experiment in one command.
 
     A private etcd, an echo server, a ratelimit service at 100 packets/s and a
     client ramping from 10 to 300 packets/s; the service is scaled 1 -> 2 -> 4
-    replicas during the run. Ends with a summary table.
+    replicas during the run. Ends with a summary table. With --dataplane
+    nfqueue the service sits in a lab's gateway and two clients (hping3, UDP
+    and TCP) offer 300 packets/s each; tcpdump counts what the server got.
     """
-    from vmbox.demo import run_demo
+    from vmbox.demo import run_demo, run_inpath_demo
+    from vmbox.lab import LabError
+    from vmbox.labclients import require_inpath
 
     if duration < 20:
         fail("--duration must be at least 20 seconds", EXIT_USAGE)
-    run(lambda: run_demo(duration, Console()))
+    if dataplane == "relay":
+        run(lambda: run_demo(duration, Console()))
+        return
+    try:
+        require_inpath("vmbox demo --dataplane nfqueue")
+        run(lambda: run_inpath_demo(duration, Console()))
+    except LabError as exc:
+        fail(str(exc))
 
 
 main.add_command(experiment)
