@@ -151,3 +151,109 @@ def test_the_server_sees_each_clients_own_address(
     text = log.read_text()
     for source in [*lab.client_addresses, *lab.client_addresses6]:
         assert source in text, (source, text[-500:])
+
+
+RULES = [
+    {"name": "no-ping-2", "match": {"proto": "icmp", "src": "198.18.0.11/32"}, "action": "drop"},
+    {
+        "name": "no-ping-2-v6",
+        "match": {"proto": "icmp", "src": "2001:2:0:1::b/128"},
+        "action": "drop",
+    },
+    {"name": "web", "match": {"proto": "tcp", "dport": 8080}, "action": "accept"},
+    {
+        "name": "udp-5k",
+        "match": {"proto": "udp", "dport": "5000-5999"},
+        "action": "ratelimit",
+        "limit": 50,
+    },
+    {"name": "icmp", "match": {"proto": "icmp"}, "action": "accept"},
+    {"name": "rest", "action": "drop"},
+]
+
+
+def test_each_rule_applies_to_exactly_the_traffic_it_matches(
+    etcd: EtcdServer, lab: LabPlan, tmp_path: Path
+) -> None:
+    """accept, drop and ratelimit rules over TCP, UDP and ICMP, IPv4 and IPv6, in the path."""
+    described = lab.describe()
+    server4, server6 = described["server"]["address"], described["server"]["address6"]
+    (one, two), (one6, two6) = lab.client_addresses, lab.client_addresses6
+
+    def ping(source: str, target: str) -> bool:
+        done = in_lab(
+            lab, "client", ["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", source, target]
+        )
+        return done.returncode == 0
+
+    def curl(source: str, url: str) -> bool:
+        argv = ["curl", "-sS", "-o", "/dev/null", "--interface", source, "--max-time", "2", url]
+        return in_lab(lab, "client", argv).returncode == 0
+
+    def reachability() -> dict[str, bool]:
+        return {
+            "ping v4 from 1": ping(one, server4),
+            "ping v6 from 1": ping(one6, server6),
+            "ping v4 from 2": ping(two, server4),
+            "ping v6 from 2": ping(two6, server6),
+            "tcp 8080 v4": curl(one, f"http://{server4}:8080/"),
+            "tcp 8080 v6": curl(one6, f"http://[{server6}]:8080/"),
+            "tcp 9090 v4": curl(one, f"http://{server4}:9090/"),
+            "tcp 9090 v6": curl(one6, f"http://[{server6}]:9090/"),
+        }
+
+    async def scenario() -> tuple[dict[str, bool], list[int], list[int]]:
+        spec = inpath_spec("rules", lab, 2, limit=None, rules=RULES)
+        async with running_service(etcd.endpoints, spec, tmp_path / "logs"):
+            http = subprocess.Popen(  # noqa: ASYNC220 - a server for the block's length
+                exec_argv(
+                    "server", ["python3", "-m", "http.server", "8080", "--bind", "::"], lab.prefix
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            other = subprocess.Popen(  # noqa: ASYNC220
+                exec_argv(
+                    "server", ["python3", "-m", "http.server", "9090", "--bind", "::"], lab.prefix
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                await asyncio.sleep(1.5)
+                seen = await asyncio.to_thread(reachability)
+                limited = await asyncio.to_thread(offer_udp, lab, 5001)
+                closed = await asyncio.to_thread(offer_udp, lab, 7000)
+                return seen, limited, closed
+            finally:
+                for proc in (http, other):
+                    proc.terminate()
+                    proc.wait(timeout=5)
+
+    seen, limited, closed = asyncio.run(scenario())
+    print(seen, "udp 5001/s:", limited, "udp 7000/s:", closed)
+    assert seen == {
+        "ping v4 from 1": True,
+        "ping v6 from 1": True,
+        "ping v4 from 2": False,
+        "ping v6 from 2": False,
+        "tcp 8080 v4": True,
+        "tcp 8080 v6": True,
+        "tcp 9090 v4": False,
+        "tcp 9090 v6": False,
+    }
+    assert all(abs(count - 50) <= 3 for count in limited), limited
+    assert closed and not any(closed), closed
+
+
+def offer_udp(lab: LabPlan, port: int) -> list[int]:
+    """150/s of UDP to `port` for 3 s from the first client: what the server got each second
+    (two whole seconds at least)."""
+    client = lab.client_addresses[0]
+    bpf = f"udp and dst port {port} and src host {client}"
+    with Capture(lab.namespace("server"), SERVER_IF, bpf) as cap:
+        started = time.time()
+        subprocess.run(hping(lab, "udp", 150, 3.0, port), capture_output=True, timeout=30)
+        ended = started + 3.0
+        time.sleep(0.3)
+    return full_seconds(per_second(cap.packets, client), started, ended)
