@@ -27,7 +27,10 @@ class Packet:
     `ipaddress` prints them); `sport` and `dport` are 0 for protocols without
     ports (ICMP's type and code are not ports); `size` is the IP packet's length
     for the in-path driver, the UDP payload's for the relay; `proto` is the IP
-    protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
+    protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6). `segments` is how many
+    packets it is on the wire: more than 1 for a GSO packet the in-path driver
+    was handed whole (vmbox.dataplane.headers), whose `size` is then the
+    segments' total; a limit in packets counts segments.
     """
 
     src: str
@@ -36,6 +39,7 @@ class Packet:
     proto: int = UDP
     dst: str = ""
     dport: int = 0
+    segments: int = 1
 
 
 class Verdict(enum.Enum):

@@ -215,3 +215,45 @@ def test_a_prefix_that_ends_before_the_ports_is_none() -> None:
     packet = v4(UDP, udp(40000, 53))
     assert parse(packet[:23]) is None
     assert parse(packet[:24]) == parse(packet)
+
+
+def tcp_with_options(sport: int, dport: int, data: bytes) -> bytes:
+    """A TCP header with 12 bytes of options (timestamps, as Linux sends), then `data`."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 8 << 4, 0x10, 65535, 0, 0)
+    return header + b"\x01\x01\x08\x0a" + b"\0" * 8 + data
+
+
+def test_a_gso_tcp_packet_counts_the_segments_it_becomes_on_the_wire() -> None:
+    # 20 + 32 header bytes: 1448 payload bytes per 1500-byte segment, as Linux's MSS.
+    whole = v4(TCP, tcp_with_options(40000, 5201, b"x" * (1448 * 3 + 100)))
+    packet = parse(whole[:128])  # the copy is cut: lengths come from the headers
+    assert packet is not None
+    assert packet.segments == 4
+    assert packet.size == len(whole) + 3 * 52  # each segment repeats the 52 header bytes
+    assert (packet.sport, packet.dport, packet.proto) == (40000, 5201, TCP)
+    exactly = parse(v4(TCP, tcp_with_options(1, 2, b"x" * (1448 * 2))))
+    assert exactly is not None and (exactly.segments, exactly.size) == (2, 3000)
+
+
+def test_a_packet_within_the_mtu_is_one_segment() -> None:
+    full = parse(v4(TCP, tcp_with_options(1, 2, b"x" * 1448)))
+    assert full is not None and (full.segments, full.size) == (1, 1500)
+    small = parse(v4(UDP, udp(1, 2)))
+    assert small is not None and small.segments == 1
+
+
+def test_gso_udp_and_ipv6_follow_the_mtu_given() -> None:
+    # IPv6 + UDP: 48 header bytes, so 9000 - 48 payload bytes per jumbo segment.
+    packet = parse(v6(UDP, udp(1, 2, b"y" * 20000)), mtu=9000)
+    assert packet is not None
+    assert packet.segments == 3
+    assert packet.size == 48 + 20000 + 2 * 48
+    assert parse(v6(UDP, udp(1, 2, b"y" * 20000))).segments == 14  # type: ignore[union-attr]
+
+
+def test_a_gso_packet_whose_headers_do_not_fit_is_none() -> None:
+    # A TCP header cut before its data offset byte, on a packet longer than the MTU.
+    long = v4(TCP, tcp_with_options(1, 2, b"x" * 3000))
+    assert parse(long[: 20 + 12]) is None
+    # A data offset claiming more header than the MTU leaves room for.
+    assert parse(long, mtu=52) is None

@@ -271,3 +271,16 @@ def test_the_resize_guard_holds_demand_shares_to_the_smaller_split() -> None:
     mb.update(group=Group(("r1", "r2", "r3"), "r1", previous=FOUR))
     mb.set_demand({"r1": {"s": 30}, "r2": {"s": 30}})
     assert passed(mb, 1000, now=80.5, src="s") == 488  # min(488 of 4, 492 of 3)
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "token_bucket"])
+def test_a_gso_packet_counts_as_its_segments(algorithm: str) -> None:
+    mb = ratelimit.build({"limit": 10, "algorithm": algorithm}, Group(("r1",), "r1"))
+    mb.start(0.5)
+    now = 3.5  # past the first window, a full bucket
+    gso = Packet("10.0.0.1", 1000, 60000, 6, "10.0.0.2", 5201, segments=4)
+    got = [mb.process(gso, now) for _ in range(3)]
+    # 4 + 4 = 8 of 10; 4 more would be 12.
+    assert got == [Verdict.PASS, Verdict.PASS, Verdict.DROP]
+    assert mb.process(Packet("10.0.0.1", 1000, 64), now) is Verdict.PASS  # 9
+    assert mb.process(Packet("10.0.0.1", 1000, 64, segments=2), now) is Verdict.DROP  # 11

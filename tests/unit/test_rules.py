@@ -232,3 +232,22 @@ def test_the_single_limit_spec_is_the_plain_limiter() -> None:
     assert type(built) is FixedWindow
     assert [i.name for i in FUNCTION.state_items(config)] == ["limit"]
     assert built.rule_counters() == {}
+
+
+def test_a_gso_packet_costs_its_segments_or_its_bytes() -> None:
+    fw = ruleset(
+        rules=[
+            {"name": "pkts", "match": {"proto": "tcp"}, "action": "ratelimit", "limit": 5},
+            {
+                "name": "bulk",
+                "match": {"proto": "udp"},
+                "action": "ratelimit",
+                "limit": 9000,
+                "unit": "bytes",
+            },
+        ]
+    )
+    tcp = Packet(V4, 1, 4500, TCP, segments=3)
+    assert verdicts(fw, tcp, 2) == [Verdict.PASS, Verdict.DROP]  # 3, then 6 > 5
+    udp = Packet(V4, 1, 4500, UDP, segments=3)
+    assert verdicts(fw, udp, 3) == [Verdict.PASS, Verdict.PASS, Verdict.DROP]  # bytes: 9000

@@ -8,6 +8,14 @@ size comes from the IP header's length field, not from how much was copied.
 What it returns: IPv4 and IPv6 (hop-by-hop, routing, destination-options,
 fragment and AH extension headers skipped), with TCP and UDP ports; ICMP,
 ICMPv6, a fragment that is not the first and any other protocol get ports 0.
+A TCP or UDP packet longer than the egress `mtu` is a GSO packet (the queue
+hands those over whole, vmbox.dataplane.nfqueue): its `segments` are the
+packets it becomes on the wire, ceil(payload / (mtu - its headers)), and its
+`size` is what they add up to (each segment repeats the headers). Exact when
+the sender's segment size is the MTU less those headers (TCP's MSS on a path
+of one MTU, as in the lab); a sender with a smaller MSS makes more, smaller
+segments than counted.
+
 Anything it cannot read (another IP version, a header cut short, lengths that
 contradict each other) is None: the driver counts it as malformed and drops
 it, since a firewall that passes what it cannot parse can be walked around.
@@ -28,6 +36,7 @@ _V4 = struct.Struct("!BxH2xHxB2x4s4s")
 # payload length, next header, source, destination (after the 4-byte version/class/label)
 _V6 = struct.Struct("!4xHBx16s16s")
 _PORTS = struct.Struct("!HH")
+_TCP_OFFSET = struct.Struct("!12xB")  # TCP data offset (header length in words, high nibble)
 _EXT = struct.Struct("!BB")  # next header, length field of an extension header
 _FRAG = struct.Struct("!B1xH")  # next header, offset (13 bits) and flags
 
@@ -45,23 +54,25 @@ _PORTED = frozenset((TCP, UDP))
 # Extension headers skipped in a row before the packet is judged malformed;
 # real packets carry a few, a longer chain is an attempt to hide the ports.
 MAX_EXTENSIONS = 8
+MTU = 1500  # the default egress MTU: packets longer than it are GSO packets
+UDP_HEADER = 8
 
 Buffer = bytes | bytearray | memoryview
 
 
-def parse(data: Buffer) -> Packet | None:
+def parse(data: Buffer, mtu: int = MTU) -> Packet | None:
     """The packet `data` holds (from its IP header on), or None if unreadable."""
     if not data:
         return None
     version = data[0] >> 4
     if version == 4:
-        return _parse_v4(data)
+        return _parse_v4(data, mtu)
     if version == 6:
-        return _parse_v6(data)
+        return _parse_v6(data, mtu)
     return None
 
 
-def _parse_v4(data: Buffer) -> Packet | None:
+def _parse_v4(data: Buffer, mtu: int) -> Packet | None:
     if len(data) < 20:
         return None
     vihl, total, frag, proto, src, dst = _V4.unpack_from(data)
@@ -73,10 +84,22 @@ def _parse_v4(data: Buffer) -> Packet | None:
         if len(data) < hlen + 4 or total < hlen + 4:
             return None
         sport, dport = _PORTS.unpack_from(data, hlen)
+        if total > mtu:
+            return _segmented(
+                data,
+                hlen,
+                total,
+                mtu,
+                proto,
+                _ntop(_AF_INET, src),
+                sport,
+                _ntop(_AF_INET, dst),
+                dport,
+            )
     return Packet(_ntop(_AF_INET, src), sport, total, proto, _ntop(_AF_INET, dst), dport)
 
 
-def _parse_v6(data: Buffer) -> Packet | None:
+def _parse_v6(data: Buffer, mtu: int) -> Packet | None:
     if len(data) < 40:
         return None
     plen, proto, src, dst = _V6.unpack_from(data)
@@ -108,4 +131,42 @@ def _parse_v6(data: Buffer) -> Packet | None:
         if len(data) < offset + 4 or end < offset + 4:
             return None
         sport, dport = _PORTS.unpack_from(data, offset)
+        if end > mtu:
+            return _segmented(
+                data,
+                offset,
+                end,
+                mtu,
+                proto,
+                _ntop(_AF_INET6, src),
+                sport,
+                _ntop(_AF_INET6, dst),
+                dport,
+            )
     return Packet(_ntop(_AF_INET6, src), sport, end, proto, _ntop(_AF_INET6, dst), dport)
+
+
+def _segmented(
+    data: Buffer,
+    offset: int,
+    total: int,
+    mtu: int,
+    proto: int,
+    src: str,
+    sport: int,
+    dst: str,
+    dport: int,
+) -> Packet | None:
+    """A GSO packet (longer than `mtu`; its L4 header at `offset`): its segments and wire size."""
+    if proto == TCP:
+        if len(data) < offset + 13:
+            return None
+        headers = offset + (_TCP_OFFSET.unpack_from(data, offset)[0] >> 4) * 4
+    else:
+        headers = offset + UDP_HEADER
+    per = mtu - headers
+    if headers > total or per <= 0:
+        return None
+    segments = max(1, -(-(total - headers) // per))
+    size = total + (segments - 1) * headers
+    return Packet(src, sport, size, proto, dst, dport, segments)

@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from vmbox import netns
 from vmbox.dataplane.counters import Counters
-from vmbox.dataplane.headers import parse
+from vmbox.dataplane.headers import MTU, parse
 from vmbox.packet import Packet, Verdict
 
 __all__ = ["COPY_RANGE", "NfqueueDriver", "QueueError"]
@@ -65,6 +66,43 @@ RCVBUF = 4 * 1024 * 1024
 # Packets read per wakeup before the loop gets to run its other callbacks.
 BATCH = 256
 PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+# Netlink, for the one message netfilterqueue cannot send: the queue's flags.
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id (host order)
+_NFGEN = struct.Struct("!BBH")  # family, version, res_id (the queue number, big-endian)
+_NLA_U32 = struct.Struct("=HH")  # attribute length, type; then a big-endian u32
+_U32 = struct.Struct("!I")
+_ERRNO = struct.Struct("=i")
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG = 3, 2
+NFQA_CFG_MASK, NFQA_CFG_FLAGS = 4, 5
+# Hand GSO packets over whole (one verdict for up to 64 KB), not segmented in software.
+NFQA_CFG_F_GSO = 1 << 2
+_CONFIG_SEQ = 0x766D6278  # ours, so the ack is told from anything else on the socket
+
+
+def config_flags_message(queue: int, flags: int, mask: int, seq: int = _CONFIG_SEQ) -> bytes:
+    """NFQNL_MSG_CONFIG setting `flags` (under `mask`) on `queue`, asking for an ack."""
+    attrs = b"".join(
+        _NLA_U32.pack(8, kind) + _U32.pack(value)
+        for kind, value in ((NFQA_CFG_MASK, mask), (NFQA_CFG_FLAGS, flags))
+    )
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, queue) + attrs
+    kind = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
+    return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def ack_errno(datagram: bytes, seq: int = _CONFIG_SEQ) -> int | None:
+    """The errno (0: done) of the ack for `seq` in this datagram, or None if it holds none."""
+    offset = 0
+    while offset + _NLMSG.size <= len(datagram):
+        length, kind, _flags, got, _port = _NLMSG.unpack_from(datagram, offset)
+        if length < _NLMSG.size:
+            return None
+        if kind == NLMSG_ERROR and got == seq and offset + _NLMSG.size + 4 <= len(datagram):
+            return -int(_ERRNO.unpack_from(datagram, offset + _NLMSG.size)[0])
+        offset += (length + 3) & ~3
+    return None
 
 
 class QueueError(OSError):
@@ -99,6 +137,18 @@ class _BoundedSocket:
             raise
 
 
+class _Replay:
+    """What `run_socket` reads to hand over datagrams that came before the flags' ack."""
+
+    def __init__(self, datagrams: list[bytes]) -> None:
+        self.datagrams = datagrams
+
+    def recv(self, size: int) -> bytes:
+        if not self.datagrams:
+            raise BlockingIOError(errno.EAGAIN, "replayed")
+        return self.datagrams.pop(0)
+
+
 class NfqueueDriver:
     """Decide every packet of netfilter queue `queue` in `namespace` (None: this one)."""
 
@@ -115,6 +165,7 @@ class NfqueueDriver:
         batch: int = BATCH,
         max_len: int = MAX_LEN,
         copy_range: int = COPY_RANGE,
+        mtu: int = MTU,
     ) -> None:
         self.namespace = namespace
         self.queue = queue
@@ -126,6 +177,7 @@ class NfqueueDriver:
         self.batch = batch
         self.max_len = max_len
         self.copy_range = copy_range
+        self.mtu = mtu  # the egress MTU: how many packets a GSO packet becomes
         self.last_packet = monotonic()
         self._now = 0.0
         self._nfq: NetfilterQueue | None = None
@@ -154,13 +206,46 @@ class NfqueueDriver:
                 self._proc_fd = os.open(PROC_QUEUES, os.O_RDONLY | os.O_CLOEXEC)
         self._nfq = nfq
         self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+        early = self._set_flags(self._sock, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO)
         self._sock.setblocking(False)
         self._reader = _BoundedSocket(self._sock, self)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        if early:
+            # Packets queued while we waited for the ack: decide them now, in order.
+            self._now = self.clock()
+            nfq.run_socket(_Replay(early))  # type: ignore[arg-type]  # it only calls recv()
         if self.barrier is not None:
             self._tasks.append(self._loop.create_task(self._barrier_loop(), name="nfq-barrier"))
         log.info("nfqueue: bound %s", self.where)
+
+    def _set_flags(self, sock: socket.socket, flags: int, mask: int) -> list[bytes]:
+        """Set the queue's flags (netfilterqueue has no call for it); what came before the ack.
+
+        The kernel takes the message only from the socket that bound the queue,
+        and packets may already be queued to it: every datagram read before the
+        ack is returned, for the caller to hand to netfilterqueue. A kernel that
+        refuses the flags (or no ack within a second) leaves the queue working
+        without them, with a warning.
+        """
+        early: list[bytes] = []
+        sock.settimeout(1.0)
+        try:
+            sock.sendto(config_flags_message(self.queue, flags, mask), (0, 0))
+            while True:
+                datagram = sock.recv(65536)
+                error = ack_errno(datagram)
+                if error is None:
+                    early.append(datagram)
+                    continue
+                if error:
+                    log.warning(
+                        "nfqueue: %s: flags %#x refused: %s", self.where, flags, os.strerror(error)
+                    )
+                return early
+        except OSError as exc:
+            log.warning("nfqueue: %s: cannot set flags %#x: %s", self.where, flags, exc)
+            return early
 
     def _inside(self) -> contextlib.AbstractContextManager[None]:
         if self.namespace is None:
@@ -211,7 +296,7 @@ class NfqueueDriver:
     def _on_packet(self, pkt: Any) -> None:
         counters = self.counters
         counters.received += 1
-        packet = parse(pkt.get_payload())
+        packet = parse(pkt.get_payload(), self.mtu)
         if packet is None:
             counters.malformed += 1
             counters.dropped += 1

@@ -154,8 +154,14 @@ class FixedWindow(RateLimiter):
         self.live = set()
         self.table = _NONE if window_id == self.first_window else self.window_allow
 
-    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
-        """Decide one packet that costs `cost` against the allowance (1, or its size in bytes)."""
+    def process(self, packet: Packet, now: float, cost: int | None = None) -> Verdict:
+        """Decide one packet that costs `cost` against the allowance.
+
+        `cost` is its size under `unit: bytes`; None (the default) counts it as
+        the packets it is on the wire (`packet.segments`: 1 but for GSO packets).
+        """
+        if cost is None:
+            cost = packet.segments
         window_id = math.floor(now / self.window)
         if window_id != self.window_id:
             self._new_window(window_id)

@@ -68,8 +68,11 @@ class RateLimiter(Middlebox):
             self.demand_changed(self.index.replace(reports, self.keep_reports()))
 
     @abstractmethod
-    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
-        """Decide one packet that costs `cost` (1, or its size in bytes under `unit: bytes`)."""
+    def process(self, packet: Packet, now: float, cost: int | None = None) -> Verdict:
+        """Decide one packet that costs `cost` (its size in bytes under `unit: bytes`).
+
+        None: the packets it is on the wire (`packet.segments`, more than 1 for GSO).
+        """
 
     @abstractmethod
     def keep_reports(self) -> tuple[str, ...]:

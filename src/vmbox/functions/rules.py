@@ -238,7 +238,7 @@ class RuleSet(Middlebox):
             if action == RATELIMIT:
                 limiter = rule.limiter
                 assert limiter is not None
-                cost = packet.size if rule.by_bytes else 1
+                cost = packet.size if rule.by_bytes else packet.segments
                 if limiter.process(packet, now, cost) is Verdict.PASS:
                     if rule.shadow:
                         continue

@@ -118,8 +118,13 @@ class TokenBucket(RateLimiter):
                 del self.buckets[source]
         self.next_sweep = now + self.window
 
-    def process(self, packet: Packet, now: float, cost: int = 1) -> Verdict:
-        """Decide one packet that takes `cost` tokens (1, or its size in bytes)."""
+    def process(self, packet: Packet, now: float, cost: int | None = None) -> Verdict:
+        """Decide one packet that takes `cost` tokens (its size under `unit: bytes`).
+
+        None (the default): the packets it is on the wire, `packet.segments`.
+        """
+        if cost is None:
+            cost = packet.segments
         self.now = now
         key = packet.src
         if self.demand:
