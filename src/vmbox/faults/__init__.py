@@ -127,6 +127,15 @@ FAULTS: Registry[FaultFunction] = Registry(
             budget=180,
             small_budget=90,
         ),
+        Entry(
+            name="in-path kill",
+            module="vmbox.faults.inpath_kill",
+            function="inpath_kill",
+            summary="kill -9 the in-path replica under an iperf3 TCP stream, fail: open "
+            "(no gap) and closed (a gap, then the same connection) (root).",
+            budget=120,
+            small_budget=60,
+        ),
     ],
     signature="(scale, say)",
 )
