@@ -25,8 +25,8 @@ import click
 from rich.console import Console
 
 from vmbox.cli.errors import fail, run
-from vmbox.experiments import EXPERIMENTS
-from vmbox.registry import Entry, NotRunnable
+from vmbox.experiments import EXPERIMENTS, INPATH_EXPERIMENTS
+from vmbox.registry import Entry, NotRunnable, Registry
 
 if TYPE_CHECKING:  # results (and what it imports) only once an experiment runs
     from vmbox.experiments.results import ExperimentResult, Scale
@@ -125,8 +125,26 @@ class ExperimentGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+DATAPLANE_HELP = (
+    "relay: the UDP relay on loopback. nfqueue (root): the service in the packet path of a "
+    "lab of network namespaces built for the run and removed after it "
+    f"({', '.join(e.name for e in INPATH_EXPERIMENTS.entries)})."
+)
+
+
+def _registry(dataplane: str) -> Registry[Any]:
+    return INPATH_EXPERIMENTS if dataplane == "nfqueue" else EXPERIMENTS
+
+
 def _options(func: Any) -> Any:
     func = click.option("--small", is_flag=True, help=SMALL_HELP)(func)
+    func = click.option(
+        "--dataplane",
+        type=click.Choice(["relay", "nfqueue"]),
+        default="relay",
+        show_default=True,
+        help=DATAPLANE_HELP,
+    )(func)
     return click.option(
         "--out", default="results", show_default=True, metavar="DIR", help=OUT_HELP
     )(func)
@@ -137,13 +155,17 @@ def _single_command(entry: Entry) -> click.Command:
         name=entry.name, help=_docstring(entry), short_help=entry.summary, epilog=EXIT_HELP
     )
     @_options
-    def command(out: str, small: bool) -> None:
+    def command(out: str, small: bool, dataplane: str) -> None:
+        chosen = _registry(dataplane).lookup(entry.name)
+        if chosen is None:
+            names = ", ".join(e.name for e in INPATH_EXPERIMENTS.available())
+            fail(f"{entry.name} has no --dataplane {dataplane} version (those: {names})", 2)
         out_dir = _prepare(out)
         console = Console()
         scale: Scale = "small" if small else "full"
-        result = run(lambda: run_entry(entry, out_dir, scale, console))
+        result = run(lambda: run_entry(chosen, out_dir, scale, console))
         if result.error:
-            fail(f"{entry.name}: {result.error}")
+            fail(f"{result.name}: {result.error}")
         _show(result, console)
         _exit_on_failures([result])
 
@@ -171,7 +193,7 @@ def experiment() -> None:
     type=click.Choice([entry.name for entry in EXPERIMENTS.entries]),
     help="Leave this experiment out (repeatable).",
 )
-def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
+def all_(out: str, small: bool, dataplane: str, skip: tuple[str, ...]) -> None:
     """Run every experiment, then write report.md beside their CSVs and PNGs.
 
     The report puts vmbox's figures beside the published ones, says whether
@@ -185,19 +207,21 @@ def all_(out: str, small: bool, skip: tuple[str, ...]) -> None:
     command = shlex.join(
         ["vmbox", "experiment", "all", "--out", out]
         + (["--small"] if small else [])
+        + (["--dataplane", dataplane] if dataplane != "relay" else [])
         + [arg for name in skip for arg in ("--skip", name)]
     )
-    results = run(lambda: _run_all(out_dir, scale, set(skip), command, console))
+    registry = _registry(dataplane)
+    results = run(lambda: _run_all(out_dir, scale, set(skip), command, console, registry))
     _exit_on_failures(results)
 
 
-def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
+def _left_out(skip: set[str], registry: Registry[Any]) -> tuple[list[Entry], list[str]]:
     """The entries to run, and a note for each one left out."""
     entries, notes = [], []
-    for entry in EXPERIMENTS.entries:
+    for entry in registry.entries:
         if entry.name in skip:
             notes.append(f"{entry.name}: left out (--skip {entry.name}).")
-        elif entry not in EXPERIMENTS.available():
+        elif entry not in registry.available():
             notes.append(f"{entry.name}: not available yet ({entry.module} is not installed).")
         else:
             entries.append(entry)
@@ -205,14 +229,19 @@ def _left_out(skip: set[str]) -> tuple[list[Entry], list[str]]:
 
 
 async def _run_all(
-    out_dir: Path, scale: Scale, skip: set[str], command: str, console: Console
+    out_dir: Path,
+    scale: Scale,
+    skip: set[str],
+    command: str,
+    console: Console,
+    registry: Registry[Any] = EXPERIMENTS,
 ) -> list[ExperimentResult]:
     """Every available experiment in registry order, then report.md; their results."""
     from vmbox.experiments.report import console_table, render_report
     from vmbox.experiments.results import machine_info
 
     started, wall = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    entries, left_out = _left_out(skip)
+    entries, left_out = _left_out(skip, registry)
     results = [await run_entry(entry, out_dir, scale, console) for entry in entries]
     text = render_report(
         results,

@@ -7,8 +7,9 @@ Each experiment is a module exposing
 (`scale` is "full", the real run, or "small", the quick version the tests run;
 ExperimentResult is in vmbox.experiments.results). `EXPERIMENTS` (a lazy
 vmbox.registry.Registry) lists them in the order `vmbox experiment all` runs
-them. Adding an experiment is one module and one entry here. Called by
-vmbox.cli.experiment.
+them. Adding an experiment is one module and one entry here. INPATH_EXPERIMENTS
+lists the in-path versions (`--dataplane nfqueue`), by the same names. Called
+by vmbox.cli.experiment.
 """
 
 from __future__ import annotations
@@ -70,3 +71,38 @@ EXPERIMENTS: Registry[RunFunction] = Registry(
     ],
     signature="run(out_dir, *, scale, console)",
 )
+
+INPATH_EXPERIMENTS: Registry[RunFunction] = Registry(
+    [
+        Entry(
+            name="correctness",
+            module="vmbox.experiments.inpath.correctness",
+            function="run",
+            summary="In-path: UDP and TCP clients step up to 300 packets/s through a 100/s "
+            "limit with 1, 2 and 4 replicas, counted at the server.",
+            budget=400,
+            small_budget=150,
+        ),
+        Entry(
+            name="overhead",
+            module="vmbox.experiments.inpath.overhead",
+            function="run",
+            summary="In-path: ping's round trip with no firewall, and through it with "
+            "consistency local, poll and strong.",
+            budget=300,
+            small_budget=120,
+        ),
+        Entry(
+            name="skew",
+            module="vmbox.experiments.inpath.skew",
+            function="run",
+            summary="In-path: one heavy one-flow source (and spread ones) on 4 replicas: "
+            "even vs demand split, counted at the server.",
+            budget=240,
+            small_budget=150,
+        ),
+    ],
+    signature="run(out_dir, *, scale, console)",
+)
+"""`vmbox experiment NAME --dataplane nfqueue`: the same experiments in the packet path of a
+lab (vmbox.experiments.inpath); `all --dataplane nfqueue` runs these."""
