@@ -21,9 +21,11 @@ import pytest
 
 from tests.integration.harness import running_service
 from tests.integration.labs import in_lab, lab_running
+from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
 from vmbox.lab.plan import SERVER_IF
+from vmbox.spec import parse_spec
 from vmbox.testbed import inpath_spec
 from vmbox.tools.capture import Capture, full_seconds, per_second
 
@@ -282,3 +284,50 @@ def test_how_flows_spread_decides_which_split_holds_the_limit(
     # demand: the first second or two follow the reports in; judge the rest
     steady = seconds[2:] if split == "demand" else seconds
     assert steady and all(abs(count - expected) <= 5 for count in steady), seconds
+
+
+def test_autoscaling_follows_the_packet_rate_in_the_path(
+    etcd: EtcdServer, lab: LabPlan, tmp_path: Path
+) -> None:
+    """400 packets/s from one client: 1 -> 3 replicas on the pps metric, the limit held at
+    the server, then back to 1 when the load stops (drained, steering rewritten first)."""
+
+    async def scenario() -> tuple[list[int], int, int, list[str]]:
+        data = inpath_spec("auto", lab).model_dump(mode="json")
+        data["autoscale"] = {
+            "metric": "pps",
+            "scale_up_at": 150,  # 400 on 1 and 200 on 2 are over it; 133 on 3 is not
+            "scale_down_at": 40,
+            "aggregate": "mean",
+            "up_for": 2,
+            "down_for": 3,
+            "cooldown": "1.5s",
+            "interval": "0.5s",
+        }
+        spec = parse_spec(data)
+        async with running_service(etcd.endpoints, spec, tmp_path) as svc:
+            client = lab.client_addresses[0]
+            bpf = f"udp and src host {client}"
+            with Capture(lab.namespace("server"), SERVER_IF, bpf) as cap:
+                started = time.time()
+                load = asyncio.create_task(
+                    asyncio.to_thread(
+                        subprocess.run, hping(lab, "udp", 400, 12.0), capture_output=True
+                    )
+                )
+                await svc.wait_ready(3, timeout=15.0)
+                peak = len(await svc.members())
+                await load
+                ended = started + 12.0
+            await svc.wait_ready(1, timeout=20.0)
+            after = len(await svc.members())
+            chain = steering.current(lab.namespace("gateway"), steering.chain_name("auto"))
+            return full_seconds(per_second(cap.packets, client), started, ended), peak, after, chain
+
+    seconds, peak, after, chain = asyncio.run(scenario())
+    print(f"autoscaled in-path: peak {peak}, after {after}, server received/s {seconds}")
+    assert peak == 3 and after == 1
+    assert chain == ["-A VMBOX-auto -j NFQUEUE --queue-num 0"], chain
+    # Every whole second at the server, the resizes' included, within the limit.
+    assert all(count <= 100 for count in seconds), seconds
+    assert statistics.fmean(seconds) >= 90, seconds
