@@ -59,7 +59,7 @@ replicas: {{count: 1, min: 1, max: 4}}
 def test_help_explains_every_command() -> None:
     result = vmbox("--help")
     assert result.returncode == 0
-    for command in ("up", "status", "scale", "demo", "echo", "load"):
+    for command in ("up", "status", "scale", "demo", "echo", "load", "lab"):
         assert command in result.stdout
     commands = [
         line.split()[0]
