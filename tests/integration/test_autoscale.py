@@ -32,19 +32,23 @@ OFFERED = 400  # packets/s: 400 on 1, 200 on 2 (both >= 150), 133 on 3 (< 150): 
 REACTION_BOUND = 6.0
 
 
+# On pps: 400/s is over 150 on 1 and on 2 replicas, under it on 3; nothing is under 40.
+PPS_STEP = {
+    "metric": "pps",
+    "scale_up_at": 150,
+    "scale_down_at": 40,
+    "aggregate": "mean",
+    "up_for": 2,
+    "down_for": 3,
+    "cooldown": "1.5s",
+    "interval": "0.5s",
+}
+
+
 def autoscaled_spec(service: str) -> Spec:
     data = make_spec(service).model_dump(mode="json")
     data["replicas"] = {"count": 1, "min": 1, "max": 4, "drain_timeout": "2s"}
-    data["autoscale"] = {
-        "metric": "pps",
-        "scale_up_at": 150,
-        "scale_down_at": 40,
-        "aggregate": "mean",
-        "up_for": 2,
-        "down_for": 3,
-        "cooldown": "1.5s",
-        "interval": "0.5s",
-    }
+    data["autoscale"] = PPS_STEP
     return parse_spec(data)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import running_service
+from tests.integration.test_autoscale import PPS_STEP
 from tests.integration.labs import in_lab, lab_running
 from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
@@ -294,16 +295,7 @@ def test_autoscaling_follows_the_packet_rate_in_the_path(
 
     async def scenario() -> tuple[list[int], int, int, list[str]]:
         data = inpath_spec("auto", lab).model_dump(mode="json")
-        data["autoscale"] = {
-            "metric": "pps",
-            "scale_up_at": 150,  # 400 on 1 and 200 on 2 are over it; 133 on 3 is not
-            "scale_down_at": 40,
-            "aggregate": "mean",
-            "up_for": 2,
-            "down_for": 3,
-            "cooldown": "1.5s",
-            "interval": "0.5s",
-        }
+        data["autoscale"] = PPS_STEP  # 400/s: over the line on 1 and 2 replicas, not on 3
         spec = parse_spec(data)
         async with running_service(etcd.endpoints, spec, tmp_path) as svc:
             client = lab.client_addresses[0]
