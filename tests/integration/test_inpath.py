@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import running_service
-from tests.integration.test_autoscale import PPS_STEP
 from tests.integration.labs import in_lab, lab_running
+from tests.integration.test_autoscale import PPS_STEP
 from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
