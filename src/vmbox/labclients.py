@@ -73,13 +73,23 @@ def server_address(plan: LabPlan) -> str:
 class Flood:
     """hping3 from `source` (a client address of the lab) to the server at `rate` packets/s for
     `seconds`: `proto` udp (datagrams) or tcp (SYNs); a new source port per packet unless
-    `flows=1`. A context manager: the process is gone when the block ends."""
+    `flows=1` or a `sport` is given (then one flow). A context manager: the process is gone
+    when the block ends."""
 
     def __init__(
-        self, plan: LabPlan, proto: str, source: str, rate: float, seconds: float, flows: int = 0
+        self,
+        plan: LabPlan,
+        proto: str,
+        source: str,
+        rate: float,
+        seconds: float,
+        flows: int = 0,
+        sport: int | None = None,
     ) -> None:
         flag = {"udp": ["--udp"], "tcp": ["-S"]}[proto]
-        keep = ["-k", "-s", str(20_000 + int(source.rsplit(".", 1)[-1]))] if flows == 1 else []
+        if flows == 1 and sport is None:
+            sport = 20_000 + int(source.rsplit(".", 1)[-1])
+        keep = ["-k", "-s", str(sport)] if sport is not None else []
         argv = [
             "hping3",
             *flag,
