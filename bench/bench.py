@@ -8,6 +8,12 @@ generator (this process) and the same echo server (its own process):
   limit far above the offered load, its `limit` kept fresh in that mode
   against a private etcd.
 
+As root, the in-path rows (bench/inpath.py): a lab of namespaces, 64-byte UDP
+from `iperf3 -u -l 64 -b 0` and `ping` round trips with no queue rule and
+through a one-replica `dataplane: nfqueue` service, as ratios, and the
+driver's packets/s against the relay's; without root the bench says why and
+prints the relay table alone.
+
 Printed: one table, throughput (datagrams passed per second at a saturating
 offer, the offer in the title) and per-packet round-trip latency at 1,000
 packets/s, each beside the plain relay's as a ratio; `--csv PATH` also writes
@@ -24,12 +30,17 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from inpath import InpathFigures, why_not
+from inpath import measure as measure_inpath
 
 from vmbox.spec import parse_spec
 from vmbox.state import keys
@@ -157,7 +168,44 @@ def report(results: dict[str, Figures]) -> Table:
     return table
 
 
-def write_csv(path: Path, results: dict[str, Figures]) -> None:
+def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures]) -> Table:
+    bare, nfq = inpath["no queue rule"], inpath["nfqueue"]
+    table = Table(
+        title="in-path: a lab, 64-byte UDP from iperf3 -u -l 64 -b 0 (offered beside each), "
+        "ping -i 0.002 round trips; one replica; ratios against no queue rule",
+        title_justify="left",
+    )
+    for name in ("path", "offered/s", "passed/s", "x no rule", "p50 ms", "p99 ms", "+p50", "+p99"):
+        table.add_column(name, justify="left" if name == "path" else "right")
+    for name, f in inpath.items():
+        table.add_row(
+            name,
+            f"{f.offered:,.0f}",
+            f"{f.passed:,.0f}",
+            f"{f.passed / bare.passed:.2f}",
+            f"{f.p50_ms:.3f}",
+            f"{f.p99_ms:.3f}",
+            f"{f.p50_ms - bare.p50_ms:+.3f}",
+            f"{f.p99_ms - bare.p99_ms:+.3f}",
+        )
+    for relay in ("plain", "local"):
+        if relay in results:
+            table.add_row(
+                f"nfqueue / relay {relay}",
+                f"{nfq.offered:,.0f} / {BLAST_RATE:,.0f}",
+                f"{nfq.passed:,.0f} / {results[relay].throughput:,.0f}",
+                f"{nfq.passed / results[relay].throughput:.2f}",
+                f"{nfq.p50_ms:.3f} / {results[relay].p50_ms:.3f}",
+                f"{nfq.p99_ms:.3f} / {results[relay].p99_ms:.3f}",
+                "",
+                "",
+            )
+    return table
+
+
+def write_csv(
+    path: Path, results: dict[str, Figures], inpath: dict[str, InpathFigures] | None = None
+) -> None:
     base = results["plain"]
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
@@ -186,10 +234,28 @@ def write_csv(path: Path, results: dict[str, Figures]) -> None:
                     f"{f.p99_ms:.4f}",
                 ]
             )
+        if inpath:
+            # throughput_x_plain: against the lab with no queue rule; no mean.
+            bare = inpath["no queue rule"]
+            for name, g in inpath.items():
+                writer.writerow(
+                    [
+                        f"inpath {name}",
+                        f"{g.offered:.0f}",
+                        f"{g.passed:.0f}",
+                        f"{g.passed / bare.passed:.3f}",
+                        "",
+                        "",
+                        f"{g.p50_ms:.4f}",
+                        f"{g.p99_ms:.4f}",
+                    ]
+                )
 
 
-async def run_all() -> dict[str, Figures]:
+async def run_all() -> tuple[dict[str, Figures], dict[str, InpathFigures] | None]:
     progress = Console(stderr=True)
+    inpath = None
+    skip = why_not()
     upstream = ("127.0.0.1", free_udp_port())
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
     try:
@@ -199,19 +265,29 @@ async def run_all() -> dict[str, Figures]:
             for mode in MODES:
                 with progress.status(f"measuring a replica in {mode} mode"):
                     results[mode] = await replica(store, mode, upstream)
+            if skip is None:
+                with (
+                    progress.status("measuring in-path: a lab, no queue rule, then nfqueue"),
+                    tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
+                ):
+                    inpath = await measure_inpath(store, Path(logs))
     finally:
         stop(echo)
-    return results
+    if skip is not None:
+        progress.print(f"in-path rows skipped: {skip}")
+    return results, inpath
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the figures as CSV")
     args = parser.parse_args()
-    results = uvloop.run(run_all())
+    results, inpath = uvloop.run(run_all())
     Console().print(report(results))
+    if inpath is not None:
+        Console(width=max(Console().width, 120)).print(report_inpath(results, inpath))
     if args.csv:
-        write_csv(args.csv, results)
+        write_csv(args.csv, results, inpath)
 
 
 if __name__ == "__main__":
