@@ -13,9 +13,11 @@ packet that does not parse is counted as malformed and dropped.
 
 The binding is `netfilterqueue` (docs/nfqueue.md: why, with the figures):
 its `run_socket` loop reads our non-blocking socket and calls back once per
-packet; the verdict is one netlink message per packet (the binding has no
-batched verdicts). `now` is read once per wakeup from `clock` (wall time, as
-the middlebox's windows are epoch-aligned); `monotonic` times drain.
+packet. What it lacks the driver sends itself on its socket: the queue flag
+NFQA_CFG_F_GSO (GSO packets whole, counted as their segments) and one batch
+verdict per wakeup accepting the packets passed (drops go at once). `now`
+is read once per wakeup from `clock` (wall time, as the middlebox's windows
+are epoch-aligned); `monotonic` times drain.
 
 In the `strong` consistency mode `barrier` (a store read) must complete,
 having started after a packet arrived, before the packet is decided: packets
