@@ -30,12 +30,9 @@ from vmbox.lab import LabPlan, exec_argv
 from vmbox.testbed import inpath_spec
 
 SECONDS = 4
-# The issue asks for half; the in-path figure swings with the shared 2-core
-# machine (the replica, both iperf3 ends and the kernel's forwarding compete).
-# Measured 0.63-0.64 of the lab here (0.49 with the driver in the test's
-# process). 0.2 is what a run can be held to every time, 15 times what the
-# per-segment path reached (0.013).
-MIN_RATIO = 0.2
+# The issue asks for half. Measured 0.63-0.79 of the lab in 5 runs (with GSO
+# and batch verdicts); the per-segment path reached 0.013.
+MIN_RATIO = 0.5
 BYTES_LIMIT = 2_000_000  # bytes per second, for the `unit: bytes` rule
 BYTES_SECONDS = 9
 
