@@ -39,6 +39,7 @@ COUNTERS = (
     ("vmbox_queue_drops", "queue_drops", "Datagrams dropped because a queue was full."),
     ("vmbox_flows_expired", "flows_expired", "Upstream flows closed after idling."),
     ("vmbox_packets_malformed", "malformed", "Packets that did not parse (dropped)."),
+    ("vmbox_queue_socket_errors", "socket_errors", "Read errors on the netfilter queue socket."),
     (
         "vmbox_kernel_queue_drops",
         "kernel_queue_drops",

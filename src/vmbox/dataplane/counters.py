@@ -33,11 +33,10 @@ class Counters:
     flows: int = 0
     flows_expired: int = 0
     flows_evicted: int = 0
-    # The in-path driver (vmbox.dataplane.nfqueue): ENOBUFS on its netlink
-    # socket and other read errors it saw, and, read from the kernel's
-    # /proc/net/netfilter/nfnetlink_queue, packets waiting for a verdict and
-    # the kernel's drops (queue full; netlink socket full).
-    socket_overflows: int = 0
+    # The in-path driver (vmbox.dataplane.nfqueue): read errors on its netlink
+    # socket, and, read from the kernel's /proc/net/netfilter/nfnetlink_queue,
+    # packets waiting for a verdict and the kernel's drops (queue full;
+    # netlink socket full, which is where ENOBUFS shows).
     socket_errors: int = 0
     queue_waiting: int = 0
     kernel_queue_drops: int = 0
