@@ -8,12 +8,11 @@ from vmbox.experiments.overhead import (
     VARIANTS,
     Stats,
     order,
-    percentile,
     report_rows,
     scale_note,
     summarize,
 )
-from vmbox.experiments.results import ExperimentError
+from vmbox.experiments.results import ExperimentError, percentile
 
 
 def test_summarize_gives_exact_min_mean_max_and_nearest_rank_percentiles() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from vmbox.experiments.results import (
     ReportRow,
     Scale,
     new_progress,
+    percentile,
     write_csv,
 )
 from vmbox.spec import Consistency, MiddleboxSpec, Spec
@@ -113,11 +113,6 @@ class Stats:
     p99: float
     max: float
     round_median: float  # the median of the rounds' means: a burst in one round moves it little
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of sorted values (the load tool's definition)."""
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
 
 
 def summarize(rounds: Sequence[Sequence[float]], sent: int) -> Stats:

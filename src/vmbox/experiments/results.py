@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import math
 import os
 import platform
 import subprocess
@@ -119,3 +120,8 @@ def new_progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of sorted values (the load tool's definition)."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]

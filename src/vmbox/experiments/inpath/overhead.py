@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import statistics
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from vmbox.experiments.results import (
     ReportRow,
     Scale,
     new_progress,
+    percentile,
     write_csv,
 )
 from vmbox.lab import LabPlan
@@ -62,10 +62,6 @@ class Stats:
     p50: float
     p99: float
     max: float
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
 
 
 def summarize(rtts: Sequence[float], sent: int) -> Stats:
