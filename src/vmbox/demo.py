@@ -286,7 +286,7 @@ async def _drive_inpath(
         start = time.time()
         with Live(inpath_table(run, load_for), console=console, refresh_per_second=2) as live:
             while time.time() < start + load_for + 1.2:
-                packets = await asyncio.to_thread(count.so_far)
+                packets = await asyncio.to_thread(count.read)
                 udp, tcp = per_second(packets, udp_from), per_second(packets, tcp_from)
                 second = int(start) + 1 + len(run.seconds)
                 while second + 1.2 <= time.time() and second + 1 <= start + load_for:

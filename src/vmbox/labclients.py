@@ -6,7 +6,7 @@ client address at a fixed rate (a new source port per packet, so one address
 over many flows, or one flow with `flows=1`), bounded in count and time.
 `ServerCount` counts what reached the server per second and per source with
 tcpdump in the server's namespace (vmbox.tools.capture), never with vmbox's
-own metrics; `so_far` reads its file while it still runs, for live
+own metrics; `read` reads its file while it still runs, for live
 views. `ping_rtts` is ping's per-packet round trips between client and server.
 Used by vmbox.demo and the in-path experiments (vmbox.experiments.inpath).
 """
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from vmbox.lab import LabError, LabPlan, down, exec_argv, up
 from vmbox.lab.plan import SERVER_IF
-from vmbox.tools.capture import Capture, parse
+from vmbox.tools.capture import Capture
 
 TOOLS = (
     ("hping3", "hping3"),
@@ -145,17 +145,6 @@ class ServerCount(Capture):
     def __enter__(self) -> ServerCount:
         self.start()
         return self
-
-    def so_far(self) -> list[tuple[float, str]]:
-        """(time, source) of the packets captured so far, while tcpdump keeps running."""
-        done = subprocess.run(
-            ["tcpdump", "-r", str(self.path), "-n", "-tt"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )  # the file may end in a packet half written: what came before it is good
-        return list(parse(done.stdout.splitlines()))
 
 
 def ping_rtts(plan: LabPlan, count: int, interval: float) -> list[float]:

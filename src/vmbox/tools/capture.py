@@ -77,6 +77,12 @@ class Capture:
         except subprocess.TimeoutExpired:
             self._kill()
         self._proc = None
+        self.packets = self.read()
+        return self.packets
+
+    def read(self) -> list[tuple[float, str]]:
+        """(time, source) of the packets in the file so far; tcpdump may still be running
+        (a packet half written at the end is left out: what came before it is good)."""
         done = subprocess.run(
             ["tcpdump", "-r", str(self.path), "-n", "-tt"],
             capture_output=True,
@@ -84,10 +90,9 @@ class Capture:
             timeout=60,
             check=False,
         )
-        if done.returncode != 0 and not done.stdout:
+        if done.returncode != 0 and not done.stdout and self._proc is None:
             raise CaptureError(f"tcpdump -r: {' '.join(done.stderr.split())[:200]}")
-        self.packets = list(parse(done.stdout.splitlines()))
-        return self.packets
+        return list(parse(done.stdout.splitlines()))
 
     def _kill(self) -> None:
         if self._proc is not None:
