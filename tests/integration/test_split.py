@@ -227,5 +227,8 @@ def test_token_bucket_holds_the_limit_and_the_burst(
     )
     assert abs(statistics.fmean(seconds) - LIMIT) <= 5, seconds
     assert all(abs(c - LIMIT) <= 15 for c in seconds), seconds
-    assert passed <= burst + 2, passed  # + what refills while the blast is relayed
+    # + what refills while the blast is relayed: the replicas take it in within
+    # milliseconds on a quiet machine (+2), up to 50 ms when the full suite loads both
+    # cores (55 seen with 4 replicas); a bucket that ignored its burst would pass 200.
+    assert passed <= burst + LIMIT // 10, passed
     assert passed >= burst * 0.6, passed  # the buckets were full: a burst does pass

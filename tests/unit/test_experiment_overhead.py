@@ -50,7 +50,7 @@ def test_verdicts_poll_near_base_and_strong_slower_than_poll() -> None:
         {
             "base": stats(0.1, mean=0.2),
             "poll1000": stats(0.105),
-            "poll100": stats(0.12),
+            "poll100": stats(0.15),
             "watch": stats(0.1),
             "strong": stats(0.3),
         }
@@ -58,8 +58,8 @@ def test_verdicts_poll_near_base_and_strong_slower_than_poll() -> None:
     verdicts = {row.metric.split(", ")[1]: row.ok for row in rows}
     assert verdicts == {
         "base (no shared state": None,
-        "poll1000": True,
-        "poll100": False,  # 20% above base
+        "poll1000": True,  # adds 0.005 ms
+        "poll100": False,  # adds 0.05 ms, more than a fifth of strong's 0.2 ms
         "watch": None,  # not in the published figure
         "strong": True,
     }

@@ -26,12 +26,14 @@ from rich.console import Console
 from vmbox.experiments import plots
 from vmbox.experiments.inpath.setup import experiment_lab
 from vmbox.experiments.results import (
+    POLL_SHARE,
     ExperimentError,
     ExperimentResult,
     ReportRow,
     Scale,
     new_progress,
     percentile,
+    poll_about_free,
     write_csv,
 )
 from vmbox.lab import LabPlan
@@ -45,10 +47,6 @@ INTERVAL = 0.005  # s between pings: 200/s, a modest rate
 WARMUP = 20  # pings through each fresh service first, not counted
 VARIANTS = ("none", "local", "poll", "strong")
 SIZES: dict[str, tuple[int, int]] = {"full": (2_000, 4), "small": (300, 2)}  # pings, rounds
-# Poll's p50 may exceed local's by at most this fraction of what strong adds to local: the
-# published shape (polling about free, per-packet reads not) on a machine whose noise is
-# tens of microseconds, a third of local's own round trip here.
-POLL_TOLERANCE = 0.2
 COLUMNS: tuple[str, ...] = ("variant", "sent", "received", "min_ms", "mean_ms", "p50_ms")
 COLUMNS += ("p99_ms", "max_ms", "p50_vs_none", "p99_vs_none", "mean_vs_none")
 
@@ -133,7 +131,7 @@ def write_outputs(
         "in-path replica without shared state; poll: the limit read every 100 ms; strong: "
         "a linearizable read per packet (ping's packets come one at a time).",
         "Ratios are against none: what putting the firewall in the path costs a round trip. "
-        f"poll is ok when its p50 exceeds local's by at most {POLL_TOLERANCE:.0%} of what "
+        f"poll is ok when its p50 exceeds local's by at most {POLL_SHARE:.0%} of what "
         "strong adds to local; strong is ok when slower than local and poll.",
     ]
     return ExperimentResult(NAME, [summary, samples], [png], report_rows(stats), notes)
@@ -159,7 +157,7 @@ def report_rows(stats: dict[str, Stats]) -> list[ReportRow]:
         s = stats[v]
         ok: bool | None = None
         if v == "poll":
-            ok = poll.p50 - local.p50 <= POLL_TOLERANCE * (stats["strong"].p50 - local.p50)
+            ok = poll_about_free(local.p50, poll.p50, stats["strong"].p50)
         elif v == "strong":
             ok = s.p50 > max(poll.p50, local.p50)
         rows.append(
