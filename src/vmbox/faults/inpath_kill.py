@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from typing import Any
 
 from vmbox.faults import FaultResult, Say, Scale
@@ -60,18 +61,23 @@ async def _stream_through_kills(lab: LabPlan, fail: str, scale: Scale, say: Say)
     server_ip = lab.describe()["server"]["address"]
     async with fault_service(spec) as service:
         before = await read_state(service.store, service.spec.service)
-        server = await asyncio.create_subprocess_exec(
-            *exec_argv("server", ["iperf3", "-s", "-1", "-p", str(PORT)], lab.prefix),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+        # subprocess.Popen in a thread, not the loop's subprocess support: uvloop runs
+        # Python's at-fork hooks in the child, which crashed beside gRPC's threads (a
+        # segfault seen in a full test run), as faults/flood.py found for its senders.
+        server = await asyncio.to_thread(
+            subprocess.Popen,
+            exec_argv("server", ["iperf3", "-s", "-1", "-p", str(PORT)], lab.prefix),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             await asyncio.sleep(0.5)
             argv = ["iperf3", "-c", server_ip, "-p", str(PORT), "-t", str(seconds), "-b", RATE]
-            client = await asyncio.create_subprocess_exec(
-                *exec_argv("client", [*argv, "-i", str(INTERVAL), "-J"], lab.prefix),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            client = await asyncio.to_thread(
+                subprocess.Popen,
+                exec_argv("client", [*argv, "-i", str(INTERVAL), "-J"], lab.prefix),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
             )
             started = asyncio.get_running_loop().time()
             for at in kills:
@@ -80,11 +86,16 @@ async def _stream_through_kills(lab: LabPlan, fail: str, scale: Scale, say: Say)
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 say(f"in-path kill, fail: {fail}: kill -9 pid {pids} at {at:.0f} s")
-            out, _ = await asyncio.wait_for(client.communicate(), seconds + 30)
+            try:
+                out, _ = await asyncio.to_thread(client.communicate, timeout=seconds + 30)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
         finally:
-            if server.returncode is None:
+            if server.poll() is None:
                 server.kill()
-            await server.wait()
+            server.wait()
         report: dict[str, Any] = json.loads(out or b"{}")
         report["vmbox_restarts"] = service.controller.restarts
         report["vmbox_kills"] = len(kills)
