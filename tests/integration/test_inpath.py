@@ -11,6 +11,7 @@ by tcpdump (vmbox.tools.capture), never by vmbox's own metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import subprocess
 import time
@@ -144,16 +145,40 @@ def test_the_server_sees_each_clients_own_address(
                                 ],
                             )
                             got.append(f"{index}:{source}:{done.stdout}")
+                    iperf = await asyncio.to_thread(iperf3_seen_from, lab, lab.client_addresses[1])
+                    got.append(f"iperf3:{iperf}")
                     return got
                 finally:
                     server.terminate()
                     server.wait(timeout=5)
 
     got = asyncio.run(scenario())
-    assert all(line.endswith(":200") for line in got), got
+    assert all(line.endswith(":200") for line in got[:-1]), got
+    # iperf3's server names the connection's peer: the second client, not the gateway.
+    assert got[-1] == f"iperf3:{lab.client_addresses[1]}", got
     text = log.read_text()
     for source in [*lab.client_addresses, *lab.client_addresses6]:
         assert source in text, (source, text[-500:])
+
+
+def iperf3_seen_from(lab: LabPlan, source: str) -> str:
+    """The address an iperf3 server reports a 1-second TCP test from `source` came from."""
+    server = subprocess.Popen(
+        exec_argv("server", ["iperf3", "-s", "-1", "-p", "5201", "-J"], lab.prefix),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)
+        target = str(lab.describe()["server"]["address"])
+        in_lab(lab, "client", ["iperf3", "-c", target, "-B", source, "-t", "1", "-b", "10M"])
+        out, _ = server.communicate(timeout=15)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    accepted = json.loads(out)["start"]["accepted_connection"]
+    return str(accepted["host"])
 
 
 RULES = [
