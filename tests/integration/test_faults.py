@@ -108,10 +108,12 @@ def test_replica_churn_keeps_the_limit_and_leaks_nothing(results: dict[str, Faul
 def test_a_killed_in_path_replica_follows_the_fail_policy(
     results: dict[str, FaultResult],
 ) -> None:
-    from vmbox.faults.inpath_kill import CLOSED_GAP_BOUND
+    from vmbox.faults.inpath_kill import CLOSED_GAP_BOUND, OPEN_GAP_BOUND
 
     figures = results["in-path kill"].figures
     assert figures["restarts_open"] == figures["restarts_closed"] == 1  # one kill each, small
-    assert figures["gap_open"] == 0  # --queue-bypass: iperf3 never saw an empty interval
-    assert 0 < figures["gap_closed"] < CLOSED_GAP_BOUND  # dropped until the restart
+    # --queue-bypass: at most a retransmission of what the dead replica held (0.0 s on a
+    # quiet machine), never the restart's wait, which closed has to sit through.
+    assert figures["gap_open"] <= OPEN_GAP_BOUND
+    assert figures["gap_open"] < figures["gap_closed"] < CLOSED_GAP_BOUND
     assert figures["after_open"] > 0 and figures["after_closed"] > 0  # the same stream went on

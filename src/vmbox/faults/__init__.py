@@ -131,8 +131,8 @@ FAULTS: Registry[FaultFunction] = Registry(
             name="in-path kill",
             module="vmbox.faults.inpath_kill",
             function="inpath_kill",
-            summary="kill -9 the in-path replica under an iperf3 TCP stream, fail: open "
-            "(no gap) and closed (a gap, then the same connection) (root).",
+            summary="kill -9 the in-path replica under an iperf3 TCP stream: fail: open "
+            "(at most a retransmission) and closed (the restart, then the same connection) (root).",
             budget=120,
             small_budget=60,
         ),

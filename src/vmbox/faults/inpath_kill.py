@@ -12,6 +12,14 @@ the steering's --queue-bypass passes the packets while nobody listens, so the
 stream must not stop (no empty interval); under `closed` the kernel drops them
 until the restart, so there must be a gap, bounded, and the same connection
 must carry on after it.
+
+What `open` cannot save: the packets already queued to the killed replica
+(read or not) are dropped by the kernel when its socket closes, and so are
+those that arrive while the dying process is torn down; TCP retransmits them.
+A quiet machine shows no empty interval at all; a full test run beside it
+showed one gap of 0.2 s (one retransmission timeout). So `open` must stay
+within OPEN_GAP_BOUND and below the `closed` gap, which also waits for the
+restart.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ INTERVAL = 0.1  # iperf3's report interval, seconds
 PORT = 5301
 RATE = "50M"  # the stream's pace: enough packets for a gap to show, little CPU
 CLOSED_GAP_BOUND = 5.0  # seconds: a restart (backoff 0.2 s, start, bind) fits well inside
+OPEN_GAP_BOUND = 0.5  # seconds: the dying process's teardown and one TCP retransmission
 PLANS = {"small": (7, (2.0,)), "full": (14, (2.0, 6.0, 10.0))}  # stream seconds, kill times
 
 
@@ -123,10 +132,12 @@ def _judge(result: FaultResult, fail: str, report: dict[str, Any]) -> None:
     result.check(connections == 1, f"fail: {fail}: the stream was not one connection")
     result.check(after > 0, f"fail: {fail}: the stream did not carry on after the last kill")
     if fail == "open":
-        result.check(gap == 0, f"fail: open: the stream stopped for {gap:.1f} s")
+        result.check(gap <= OPEN_GAP_BOUND, f"fail: open: the stream stopped for {gap:.1f} s")
     else:
         result.check(gap > 0, "fail: closed: no gap, so packets passed with nobody deciding")
         result.check(gap < CLOSED_GAP_BOUND, f"fail: closed: a gap of {gap:.1f} s")
+        opened = result.figures.get("gap_open", 0.0)
+        result.check(opened < gap, f"fail: open stopped {opened:.1f} s, closed only {gap:.1f} s")
     if not report["vmbox_state_same"]:
         result.state_lost = f"fail: {fail}: the service's etcd state changed"
 
