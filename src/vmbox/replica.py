@@ -3,8 +3,10 @@
 Started by a runtime (`vmbox replica --service S --id R --etcd ...`, normally
 by vmbox.runtime.local). It reads the service spec from etcd, builds the
 middlebox, keeps its shared state fresh through one view per item, binds the
-service address (SO_REUSEPORT, shared with its siblings), serves Prometheus
-metrics, and registers itself under members/<id> on a lease. A health probe
+service address (SO_REUSEPORT, shared with its siblings) or, in-path
+(`dataplane: nfqueue`), its netfilter queue in the gateway namespace once it
+can decide what comes (`_bind_queue`), serves Prometheus metrics, and
+registers itself under members/<id> on a lease. A health probe
 (vmbox.state.healthprobe) applies the spec's `fail` policy while etcd is away
 longer than `store_timeout`. SIGTERM drains
 (vmbox.dataplane.drain: the flows in flight finish here, new ones go to the
