@@ -20,6 +20,8 @@ from vmbox.control.plan import (
     crashed,
     plan,
     restart_delay,
+    serving,
+    spares_wanted,
 )
 
 SVC = "web"
@@ -41,6 +43,9 @@ class World:
     backoff: dict[str, Backoff] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
     log: list[tuple[float, str, str]] = field(default_factory=list)
+    spares: set[str] = field(default_factory=set)
+    warm: int = 0
+    most: int = 4
 
     def observe(self) -> Observed:
         return Observed(
@@ -51,25 +56,41 @@ class World:
             dict(self.backoff),
             self.now,
             dict(self.load),
+            spares=set(self.spares),
+            spares_wanted=spares_wanted(self.warm, self.most, self.desired),
         )
 
     def reconcile(self) -> Plan:
-        actions = plan(self.observe())
-        for rid in actions.drain:
+        seen = self.observe()
+        actions = plan(seen)
+        check_invariants(seen, actions)
+        for rid in actions.drain + actions.stop_spare:
             self.draining.add(rid)
-        for rid in actions.restart + actions.start:
+        self.spares -= set(actions.promote) | set(actions.stop_spare)
+        for rid in actions.restart + actions.start + actions.start_spare:
             self.running.add(rid)
             self.started_at[rid] = self.now
-            self.log.append((self.now, "start", rid))
+            standby = rid in actions.start_spare or actions.backoff.get(rid, Backoff()).standby
+            if standby:
+                self.spares.add(rid)
+            self.log.append((self.now, "spare" if standby else "start", rid))
+        for rid in actions.promote:
+            self.log.append((self.now, "promote", rid))
         self.backoff = dict(actions.backoff)
         return actions
 
     def crash(self, rid: str) -> Backoff:
         self.running.discard(rid)
+        standby = rid in self.spares
+        self.spares.discard(rid)
         ran_for = self.now - self.started_at[rid]
-        state = self.backoff[rid] = crashed(self.backoff.get(rid), ran_for, self.now)
+        state = crashed(self.backoff.get(rid), ran_for, self.now, standby=standby)
+        self.backoff[rid] = state
         self.log.append((self.now, "crash", rid))
         return state
+
+    def serving(self) -> set[str]:
+        return self.running - self.draining - self.spares
 
     def finish_drains(self) -> None:
         self.running -= self.draining
@@ -87,17 +108,35 @@ class World:
 
 def check_invariants(seen: Observed, result: Plan) -> None:
     """The invariants stated in vmbox.control.plan, for any observation."""
-    running = set(seen.running) - set(seen.draining)
-    waiting = {r for r, b in seen.backoff.items() if b.waiting and r not in running}
-    actions = [*result.forget, *result.drain, *result.restart, *result.start]
+    everyone = set(seen.running) - set(seen.draining)
+    spares = set(seen.spares) & everyone
+    running = everyone - spares
+    waiting_all = {r for r, b in seen.backoff.items() if b.waiting and r not in everyone}
+    spare_waiting = {r for r in waiting_all if seen.backoff[r].standby}
+    waiting = waiting_all - spare_waiting
+    actions = [
+        *result.forget,
+        *result.drain,
+        *result.restart,
+        *result.start,
+        *result.promote,
+        *result.stop_spare,
+        *result.start_spare,
+    ]
     assert len(actions) == len(set(actions)), result  # 1: one action per id
-    assert set(result.forget) <= waiting and set(result.restart) <= waiting
+    assert set(result.forget) <= waiting_all and set(result.restart) <= waiting_all
     assert set(result.drain) <= running
-    assert not set(result.start) & (set(seen.running) | waiting | set(seen.draining))
-    assert all(r.startswith(f"{SVC}-") for r in result.start)
-    level = len(running - set(result.drain)) + len(waiting - set(result.forget)) + len(result.start)
+    fresh = set(result.start) | set(result.start_spare)
+    assert not fresh & (set(seen.running) | waiting_all | set(seen.draining))
+    assert all(r.startswith(f"{SVC}-") for r in fresh)
+    level = (
+        len(running - set(result.drain))
+        + len(waiting - set(result.forget))
+        + len(result.start)
+        + len(result.promote)
+    )
     assert level == seen.desired, (seen, result)  # 2
-    still = waiting - set(result.forget)
+    still = waiting_all - set(result.forget)
     due = {r for r in still if seen.backoff[r].not_before <= seen.now}
     assert set(result.restart) == due  # 3
     later = [seen.backoff[r].not_before for r in still - due]
@@ -106,14 +145,28 @@ def check_invariants(seen: Observed, result: Plan) -> None:
         assert result.requeue_after is not None and result.requeue_after > 0
     else:
         assert result.requeue_after is None
-    gone = set(result.forget) | set(result.drain)  # 5
+    gone = set(result.forget) | set(result.drain) | set(result.stop_spare)  # 5
     assert set(result.backoff) == set(seen.backoff) - gone
     for rid, state in result.backoff.items():
         old = seen.backoff[rid]
         if rid in result.restart:
-            assert state == Backoff(old.failures, old.not_before, waiting=False)
+            assert state == Backoff(old.failures, old.not_before, False, old.standby)
+        elif rid in result.promote:
+            assert state == Backoff(old.failures, old.not_before, old.waiting, standby=False)
         else:
             assert state == old
+    # 6: spares
+    assert set(result.promote) <= spares and set(result.stop_spare) <= spares
+    serving_short = seen.desired - len(running) - len(waiting)
+    assert len(result.promote) == max(0, min(len(spares), serving_short))
+    if result.start:
+        assert set(result.promote) == spares
+    kept = (
+        len(spares - set(result.promote) - set(result.stop_spare))
+        + len(spare_waiting - set(result.forget))
+        + len(result.start_spare)
+    )
+    assert kept == seen.spares_wanted, (seen, result)
 
 
 # -- the crash backoff -------------------------------------------------------
@@ -270,17 +323,129 @@ def test_desired_rises_during_backoff_with_new_ids_clear_of_draining_ones() -> N
 
 def test_invariants_hold_for_random_observations() -> None:
     rng = random.Random(11)
-    for _ in range(3000):
+    for _ in range(5000):
         numbers = range(1, 9)
         running = {f"{SVC}-{n}" for n in numbers if rng.random() < 0.5}
         draining = {r for r in running if rng.random() < 0.3}
+        spares = {r for r in running if rng.random() < 0.3}
         backoff = {
-            f"{SVC}-{n}": Backoff(rng.randint(1, 6), rng.uniform(0, 20), rng.random() < 0.7)
+            f"{SVC}-{n}": Backoff(
+                rng.randint(1, 6), rng.uniform(0, 20), rng.random() < 0.7, rng.random() < 0.3
+            )
             for n in numbers
             if rng.random() < 0.4
         }
         load = {r: float(rng.randint(0, 3)) for r in running}
+        desired = rng.randint(0, 8)
         seen = Observed(
-            SVC, rng.randint(0, 8), running, draining, backoff, rng.uniform(0, 20), load
+            SVC,
+            desired,
+            running,
+            draining,
+            backoff,
+            rng.uniform(0, 20),
+            load,
+            spares=spares,
+            spares_wanted=spares_wanted(rng.randint(0, 3), 8, desired),
         )
         check_invariants(seen, plan(seen))
+
+
+# -- warm spares ------------------------------------------------------------------
+
+
+def test_spares_wanted_count_against_max() -> None:
+    assert [spares_wanted(2, 4, d) for d in (1, 2, 3, 4)] == [2, 2, 1, 0]
+    assert spares_wanted(0, 4, 1) == 0
+    assert spares_wanted(1, 4, 5) == 0  # never negative
+
+
+def test_a_scale_up_promotes_the_spare_and_starts_one_behind_it() -> None:
+    world = World(desired=1, warm=1)
+    first = world.reconcile()
+    assert first.start == ("web-1",) and first.start_spare == ("web-2",)
+    assert world.serving() == ids(1) and world.spares == ids(2)
+    assert world.reconcile() == Plan()  # at the level: nothing
+    world.desired = 2
+    up = world.reconcile()
+    assert up.promote == ("web-2",) and up.start == () and up.start_spare == ("web-3",)
+    assert world.serving() == ids(1, 2) and world.spares == ids(3)
+    world.desired = 4  # more than the spares: promote the one, start the rest
+    up = world.reconcile()
+    assert up.promote == ("web-3",) and up.start == ("web-4",) and up.start_spare == ()
+    assert world.serving() == ids(1, 2, 3, 4) and world.spares == set()
+
+
+def test_spares_never_exceed_max_minus_desired() -> None:
+    world = World(desired=2, warm=2, most=4)
+    rng = random.Random(3)
+    for _ in range(300):
+        world.desired = rng.randint(1, 4)
+        world.warm = rng.randint(0, 3)
+        world.reconcile()
+        if rng.random() < 0.5:
+            world.finish_drains()
+        world.now += 1.0
+        spares = world.spares - world.draining
+        assert len(spares) <= max(0, world.most - world.desired)
+        assert len(spares) == spares_wanted(world.warm, world.most, world.desired)
+        assert len(world.serving()) == world.desired or world.draining
+
+
+def test_scale_down_drains_a_serving_replica_and_a_lower_warm_stops_spares() -> None:
+    world = World(desired=2, warm=2, most=5)
+    world.reconcile()
+    assert world.serving() == ids(1, 2) and world.spares == ids(3, 4)
+    world.load = {"web-1": 5.0, "web-2": 1.0}
+    world.desired = 1
+    down = world.reconcile()
+    assert down.drain == ("web-2",) and down.stop_spare == ()  # spares hold no flows
+    assert down.start_spare == ()  # warm 2 already kept
+    world.warm = 0
+    fewer = world.reconcile()
+    assert fewer.stop_spare == ("web-4", "web-3") and fewer.drain == ()
+    world.finish_drains()
+    assert world.running == ids(1) and world.spares == set()
+
+
+def test_a_crashed_spare_is_restarted_as_a_spare_with_the_backoff() -> None:
+    world = World(desired=1, warm=1)
+    world.reconcile()
+    world.now += 0.5
+    state = world.crash("web-2")
+    assert state.standby and state.waiting
+    early = world.reconcile()  # not replaced, not due
+    assert early.start_spare == () and early.restart == ()
+    assert early.requeue_after == pytest.approx(0.2)
+    world.now = state.not_before
+    again = world.reconcile()
+    assert again.restart == ("web-2",) and world.spares == ids(2)
+    world.desired = 2  # a scale-up while a spare waits: a new replica, the spare stays
+    world.now += 0.5
+    world.crash("web-2")
+    up = world.reconcile()
+    assert up.promote == () and up.start == ("web-3",) and up.start_spare == ()
+    world.now += 1.0
+    assert world.reconcile().restart == ("web-2",)
+    assert world.spares == ids(2) and world.serving() == ids(1, 3)
+
+
+def test_a_promoted_spare_crashes_as_a_serving_replica() -> None:
+    world = World(desired=1, warm=1)
+    world.reconcile()
+    world.now += 0.5
+    world.run_until(world.crash("web-2").not_before)  # restarted as a spare once
+    world.desired = 2
+    promoted = world.reconcile()
+    assert promoted.promote == ("web-2",)
+    assert world.backoff["web-2"].standby is False  # its backoff now restarts it serving
+    world.now += 0.5
+    state = world.crash("web-2")
+    assert not state.standby
+    world.run_until(state.not_before)
+    assert world.serving() == ids(1, 2) and world.spares == ids(3)
+
+
+def test_waiting_spares_are_not_steered_to() -> None:
+    backoff = {"web-2": Backoff(1, 5.0, True), "web-3": Backoff(1, 5.0, True, standby=True)}
+    assert serving({"web-1"}, ids(1), backoff, set()) == ("web-1", "web-2")

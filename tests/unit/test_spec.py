@@ -83,6 +83,21 @@ def test_replica_bounds() -> None:
         parse_spec(data)
 
 
+def test_warm_spares_count_against_max() -> None:
+    assert parse_spec(good()).replicas.warm == 0
+    spec = parse_spec(good() | {"replicas": {"count": 1, "max": 4, "warm": 3}})
+    assert spec.replicas.warm == 3
+    for warm, pattern in (
+        (4, r"^web.yaml: replicas: warm \(4\) must be below max \(4\): spares count against max$"),
+        (-1, r"^web.yaml: replicas\.warm: .*greater than or equal to 0"),
+        ("two", r"^web.yaml: replicas\.warm: "),
+    ):
+        data = good() | {"replicas": {"count": 1, "max": 4, "warm": warm}}
+        with pytest.raises(SpecError, match=pattern) as err:
+            parse_spec(data, "web.yaml")
+        assert "\n" not in str(err.value)
+
+
 def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec(tmp_path / "missing.yaml")

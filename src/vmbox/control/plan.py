@@ -17,6 +17,17 @@ crashed and has not been restarted yet: its `Backoff` says when it may be
 desired count, so a crash is healed by restarting the same id, never by
 starting another one beside it.
 
+Warm spares (`replicas.warm`): a *spare* is a running replica started with
+`--standby`: registered under standby/<id>, not a member, taking no traffic.
+The controller keeps `spares_wanted(warm, max, desired)` = min(warm, max -
+desired) of them (spares count against `replicas.max`). Spares are not
+*serving*: the desired count is met by serving replicas (running ones that are
+not spares, and waiting ones whose backoff is not `standby`), and a shortfall
+promotes spares (lowest ids first) before it starts new replicas. A crashed
+spare waits (its backoff says `standby`) and is restarted as a spare; an
+excess of spares forgets waiting spares first, then stops running ones
+(highest ids first, no drain: they hold no flows).
+
 Invariants of a `Plan` (tests/unit/test_plan.py checks each):
 
 1. Each replica id is in at most one action, and each action fits what was
@@ -33,10 +44,22 @@ Invariants of a `Plan` (tests/unit/test_plan.py checks each):
    still wanted); one that is not due stays waiting and is not replaced.
 4. `requeue_after` is the time from `now` to the earliest `not_before` of the
    replicas still waiting after the plan (always > 0), or None when none is.
-5. `backoff` is the table after the actions: forgotten and drained replicas
-   have no entry (a replica that comes back under that id starts its backoff
-   afresh), restarted ones are no longer waiting and keep their failure count,
-   every other entry is unchanged.
+5. `backoff` is the table after the actions: forgotten, drained and stopped
+   replicas have no entry (a replica that comes back under that id starts its
+   backoff afresh), restarted ones are no longer waiting and keep their
+   failure count, promoted ones are no longer `standby`, every other entry is
+   unchanged.
+6. Spares: `promote` takes running spares, only while serving replicas fall
+   short of desired, and a new serving replica is started only when every
+   running spare is promoted;
+   `stop_spare` takes running spares that are not promoted; `start_spare`
+   takes free ids like `start`. Afterwards spares (running, waiting, started)
+   number exactly `spares_wanted`, so serving + spares never exceed `max`
+   when desired is within it.
+
+Invariants 1 and 2 count serving replicas only: in 1 `drain` takes running
+serving replicas and `forget`/`restart` waiting ones of either role; in 2
+running and waiting mean serving ones, and promoted spares count as started.
 
 For an in-path service, `serving` says which replicas' queues the gateway
 steers traffic to (vmbox.dataplane.steering); the controller rewrites the
@@ -70,13 +93,20 @@ class Backoff:
     failures: int = 0  # consecutive crashes (a crash after STABLE_AFTER s of running is 1)
     not_before: float = 0.0  # when it may be restarted (the clock `now` comes from)
     waiting: bool = False  # crashed, to be restarted at not_before
+    standby: bool = False  # a warm spare: restarted as one
 
 
-def crashed(old: Backoff | None, ran_for: float, now: float) -> Backoff:
-    """The backoff of a replica that just exited on its own after running `ran_for` s."""
+def crashed(old: Backoff | None, ran_for: float, now: float, standby: bool = False) -> Backoff:
+    """The backoff of a replica (a spare if `standby`) that just exited on its own
+    after running `ran_for` s."""
     previous = old.failures if old is not None else 0
     failures = 1 if ran_for >= STABLE_AFTER else previous + 1
-    return Backoff(failures, now + restart_delay(failures), waiting=True)
+    return Backoff(failures, now + restart_delay(failures), waiting=True, standby=standby)
+
+
+def spares_wanted(warm: int, most: int, desired: int) -> int:
+    """How many warm spares to keep: `warm`, within what `max` leaves beside `desired`."""
+    return max(0, min(warm, most - desired))
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +120,8 @@ class Observed:
     backoff: Mapping[str, Backoff]
     now: float
     load: Mapping[str, float] = field(default_factory=dict)  # for choosing whom to drain
+    spares: Set[str] = frozenset()  # running replicas that are warm spares (standby)
+    spares_wanted: int = 0  # spares_wanted(warm, max, desired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +132,9 @@ class Plan:
     drain: tuple[str, ...] = ()  # surplus running replicas to stop in the background
     restart: tuple[str, ...] = ()  # waiting replicas whose backoff is over
     start: tuple[str, ...] = ()  # new replicas
+    promote: tuple[str, ...] = ()  # spares that join the group instead of new replicas
+    stop_spare: tuple[str, ...] = ()  # surplus spares, stopped in the background (no drain)
+    start_spare: tuple[str, ...] = ()  # new spares
     requeue_after: float | None = None  # seconds until the next restart is due
     backoff: Mapping[str, Backoff] = field(default_factory=dict)  # the table afterwards
 
@@ -108,24 +143,47 @@ def plan(seen: Observed) -> Plan:
     """The actions that move the service from what was seen toward its desired count."""
     running = set(seen.running) - set(seen.draining)
     waiting = {rid for rid, b in seen.backoff.items() if b.waiting and rid not in running}
+    spares = set(seen.spares) & running
+    running -= spares
+    spare_waiting = {rid for rid in waiting if seen.backoff[rid].standby}
+    waiting -= spare_waiting
     surplus = len(running) + len(waiting) - seen.desired
     forget = sorted(waiting, reverse=True)[: max(0, surplus)]
     waiting.difference_update(forget)
     surplus -= len(forget)
     drain = choose_removals(sorted(running), surplus, seen.load)
+    short = max(0, seen.desired - len(running) - len(waiting))
+    promote = sorted(spares, key=_by_number)[:short]
+    spares.difference_update(promote)
+    extra = len(spares) + len(spare_waiting) - seen.spares_wanted
+    forget += sorted(spare_waiting, reverse=True)[: max(0, extra)]
+    spare_waiting.difference_update(forget)
+    stop_spare = sorted(spares, key=_by_number, reverse=True)[
+        : max(0, len(spares) + len(spare_waiting) - seen.spares_wanted)
+    ]
+    waiting |= spare_waiting
     due = sorted(rid for rid in waiting if seen.backoff[rid].not_before <= seen.now)
-    taken = running | waiting | set(seen.draining)
-    start = free_ids(seen.service, taken, seen.desired - len(running) - len(waiting))
+    # Forgotten ids stay taken for this pass: one action per id.
+    taken = set(seen.running) | waiting | set(forget) | set(seen.draining)
+    starts = short - len(promote)
+    new = free_ids(seen.service, taken, starts + max(0, -extra))
 
-    table = {rid: b for rid, b in seen.backoff.items() if rid not in forget and rid not in drain}
+    gone = set(forget) | set(drain) | set(stop_spare)
+    table = {rid: b for rid, b in seen.backoff.items() if rid not in gone}
     for rid in due:
         table[rid] = replace(table[rid], waiting=False)
+    for rid in promote:
+        if rid in table:
+            table[rid] = replace(table[rid], standby=False)
     later = [table[rid].not_before for rid in waiting if table[rid].waiting]
     return Plan(
         forget=tuple(forget),
         drain=tuple(drain),
         restart=tuple(due),
-        start=tuple(start),
+        start=tuple(new[:starts]),
+        promote=tuple(promote),
+        stop_spare=tuple(stop_spare),
+        start_spare=tuple(new[starts:]),
         requeue_after=min(later) - seen.now if later else None,
         backoff=table,
     )
@@ -148,5 +206,5 @@ def serving(
     meanwhile rather than moving; one that is leaving (draining, or about to be
     drained by this pass, or a waiting one forgotten) is out.
     """
-    chosen = (set(bound) & set(running)) | set(backoff)
+    chosen = (set(bound) & set(running)) | {r for r, b in backoff.items() if not b.standby}
     return tuple(sorted(chosen - set(leaving), key=_by_number))

@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Tag,
@@ -117,11 +118,15 @@ class GatewaySpec(SpecModel):
 
 
 class ReplicasSpec(SpecModel):
-    """How many replicas, within which bounds."""
+    """How many replicas, within which bounds, and how many warm spares beside them."""
 
     count: PositiveInt = 1
     min: PositiveInt = 1
     max: PositiveInt = 4
+    # Spare processes kept started and standby (connected, spec and state loaded,
+    # not in the group, taking no traffic) for a scale-up to promote. They count
+    # against `max`: min(warm, max - desired) are kept (DESIGN.md "Warm spares").
+    warm: NonNegativeInt = 0
     # Like a pod's limit: a cgroup's memory.max when running as root, else
     # only the figure memory percentages are taken against.
     memory_limit: Size | None = None
@@ -134,6 +139,10 @@ class ReplicasSpec(SpecModel):
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
         if not self.min <= self.count <= self.max:
             raise ValueError(f"count ({self.count}) must lie between min and max")
+        if self.warm and self.warm >= self.max:
+            raise ValueError(
+                f"warm ({self.warm}) must be below max ({self.max}): spares count against max"
+            )
         return self
 
 
