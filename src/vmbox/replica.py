@@ -6,7 +6,10 @@ middlebox, keeps its shared state fresh through one view per item, binds the
 service address (SO_REUSEPORT, shared with its siblings) or, in-path
 (`dataplane: nfqueue`), its netfilter queue in the gateway namespace once it
 can decide what comes (`_bind_queue`), serves Prometheus metrics, and
-registers itself under members/<id> on a lease. A health probe
+registers itself under members/<id> on a lease. Started with `--standby` it is
+a warm spare (vmbox.state.standby): spec, store, views and metrics, but
+nothing bound and no membership until the controller promotes it
+(`_stand_by`); then it joins as a new replica would. A health probe
 (vmbox.state.healthprobe) applies the spec's `fail` policy while etcd is away
 longer than `store_timeout`. SIGTERM drains
 (vmbox.dataplane.drain: the flows in flight finish here, new ones go to the
@@ -47,6 +50,7 @@ from vmbox.state.epochsync import EpochSync
 from vmbox.state.health import FAIL_MODE_CODES
 from vmbox.state.healthprobe import HealthProbe
 from vmbox.state.membership import Membership
+from vmbox.state.standby import Standby
 from vmbox.state.store import Store, StoreError
 from vmbox.state.views import StrongView, View, make_view
 
@@ -84,8 +88,17 @@ async def load_service_spec(store: Store, service: str) -> Spec:
 class Replica:
     """One data-plane replica of a service, wired from its spec."""
 
-    def __init__(self, spec: Spec, replica_id: str, store: Store, *, metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        replica_id: str,
+        store: Store,
+        *,
+        metrics_port: int = 0,
+        standby: bool = False,
+    ) -> None:
         self.spec = spec
+        self.standby = standby  # a warm spare until promoted (`_stand_by`)
         self.replica_id = replica_id
         self.store = store
         self.metrics_port = metrics_port
@@ -202,6 +215,7 @@ class Replica:
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
         values["ready"] = float(self.ready)
+        values["standby"] = float(self.standby)
         values["resize_guarded"] = float(self.guard.guarded)
         values["resize_guard_last_seconds"] = self.guard.last_duration
         values["resize_guard_lifts"] = float(self.guard.lifts)
@@ -247,9 +261,12 @@ class Replica:
         self.middlebox.update(group=group)
 
     async def run(self) -> None:
-        """Serve until `stop()` or cancellation; leave the group on the way out."""
-        self.middlebox.start(time.time())
-        if self.relay is not None:
+        """Serve until `stop()` or cancellation; leave the group on the way out.
+
+        A spare stands by first (`_stand_by`) and starts serving when promoted."""
+        if not self.standby:
+            self.middlebox.start(time.time())
+        if self.relay is not None and not self.standby:
             try:
                 await self.relay.start()
             except OSError as exc:
@@ -261,6 +278,8 @@ class Replica:
         )
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(view.run()) for view in self.views.values()]
+            if self.standby:
+                await self._stand_by(group, tasks)  # until promoted, or stopped
             tasks.append(group.create_task(self._follow_members()))
             tasks.append(group.create_task(self.membership.run()))
             self.demand = self._demand_sharing(self.membership)
@@ -282,6 +301,51 @@ class Replica:
         self.metrics.stop()
         if self.fatal is not None:
             raise self.fatal
+
+    async def _stand_by(self, group: asyncio.TaskGroup, tasks: list[asyncio.Task[Any]]) -> None:
+        """A warm spare: registered under standby/<id>, its views running, nothing bound.
+
+        Returns when promoted, as a new replica that is starting: a member on the
+        spare's own lease (the member info says when it was promoted), the
+        middlebox started now (so it takes nothing in this window), the relay
+        bound; the caller then runs the join path. Returns at once when stopped
+        first, having removed its standby key.
+        """
+        membership = self.membership
+        assert membership is not None
+        spare = Standby(
+            self.store, self.spec.service, self.replica_id, membership.info, self.spec.lease_ttl
+        )
+        tasks.append(group.create_task(spare.run()))
+        order = asyncio.ensure_future(spare.promoted())
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({order, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not order.done():
+            order.cancel()
+            await asyncio.gather(order, stopped, return_exceptions=True)
+            await spare.leave()
+            await membership.leave()  # never registered: the join path below ends at once
+            return
+        promoted = order.result()
+        self.membership = Membership(
+            self.store,
+            self.spec.service,
+            self.replica_id,
+            membership.info | promoted,
+            ttl=self.spec.lease_ttl,
+            lease=spare.release(),
+        )
+        self.standby = False
+        self.middlebox.start(time.time())
+        if self.relay is not None:
+            try:
+                await self.relay.start()
+            except OSError as exc:
+                self.fatal = ReplicaConfigError(str(exc))
+                self.stop()
+        tasks.append(group.create_task(spare.retire(self.membership)))
+        log.info("replica %s promoted from standby", self.replica_id)
 
     async def _bind_queue(self, driver: NfqueueDriver, membership: Membership) -> None:
         """Bind this replica's queue once it can decide packets as the limit allows.
@@ -388,8 +452,10 @@ class Replica:
         self.stopping.set()
 
 
-async def replica_main(service: str, replica_id: str, target: StoreSpec, metrics_port: int) -> int:
-    """Entry point of a replica process; returns the exit code."""
+async def replica_main(
+    service: str, replica_id: str, target: StoreSpec, metrics_port: int, standby: bool = False
+) -> int:
+    """Entry point of a replica process (a warm spare if `standby`); returns the exit code."""
     from vmbox.state.etcd import connect
 
     try:
@@ -399,7 +465,7 @@ async def replica_main(service: str, replica_id: str, target: StoreSpec, metrics
     store = await connect(target.endpoints, **settings)
     try:
         spec = await load_service_spec(store, service)
-        replica = Replica(spec, replica_id, store, metrics_port=metrics_port)
+        replica = Replica(spec, replica_id, store, metrics_port=metrics_port, standby=standby)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, replica.stop, True)
         loop.add_signal_handler(signal.SIGINT, replica.stop)

@@ -242,6 +242,7 @@ def _ramp(value: str) -> tuple[float, float, float]:
 @click.option("--etcd", required=True)
 @click.option("--metrics-port", default=0, type=int)
 @click.option("--parent-pid", type=int, help="Exit (SIGINT) when this parent process dies.")
+@click.option("--standby", is_flag=True, help="A warm spare: serve nothing until promoted.")
 @access_options
 def replica(
     service: str,
@@ -249,6 +250,7 @@ def replica(
     etcd: str,
     metrics_port: int,
     parent_pid: int | None,
+    standby: bool,
     settings: dict[str, str | None],
 ) -> None:
     """Run one replica (started by a runtime, not by hand)."""
@@ -264,7 +266,7 @@ def replica(
     logging.getLogger().setLevel(logging.INFO)
     try:
         target = access.from_settings(context.parse_endpoints(etcd), settings)
-        code = run(lambda: replica_main(service, replica_id, target, metrics_port))
+        code = run(lambda: replica_main(service, replica_id, target, metrics_port, standby))
     except (ReplicaConfigError, access.AccessError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -15,6 +15,13 @@ moves the desired count when the spec asks for autoscaling. A surplus replica
 is the least loaded one; it is drained (SIGTERM: it keeps its open flows for
 up to `replicas.drain_timeout`, then leaves the membership) in the background,
 so a scale-up never waits for a scale-down to finish.
+
+Warm spares (`replicas.warm`, vmbox.state.standby): the controller keeps
+min(warm, max - desired) replicas started with `--standby`. A scale-up
+promotes a spare (writes its promote key) instead of starting a process, and
+starts a new spare behind it; a `promote` event records the seconds from that
+decision to the spare's member registration. Excess spares are stopped
+without a drain; a crashed spare is restarted as a spare.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ from collections.abc import Callable, Set
 from vmbox.control import events
 from vmbox.control.exporter import ControllerMetrics, ControllerView
 from vmbox.control.inpath import PathSteering
-from vmbox.control.plan import Backoff, Observed, crashed, plan, restart_delay, serving
+from vmbox.control.plan import (
+    Backoff,
+    Observed,
+    crashed,
+    plan,
+    restart_delay,
+    serving,
+    spares_wanted,
+)
 from vmbox.control.scaling import ScaleLoop
 from vmbox.functions import get_function
 from vmbox.middlebox import config_value
@@ -38,6 +53,7 @@ from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec
 from vmbox.state import keys
 from vmbox.state.membership import list_members
+from vmbox.state.standby import list_promotions, list_standby, promote
 from vmbox.state.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -70,6 +86,9 @@ class Controller:
         self.desired = spec.replicas.count
         self.backoff: dict[str, Backoff] = {}
         self.draining: dict[str, asyncio.Task[float]] = {}
+        self.spares: set[str] = set()  # running warm spares, not promoted
+        self.promoting: set[str] = set()  # promoted spares not yet seen as members
+        self.spares_stopping: set[str] = set()  # spares among `draining` (no drain: no flows)
         self.restarts = 0
         self.wake = asyncio.Event()
         # An in-path service: the gateway's steering follows the serving replicas.
@@ -87,7 +106,8 @@ class Controller:
             ControllerView(
                 spec.service,
                 desired=lambda: self.desired,
-                running=lambda: len(self.runtime.running()),
+                running=lambda: len(set(self.runtime.running()) - self.spares),
+                spares=lambda: len(self.spares),
                 restarts=lambda: self.restarts,
                 stats=lambda: self.scaler.stats,
             )
@@ -158,6 +178,32 @@ class Controller:
                 await self.event("adopt", message, replica=rid, draining=True)
             else:
                 await self.event("adopt", f"adopted running replica {rid} (pid {pid})", replica=rid)
+        await self._adopt_spares()
+
+    async def _adopt_spares(self) -> None:
+        """Take over the warm spares still running; one whose promote key is there was
+        being promoted (it joins by itself) and counts as serving."""
+        orders = await list_promotions(self.store, self.service)
+        for rid, info in sorted((await list_standby(self.store, self.service)).items()):
+            pid = info.get("pid")
+            if not isinstance(pid, int) or not self.runtime.adopt(rid, pid):
+                continue
+            if rid in orders:
+                self.promoting.add(rid)
+                await self.event(
+                    "adopt",
+                    f"adopted spare {rid} (pid {pid}) being promoted",
+                    replica=rid,
+                    promoting=True,
+                )
+            else:
+                self.spares.add(rid)
+                await self.event(
+                    "adopt", f"adopted spare {rid} (pid {pid})", replica=rid, standby=True
+                )
+        for rid in orders.keys() - set(self.runtime.running()):
+            with contextlib.suppress(StoreError):  # an order for a spare that is gone
+                await self.store.delete(keys.promote_key(self.service, rid))
 
     async def read_desired(self) -> int:
         kv = await self.store.get(keys.desired_key(self.service))
@@ -191,20 +237,58 @@ class Controller:
             backoff=dict(self.backoff),
             now=time.monotonic(),
             load=self.scaler.load(),
+            spares=set(self.spares),
+            spares_wanted=spares_wanted(
+                self.spec.replicas.warm, self.spec.replicas.max, self.desired
+            ),
         )
         actions = plan(seen)
         for rid in actions.forget:
             del self.backoff[rid]  # a crashed replica that is no longer wanted
+        for rid in actions.promote:
+            await self._promote(rid, actions.backoff.get(rid))
         if self.path is not None:
             # Before any drain: a leaving replica's queue is out of the path first.
             await self._steer(seen.running, set(seen.draining) | set(actions.drain))
         for rid in actions.drain:
             self._drain(rid)
+        for rid in actions.stop_spare:
+            self._drain(rid, spare=True)
         for rid in actions.restart:
             await self._start(rid, restart=actions.backoff[rid])
         for rid in actions.start:
             await self._start(rid)
+        for rid in actions.start_spare:
+            await self._start(rid, standby=True)
+        if self.promoting:
+            await self._promotions_done()
         return actions.requeue_after
+
+    async def _promote(self, rid: str, backoff: Backoff | None) -> None:
+        """Order a spare to join the group; it serves from here on, for this controller."""
+        await promote(self.store, self.service, rid, time.time())
+        self.spares.discard(rid)
+        self.promoting.add(rid)
+        if backoff is not None:
+            self.backoff[rid] = backoff  # no longer a spare's: a crash restarts it serving
+
+    async def _promotions_done(self) -> None:
+        """A `promote` event for each promoted spare now registered as a member, with the
+        seconds from the decision to its registration (both in its member info)."""
+        members = await list_members(self.store, self.service)
+        for rid in sorted(self.promoting & set(members)):
+            self.promoting.discard(rid)
+            info = members[rid].info
+            decided, at = info.get("decided"), info.get("promoted_at")
+            took = at - decided if isinstance(decided, float) and isinstance(at, float) else None
+            shown = f" {took:.3f}s after the decision" if took is not None else ""
+            await self.event(
+                "promote",
+                f"spare {rid} (pid {info.get('pid')}) promoted: a member{shown}",
+                replica=rid,
+                seconds=took,
+                decided_at=decided,
+            )
 
     async def _install_path(self) -> None:
         """Put the service in the gateway's path, steering to the replicas adopted."""
@@ -244,17 +328,28 @@ class Controller:
                 replicas=list(replicas),
             )
 
-    async def _start(self, rid: str, restart: Backoff | None = None) -> None:
-        self.runtime.start(rid)
+    async def _start(self, rid: str, restart: Backoff | None = None, standby: bool = False) -> None:
+        standby = standby or (restart is not None and restart.standby)
+        if standby:
+            # A promote order left behind for this id must not promote the new spare.
+            await self.store.delete(keys.promote_key(self.service, rid))
+        self.runtime.start(rid, standby=standby)
+        if standby:
+            self.spares.add(rid)
         if restart is not None:
             self.backoff[rid] = restart  # no longer waiting
             self.restarts += 1
-        await self.event("start", f"started replica {rid}", replica=rid)
+        what = "spare" if standby else "replica"
+        await self.event("start", f"started {what} {rid}", replica=rid, standby=standby)
 
-    def _drain(self, rid: str) -> None:
-        """Stop one replica in the background: it drains, leaves, exits (or is killed)."""
+    def _drain(self, rid: str, spare: bool = False) -> None:
+        """Stop one replica in the background: it drains, leaves, exits (or is killed).
+        A spare holds no flows: it leaves at once."""
         self.backoff.pop(rid, None)
         timeout = self.spec.replicas.drain_timeout + STOP_MARGIN
+        if spare:
+            self.spares.discard(rid)
+            self.spares_stopping.add(rid)
 
         def stop() -> float:
             started = time.monotonic()
@@ -267,39 +362,51 @@ class Controller:
         for rid, task in list(self.draining.items()):
             if task.done():
                 del self.draining[rid]
+                spare = rid in self.spares_stopping
+                self.spares_stopping.discard(rid)
                 try:
                     took = task.result()
                 except Exception as exc:  # one failed stop must not end the reconcile loop
                     await self.event("stop", f"stopping replica {rid} failed: {exc}", replica=rid)
                     continue
-                await self.event(
-                    "stop", f"drained and stopped replica {rid} in {took:.1f}s", replica=rid
-                )
+                what = "stopped spare" if spare else "drained and stopped replica"
+                await self.event("stop", f"{what} {rid} in {took:.1f}s", replica=rid)
 
     async def _on_exit(self, exited: Exited) -> None:
         rid = exited.replica_id
+        standby = rid in self.spares
+        self.spares.discard(rid)
+        self.promoting.discard(rid)
         await self._revoke_member(rid)
         if exited.exit_code == EXIT_CONFIG:
             await self.event("failed", f"replica {rid} cannot run: {exited.last_log_line}")
             raise PermanentError(
                 exited.last_log_line or f"replica {rid} exited with a config error"
             )
-        state = self.backoff[rid] = crashed(self.backoff.get(rid), exited.ran_for, time.monotonic())
+        state = crashed(self.backoff.get(rid), exited.ran_for, time.monotonic(), standby)
+        self.backoff[rid] = state
         delay = restart_delay(state.failures)
         detail = f": {exited.last_log_line}" if exited.last_log_line else ""
+        what = "spare" if standby else "replica"
         await self.event(
             "crash",
-            f"replica {rid} exited (code {exited.exit_code}){detail}; restarting in {delay:.1f}s",
+            f"{what} {rid} exited (code {exited.exit_code}){detail}; restarting in {delay:.1f}s",
             replica=rid,
             code=exited.exit_code,
+            standby=standby,
         )
 
     async def _revoke_member(self, rid: str) -> None:
-        """Remove a dead replica's member key now rather than at lease expiry."""
+        """Remove a dead replica's member (or standby) key now rather than at lease expiry,
+        and a promote order it did not carry out."""
         with contextlib.suppress(StoreError):
             member = (await list_members(self.store, self.service)).get(rid)
             if member is not None and member.lease:
                 await self.store.revoke_lease(member.lease)
+            spare = await self.store.get(keys.standby_key(self.service, rid))
+            if spare is not None and spare.lease:
+                await self.store.revoke_lease(spare.lease)
+            await self.store.delete(keys.promote_key(self.service, rid))
 
     async def _watch_desired(self) -> None:
         while True:

@@ -40,6 +40,7 @@ class ControllerView:
     running: Callable[[], int]
     restarts: Callable[[], int]
     stats: Callable[[], ScaleStats]
+    spares: Callable[[], int] = lambda: 0
 
 
 class _Collector(Collector):
@@ -50,7 +51,12 @@ class _Collector(Collector):
         labels, svc = ["service"], [self.view.service]
         for name, doc, count in (
             ("vmbox_controller_desired_replicas", "Desired replica count.", self.view.desired()),
-            ("vmbox_controller_replicas", "Replicas running now.", self.view.running()),
+            (
+                "vmbox_controller_replicas",
+                "Replicas running now (not spares).",
+                self.view.running(),
+            ),
+            ("vmbox_controller_spares", "Warm spares standing by now.", self.view.spares()),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             gauge.add_metric(svc, float(count))

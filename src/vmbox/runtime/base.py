@@ -46,8 +46,9 @@ class Usage:
 
 
 class Runtime(Protocol):
-    def start(self, replica_id: str) -> ReplicaState:
-        """Start one replica; returns at once (the replica registers itself in etcd)."""
+    def start(self, replica_id: str, standby: bool = False) -> ReplicaState:
+        """Start one replica (a warm spare if `standby`: registered as standby, serving
+        nothing until promoted); returns at once (the replica registers itself in etcd)."""
         ...
 
     def stop(self, replica_id: str, timeout: float = 5.0) -> None:

@@ -113,8 +113,9 @@ class LocalRuntime:
         # the event loop: cgroup creation and removal must not interleave.
         self._lock = threading.Lock()
 
-    def command(self, replica_id: str) -> list[str]:
+    def command(self, replica_id: str, standby: bool = False) -> list[str]:
         tie = [] if self.adoptable else ["--parent-pid", str(os.getpid())]
+        role = ["--standby"] if standby else []  # a warm spare (vmbox.state.standby)
         return [
             sys.executable,
             "-m",
@@ -128,6 +129,7 @@ class LocalRuntime:
             ",".join(self.endpoints),
             *replica_flags(self.access),
             *tie,
+            *role,
         ]
 
     def _cgroup_for(self, replica_id: str) -> MemoryCgroup | None:
@@ -139,19 +141,21 @@ class LocalRuntime:
             log.warning("replica %s runs without its memory cgroup: %s", replica_id, exc)
             return None
 
-    def start(self, replica_id: str) -> ReplicaState:
+    def start(self, replica_id: str, standby: bool = False) -> ReplicaState:
         if replica_id in self._procs:
             raise ValueError(f"replica {replica_id} is already running")
         with self._lock:  # a sweep must not remove the new cgroup before the replica joins
             cgroup = self._cgroup_for(replica_id)
-            popen = self._spawn(replica_id, cgroup)
+            popen = self._spawn(replica_id, cgroup, standby)
             oom = cgroup.oom_kills() if cgroup else 0
             log_path = self.log_dir / f"{replica_id}.log"
             self._procs[replica_id] = _Proc(replica_id, popen.pid, popen, log_path, cgroup, oom)
         return ReplicaState(replica_id, popen.pid, running=True)
 
-    def _spawn(self, replica_id: str, cgroup: MemoryCgroup | None) -> subprocess.Popen[bytes]:
-        argv = self.command(replica_id)
+    def _spawn(
+        self, replica_id: str, cgroup: MemoryCgroup | None, standby: bool = False
+    ) -> subprocess.Popen[bytes]:
+        argv = self.command(replica_id, standby)
         # The shell joins the cgroup and execs the replica, so it is limited from
         # its first instruction (a preexec_fn is unsafe beside gRPC's threads).
         with (self.log_dir / f"{replica_id}.log").open("ab") as log_file:

@@ -33,6 +33,26 @@ def member_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/members/{replica}"
 
 
+def standby_prefix(service: str) -> str:
+    return f"{ROOT}{service}/standby/"
+
+
+def standby_key(service: str, replica: str) -> str:
+    # A warm spare (replicas.warm), on its own lease: JSON with its pid and metrics
+    # address. Not a member: no share, no ack, no traffic (vmbox.state.standby).
+    return f"{ROOT}{service}/standby/{replica}"
+
+
+def promote_prefix(service: str) -> str:
+    return f"{ROOT}{service}/promote/"
+
+
+def promote_key(service: str, replica: str) -> str:
+    # The controller's order to a spare to join the group (JSON: when it was decided);
+    # the spare deletes it once it is a member.
+    return f"{ROOT}{service}/promote/{replica}"
+
+
 def acks_prefix(service: str) -> str:
     return f"{ROOT}{service}/acks/"
 

@@ -109,15 +109,25 @@ class Membership:
     """Keeps one replica registered until cancelled or `leave()` is called."""
 
     def __init__(
-        self, store: Store, service: str, replica_id: str, info: dict[str, Any], ttl: int = 3
+        self,
+        store: Store,
+        service: str,
+        replica_id: str,
+        info: dict[str, Any],
+        ttl: int = 3,
+        *,
+        key: str | None = None,
+        lease: int = 0,
     ) -> None:
         self.store = store
         self.service = service
         self.replica_id = replica_id
         self.info = dict(info)
         self.ttl = ttl
-        self.key = keys.member_key(service, replica_id)
+        # Another key than members/<id>: a warm spare's standby/<id> (vmbox.state.standby).
+        self.key = key or keys.member_key(service, replica_id)
         self.lease = 0
+        self._given = lease  # a live lease to register on first (a promoted spare's own)
         self.registered = asyncio.Event()  # set at the first registration, stays set
         self.registrations = 0
         self.last_error: str | None = None
@@ -157,7 +167,7 @@ class Membership:
         async with self._lock:
             if self._left:
                 return
-            lease = await self.store.grant_lease(self.ttl)
+            lease, self._given = self._given or await self.store.grant_lease(self.ttl), 0
             try:
                 await self.store.put(self.key, self._value(), lease=lease)
             except StoreError:
@@ -200,6 +210,13 @@ class Membership:
                 # On LeaseLost run() re-registers soon, with the new info.
                 with contextlib.suppress(LeaseLost):
                     await self.store.put(self.key, self._value(), lease=self.lease)
+
+    def release(self) -> int:
+        """Stop keeping the lease alive, without revoking it, and hand it over: run()
+        returns. A promoted spare registers its member key on it (vmbox.state.standby)."""
+        self._left = True
+        lease, self.lease = self.lease, 0
+        return lease
 
     async def leave(self) -> None:
         """Revoke the lease so the member key disappears now; run() then returns."""
