@@ -14,10 +14,18 @@ through a one-replica `dataplane: nfqueue` service, as ratios, and the
 driver's packets/s against the relay's; without root the bench says why and
 prints the relay table alone.
 
+As root with a writable memory cgroup, the memory rows (bench/memory.py): one
+replica run as the service runs it, in its own memory cgroup, its working set
+idle, per open flow and per tracked source (from BENCH_MEMORY_FLOWS new flows,
+15,000 by default) and after the flows idled out, against the reference
+design's 70 MiB pod.
+
 Printed: one table, throughput (datagrams passed per second at a saturating
 offer, the offer in the title) and per-packet round-trip latency at 1,000
-packets/s, each beside the plain relay's as a ratio; `--csv PATH` also writes
-the same figures as CSV. Progress goes to stderr while the variants run.
+packets/s, each beside the plain relay's as a ratio; then the in-path and the
+memory tables when they ran. `--csv PATH` also writes the same figures as CSV
+(the memory rows, whose columns differ, to PATH's stem + `-memory.csv`).
+Progress goes to stderr while the variants run.
 The machine is shared and noisy, so only the ratios of one run mean
 anything; run it twice before believing a difference under 10%.
 """
@@ -41,6 +49,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from inpath import InpathFigures, why_not
 from inpath import measure as measure_inpath
+from memory import MIB, POD, MemoryFigures
+from memory import measure as measure_memory
+from memory import why_not as why_not_memory
 
 from vmbox.spec import parse_spec
 from vmbox.state import keys
@@ -203,6 +214,99 @@ def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures])
     return table
 
 
+NOTES = {
+    "bytes per flow": "one source, a port per flow",
+    "bytes per source": "beyond its flow: a source per flow",
+}
+
+
+MemoryRow = tuple[str, float, str, float | None, float | None, str]
+
+
+def memory_rows(m: MemoryFigures) -> list[MemoryRow]:
+    """(figure, value, unit, % of the 70 MiB pod, points from idle, note) for each memory row."""
+
+    def pct(size: float) -> float:
+        return 100 * size / POD
+
+    idle = m.idle
+    one, many = m.one_source, m.many_sources
+    rows: list[MemoryRow] = [
+        ("idle working set", idle / MIB, "MiB", pct(idle), None, "ready, no traffic yet"),
+        (
+            f"at {one.flows:,} flows, one source",
+            one.loaded.working_set / MIB,
+            "MiB",
+            pct(one.loaded.working_set),
+            pct(one.loaded.working_set) - pct(one.idle.working_set),
+            "",
+        ),
+    ]
+    for name, per in (("bytes per flow", m.per_flow), ("bytes per source", m.per_source)):
+        rows.append((name, per() or 0.0, "B", None, None, NOTES[name]))
+        for part, note in (("kernel", "sockets, slab"), ("anon", "the heap")):
+            if (value := per(part)) is not None:
+                rows.append((f"  of which {part}", value, "B", None, None, note))
+    afters = [
+        ("after idle-out, one source", one, one.after, "every flow idled out"),
+        (f"after idle-out, {many.sources:,} sources", many, many.after, "limiter table held"),
+    ]
+    if many.next_window is not None:
+        afters.append(
+            ("after the next window", many, many.next_window, "1 datagram: table dropped")
+        )
+    for name, run, snap, note in afters:
+        size = snap.working_set
+        rows.append(
+            (name, size / MIB, "MiB", pct(size), pct(size) - pct(run.idle.working_set), note)
+        )
+    rows.append(("flows in a 70 MiB pod", float(m.fits_in_pod), "flows", None, None, ""))
+    return rows
+
+
+def report_memory(m: MemoryFigures) -> Table:
+    table = Table(
+        title=f"memory per replica: its cgroup's working set (usage - inactive file), "
+        f"{m.offered:,} new flows offered per run (one source, then one source each), "
+        f"idle timeout {m.idle_timeout:g} s; yardstick the reference design's 70 MiB pod",
+        title_justify="left",
+    )
+    for name in ("figure", "value", "% of 70 MiB", "pts from idle", "note"):
+        table.add_column(name, justify="left" if name in ("figure", "note") else "right")
+    for name, value, unit, pct, pts, note in memory_rows(m):
+        shown = f"{value:,.1f} {unit}" if unit == "MiB" else f"{value:,.0f} {unit}"
+        table.add_row(
+            name,
+            shown,
+            "" if pct is None else f"{pct:.1f}%",
+            "" if pts is None else f"{pts:+.1f}",
+            note,
+        )
+    return table
+
+
+def write_memory_csv(path: Path, m: MemoryFigures) -> None:
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["figure", "value", "unit", "pct_of_70mib", "pts_from_idle", "note"])
+        for name, value, unit, pct, pts, note in memory_rows(m):
+            writer.writerow(
+                [
+                    name,
+                    f"{value:.3f}",
+                    unit,
+                    "" if pct is None else f"{pct:.2f}",
+                    "" if pts is None else f"{pts:.2f}",
+                    note,
+                ]
+            )
+
+
+def memory_csv_path(path: Path) -> Path:
+    """Beside the main CSV: bench.csv -> bench-memory.csv (other columns than the relay's)."""
+    return path.with_name(f"{path.stem}-memory{path.suffix or '.csv'}")
+
+
 def write_csv(
     path: Path, results: dict[str, Figures], inpath: dict[str, InpathFigures] | None = None
 ) -> None:
@@ -252,10 +356,13 @@ def write_csv(
                 )
 
 
-async def run_all() -> tuple[dict[str, Figures], dict[str, InpathFigures] | None]:
+Results = tuple[dict[str, Figures], dict[str, InpathFigures] | None, MemoryFigures | None]
+
+
+async def run_all() -> Results:
     progress = Console(stderr=True)
-    inpath = None
-    skip = why_not()
+    inpath, memory = None, None
+    skip, skip_memory = why_not(), why_not_memory()
     upstream = ("127.0.0.1", free_udp_port())
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
     try:
@@ -271,23 +378,32 @@ async def run_all() -> tuple[dict[str, Figures], dict[str, InpathFigures] | None
                     tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
                 ):
                     inpath = await measure_inpath(store, Path(logs))
+            if skip_memory is None:
+                with progress.status("measuring memory: idle, then new flows, then idle-out"):
+                    memory = await measure_memory(store)
     finally:
         stop(echo)
     if skip is not None:
         progress.print(f"in-path rows skipped: {skip}")
-    return results, inpath
+    if skip_memory is not None:
+        progress.print(f"memory rows skipped: {skip_memory}")
+    return results, inpath, memory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the figures as CSV")
     args = parser.parse_args()
-    results, inpath = uvloop.run(run_all())
+    results, inpath, memory = uvloop.run(run_all())
     Console().print(report(results))
     if inpath is not None:
         Console(width=max(Console().width, 120)).print(report_inpath(results, inpath))
+    if memory is not None:
+        Console(width=max(Console().width, 120)).print(report_memory(memory))
     if args.csv:
         write_csv(args.csv, results, inpath)
+        if memory is not None:
+            write_memory_csv(memory_csv_path(args.csv), memory)
 
 
 if __name__ == "__main__":
