@@ -4,7 +4,8 @@ Used by `vmbox status`, the live view of `vmbox up` and `vmbox demo`. Traffic
 rates come from two scrapes of each replica's Prometheus metrics; the tracker
 keeps the previous scrape so a live view needs one scrape per refresh. Memory
 and CPU come from the controller's monitor, which publishes its latest sample
-of every replica at /vmbox/<service>/samples.
+of every replica at /vmbox/<service>/samples. Warm spares (standby/<id>) get a
+row each after the members, marked `(spare)`: no share, no traffic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vmbox.metrics import scrape
 from vmbox.state import keys
 from vmbox.state.health import FAIL_MODE_NAMES
 from vmbox.state.membership import list_members
+from vmbox.state.standby import list_standby
 from vmbox.state.store import Store
 
 RATES = ("packets_received_total", "packets_passed_total", "packets_dropped_total")
@@ -48,6 +50,7 @@ class ServiceStatus:
     events: list[events.Event]
     taken: float
     controller: str = ""  # the controller's metrics address, when one is running
+    spares: list[ReplicaRow] = field(default_factory=list)  # warm spares standing by
 
     def total_rate(self, name: str) -> float:
         return sum(row.rates.get(name, 0.0) for row in self.replicas)
@@ -100,7 +103,13 @@ async def snapshot(
         )
         for rid, m in sorted(members.items())
     ]
-    await asyncio.gather(*(_scrape_row(row) for row in rows))
+    standby = await list_standby(store, service)
+    spares = [
+        ReplicaRow(rid, info.get("pid", "?"), str(info.get("metrics", "")))
+        for rid, info in sorted(standby.items())
+        if rid not in members  # a promoted spare, its standby key not yet removed
+    ]
+    await asyncio.gather(*(_scrape_row(row) for row in rows + spares))
     now = time.monotonic()
     for row in rows:
         if not row.error:
@@ -108,14 +117,19 @@ async def snapshot(
     recent = await events.recent(store, service, n_events)
     desired = desired_kv.value.decode(errors="replace") if desired_kv else "-"
     controller = await _controller(store, service)
-    return ServiceStatus(service, desired, rows, recent, time.time(), controller)
+    return ServiceStatus(service, desired, rows, recent, time.time(), controller, spares)
 
 
 def render(status: ServiceStatus, title: str = "") -> RenderableType:
     """A kubectl-like table of replicas, then the recent events."""
+    n = len(status.spares)
+    spares = f", {n} warm spare{'s' if n != 1 else ''}" if n else ""
     table = Table(
         title=title
-        or f"service {status.service}: {len(status.replicas)} replicas (desired {status.desired})",
+        or (
+            f"service {status.service}: {len(status.replicas)} replicas "
+            f"(desired {status.desired}){spares}"
+        ),
         title_justify="left",
     )
     for column in (
@@ -146,6 +160,9 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
             *_resources(row.sample),
             store_state,
         )
+    for row in status.spares:
+        state = "error: " + row.error if row.error else "standby, " + store_column(row.values)
+        table.add_row(f"{row.replica} (spare)", str(row.pid), *["-"] * 8, state)
     notes = []
     if any(row.sample and not row.sample.source.startswith("cgroup") for row in status.replicas):
         notes.append("* resident set size read with psutil (no memory cgroup)")

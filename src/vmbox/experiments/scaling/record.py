@@ -29,10 +29,27 @@ class PhaseRun:
     server: dict[int, int] = field(default_factory=dict)
     load_window: tuple[float, float] = (0.0, 0.0)
 
+    def note(self, event: events.Event) -> None:
+        """Keep the controller's decisions and the replicas each scale-up brought in.
+
+        A new replica is a start, or a warm spare's promotion (paired by when it was
+        decided: its event comes once the spare is a member); a spare's own start
+        brings nothing in."""
+        rid = str(event.data.get("replica", ""))
+        if event.kind.startswith("scale-"):
+            self.decisions.append(event)
+        elif event.kind == "start" and not event.data.get("standby"):
+            self.started.append((event.time, rid))
+        elif event.kind == "promote":
+            decided = event.data.get("decided_at")
+            at = float(decided) if isinstance(decided, int | float) else event.time
+            self.started.append((at, rid))
+
     def reactions(self) -> list[tuple[events.Event, str, float | None]]:
-        """Each scale-up, the replica it started, and seconds from crossing to passing traffic."""
+        """Each scale-up, the replica it started (or promoted), and seconds from crossing
+        to passing traffic."""
         out: list[tuple[events.Event, str, float | None]] = []
-        started = list(self.started)
+        started = sorted(self.started)
         for decision in (d for d in self.decisions if d.kind == "scale-up"):
             rid = next((r for t, r in started if t >= decision.time - 0.01), "")
             started = [(t, r) for t, r in started if r != rid]

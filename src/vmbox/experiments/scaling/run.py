@@ -35,13 +35,7 @@ NAME = "scaling"
 
 
 def _listener(run: PhaseRun) -> Callable[[events.Event], None]:
-    def on_event(event: events.Event) -> None:
-        if event.kind.startswith("scale-"):
-            run.decisions.append(event)
-        elif event.kind == "start":
-            run.started.append((event.time, str(event.data.get("replica", ""))))
-
-    return on_event
+    return run.note  # decisions, starts and promotions (a warm spare's)
 
 
 async def _record(controller: Controller, run: PhaseRun) -> None:
