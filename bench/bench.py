@@ -256,10 +256,8 @@ def memory_rows(m: MemoryFigures) -> list[MemoryRow]:
             ("after the next window", many, many.next_window, "1 datagram: table dropped")
         )
     for name, run, snap, note in afters:
-        size = snap.working_set
-        rows.append(
-            (name, size / MIB, "MiB", pct(size), pct(size) - pct(run.idle.working_set), note)
-        )
+        size, pts = snap.working_set, pct(snap.working_set) - pct(run.idle.working_set)
+        rows.append((name, size / MIB, "MiB", pct(size), pts, f"{note}; trims {run.trims}"))
     rows.append(("flows in a 70 MiB pod", float(m.fits_in_pod), "flows", None, None, ""))
     return rows
 
@@ -268,7 +266,8 @@ def report_memory(m: MemoryFigures) -> Table:
     table = Table(
         title=f"memory per replica: its cgroup's working set (usage - inactive file), "
         f"{m.offered:,} new flows offered per run (one source, then one source each), "
-        f"idle timeout {m.idle_timeout:g} s; yardstick the reference design's 70 MiB pod",
+        f"idle timeout {m.idle_timeout:g} s, PYTHONMALLOC={m.one_source.allocator or 'unset'}; "
+        "yardstick the reference design's 70 MiB pod",
         title_justify="left",
     )
     for name in ("figure", "value", "% of 70 MiB", "pts from idle", "note"):

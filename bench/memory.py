@@ -35,6 +35,10 @@ Figures:
   it at the next window's first packet);
 - after the next window (N sources): one datagram from a new source in the
   next window, which drops the table, then settled (that one flow is open).
+
+Beside them, what the runtime gave the replica: its PYTHONMALLOC (read from
+/proc/<pid>/environ) and how often it gave memory back (`vmbox_memory_trims`,
+0 when the replica does not export it).
 - flows in a 70 MiB pod (the reference design's limit, the yardstick): 70 MiB
   less idle, over bytes per flow.
 
@@ -114,6 +118,8 @@ class Run:
     # N sources only: after one datagram (a new source) in the next window, which
     # drops the limiter's table of the last one, settled
     next_window: Snapshot | None
+    trims: int  # vmbox_memory_trims at the end: times the replica gave memory back (0: none)
+    allocator: str  # PYTHONMALLOC in the replica's environment ("" when unset)
     pid: int
     cgroup: Path
 
@@ -246,6 +252,16 @@ def many_sources(flows: int) -> list[tuple[str, int]]:
     return [(f"127.33.{i // 250}.{1 + i % 250}", 0) for i in range(flows)]
 
 
+def _environment(pid: int) -> dict[str, str]:
+    """The replica's environment as it was started (what the runtime gave it)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in pairs}
+
+
 async def _gauge(service: Service, name: str) -> float:
     for values in (await service.gauges()).values():
         return values.get(name, 0.0)
@@ -320,6 +336,8 @@ async def measure_run(
             loaded,
             after,
             next_window,
+            int(await _gauge(service, "vmbox_memory_trims")),
+            _environment(pid).get("PYTHONMALLOC", ""),
             pid,
             cgroup.path,
         )
