@@ -67,6 +67,13 @@ class Middlebox(ABC):
     def start(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called once, with the time, when the replica begins to serve traffic."""
 
+    def idle(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Drop per-source state that time alone has made stale, so its memory can go back.
+
+        Called by the replica about once a second, off the packet path (a quiet
+        replica gets no packet that would do it); never changes a verdict.
+        """
+
     def update(self, values: Mapping[str, Any] | None = None, group: Group | None = None) -> None:
         """Take new state values and/or a new replica group, then recompute."""
         if values:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from vmbox.allocator import MemoryReturn
 from vmbox.dataplane.counters import Counters
 from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.nfqueue import NfqueueDriver
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 LEAVE_TIMEOUT = 1.0  # a revoke takes milliseconds; the lease TTL covers a store that is away
 INPATH_DRAIN_IDLE = 0.2  # an in-path replica's queue is drained once this long quiet
 MARK_TIMEOUT = 0.5  # marking the member info as draining: a drain does not wait longer
+MEMORY_CHECK = 1.0  # seconds between checks whether freed memory should go back (allocator.py)
 
 
 class ReplicaConfigError(Exception):
@@ -113,6 +115,7 @@ class Replica:
         )
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
+        self.memory = MemoryReturn()
         self.views: dict[str, View] = {}
         self.members = 0
         for item in self.middlebox.items:
@@ -233,6 +236,7 @@ class Replica:
         values["store_watch_resumes"] = float(self.store.watch_resumes)
         if self.demand is not None:
             values.update(self.demand.gauges())
+        values.update(self.memory.gauges())
         return values
 
     def _demand_sharing(self, membership: Membership) -> DemandSharing | None:
@@ -286,6 +290,7 @@ class Replica:
             if self.demand is not None:
                 tasks.append(group.create_task(self.demand.run()))
             tasks.append(group.create_task(self.health.run()))
+            tasks.append(group.create_task(self._return_memory()))
             if self.inpath is not None:
                 tasks.append(group.create_task(self._bind_queue(self.inpath, self.membership)))
             await self.stopping.wait()
@@ -301,6 +306,14 @@ class Replica:
         self.metrics.stop()
         if self.fatal is not None:
             raise self.fatal
+
+    async def _return_memory(self) -> None:
+        """Give freed memory back once flows and sources have idled out (vmbox.allocator)."""
+        while True:
+            await asyncio.sleep(MEMORY_CHECK)
+            self.middlebox.idle(time.time())
+            held = self.counters.flows + int(self.middlebox.gauges().get("sources", 0))
+            self.memory.check(held, time.monotonic())
 
     async def _stand_by(self, group: asyncio.TaskGroup, tasks: list[asyncio.Task[Any]]) -> None:
         """A warm spare: registered under standby/<id>, its views running, nothing bound.

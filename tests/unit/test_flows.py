@@ -117,3 +117,24 @@ def test_limits_are_checked() -> None:
         FlowTable(0.0, 10)
     with pytest.raises(ValueError, match="max_flows"):
         FlowTable(1.0, 0)
+
+
+def test_a_table_emptied_by_expiry_is_rebuilt_at_its_size_with_order_kept() -> None:
+    table = table_with([float(n) for n in range(2000)], idle=10.0, most=5000)
+    big = table._flows
+    # Expire all but the 300 newest: 300 <= 2000 / 4, so the dict is rebuilt.
+    assert len(table.expire(1709.0)) == 1700
+    assert table._flows is not big
+    assert ports(table.flows()) == list(range(1700, 2000))
+    assert table.get(peer(1800)) is not None and table.get(peer(5)) is None
+    # A table that shrinks by less than that keeps its dict.
+    kept = table._flows
+    assert len(table.expire(1720.0)) == 11
+    assert table._flows is kept
+
+
+def test_a_small_table_is_never_rebuilt() -> None:
+    table = table_with([float(n) for n in range(1000)], idle=10.0, most=5000)
+    small = table._flows
+    assert len(table.expire(1009.0)) == 1000
+    assert table._flows is small

@@ -243,30 +243,22 @@ class UdpRelay:
             else:
                 self.counters.queue_drops += 1
         else:
-            self._send(transport, flow.sock, data, None)
+            self._send(transport, flow.sock, data)
 
     def _send(
-        self,
-        transport: asyncio.DatagramTransport,
-        sock: socket.socket | None,
-        data: bytes,
-        addr: Peer | None,
+        self, transport: asyncio.DatagramTransport, sock: socket.socket | None, data: bytes
     ) -> None:
+        """Send a client's datagram upstream on its flow's connected socket."""
         if data and write_backlog(transport) < WRITE_LIMIT:
-            transport.sendto(data, addr)
+            transport.sendto(data)
         elif data:
             self.counters.queue_drops += 1
         elif sock is not None:
             # asyncio's transports silently skip empty datagrams; UDP allows them.
             try:
-                if addr is None:
-                    sock.send(data)
-                else:
-                    sock.sendto(data, addr)
+                sock.send(data)
             except OSError:
-                # Only an upstream failure is counted; a vanished client is not ours.
-                if addr is None:
-                    self.counters.upstream_errors += 1
+                self.counters.upstream_errors += 1
 
     def _on_reply(self, flow: _Flow, data: bytes) -> None:
         if not self._flows.holds(flow) or self._transport is None:
@@ -274,7 +266,25 @@ class UdpRelay:
         self._flows.touch(flow, self.monotonic())
         self.counters.replies += 1
         self.counters.bytes_replied += len(data)
-        self._send(self._transport, self._sock, data, flow.addr)
+        self._reply(data, flow.addr)
+
+    def _reply(self, data: bytes, addr: Peer) -> None:
+        """Send an upstream reply to its client straight from the listen socket.
+
+        Not through `transport.sendto(data, addr)`: uvloop checks each new
+        destination once and keeps the answer in an LRU cache, thousands of
+        small entries made while flows come and go; each pins a heap page
+        long after its flow idled out, and a replica's memory never fell back
+        (vmbox.allocator, docs/memory.md). A full send buffer drops the reply,
+        as UDP may.
+        """
+        assert self._sock is not None
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            self.counters.queue_drops += 1
+        except OSError as exc:  # the client has gone: not ours to count
+            self._trouble.warning("client", "relay: error sending to a client: %s", exc)
 
     # -- flows -------------------------------------------------------------
 
@@ -314,7 +324,7 @@ class UdpRelay:
             return
         flow.transport, flow.sock = transport, sock
         while flow.queue:
-            self._send(transport, sock, flow.queue.popleft(), None)
+            self._send(transport, sock, flow.queue.popleft())
 
     def _remove_flow(self, flow: _Flow) -> None:
         self._flows.remove(flow)

@@ -154,6 +154,16 @@ class FixedWindow(RateLimiter):
         self.live = set()
         self.table = _NONE if window_id == self.first_window else self.window_allow
 
+    def idle(self, now: float) -> None:
+        """Begin the window of `now` if no packet has: its table goes with the window's sources.
+
+        The same step the window's first packet would take (and that packet
+        then finds the window begun), so a verdict never changes.
+        """
+        window_id = math.floor(now / self.window)
+        if window_id != self.window_id:
+            self._new_window(window_id)
+
     def process(self, packet: Packet, now: float, cost: int | None = None) -> Verdict:
         """Decide one packet that costs `cost` against the allowance.
 

@@ -207,6 +207,10 @@ class RuleSet(Middlebox):
         for limiter in self.limiters.values():
             limiter.start(now)
 
+    def idle(self, now: float) -> None:
+        for limiter in self.limiters.values():
+            limiter.idle(now)
+
     def update(self, values: Mapping[str, Any] | None = None, group: Group | None = None) -> None:
         """A rule's new limit reaches that rule's limiter alone; a group reaches them all."""
         if values:

@@ -118,6 +118,11 @@ class TokenBucket(RateLimiter):
                 del self.buckets[source]
         self.next_sweep = now + self.window
 
+    def idle(self, now: float) -> None:
+        """Drop the full buckets when a sweep is due, as the next packet would."""
+        if now >= self.next_sweep:
+            self._sweep(now)
+
     def process(self, packet: Packet, now: float, cost: int | None = None) -> Verdict:
         """Decide one packet that takes `cost` tokens (its size under `unit: bytes`).
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import psutil
 
+from vmbox import allocator
 from vmbox.runtime.base import Exited, ReplicaState, Usage
 from vmbox.runtime.cgroups import (
     CgroupUnavailable,
@@ -158,6 +159,8 @@ class LocalRuntime:
         argv = self.command(replica_id, standby)
         # The shell joins the cgroup and execs the replica, so it is limited from
         # its first instruction (a preexec_fn is unsafe beside gRPC's threads).
+        # The allocator's environment lets the replica's memory go back to the
+        # kernel when its flows idle out (vmbox.allocator).
         with (self.log_dir / f"{replica_id}.log").open("ab") as log_file:
             return subprocess.Popen(
                 join_command(cgroup.path, argv) if cgroup else argv,
@@ -165,6 +168,7 @@ class LocalRuntime:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=os.environ | allocator.ENVIRONMENT,
             )
 
     def adopt(self, replica_id: str, pid: int) -> bool:
