@@ -53,6 +53,7 @@ from memory import MIB, POD, MemoryFigures
 from memory import measure as measure_memory
 from memory import why_not as why_not_memory
 
+from vmbox import allocator
 from vmbox.spec import parse_spec
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore
@@ -90,11 +91,13 @@ async def measure(target: tuple[str, int]) -> Figures:
 
 
 def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    """A variant's process, with the allocator a replica gets from the runtime (all alike)."""
     return subprocess.Popen(
         [sys.executable, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=os.environ | allocator.ENVIRONMENT,
     )
 
 
