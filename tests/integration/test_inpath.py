@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,9 @@ from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
 from vmbox.lab.plan import SERVER_IF
+from vmbox.metrics import scrape
 from vmbox.spec import parse_spec
+from vmbox.state.standby import list_standby
 from vmbox.testbed import inpath_spec
 from vmbox.tools.capture import Capture, full_seconds, per_second
 
@@ -348,3 +351,53 @@ def test_autoscaling_follows_the_packet_rate_in_the_path(
     # Every whole second at the server, the resizes' included, within the limit.
     assert all(count <= 100 for count in seconds), seconds
     assert statistics.fmean(seconds) >= 90, seconds
+
+
+def test_a_warm_spare_is_out_of_the_path_until_promoted(
+    etcd: EtcdServer, lab: LabPlan, tmp_path: Path
+) -> None:
+    """An in-path spare binds no queue and is in no steering; a scale-up promotes it (the
+    same process binds its queue and the chain takes it in) while the server sees 100/s."""
+
+    async def scenario() -> tuple[list[int], dict[str, Any], dict[str, Any]]:
+        spec = inpath_spec("inspare", lab, 1)
+        spec = spec.model_copy(update={"replicas": spec.replicas.model_copy(update={"warm": 1})})
+        async with running_service(etcd.endpoints, spec, tmp_path) as svc:
+            spares: dict[str, Any] = {}
+            for _ in range(200):
+                spares = await list_standby(svc.store, spec.service)
+                if spares:
+                    break
+                await asyncio.sleep(0.05)
+            (rid, info), *_ = spares.items()
+            path = svc.controller.path
+            assert path is not None
+            for _ in range(100):  # the pass after web-1 bound its queue steers to it
+                if path.written is not None and path.written.queues:
+                    break
+                await asyncio.sleep(0.05)
+            assert path.written is not None
+            before = {"queues": path.written.queues}
+            offering = asyncio.create_task(asyncio.to_thread(offer, lab, "udp", 6.0))
+            await asyncio.sleep(2.0)
+            standing = await scrape(str(info["metrics"]))
+            await svc.scale(2)
+            members = await svc.wait_ready(2)
+            seconds, _ = await offering
+            after = {
+                "queues": path.written.queues,
+                "pid": members[rid].info["pid"],
+                "queue": members[rid].info.get("queue"),
+                "standing": standing,
+                "gauges": (await svc.gauges())[rid],
+            }
+            return seconds, before | {"pid": info["pid"]}, after
+
+    seconds, before, after = asyncio.run(scenario())
+    print(f"in-path promotion: server received/s {seconds}, queues {before} -> {after['queues']}")
+    assert len(before["queues"]) == 1 and after["queue"] is not None
+    assert after["pid"] == before["pid"]  # the spare itself, promoted
+    assert sorted(after["queues"]) == sorted([*before["queues"], after["queue"]])
+    assert after["standing"]["vmbox_packets_received_total"] == 0.0
+    assert after["gauges"]["vmbox_packets_passed_total"] > 0
+    assert len(seconds) >= 4 and all(abs(count - LIMIT) <= 5 for count in seconds), seconds
