@@ -83,3 +83,19 @@ def test_memory_follows_the_flow_load_up(run: ExperimentRun) -> None:
         without_cgroups(f"memory read by {samples[0]['source']}: the 60% trigger needs cgroups")
     events = [e for e in rows(run.out / "scaling_events.csv") if e["phase"] == "memory"]
     assert any(e["kind"] == "scale-up" for e in events), events
+
+
+def test_memory_comes_back_down_and_the_service_scales_down_on_it(run: ExperimentRun) -> None:
+    samples = [r for r in rows(run.out / "scaling_samples.csv") if r["phase"] == "memory"]
+    if not samples[0]["source"].startswith("cgroup"):
+        without_cgroups(f"memory read by {samples[0]['source']}: the lines need cgroups")
+    events = [e for e in rows(run.out / "scaling_events.csv") if e["phase"] == "memory"]
+    downs = [e for e in events if e["kind"] == "scale-down"]
+    # Memory returned (vmbox.allocator), so memory itself brought the count down,
+    # to the minimum: the reference design's monitor never saw memory fall.
+    assert downs and all("mean memory" in e["message"] for e in downs), events
+    assert int(downs[-1]["new"]) == 1, events
+    server = [
+        int(r["received"]) for r in rows(run.out / "scaling_server.csv") if r["phase"] == "memory"
+    ]
+    assert max(server) <= 105, server  # never above the limit, scale-downs included

@@ -82,6 +82,21 @@ def test_scale_down_waits_until_the_load_fits_on_fewer_replicas() -> None:
     assert run(tight, [[45.0] * 3] * 20, start=3) == []
 
 
+def test_memory_re_divides_only_what_lies_above_the_idle_base() -> None:
+    memory = replace(BASE, metric="memory", scale_up_at=60.0, scale_down_at=55.0, aggregate="mean")
+    # The scaling experiment's replicas once their flows idled out: mean 54.0.
+    # Seen as load, 54 * 4 / 3 = 72 would "cross" 60 and nothing would ever go;
+    # above the least loaded replica's 53.1, 0.9 points become 1.2: one goes.
+    after = [[55.3, 53.9, 53.7, 53.1]] * 6
+    assert [(d.current, d.desired) for _, d in run(memory, after, start=4)] == [(4, 3)]
+    # The part above the base still counts: 0.9 points on 3 replicas would reach
+    # 54.3, over an upper line of 54.2, so nothing goes there.
+    assert run(replace(memory, scale_up_at=54.2), after, start=4) == []
+    # Packet rate has no base: the same figures are all load.
+    pps = replace(memory, metric="pps")
+    assert run(pps, after, start=4) == []
+
+
 def test_an_interrupted_streak_starts_again() -> None:
     series = [[0.0], [0.0], [100.0], [0.0], [0.0], [0.0]]
     changes = run(BASE, series, start=2)

@@ -4,6 +4,9 @@ It stands in for the upstream of a service in experiments and tests: every
 datagram goes back to its sender, and the number received in each wall-clock
 second (epoch-aligned, so it lines up with the rate limiter's windows) is kept
 in `history` and optionally appended to a CSV as each second completes.
+Datagrams of vmbox.tools.newflows (they begin with its MARK) are echoed but
+counted only in `new_flows`, so `history` shows what a rate limit let through
+while a load of new flows grows the replicas' memory.
 `vmbox echo` (vmbox.cli) calls `echo_main`; tests and experiments use
 `EchoServer` directly.
 """
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, TextIO, cast
 
 from vmbox.dataplane.sockets import Address, bind_udp, bound_address, format_address, write_backlog
+from vmbox.tools.newflows import MARK
 
 # Replies buffered in user space beyond this are dropped, like a full NIC queue.
 WRITE_LIMIT = 4 * 1024 * 1024
@@ -39,7 +43,10 @@ class _EchoProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.server._count(int(time.time()))
+        if data.startswith(MARK):
+            self.server.new_flows += 1
+        else:
+            self.server._count(int(time.time()))
         transport = self.transport
         if not data:
             # asyncio's transports silently skip empty datagrams; UDP allows them.
@@ -69,6 +76,7 @@ class EchoServer:
         self.csv_path = csv_path
         self.history: list[tuple[int, int]] = []
         self.total = 0
+        self.new_flows = 0  # datagrams of vmbox.tools.newflows: echoed, not in history
         # Called with (second, received) as each second completes.
         self.on_second: Report | None = None
         self._second = -1

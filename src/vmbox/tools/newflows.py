@@ -18,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TICK = 0.01  # seconds between batches of new flows
+# What each datagram begins with: vmbox.tools.echo counts these apart from the
+# rest, so a test can judge a rate limit at the server while flows come and go.
+MARK = b"vmbox-new-flow"
 MAX_FLOWS = 2_000_000  # a bound on any one run, whatever the rate says
 
 
@@ -44,7 +47,7 @@ async def new_flows(
 ) -> NewFlowsResult:
     """Open new flows at `rate_at(t)` per second for `duration` seconds (or until `stop`)."""
     result = NewFlowsResult()
-    data = b"\0" * payload
+    data = MARK + bytes(max(0, payload - len(MARK)))
     started = time.monotonic()
     owed = 0.0
     last = 0.0

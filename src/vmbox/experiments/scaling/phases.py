@@ -18,10 +18,17 @@ MEMORY_LIMIT = "70Mi"  # the reference design's pod limit
 # memory: a 70 MiB figure would sit at 87% with no load at all.
 PSUTIL_LIMIT = "128Mi"
 MEMORY_UP = 60.0  # % of the limit: the reference design's trigger
-MEMORY_DOWN = 45.0
+# Above a fresh idle replica (about 53% of 70 MiB: 37 MiB) by what one keeps
+# once its flows have idled out: up to 2 points (vmbox.allocator), plus the
+# one-time cost of its first traffic (about 1 MiB). A line under idle, as the
+# 45% this was, could never be crossed, whatever memory did.
+MEMORY_DOWN = 57.0
 PPS_UP = 150.0  # packets/s per replica
 PPS_DOWN = 40.0
 LIMIT = 100  # packets/s, the service's rate limit
+# The memory phase's limited source: 3x the limit over 64 flows, from the load's
+# start to the phase's end, so the limit is judged at the server throughout.
+PROBE_RATE = 300.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ PHASES: dict[str, tuple[PhasePlan, ...]] = {
             "memory",
             idle=30,
             load_for=75,
-            settle=30,
+            settle=60,
             interval=0.5,
             cooldown=5.0,
             flow_idle=20.0,
@@ -73,7 +80,7 @@ PHASES: dict[str, tuple[PhasePlan, ...]] = {
             "memory",
             idle=3,
             load_for=14,
-            settle=12,
+            settle=30,
             interval=0.5,
             cooldown=2.0,
             flow_idle=6.0,

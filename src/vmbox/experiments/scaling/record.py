@@ -28,6 +28,7 @@ class PhaseRun:
     started: list[tuple[float, str]] = field(default_factory=list)
     server: dict[int, int] = field(default_factory=dict)
     load_window: tuple[float, float] = (0.0, 0.0)
+    probe_window: tuple[float, float] = (0.0, 0.0)  # memory: the limited source's span
 
     def note(self, event: events.Event) -> None:
         """Keep the controller's decisions and the replicas each scale-up brought in.
@@ -57,6 +58,15 @@ class PhaseRun:
             since = float(decision.data.get("since", decision.time))
             out.append((decision, rid, None if passed is None else passed - since))
         return out
+
+
+def probe_seconds(run: PhaseRun) -> list[int]:
+    """The memory phase's server count per whole second of its limited source (first 2 skipped).
+
+    The new flows' own datagrams are not in it (vmbox.tools.echo counts them apart).
+    """
+    start, stop = run.probe_window
+    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]
 
 
 def server_seconds(run: PhaseRun) -> list[int]:

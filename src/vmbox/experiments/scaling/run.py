@@ -19,7 +19,7 @@ from rich.console import Console
 from vmbox.control import events
 from vmbox.control.controller import Controller
 from vmbox.experiments.results import ExperimentResult, Scale, new_progress
-from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PHASES, PhasePlan, phase_spec
+from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PHASES, PROBE_RATE, PhasePlan, phase_spec
 from vmbox.experiments.scaling.record import PhaseRun
 from vmbox.experiments.scaling.summary import summarise
 from vmbox.metrics import scrape
@@ -70,8 +70,10 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
     await asyncio.sleep(plan.idle)
     on_tick(plan.idle)
     start = time.time()
+    probe: asyncio.Task[Any] | None = None
     if plan.kind == "memory":
         load: Any = new_flows(run.spec.relay.listen, plan.rate_at, plan.load_for)
+        probe = asyncio.create_task(_probe(run.spec, plan.load_for + plan.settle))
     else:
         load = _steps(run.spec, plan)
     task = asyncio.create_task(load)
@@ -82,11 +84,24 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
     run.load_window = (start, time.time())
     deadline = time.monotonic() + plan.settle
     while time.monotonic() < deadline:
-        if controller.desired == run.spec.replicas.min and plan.kind == "pps":
+        back = controller.desired == run.spec.replicas.min
+        if back and (plan.kind == "pps" or any(d.kind == "scale-down" for d in run.decisions)):
             await asyncio.sleep(2.0)  # a late decision would show here
             break
         await asyncio.sleep(1.0)
         on_tick(1.0)
+    if probe is not None:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+        run.probe_window = (start, time.time())
+
+
+async def _probe(spec: Spec, seconds: float) -> None:
+    """One source at PROBE_RATE over 64 flows: what the limit must hold it to."""
+    await run_load(
+        LoadPlan(spec.relay.listen, rate=PROBE_RATE, sources=1, flows=64, duration=seconds)
+    )
 
 
 async def _steps(spec: Spec, plan: PhasePlan) -> None:
