@@ -8,7 +8,7 @@ object in it is free, and glibc's malloc gives back only the top of its heap
 on `free()`. The working set then keeps its high-water mark, and a monitor
 that scales down on memory never sees it fall (the reference design's flaw).
 
-Two measures, measured in docs/memory.md:
+Two measures (measured in DESIGN.md, "Memory that returns"):
 
 1. `ENVIRONMENT`: the runtime starts replicas with `PYTHONMALLOC=malloc`,
    so Python's small objects come from glibc too and interleave with nothing

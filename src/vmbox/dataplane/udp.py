@@ -275,8 +275,8 @@ class UdpRelay:
         destination once and keeps the answer in an LRU cache, thousands of
         small entries made while flows come and go; each pins a heap page
         long after its flow idled out, and a replica's memory never fell back
-        (vmbox.allocator, docs/memory.md). A full send buffer drops the reply,
-        as UDP may.
+        (vmbox.allocator; DESIGN.md "Memory that returns"). A full send buffer
+        drops the reply, as UDP may.
         """
         assert self._sock is not None
         try:
