@@ -15,6 +15,7 @@ from vmbox.control.autoscale import (
     Policy,
     choose_removals,
     free_ids,
+    next_sample_in,
     recommend,
 )
 from vmbox.spec import parse_spec
@@ -181,3 +182,23 @@ def test_policy_from_spec() -> None:
     assert isinstance(run(policy, [[70.0]] * 2)[0][1], Decision)
     with pytest.raises(ValueError):
         Policy.from_spec(spec.model_copy(update={"autoscale": None}))
+
+
+def test_samples_end_just_before_the_ticks_and_the_loop_never_waits_long() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        interval = rng.choice((0.25, 0.5, 1.0, 2.0))
+        lead, took = rng.uniform(0.0, 0.2), rng.uniform(0.0, 0.1)
+        now = 1_800_000_000 + rng.uniform(0, 100)
+        wait = next_sample_in(now, interval, lead, took)
+        assert 0.0 <= wait <= 1.1 * interval + 1e-9
+        end = now + wait + took
+        phase = (end + lead) / interval
+        assert abs(phase - round(phase)) < 1e-6, (now, interval, lead, took)
+        assert end - now >= interval / 10 - 1e-9 or wait == 0.0
+    # With an interval dividing a 1 s window, a sample ends lead s before each boundary.
+    ends, now = [], 1_800_000_000.37
+    for _ in range(8):
+        now += next_sample_in(now, 0.5, 0.15, 0.02) + 0.02
+        ends.append(round(now % 1.0, 6))
+    assert set(ends) == {0.35, 0.85}

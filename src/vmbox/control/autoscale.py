@@ -16,6 +16,13 @@ Two modes (spec `autoscale.mode`):
 Both wait `cooldown` seconds after a change before the next, and stay within
 `replicas.min`..`replicas.max`. Samples taken during a cooldown do not count
 toward the next decision: they show the service before the change took effect.
+
+When samples are taken (`next_sample_in`): each one ends `lead` seconds
+before a multiple of the interval in epoch time, so with an interval that
+divides the rate limiter's window every window boundary has a sample ending
+just before it. A joining replica takes nothing in the window it joins (its
+shares are fixed when the window begins), so a decision made just before a
+boundary puts a warm spare to work at that boundary, not up to a window later.
 """
 
 from __future__ import annotations
@@ -82,6 +89,19 @@ class Decision:
 
 def aggregate(values: Sequence[float], how: str) -> float:
     return max(values) if how == "max" else sum(values) / len(values)
+
+
+def next_sample_in(now: float, interval: float, lead: float, took: float) -> float:
+    """Seconds to wait so that the next sample, taking `took` s, ends `lead` s before a tick.
+
+    Ticks are the multiples of `interval` since the epoch (`now` is epoch
+    time). The next sample ends at the first tick - `lead` that leaves at
+    least a tenth of an interval free after this one; the wait lies between
+    0 and 1.1 intervals (tests/unit/test_autoscale.py).
+    """
+    gap = interval / 10
+    end = math.ceil((now + took + lead + gap) / interval) * interval - lead
+    return max(0.0, end - took - now)
 
 
 def floor(metric: str, values: Sequence[float]) -> float:

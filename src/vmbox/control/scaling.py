@@ -8,6 +8,11 @@ pure policy (vmbox.control.autoscale). A decision is written to the desired
 key (the same key `vmbox scale` writes) and recorded as an event carrying
 the values that caused it. The loop runs without autoscaling too: status and
 the least-loaded choice of a replica to remove need the samples anyway.
+
+Samples end `LEAD` seconds before the ticks of their interval (epoch-aligned,
+vmbox.control.autoscale.next_sample_in), so a scale-up decided on one leaves
+time for a warm spare to be promoted and registered before the window boundary
+at which it can take its share.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from vmbox.control.autoscale import Autoscaler, Decision, Policy
+from vmbox.control.autoscale import Autoscaler, Decision, Policy, next_sample_in
 from vmbox.control.monitor import Monitor, Sample, publish
 from vmbox.runtime.base import Runtime
 from vmbox.spec import Spec
@@ -29,6 +34,10 @@ from vmbox.state.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
+# Seconds between a sample's end and the next tick: a decision's desired write,
+# the controller's reaction (it watches that key), a spare's promotion and its
+# registration and acks take 10-50 ms here.
+LEAD = 0.15
 
 EventSink = Callable[..., Awaitable[None]]
 
@@ -111,6 +120,7 @@ class ScaleLoop:
 
     async def run(self) -> None:
         """Sample every interval until cancelled; one failed step never ends the loop."""
+        took = 0.0  # how long a step takes, smoothed: the next one starts that much early
         while True:
             started = time.monotonic()
             try:
@@ -119,4 +129,5 @@ class ScaleLoop:
                 log.warning("sampling failed: %s", exc)
             except Exception:  # a bug here must not take down the reconcile loop
                 log.exception("sampling failed")
-            await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
+            took = 0.7 * took + 0.3 * (time.monotonic() - started)
+            await asyncio.sleep(next_sample_in(time.time(), self.interval, LEAD, took))

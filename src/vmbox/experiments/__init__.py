@@ -54,10 +54,11 @@ EXPERIMENTS: Registry[RunFunction] = Registry(
             name="scaling",
             module="vmbox.experiments.scaling",
             function="run",
-            summary="70 MiB replicas, idle then rising load: a replica per 60% memory crossing; "
-            "then scale up and down on packet rate.",
-            budget=420,
-            small_budget=150,
+            summary="70 MiB replicas, idle then rising load: a replica per 60% memory crossing, "
+            "back to 1 as memory returns; then up and down on packet rate, without and with a "
+            "warm spare.",
+            budget=480,
+            small_budget=240,
         ),
         Entry(
             name="skew",

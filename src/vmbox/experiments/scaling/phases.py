@@ -7,7 +7,7 @@ rising load, then none); `small` is the same at a scale the test suite runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vmbox.spec import Spec, parse_spec
@@ -42,6 +42,12 @@ class PhasePlan:
     flow_idle: float = 30.0  # the replicas' flow_idle_timeout
     ramp: tuple[float, float] = (0.0, 0.0)  # memory: new flows/s at the start and the end
     steps: tuple[tuple[float, float], ...] = ()  # pps: (packets/s, seconds) in turn
+    warm: int = 0  # replicas.warm: spares standing by for a scale-up
+
+    @property
+    def name(self) -> str:
+        """The phase as the report, the CSVs and the service name call it."""
+        return f"{self.kind}-warm" if self.warm else self.kind
 
     @property
     def total(self) -> float:
@@ -51,6 +57,28 @@ class PhasePlan:
         """New flows per second `t` seconds into the memory load (a linear ramp)."""
         start, end = self.ramp
         return start + (end - start) * min(1.0, max(0.0, t / self.load_for))
+
+
+# The packet-rate phases: up to 4 replicas, back to 1, and up again, so each of
+# them has 6 scale-ups to time; 0 packets/s is a pause.
+FULL_STEPS = ((100, 8), (250, 8), (400, 8), (550, 8), (0, 20), (250, 8), (400, 8), (550, 8))
+SMALL_STEPS = ((250, 3), (400, 3), (550, 3), (0, 15), (250, 3), (400, 3), (550, 3))
+
+
+def pps_phases(
+    idle: float, settle: float, steps: tuple[tuple[float, float], ...]
+) -> tuple[PhasePlan, PhasePlan]:
+    """The same packet-rate load without and with a warm spare, for their reaction times.
+
+    One sample a second, ending just before each window boundary, and one
+    sample over the line is enough (as the reference design's monitor): a
+    decision then lands before the boundary where a promoted spare starts.
+    """
+    load_for = sum(seconds for _, seconds in steps)
+    cold = PhasePlan(
+        "pps", idle=idle, load_for=load_for, settle=settle, interval=1.0, cooldown=1.5, steps=steps
+    )
+    return cold, replace(cold, warm=1)
 
 
 PHASES: dict[str, tuple[PhasePlan, ...]] = {
@@ -65,15 +93,7 @@ PHASES: dict[str, tuple[PhasePlan, ...]] = {
             flow_idle=20.0,
             ramp=(20.0, 400.0),
         ),
-        PhasePlan(
-            "pps",
-            idle=5,
-            load_for=45,
-            settle=30,
-            interval=0.5,
-            cooldown=3.0,
-            steps=((100, 15), (250, 15), (400, 15)),
-        ),
+        *pps_phases(idle=5, settle=30, steps=FULL_STEPS),
     ),
     "small": (
         PhasePlan(
@@ -86,15 +106,7 @@ PHASES: dict[str, tuple[PhasePlan, ...]] = {
             flow_idle=6.0,
             ramp=(300.0, 700.0),
         ),
-        PhasePlan(
-            "pps",
-            idle=1,
-            load_for=10,
-            settle=15,
-            interval=0.5,
-            cooldown=1.5,
-            steps=((250, 4), (400, 6)),
-        ),
+        *pps_phases(idle=1, settle=18, steps=SMALL_STEPS),
     ),
 }
 
@@ -113,7 +125,7 @@ def autoscale_section(plan: PhasePlan) -> dict[str, Any]:
         "metric": "pps",
         "scale_up_at": PPS_UP,
         "scale_down_at": PPS_DOWN,
-        "up_for": 2,
+        "up_for": 1,
         "down_for": 3,
     }
 
@@ -122,7 +134,7 @@ def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True)
     """The service a phase runs: limit 100/s, 1 to 4 replicas, autoscaled on its metric."""
     return parse_spec(
         {
-            "service": f"scaling-{plan.kind}",
+            "service": f"scaling-{plan.name}",
             "listen": f"127.0.0.1:{listen}",
             "upstream": f"127.0.0.1:{upstream}",
             "middlebox": {"function": "ratelimit", "limit": LIMIT},
@@ -132,6 +144,7 @@ def phase_spec(plan: PhasePlan, listen: int, upstream: int, cgroup: bool = True)
                 "max": 4,
                 "memory_limit": MEMORY_LIMIT if cgroup else PSUTIL_LIMIT,
                 "drain_timeout": "2s",
+                "warm": plan.warm,
             },
             # Flows cost memory until they idle out; 6000 of them stay below the
             # 70 MiB limit (about 4.7 MiB per 1000 flows over a 34 MiB idle replica).

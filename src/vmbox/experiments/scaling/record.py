@@ -24,10 +24,15 @@ class PhaseRun:
     samples: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
     counts: list[tuple[float, int]] = field(default_factory=list)
     decisions: list[events.Event] = field(default_factory=list)
-    first_pass: dict[str, float] = field(default_factory=dict)
+    # When each replica first passed a packet, once per process behind its id
+    # (an id comes back after a scale-down has let it go).
+    first_pass: dict[str, list[float]] = field(default_factory=dict)
+    passing_pid: dict[str, int] = field(default_factory=dict)
     started: list[tuple[float, str]] = field(default_factory=list)
     server: dict[int, int] = field(default_factory=dict)
     load_window: tuple[float, float] = (0.0, 0.0)
+    # pps: the spans with load, between pauses (server seconds are judged within them)
+    load_spans: list[tuple[float, float]] = field(default_factory=list)
     probe_window: tuple[float, float] = (0.0, 0.0)  # memory: the limited source's span
 
     def note(self, event: events.Event) -> None:
@@ -46,17 +51,25 @@ class PhaseRun:
             at = float(decided) if isinstance(decided, int | float) else event.time
             self.started.append((at, rid))
 
+    def passed(self, rid: str, pid: int, at: float) -> None:
+        """Replica `rid` (process `pid`) has passed packets, as seen at `at`."""
+        if self.passing_pid.get(rid) != pid:
+            self.passing_pid[rid] = pid
+            self.first_pass.setdefault(rid, []).append(at)
+
     def reactions(self) -> list[tuple[events.Event, str, float | None]]:
         """Each scale-up, the replica it started (or promoted), and seconds from crossing
         to passing traffic."""
         out: list[tuple[events.Event, str, float | None]] = []
         started = sorted(self.started)
         for decision in (d for d in self.decisions if d.kind == "scale-up"):
-            rid = next((r for t, r in started if t >= decision.time - 0.01), "")
-            started = [(t, r) for t, r in started if r != rid]
-            passed = self.first_pass.get(rid)
+            entry = next((e for e in started if e[0] >= decision.time - 0.01), None)
+            rid = entry[1] if entry else ""
+            if entry is not None:
+                started.remove(entry)  # this start only: the id may come back later
+            passes = [t for t in self.first_pass.get(rid, []) if entry and t >= entry[0] - 0.01]
             since = float(decision.data.get("since", decision.time))
-            out.append((decision, rid, None if passed is None else passed - since))
+            out.append((decision, rid, min(passes) - since if passes else None))
         return out
 
 
@@ -70,6 +83,11 @@ def probe_seconds(run: PhaseRun) -> list[int]:
 
 
 def server_seconds(run: PhaseRun) -> list[int]:
-    """The server's count for each whole second while the load ran (the first two skipped)."""
-    start, stop = run.load_window
-    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]
+    """The server's count for each whole second while the load ran (the first two skipped).
+
+    With pauses in the load, each span between them is taken alone.
+    """
+    spans = run.load_spans or [run.load_window]
+    return [
+        run.server.get(s, 0) for start, stop in spans for s in range(int(start) + 2, int(stop) - 1)
+    ]

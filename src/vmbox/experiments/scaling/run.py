@@ -56,12 +56,13 @@ async def _record(controller: Controller, run: PhaseRun) -> None:
 async def _first_passes(controller: Controller, run: PhaseRun) -> None:
     members = await list_members(controller.store, run.spec.service)
     for rid, member in members.items():
-        if rid in run.first_pass:
+        pid = int(member.info.get("pid", 0))
+        if run.passing_pid.get(rid) == pid:
             continue
         with contextlib.suppress(Exception):
             metrics = await scrape(str(member.info["metrics"]), timeout=0.5)
             if metrics.get("vmbox_packets_passed_total", 0.0) > 0:
-                run.first_pass[rid] = time.time()
+                run.passed(rid, pid, time.time())
 
 
 async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
@@ -75,7 +76,7 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
         load: Any = new_flows(run.spec.relay.listen, plan.rate_at, plan.load_for)
         probe = asyncio.create_task(_probe(run.spec, plan.load_for + plan.settle))
     else:
-        load = _steps(run.spec, plan)
+        load = _steps(run)
     task = asyncio.create_task(load)
     while not task.done():
         await asyncio.sleep(1.0)
@@ -104,36 +105,46 @@ async def _probe(spec: Spec, seconds: float) -> None:
     )
 
 
-async def _steps(spec: Spec, plan: PhasePlan) -> None:
-    for rate, seconds in plan.steps:
+async def _steps(run: PhaseRun) -> None:
+    began: float | None = None
+    for rate, seconds in run.plan.steps:
+        if rate <= 0:
+            if began is not None:
+                run.load_spans.append((began, time.time()))
+                began = None
+            await asyncio.sleep(seconds)  # a pause: the way down, then up again
+            continue
+        began = time.time() if began is None else began
         await run_load(
-            LoadPlan(spec.relay.listen, rate=rate, sources=1, flows=64, duration=seconds)
+            LoadPlan(run.spec.relay.listen, rate=rate, sources=1, flows=64, duration=seconds)
         )
+    if began is not None:
+        run.load_spans.append((began, time.time()))
 
 
 async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> PhaseRun:
-    cgroups, _ = open_cgroups(f"scaling-{plan.kind}", parse_size(MEMORY_LIMIT))
+    cgroups, _ = open_cgroups(f"scaling-{plan.name}", parse_size(MEMORY_LIMIT))
 
     def make_spec() -> Spec:
         return phase_spec(plan, free_udp_port(), free_udp_port(), cgroup=cgroups is not None)
 
     run = PhaseRun(plan, make_spec())
     with new_progress(console) as progress:
-        bar = progress.add_task(f"{plan.kind}: starting", total=plan.total)
+        bar = progress.add_task(f"{plan.name}: starting", total=plan.total)
         async with running_service(store, make_spec, on_event=_listener(run)) as service:
             run.spec = service.spec
             run.memory_source = service.runtime.cgroup_note
             run.t0 = time.time()
             recorder = asyncio.create_task(_record(service.controller, run))
             try:
-                progress.update(bar, description=f"{plan.kind}: idle, then load, then settle")
+                progress.update(bar, description=f"{plan.name}: idle, then load, then settle")
                 await _drive(service.controller, run, lambda s: progress.advance(bar, s))
             finally:
                 recorder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await recorder
         run.server = dict(service.echo.history)
-        progress.update(bar, completed=plan.total, description=f"{plan.kind}: done")
+        progress.update(bar, completed=plan.total, description=f"{plan.name}: done")
     return run
 
 

@@ -25,14 +25,15 @@ from vmbox.experiments.scaling.phases import (
 from vmbox.experiments.scaling.plot import scaling_png
 from vmbox.experiments.scaling.record import PhaseRun, probe_seconds, server_seconds
 
-# Seconds from the crossing sample to the new replica passing traffic, what the
-# design allows: the decision after `up_for` samples (one more interval, 0.5 s),
-# the replica's start (a Python process that imports vmbox and registers: up to
-# 1 s), and a joiner admits nothing until the next window begins (up to 1 s,
-# see DESIGN.md on resizes), with 0.5 s to spare. Medians measured 1.5 to 2.1 s
-# on a quiet machine, so a goal of 2 s judged the window phase, not vmbox; the
-# point of comparison, Kubernetes' autoscaler, syncs every 15 s.
-REACTION_GOAL = 3.0
+# Seconds from the crossing sample to the new replica passing traffic, in the
+# packet-rate phases (one sample a second ending 0.15 s before each window
+# boundary, one sample over the line decides). Without a spare: the start of a
+# Python process that imports vmbox and registers (about 1 s) misses that
+# boundary, so the next one, about 1.15 s. With a warm spare: its promotion and
+# registration (tens of ms) make the boundary itself. Kubernetes' autoscaler,
+# the point of comparison, syncs every 15 s.
+REACTION_COLD = 2.0
+REACTION_WARM = 0.5
 # Points of the memory limit a replica may keep once its flows idled out (issue 13's goal).
 RETURN_POINTS = 2.0
 # The limit at the server in every second of the memory phase: 100 +- 5.
@@ -42,7 +43,7 @@ MEMORY_LIMIT_TOLERANCE = 0.05
 def write_files(runs: list[PhaseRun], out_dir: Path, result: ExperimentResult) -> None:
     sample_rows = [
         (
-            r.plan.kind,
+            r.plan.name,
             round(t, 3),
             rid,
             s["memory_bytes"] / 2**20,
@@ -83,7 +84,7 @@ def write_files(runs: list[PhaseRun], out_dir: Path, result: ExperimentResult) -
             rid, reaction = ups.get(id(d), ("", None))
             event_rows.append(
                 (
-                    r.plan.kind,
+                    r.plan.name,
                     round(d.time - r.t0, 3),
                     d.kind,
                     d.data.get("old"),
@@ -112,7 +113,7 @@ def write_files(runs: list[PhaseRun], out_dir: Path, result: ExperimentResult) -
         )
     )
     server_rows = [
-        (r.plan.kind, second - int(r.t0), count)
+        (r.plan.name, second - int(r.t0), count)
         for r in runs
         for second, count in sorted(r.server.items())
         if second >= int(r.t0)
@@ -199,15 +200,16 @@ def pps_rows(run: PhaseRun, seconds: list[int]) -> list[ReportRow]:
     reached = max((int(new or 0) for _, new in steps), default=1)
     back = bool(steps) and steps[-1][1] == run.spec.replicas.min
     off = [abs(c - LIMIT) / LIMIT for c in seconds if c]
+    spares = f", {run.plan.warm} warm spare" if run.plan.warm else ""
     return [
         ReportRow(
-            f"packet-rate trigger ({PPS_UP:.0f}/s per replica), up and down",
+            f"packet-rate trigger ({PPS_UP:.0f}/s per replica), up and down{spares}",
             "not in the reference design",
             f"replicas {path or 'unchanged'}",
             reached >= 3 and back,
         ),
         ReportRow(
-            "limit at the server during the pps phase",
+            f"limit at the server during the {run.plan.name} phase",
             "100/s held at 1, 2, 4 replicas",
             f"mean {statistics.fmean(seconds):.1f}/s, worst {max(off):.0%} off, over "
             f"{len(seconds)} s with {len(steps)} resizes"
@@ -218,21 +220,37 @@ def pps_rows(run: PhaseRun, seconds: list[int]) -> list[ReportRow]:
     ]
 
 
-def reaction_row(runs: list[PhaseRun]) -> tuple[ReportRow, list[tuple[str, str, float | None]]]:
-    found = [(r.plan.kind, rid, x) for r in runs for _, rid, x in r.reactions()]
-    times = [x for _, _, x in found if x is not None]
-    shown = (
-        f"median {statistics.median(times):.2f} s, max {max(times):.2f} s over {len(times)}"
-        if times
-        else "no scale-up"
-    )
-    row = ReportRow(
-        "reaction: first sample over the threshold -> new replica passing traffic",
-        "Kubernetes HPA syncs every 15 s and waits 5 min to scale down",
-        f"{shown} (goal < {REACTION_GOAL:.0f} s)",
-        bool(times) and statistics.median(times) < REACTION_GOAL,
-    )
-    return row, found
+def reaction_rows(
+    runs: list[PhaseRun],
+) -> tuple[list[ReportRow], list[tuple[str, str, float | None]]]:
+    """Reaction times without and with a warm spare, from the two packet-rate phases."""
+    found = [(r.plan.name, rid, x) for r in runs for _, rid, x in r.reactions()]
+    rows = []
+    for warm, goal, label in (
+        (0, REACTION_COLD, "without a spare"),
+        (1, REACTION_WARM, "with a warm spare"),
+    ):
+        times = [
+            x
+            for r in runs
+            if r.plan.kind == "pps" and r.plan.warm == warm
+            for _, _, x in r.reactions()
+            if x is not None
+        ]
+        shown = (
+            f"median {statistics.median(times):.2f} s, max {max(times):.2f} s over {len(times)}"
+            if times
+            else "no scale-up"
+        )
+        rows.append(
+            ReportRow(
+                f"reaction {label}: first sample over the threshold -> new replica passing traffic",
+                "Kubernetes HPA syncs every 15 s and waits 5 min to scale down",
+                f"{shown} (goal: median under {goal:g} s)",
+                len(times) >= 5 and statistics.median(times) < goal,
+            )
+        )
+    return rows, found
 
 
 def print_summary(console: Console, result: ExperimentResult, found: list[Any]) -> None:
@@ -263,7 +281,7 @@ def summarise(
             result.notes += notes
         else:
             result.rows += pps_rows(run, server_seconds(run))
-    row, found = reaction_row(runs)
-    result.rows.append(row)
+    rows, found = reaction_rows(runs)
+    result.rows += rows
     result.pngs.append(scaling_png(runs, out_dir / "scaling.png"))
     print_summary(console, result, found)
