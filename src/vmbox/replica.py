@@ -32,7 +32,7 @@ from typing import Any
 
 from vmbox.allocator import MemoryReturn
 from vmbox.dataplane.counters import Counters
-from vmbox.dataplane.drain import Drain, DrainResult
+from vmbox.dataplane.drain import Drain, DrainResult, pin_window
 from vmbox.dataplane.nfqueue import NfqueueDriver
 from vmbox.dataplane.steering import queue_of
 from vmbox.dataplane.udp import UdpRelay
@@ -116,6 +116,7 @@ class Replica:
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.memory = MemoryReturn()
+        self.regrouped_at: float | None = None  # when the group last changed (drain.pin_window)
         self.views: dict[str, View] = {}
         self.members = 0
         for item in self.middlebox.items:
@@ -261,6 +262,8 @@ class Replica:
         await self.epoch.run(lambda: membership.lease if membership is not None else 0)
 
     def _apply_group(self, group: Group) -> None:
+        if self.middlebox.group.members != group.members or self.regrouped_at is None:
+            self.regrouped_at = time.monotonic()  # the kernel re-hashed the flows too
         self.members = len(set(group.members) | {self.replica_id})
         self.middlebox.update(group=group)
 
@@ -418,7 +421,11 @@ class Replica:
                 log.info("replica %s drained its queue in %.2fs", self.replica_id, quiet)
                 return
             else:
-                self._drain = Drain(self.relay_driver, timeout=self.spec.replicas.drain_timeout)
+                self._drain = Drain(
+                    self.relay_driver,
+                    timeout=self.spec.replicas.drain_timeout,
+                    recent=pin_window(time.monotonic(), self.regrouped_at),
+                )
                 await self._drain.begin()
                 await self._mark_draining()
                 result = await self._drain.finish()

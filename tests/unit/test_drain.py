@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from vmbox.dataplane.drain import DrainResult, count_idle, next_check
+import pytest
+
+from vmbox.dataplane.drain import (
+    LEAST_RECENT,
+    RECENT,
+    REGROUP_SETTLE,
+    DrainResult,
+    count_idle,
+    next_check,
+    pin_window,
+)
 
 IDLE = 0.5
 
@@ -45,3 +55,11 @@ def test_result_is_one_line() -> None:
     assert DrainResult(pinned=1, active=1, cut_short=True).line().startswith("drain cut short")
     assert DrainResult(skipped="only member").line() == "drain skipped (only member)"
     assert "\n" not in done.line()
+
+
+def test_after_a_regroup_only_clients_seen_since_it_settled_are_pinned() -> None:
+    assert pin_window(100.0, None) == RECENT  # no change seen: the usual window
+    assert pin_window(100.0, 50.0) == RECENT  # long ago: the usual window
+    # 2 s ago: flows that moved away then were last seen here 2 s ago or more.
+    assert pin_window(100.0, 98.0) == pytest.approx(2.0 - REGROUP_SETTLE)
+    assert pin_window(100.0, 99.95) == LEAST_RECENT  # just now: the newest only

@@ -34,6 +34,28 @@ log = logging.getLogger(__name__)
 
 IDLE = 0.5  # a pinned flow this long without a datagram either way is finished
 RECENT = 5.0  # flows active this recently are pinned; older ones may go to the siblings
+# After the group changed, how long the kernel may still be moving flows (a
+# leaving sibling closes its socket after it has left the membership).
+REGROUP_SETTLE = 0.3
+LEAST_RECENT = 0.1  # however recent the change, flows seen this recently are pinned
+
+
+def pin_window(now: float, regrouped_at: float | None) -> float:
+    """How recent a client must be to be pinned: RECENT, or less after a regroup.
+
+    Each change of the SO_REUSEPORT group (a sibling joining or leaving)
+    re-hashes flows, some of them away from this replica. A flow that went to
+    a sibling was last seen here before the change; pinning it would take it
+    back from the sibling, whose even share then goes unused while this
+    replica drops what its own share cannot hold (a scale-down under load
+    passed 77 of 100/s for two seconds that way). So only clients seen since
+    the change has settled are pinned, and at least those of the last
+    LEAST_RECENT seconds.
+    """
+    if regrouped_at is None:
+        return RECENT
+    since = now - (regrouped_at + REGROUP_SETTLE)
+    return min(RECENT, max(LEAST_RECENT, since))
 
 
 @dataclass(frozen=True, slots=True)
