@@ -252,7 +252,7 @@ def memory_rows(m: MemoryFigures) -> list[MemoryRow]:
                 rows.append((f"  of which {part}", value, "B", None, None, note))
     afters = [
         ("after idle-out, one source", one, one.after, "every flow idled out"),
-        (f"after idle-out, {many.sources:,} sources", many, many.after, "limiter table held"),
+        (f"after idle-out, {many.sources:,} sources", many, many.after, "the limiter's table too"),
     ]
     if many.next_window is not None:
         afters.append(
