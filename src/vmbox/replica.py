@@ -425,6 +425,7 @@ class Replica:
                     self.relay_driver,
                     timeout=self.spec.replicas.drain_timeout,
                     recent=pin_window(time.monotonic(), self.regrouped_at),
+                    window=self.spec.middlebox.window,
                 )
                 await self._drain.begin()
                 await self._mark_draining()

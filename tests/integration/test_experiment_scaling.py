@@ -119,4 +119,7 @@ def test_memory_comes_back_down_and_the_service_scales_down_on_it(run: Experimen
     server = [
         int(r["received"]) for r in rows(run.out / "scaling_server.csv") if r["phase"] == "memory"
     ]
-    assert max(server) <= 105, server  # never above the limit, scale-downs included
+    # The limited source's seconds while it ran (the first two and the last skipped).
+    loaded = [c for c in server if c][2:-1]
+    # Never over 105 (scale-downs included); under by at most 10%, as the report judges.
+    assert all(90 <= c <= 105 for c in loaded), server

@@ -12,6 +12,7 @@ from vmbox.dataplane.drain import (
     count_idle,
     next_check,
     pin_window,
+    until_boundary,
 )
 
 IDLE = 0.5
@@ -63,3 +64,10 @@ def test_after_a_regroup_only_clients_seen_since_it_settled_are_pinned() -> None
     # 2 s ago: flows that moved away then were last seen here 2 s ago or more.
     assert pin_window(100.0, 98.0) == pytest.approx(2.0 - REGROUP_SETTLE)
     assert pin_window(100.0, 99.95) == LEAST_RECENT  # just now: the newest only
+
+
+def test_a_busy_drain_ends_just_before_the_next_window_boundary() -> None:
+    assert until_boundary(1000.2, 1.0) == pytest.approx(0.7)  # at 1000.9
+    assert until_boundary(1000.95, 1.0) == 0.0  # already inside the lead: end now
+    assert until_boundary(1000.0, 1.0) == 0.0  # on the boundary itself
+    assert until_boundary(1001.1, 0.5) == pytest.approx(0.3)  # at 1001.4, before 1001.5
