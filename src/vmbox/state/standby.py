@@ -31,13 +31,19 @@ from vmbox.state.store import KeyValue, Store, StoreError
 log = logging.getLogger(__name__)
 
 
-def _order(kv: KeyValue) -> dict[str, Any] | None:
-    """A promote key's value; one written by hand that is not a JSON object still counts."""
+def _json_object(kv: KeyValue) -> dict[str, Any]:
+    """A standby or promote key's value; one written by hand that is not a JSON object
+    still counts, as {}."""
     try:
         value = json.loads(kv.value)
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+async def _listed(store: Store, prefix: str) -> dict[str, dict[str, Any]]:
+    kvs, _ = await store.get_prefix(prefix)
+    return {keys.last_segment(kv.key): _json_object(kv) for kv in kvs}
 
 
 async def promote(store: Store, service: str, replica: str, decided: float) -> None:
@@ -48,14 +54,12 @@ async def promote(store: Store, service: str, replica: str, decided: float) -> N
 
 async def list_standby(store: Store, service: str) -> dict[str, dict[str, Any]]:
     """The spares registered right now (replica id -> their info)."""
-    kvs, _ = await store.get_prefix(keys.standby_prefix(service))
-    return {keys.last_segment(kv.key): _order(kv) or {} for kv in kvs}
+    return await _listed(store, keys.standby_prefix(service))
 
 
 async def list_promotions(store: Store, service: str) -> dict[str, dict[str, Any]]:
     """The promote orders not yet carried out (replica id -> the order)."""
-    kvs, _ = await store.get_prefix(keys.promote_prefix(service))
-    return {keys.last_segment(kv.key): _order(kv) or {} for kv in kvs}
+    return await _listed(store, keys.promote_prefix(service))
 
 
 class Standby:
@@ -78,7 +82,7 @@ class Standby:
         """Wait for this spare's promote key; its order (`decided`: when the controller
         decided), with `promoted_at`, the wall-clock time it was seen."""
         prefix = keys.promote_prefix(self.service)
-        async for _, orders in watch_snapshots(self.store, prefix, _order):
+        async for _, orders in watch_snapshots(self.store, prefix, _json_object):
             order = orders.get(self.replica_id)
             if order is not None:
                 return {"decided": order.get("decided"), "promoted_at": time.time()}
