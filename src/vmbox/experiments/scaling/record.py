@@ -31,9 +31,9 @@ class PhaseRun:
     started: list[tuple[float, str]] = field(default_factory=list)
     server: dict[int, int] = field(default_factory=dict)
     load_window: tuple[float, float] = (0.0, 0.0)
-    # pps: the spans with load, between pauses (server seconds are judged within them)
+    # The spans the limited source ran, whose server seconds are judged: pps, its
+    # load between pauses; memory, the probe beside the new flows, load and settle.
     load_spans: list[tuple[float, float]] = field(default_factory=list)
-    probe_window: tuple[float, float] = (0.0, 0.0)  # memory: the limited source's span
 
     def note(self, event: events.Event) -> None:
         """Keep the controller's decisions and the replicas each scale-up brought in.
@@ -73,19 +73,11 @@ class PhaseRun:
         return out
 
 
-def probe_seconds(run: PhaseRun) -> list[int]:
-    """The memory phase's server count per whole second of its limited source (first 2 skipped).
-
-    The new flows' own datagrams are not in it (vmbox.tools.echo counts them apart).
-    """
-    start, stop = run.probe_window
-    return [run.server.get(s, 0) for s in range(int(start) + 2, int(stop) - 1)]
-
-
 def server_seconds(run: PhaseRun) -> list[int]:
     """The server's count for each whole second while the load ran (the first two skipped).
 
-    With pauses in the load, each span between them is taken alone.
+    With pauses in the load, each span between them is taken alone. The memory
+    phase's new flows are not counted (vmbox.tools.echo counts them apart).
     """
     spans = run.load_spans or [run.load_window]
     return [

@@ -74,7 +74,7 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
     probe: asyncio.Task[Any] | None = None
     if plan.kind == "memory":
         load: Any = new_flows(run.spec.relay.listen, plan.rate_at, plan.load_for)
-        probe = asyncio.create_task(_probe(run.spec, plan.load_for + plan.settle))
+        probe = asyncio.create_task(_one_source(run.spec, PROBE_RATE, plan.load_for + plan.settle))
     else:
         load = _steps(run)
     task = asyncio.create_task(load)
@@ -95,14 +95,12 @@ async def _drive(controller: Controller, run: PhaseRun, on_tick: Any) -> None:
         probe.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await probe
-        run.probe_window = (start, time.time())
+        run.load_spans.append((start, time.time()))
 
 
-async def _probe(spec: Spec, seconds: float) -> None:
-    """One source at PROBE_RATE over 64 flows: what the limit must hold it to."""
-    await run_load(
-        LoadPlan(spec.relay.listen, rate=PROBE_RATE, sources=1, flows=64, duration=seconds)
-    )
+async def _one_source(spec: Spec, rate: float, seconds: float) -> None:
+    """One source over 64 flows at `rate`: what the limit must hold to 100/s."""
+    await run_load(LoadPlan(spec.relay.listen, rate=rate, sources=1, flows=64, duration=seconds))
 
 
 async def _steps(run: PhaseRun) -> None:
@@ -115,9 +113,7 @@ async def _steps(run: PhaseRun) -> None:
             await asyncio.sleep(seconds)  # a pause: the way down, then up again
             continue
         began = time.time() if began is None else began
-        await run_load(
-            LoadPlan(run.spec.relay.listen, rate=rate, sources=1, flows=64, duration=seconds)
-        )
+        await _one_source(run.spec, rate, seconds)
     if began is not None:
         run.load_spans.append((began, time.time()))
 

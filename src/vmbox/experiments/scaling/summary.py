@@ -23,7 +23,7 @@ from vmbox.experiments.scaling.phases import (
     PROBE_RATE,
 )
 from vmbox.experiments.scaling.plot import scaling_png
-from vmbox.experiments.scaling.record import PhaseRun, probe_seconds, server_seconds
+from vmbox.experiments.scaling.record import PhaseRun, server_seconds
 
 # Seconds from the crossing sample to the new replica passing traffic, in the
 # packet-rate phases (one sample a second ending 0.15 s before each window
@@ -135,18 +135,18 @@ def memory_rows(run: PhaseRun) -> tuple[list[ReportRow], list[str]]:
     percent = [(t, s.get("memory_percent") or 0.0) for t, _, s in run.samples]
     idle = [p for t, p in percent if t < start]
     at_peak = max((p for t, p in percent if start <= t <= stop), default=0.0)
-    # Once every flow has idled out, before the next scale-down moves a sample.
-    after = [p for t, p in percent if stop + run.plan.flow_idle + 2 <= t]
+    # Once every flow has idled out, by replica.
     by_replica: dict[str, list[float]] = {}
     for t, rid, s in run.samples:
         if stop + run.plan.flow_idle + 2 <= t:
             by_replica.setdefault(rid, []).append(s.get("memory_percent") or 0.0)
+    after = [p for values in by_replica.values() for p in values]
     worst = max((_mean(v) for v in by_replica.values()), default=0.0)
     crossing = ", ".join(f"{d.data.get('value', 0):.0f}%" for d in ups) or "none"
     falling = ", ".join(f"{d.data.get('value', 0):.0f}%" for d in downs) or "none"
     limit_mib = (run.spec.replicas.memory_limit or 0) >> 20
     back_to = max(_mean(idle) + RETURN_POINTS, MEMORY_DOWN)
-    seconds = probe_seconds(run)
+    seconds = server_seconds(run)
     under = sum(c < LIMIT * (1 - MEMORY_LIMIT_TOLERANCE) for c in seconds)
     rows = [
         ReportRow(
@@ -230,7 +230,8 @@ def reaction_rows(
     runs: list[PhaseRun],
 ) -> tuple[list[ReportRow], list[tuple[str, str, float | None]]]:
     """Reaction times without and with a warm spare, from the two packet-rate phases."""
-    found = [(r.plan.name, rid, x) for r in runs for _, rid, x in r.reactions()]
+    reactions = [(r.plan, r.reactions()) for r in runs]
+    found = [(plan.name, rid, x) for plan, rs in reactions for _, rid, x in rs]
     rows = []
     for warm, goal, label in (
         (0, REACTION_COLD, "without a spare"),
@@ -238,9 +239,9 @@ def reaction_rows(
     ):
         times = [
             x
-            for r in runs
-            if r.plan.kind == "pps" and r.plan.warm == warm
-            for _, _, x in r.reactions()
+            for plan, rs in reactions
+            if plan.kind == "pps" and plan.warm == warm
+            for _, _, x in rs
             if x is not None
         ]
         shown = (
