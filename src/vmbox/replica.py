@@ -32,7 +32,7 @@ from typing import Any
 
 from vmbox.allocator import MemoryReturn
 from vmbox.dataplane.counters import Counters
-from vmbox.dataplane.drain import Drain, DrainResult, pin_window
+from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.nfqueue import NfqueueDriver
 from vmbox.dataplane.steering import queue_of
 from vmbox.dataplane.udp import UdpRelay
@@ -116,7 +116,6 @@ class Replica:
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.memory = MemoryReturn()
-        self.regrouped_at: float | None = None  # when the group last changed (drain.pin_window)
         self.views: dict[str, View] = {}
         self.members = 0
         for item in self.middlebox.items:
@@ -262,8 +261,6 @@ class Replica:
         await self.epoch.run(lambda: membership.lease if membership is not None else 0)
 
     def _apply_group(self, group: Group) -> None:
-        if self.middlebox.group.members != group.members or self.regrouped_at is None:
-            self.regrouped_at = time.monotonic()  # the kernel re-hashed the flows too
         self.members = len(set(group.members) | {self.replica_id})
         self.middlebox.update(group=group)
 
@@ -396,13 +393,13 @@ class Replica:
                 await asyncio.sleep(0.2)
 
     def _no_drain_because(self) -> str:
-        """Why pinning flows would be pointless now ('' when it is not)."""
+        """Why draining would be pointless now ('' when it is not)."""
         if self.membership is None or not self.membership.registered.is_set():
             return "never registered"
         if self.membership.last_error is not None:
             return "store unreachable"
         if self.members <= 1:
-            return "only member"  # no sibling would take the new flows
+            return "only member"  # no sibling would take the flows after it
         return ""
 
     async def _drain_flows(self) -> None:
@@ -424,7 +421,6 @@ class Replica:
                 self._drain = Drain(
                     self.relay_driver,
                     timeout=self.spec.replicas.drain_timeout,
-                    recent=pin_window(time.monotonic(), self.regrouped_at),
                     window=self.spec.middlebox.window,
                 )
                 await self._drain.begin()
@@ -439,9 +435,6 @@ class Replica:
                 exc,
             )
             return
-        finally:
-            if self._drain is not None:
-                self._drain.close()  # pins opened before a failure
         log.info("replica %s %s", self.replica_id, result.line())
 
     async def _mark_draining(self) -> None:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import pytest
 
 from vmbox.dataplane.drain import (
-    LEAST_RECENT,
-    RECENT,
-    REGROUP_SETTLE,
     DrainResult,
     count_idle,
     next_check,
-    pin_window,
     until_boundary,
 )
 
 IDLE = 0.5
 
 
-def test_no_pinned_flow_ends_at_once() -> None:
+def test_no_flow_in_flight_ends_at_once() -> None:
     assert next_check([], now=10.0, deadline=12.0, idle=IDLE) is None
 
 
@@ -43,27 +39,19 @@ def test_count_idle() -> None:
 
 
 def test_result_is_one_line() -> None:
-    done = DrainResult(pinned=3, idle=3, active=0, seconds=0.62, packets=120, replies=120)
+    done = DrainResult(flows=3, idle=3, active=0, seconds=0.62, packets=120, replies=120)
     assert done.line() == (
-        "drain done in 0.62s: 3 flows pinned, 3 went idle, 0 still active; "
+        "drain done in 0.62s: 3 flows in flight, 3 went idle, 0 still active; "
         "120 packets, 120 replies relayed"
     )
     assert (
-        DrainResult(pinned=2, idle=1, active=1, seconds=2.0)
+        DrainResult(flows=2, idle=1, active=1, seconds=2.0)
         .line()
         .startswith("drain timed out in 2.00s")
     )
-    assert DrainResult(pinned=1, active=1, cut_short=True).line().startswith("drain cut short")
+    assert DrainResult(flows=1, active=1, cut_short=True).line().startswith("drain cut short")
     assert DrainResult(skipped="only member").line() == "drain skipped (only member)"
     assert "\n" not in done.line()
-
-
-def test_after_a_regroup_only_clients_seen_since_it_settled_are_pinned() -> None:
-    assert pin_window(100.0, None) == RECENT  # no change seen: the usual window
-    assert pin_window(100.0, 50.0) == RECENT  # long ago: the usual window
-    # 2 s ago: flows that moved away then were last seen here 2 s ago or more.
-    assert pin_window(100.0, 98.0) == pytest.approx(2.0 - REGROUP_SETTLE)
-    assert pin_window(100.0, 99.95) == LEAST_RECENT  # just now: the newest only
 
 
 def test_a_busy_drain_ends_just_before_the_next_window_boundary() -> None:

@@ -8,7 +8,7 @@ connected socket per client, so upstream replies find their way back to
 exactly that client. In the `strong` consistency mode a `barrier` (a store
 read) must complete, having started after a packet arrived, before the packet
 is decided; packets that arrive while one read is pending share the next.
-vmbox.dataplane.drain takes a relay out of its group with `leave_group`.
+vmbox.dataplane.drain takes a relay out of its group with `leave_group` when it ends.
 
 Nothing a client or the upstream sends can stop the relay: errors are counted
 in `Counters` and logged at most once per second.
@@ -17,12 +17,13 @@ Two injected clocks: `clock` (wall time, default `time.time`) is the `now` the
 middlebox decides with, since its windows are aligned to the epoch across
 replicas; `monotonic` (default `time.monotonic`) times everything else, the
 flow table (vmbox.dataplane.flows, pure), the idle sweep, the rate-limited log
-and a drain's pins, so none of it follows a step of the wall clock.
+and a drain's flows in flight, so none of it follows a step of the wall clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -56,6 +57,10 @@ FLOW_QUEUE = 256
 MAX_PENDING = 65536
 # Bytes a transport may buffer in user space before we drop instead of queueing.
 WRITE_LIMIT = 4 * 1024 * 1024
+# Leaving the group relays what is queued in the listen socket: at most this many
+# datagrams (a 4 MiB receive buffer holds fewer), each read whole.
+QUEUE_MAX = 65536
+RECV_MAX = 65536
 
 
 class _RateLimitedLog:
@@ -168,19 +173,27 @@ class UdpRelay:
             self._tasks.append(loop.create_task(self._barrier_loop(), name="relay-barrier"))
 
     def leave_group(self) -> None:
-        """Take no new flows: from now on the SO_REUSEPORT siblings get them (see drain.py).
+        """Take no more datagrams: the SO_REUSEPORT siblings get every flow (see drain.py).
 
-        The group's hash skips connected sockets, so the listen socket connects
-        to its own address; what is queued is still relayed, replies still go out.
+        A connected socket is out of the group's hash, so the listen socket
+        connects to its own address, which sends it nothing; what was queued in
+        it is relayed now (closing would drop it), and replies still leave from
+        it (Linux lets a connected UDP socket sendto another address).
         """
-        if self._sock is None or self._transport is None:
+        sock = self._sock
+        if sock is None or self._transport is None:
             return
         try:
-            self._sock.connect(self._sock.getsockname())
+            sock.connect(sock.getsockname())
         except OSError as exc:  # unexpected; closing also leaves the group, losing the queue
             log.warning("relay: cannot leave the group gently (%s); closing the listener", exc)
             self._transport.close()
             self._transport = None
+            return
+        with contextlib.suppress(OSError):  # BlockingIOError: the queue is empty
+            for _ in range(QUEUE_MAX):
+                data, addr = sock.recvfrom(RECV_MAX)
+                self.receive(data, addr)
 
     def recent_clients(self, within: float) -> list[tuple[Peer, float]]:
         """Clients whose flow was active in the last `within` s, newest first, with when."""
@@ -202,7 +215,7 @@ class UdpRelay:
     # -- the packet path -------------------------------------------------
 
     def receive(self, data: bytes, addr: Peer) -> None:
-        """One client datagram, from the listen socket or a drain's pin."""
+        """One client datagram from the listen socket."""
         counters = self.counters
         counters.received += 1
         counters.bytes_received += len(data)
