@@ -37,7 +37,6 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Service
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
-from lightkube.utils.quantity import parse_quantity
 
 from vmbox.runtime.kubernetes import errors
 from vmbox.runtime.kubernetes.lease import LeaseAction, LeaseRecord, decide, released
@@ -417,8 +416,8 @@ def _usage(m: Mapping[str, Any]) -> PodUsage:
     memory = Decimal(0)
     for c in m.get("containers", []):
         usage = c.get("usage", {})
-        cpu += parse_quantity(usage.get("cpu")) or 0
-        memory += parse_quantity(usage.get("memory")) or 0
+        cpu += quantity(str(usage.get("cpu", "0")))
+        memory += quantity(str(usage.get("memory", "0")))
     return PodUsage(
         pod=m["metadata"]["name"],
         cpu_cores=float(cpu),
@@ -426,6 +425,32 @@ def _usage(m: Mapping[str, Any]) -> PodUsage:
         window_seconds=go_duration(str(m.get("window", "0s"))),
         timestamp=str(m.get("timestamp", "")),
     )
+
+
+_QUANTITY = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)([a-zA-Z]*)")
+_SUFFIX = {
+    "n": Decimal("1e-9"),  # metrics-server reports CPU in nanocores
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+}
+
+
+def quantity(text: str) -> Decimal:
+    """A Kubernetes quantity ("250m", "1500000n", "12Mi") as a plain number.
+    (lightkube's parse_quantity does not know the "n" and "u" suffixes.)"""
+    match = _QUANTITY.fullmatch(text.strip())
+    if match is None or match.group(2) not in _SUFFIX:
+        raise errors.KubeError(f"kubernetes: cannot read the quantity {text!r}")
+    return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
