@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import yaml
 
 from tests.conftest import Aio
 from vmbox.runtime.kubernetes import (
@@ -722,3 +723,40 @@ def test_the_api_names_match_the_manifests() -> None:
         manifests.PLURAL,
     )
     assert (k.FIELD_MANAGER, k.DELETION_COST) == (manifests.FIELD_MANAGER, manifests.DELETION_COST)
+
+
+def test_every_owned_object_the_manifests_render_is_applied_to_its_path(
+    kube: KubeClient, api: FakeApi, aio: Aio
+) -> None:
+    """vmbox.kube.manifests' own objects, sent as they are: each goes to its kind's path."""
+    manifests = pytest.importorskip("vmbox.kube.manifests")
+    spec = yaml.safe_load((Path(__file__).parents[2] / "examples" / "autoscale.yaml").read_text())
+    spec.pop("service")
+    mb = {
+        "apiVersion": "vmbox.dev/v1alpha1",
+        "kind": "Middlebox",
+        "metadata": {"name": "web", "namespace": "ns", "uid": "u-1", "generation": 1},
+        "spec": spec,
+    }
+    objects = manifests.owned_objects(mb, replicas=2, image="vmbox:test")
+    for obj in objects:
+        api.routes[("PATCH", object_path(obj))] = echo()
+        aio.run(kube.apply(obj))
+    assert [(s.method, s.path, s.params, s.content_type) for s in api.seen] == [
+        ("PATCH", object_path(obj), SSA, APPLY) for obj in objects
+    ]
+    assert [s.body for s in api.seen] == objects
+    assert {o["kind"] for o in objects} >= {"ConfigMap", "Deployment", "Service"}
+
+
+def object_path(obj: Json) -> str:
+    """The REST path of a namespaced object, written out independently of lightkube."""
+    plural = {
+        "ConfigMap": "configmaps",
+        "Deployment": "deployments",
+        "Service": "services",
+        "PodDisruptionBudget": "poddisruptionbudgets",
+    }[obj["kind"]]
+    group = "api/v1" if obj["apiVersion"] == "v1" else f"apis/{obj['apiVersion']}"
+    meta = obj["metadata"]
+    return f"/{group}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from lightkube import AsyncClient, ConfigError
+from lightkube import ALL_NS, AsyncClient, ConfigError
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
@@ -137,7 +137,7 @@ class KubeClient:
 
     async def list_middleboxes(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every Middlebox in `namespace`, or in all namespaces when None."""
-        ns = namespace if namespace is not None else "*"
+        ns = namespace if namespace is not None else ALL_NS
         with self._mapped():
             return [_plain(o) async for o in self._api.list(Middlebox, namespace=ns)]
 
