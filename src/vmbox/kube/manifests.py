@@ -99,6 +99,13 @@ def spec_of(mb: Mapping[str, Any]) -> Spec:
     return spec
 
 
+def middlebox(data: Mapping[str, Any], *, namespace: str = "default") -> dict[str, Any]:
+    """A YAML spec (what `vmbox up` reads) as a Middlebox object: `service` is metadata.name."""
+    spec = {key: value for key, value in data.items() if key != "service"}
+    meta = {"name": data.get("service"), "namespace": namespace}
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
+
+
 def pod_spec(spec: Spec) -> Spec:
     """The spec as the replica pods run it (see the module doc): pod-wide binds, mounted secrets."""
     listen = ("0.0.0.0", spec.relay.listen[1])
