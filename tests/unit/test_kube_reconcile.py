@@ -19,8 +19,8 @@ import pytest
 from vmbox.control.monitor import Sample
 from vmbox.control.plan import STABLE_AFTER
 from vmbox.kube.manifests import DELETION_COST, MIDDLEBOX_LABEL
+from vmbox.kube.pods import LEAVING_COST
 from vmbox.kube.reconcile import (
-    LEAVING_COST,
     PENDING_REQUEUE,
     SPEC_HASH,
     Memory,
@@ -345,7 +345,8 @@ def test_a_new_limit_changes_the_configmap_without_a_rollout() -> None:
     result = cluster.reconcile()
     assert [o["kind"] for o in result.apply] == ["ConfigMap"]
     assert result.store_spec != before and '"limit":300' in (result.store_spec or "")
-    assert result.status["shares"]["limit"] == {n: 150 for n in cluster.live()}
+    assert result.status["shares"] == {n: 150 for n in cluster.live()}
+    assert result.status["limit"] == "300 per 1s"
 
 
 def test_a_spec_change_a_replica_reads_at_start_rolls_the_pods() -> None:
@@ -383,7 +384,7 @@ def test_status_conditions_keep_their_transition_time_and_say_why() -> None:
     now_ready = condition(result.status, "Ready")
     assert now_ready["status"] == "False" and now_ready["message"] == "1 of 2 replicas ready"
     assert now_ready["lastTransitionTime"] > ready["lastTransitionTime"]
-    assert result.status["shares"] == {"limit": {cluster.live()[1]: 100}}
+    assert result.status["shares"] == {cluster.live()[1]: 100}
 
 
 def test_a_rejected_spec_applies_nothing_and_says_the_one_line_reason() -> None:
@@ -432,3 +433,28 @@ def test_a_manual_count_on_an_autoscaled_middlebox_lasts_until_the_next_decision
         cluster.samples = {n: sample(n, cluster.now, pps=5) for n in cluster.live()}
         result = cluster.reconcile()
     assert result.patches[0].body == {"spec": {"replicas": {"count": 2}}}
+
+
+def test_shares_split_the_limit_evenly_and_the_selector_finds_the_pods() -> None:
+    cluster = steady(count=3)
+    cluster.mb["spec"]["middlebox"]["limit"] = 100
+    result = cluster.reconcile()
+    assert sorted(result.status["shares"].values()) == [33, 33, 34]
+    assert sum(result.status["shares"].values()) == 100
+    wanted = dict(part.split("=") for part in result.status["selector"].split(","))
+    deployment = cluster.objects["Deployment"]
+    assert deployment is not None
+    assert wanted == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_without_a_limit_the_first_ratelimit_rule_is_shown_and_split() -> None:
+    cluster = Cluster(mb=middlebox(count=2))
+    rules = [
+        {"name": "dns", "match": {"proto": "udp", "dport": 53}, "action": "accept"},
+        {"name": "rest", "action": "ratelimit", "limit": 51},
+    ]
+    cluster.mb["spec"]["middlebox"] = {"rules": rules}
+    cluster.settle()
+    status = cluster.mb["status"]
+    assert status["limit"] == "rule rest: 51 packets per 1s"
+    assert sorted(status["shares"].values()) == [25, 26]

@@ -35,26 +35,44 @@ pod and its SIGTERM drain (terminationGracePeriodSeconds above drain_timeout,
 vmbox.kube.manifests.grace_seconds) finishes its flows. The drain itself does
 not depend on the mark: any deleted pod drains; the mark decides which one.
 
+A spec change. The ConfigMap and `store_spec` carry the new spec at once.
+What running replicas watch (the limits: shared state items, seeded from
+store_spec) reaches them without a restart; what a replica reads only at
+start changes `restart_hash`, stamped on the pod template (SPEC_HASH), so the
+Deployment rolls its pods (one surge pod joins before an old one drains).
+`replicas` and `autoscale` are the operator's and change neither.
+
+The autoscaler is `autoscale.Autoscaler`, rebuilt each pass from `Memory`
+(its streaks, cooldown and the newest sample fed) and fed the samples of the
+pass once; its decision patches spec.replicas.count and moves the Deployment
+in the same pass. Memory also holds each pod's restartCount, for crash loops
+(vmbox.kube.pods.crashes). An operator that restarts starts with an empty
+Memory: streaks and cooldown begin again, CrashLoopBackOff is still seen.
+`replicas.warm` has no effect here (no standby pods yet).
+
 Invariants of a `Result` (tests/unit/test_kube_reconcile.py checks each):
 
-1. The Deployment's replicas never falls below the number of live pods that
-   are not marked to go while the count is being lowered: it is lowered from
-   R to the target only when at least min(R, live) - target live pods carry
-   the mark, and in that pass no new mark is placed. Before that it stays R.
-2. The marked pods are chosen as the ReplicaSet would order them among equal
-   costs: pending, then unready, then by load (`autoscale.choose_removals`:
-   the autoscale metric's value, packets/s without autoscale; lowest first).
-3. When the target is at or above R and every live pod is within R (no
-   deletion the ReplicaSet still owes), marks are removed: a mark left on a
-   pod would send it first at a later scale-down or rollout.
+1. The Deployment's replicas is lowered from R to the target only in a pass
+   that finds at least min(R, live) - target live pods carrying the mark, and
+   that pass places no new mark; until then it stays R. So the ReplicaSet,
+   when it deletes, deletes marked pods.
+2. The pods marked are those the ReplicaSet ranks first anyway (pending, then
+   unready or crash-looping), then the least loaded (`autoscale.
+   choose_removals` over `pods.removal_order`: the autoscale metric's value,
+   packets/s without autoscale).
+3. Marks beyond what the lowering needs are removed (a scale-up while a pod
+   is marked), but only when no live pod is beyond max(R, target): while the
+   ReplicaSet still owes a deletion, the mark decides which pod it takes.
 4. Samples count toward a decision only from live, running pods that do not
-   crash-loop (CrashLoopBackOff, or a restartCount that grew within
-   `plan.STABLE_AFTER` s), and only once: a pass without a sample newer than
-   the last one fed makes no decision.
+   crash-loop, and only once: a pass without a sample newer than the last
+   one fed makes no decision.
 5. `apply` holds exactly the owned objects that are missing or differ from
    the observed object in a field the operator sets; a spec the models
-   refuse applies nothing and patches nothing, and says why in SpecRejected.
-6. Conditions keep their lastTransitionTime while their status is unchanged.
+   refuse applies nothing and patches nothing, and says why in SpecRejected
+   (the other conditions stay as they were: the pods still serve).
+6. Conditions keep their lastTransitionTime while their status is unchanged,
+   and a Warning event is emitted once per bad condition and message
+   (vmbox.kube.status).
 """
 
 from __future__ import annotations
@@ -63,13 +81,12 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from vmbox import sharing
 from vmbox.control.autoscale import Autoscaler, Decision, Policy, choose_removals
 from vmbox.control.plan import STABLE_AFTER
-from vmbox.functions.rules import CATCH_ALL, limit_item
+from vmbox.kube import pods as _pods
+from vmbox.kube import status
 from vmbox.kube.manifests import (
     API_VERSION,
     DELETION_COST,
@@ -79,6 +96,7 @@ from vmbox.kube.manifests import (
     pod_spec,
     spec_of,
 )
+from vmbox.kube.pods import LEAVING_COST
 from vmbox.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -86,10 +104,10 @@ if TYPE_CHECKING:
 
 Obj = Mapping[str, Any]
 
-LEAVING_COST = "-1000"  # pod-deletion-cost of a pod chosen to go (the default is 0)
 SPEC_HASH = "vmbox.dev/spec-hash"  # pod template annotation: a change rolls the pods
 PENDING_REQUEUE = 1.0  # a mark placed: the pod watch usually brings the next pass sooner
 PROGRESS_REQUEUE = 2.0  # pods starting, leaving or rolling out
+# What the driver observes for `objects` (a missing one is None): what owned_objects makes.
 OWNED_KINDS = ("ConfigMap", "Deployment", "PodDisruptionBudget", "Service")
 
 
@@ -148,44 +166,73 @@ def reconcile(
     now: float,
     image: str,
 ) -> Result:
-    """One pass for Middlebox `mb`; `objects` maps an owned kind to what was observed."""
+    """One pass for Middlebox `mb`; `objects` maps each of OWNED_KINDS to what was
+    observed, `samples` a pod's name to its latest sample, `image` is the replicas'."""
     name = mb["metadata"]["name"]
-    mine = [p for p in pods if _labels(p).get(MIDDLEBOX_LABEL) == name]
-    live = [p for p in mine if not p["metadata"].get("deletionTimestamp")]
-    memory, crashing = _crashes(live, memory, now)
-    previous = mb.get("status") or {}
+    live = [p for p in pods if _mine(p, name) and _pods.live(p)]
+    seen = _pods.crashes(live, memory.restarts, memory.crashed_at, now)
+    memory = _with(memory, restarts=seen.restarts, crashed_at=seen.crashed_at)
     try:
         spec = spec_of(mb)
     except SpecError as exc:
-        return _rejected(mb, str(exc), live, crashing, memory, now)
-    decision, memory = _autoscale(spec, live, crashing, samples, memory, now)
+        return _rejected(mb, str(exc), memory, now)
+    decision, memory = _autoscale(spec, live, seen.crashing, samples, memory, now)
     target = decision.desired if decision is not None else spec.replicas.count
-    load = _load(spec, live, crashing, samples)
+    load = _pods.removal_order(live, seen.crashing, _load(spec, samples))
     scale = _scale(target, _replicas(objects.get("Deployment")), live, load)
-    wanted = owned_objects(mb, replicas=scale.replicas, image=image)
-    for obj in wanted:
-        if obj["kind"] == "Deployment":
-            template = obj["spec"]["template"]["metadata"]
-            template.setdefault("annotations", {})[SPEC_HASH] = restart_hash(spec)
+    wanted = _owned(mb, spec, scale.replicas, image)
     apply = tuple(o for o in wanted if not _contains(objects.get(o["kind"]), o))
-    events = _applied_events(apply, objects) + scale.events
-    patches = scale.patches
+    patches, events = scale.patches, _applied_events(apply, objects) + scale.events
     if decision is not None:
         patches = (_count_patch(mb, decision.desired), *patches)
         events = (_decided(decision), *events)
-    state = _State(spec, target, scale.held, scale.replicas, live, crashing, decision, now)
-    status = _status(mb, state, objects.get("Deployment"), previous)
-    events += _transitions(previous, status)
+    state = status.Seen(
+        spec, target, scale.held, scale.replicas, live, seen.crashing, decision, now
+    )
+    new = status.status(mb, state, objects.get("Deployment"))
+    events += _warnings(mb, new)
     return Result(
         apply=apply,
         patches=patches,
-        status=status,
+        status=new,
         events=events,
-        requeue_after=_requeue(state, memory, status),
+        requeue_after=_requeue(state, memory, new),
         memory=memory,
         store_spec=pod_spec(spec).to_json(),
         replicas=scale.replicas,
     )
+
+
+def _mine(pod: Obj, name: str) -> bool:
+    return _pods.labels(pod).get(MIDDLEBOX_LABEL) == name
+
+
+def _owned(mb: Obj, spec: Spec, replicas: int, image: str) -> list[dict[str, Any]]:
+    """owned_objects, the Deployment's pod template stamped with restart_hash."""
+    wanted = owned_objects(mb, replicas=replicas, image=image)
+    for obj in wanted:
+        if obj["kind"] == "Deployment":
+            template = obj["spec"]["template"]["metadata"]
+            template.setdefault("annotations", {})[SPEC_HASH] = restart_hash(spec)
+    return wanted
+
+
+def _load(spec: Spec, samples: Mapping[str, Sample]) -> dict[str, float]:
+    """Each pod's load as the autoscaler sees it (packets/s without autoscale)."""
+    metric = spec.autoscale.metric if spec.autoscale else "pps"
+    values = {pod: sample.value(metric) for pod, sample in samples.items()}
+    return {pod: value for pod, value in values.items() if value is not None}
+
+
+def _warnings(mb: Obj, new: Obj) -> tuple[Event, ...]:
+    found = status.warnings(mb.get("status") or {}, new)
+    return tuple(Event("Warning", reason, message) for reason, message in found)
+
+
+def _rejected(mb: Obj, reason: str, memory: Memory, now: float) -> Result:
+    """Invariant 5: nothing applied or patched; the other conditions stay as they were."""
+    new = status.rejected(mb, reason, now)
+    return Result((), (), new, _warnings(mb, new), None, memory)
 
 
 def restart_hash(spec: Spec) -> str:
@@ -204,73 +251,6 @@ def restart_hash(spec: Spec) -> str:
         rule.pop("limit", None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# -- pods ---------------------------------------------------------------------
-
-
-def _labels(pod: Obj) -> Mapping[str, str]:
-    return pod.get("metadata", {}).get("labels") or {}
-
-
-def _name(pod: Obj) -> str:
-    return str(pod["metadata"]["name"])
-
-
-def _marked(pod: Obj) -> bool:
-    annotations = pod["metadata"].get("annotations") or {}
-    return annotations.get(DELETION_COST) == LEAVING_COST
-
-
-def _phase(pod: Obj) -> str:
-    return str((pod.get("status") or {}).get("phase", "Pending"))
-
-
-def _ready(pod: Obj) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or ()
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def _containers(pod: Obj) -> Sequence[Obj]:
-    return (pod.get("status") or {}).get("containerStatuses") or ()
-
-
-def _crashes(live: Sequence[Obj], memory: Memory, now: float) -> tuple[Memory, dict[str, str]]:
-    """The pods that crash-loop now (pod -> why), and the restart counts to remember."""
-    restarts: dict[str, int] = {}
-    crashed_at: dict[str, float] = {}
-    crashing: dict[str, str] = {}
-    for pod in live:
-        pod_name = _name(pod)
-        count = sum(int(c.get("restartCount", 0)) for c in _containers(pod))
-        restarts[pod_name] = count
-        seen = memory.restarts.get(pod_name)
-        since = now if seen is not None and count > seen else memory.crashed_at.get(pod_name)
-        if since is not None and now - since < STABLE_AFTER:
-            crashed_at[pod_name] = since
-            crashing[pod_name] = f"{pod_name} restarted ({count} restarts)"
-        waiting = [((c.get("state") or {}).get("waiting") or {}) for c in _containers(pod)]
-        if any(w.get("reason") == "CrashLoopBackOff" for w in waiting):
-            crashing[pod_name] = f"{pod_name} in CrashLoopBackOff ({count} restarts)"
-    return _with(memory, restarts=restarts, crashed_at=crashed_at), crashing
-
-
-def _load(
-    spec: Spec, live: Sequence[Obj], crashing: Mapping[str, str], samples: Mapping[str, Sample]
-) -> dict[str, float]:
-    """Each pod's removal key: below 0 as the ReplicaSet ranks it first (a crash-looping
-    pod with them: its load says nothing), else its load."""
-    metric = spec.autoscale.metric if spec.autoscale else "pps"
-    out: dict[str, float] = {}
-    for pod in live:
-        sample = samples.get(_name(pod))
-        value = sample.value(metric) if sample is not None else None
-        out[_name(pod)] = value if value is not None else 0.0
-        if _phase(pod) != "Running":
-            out[_name(pod)] = -2.0
-        elif not _ready(pod) or _name(pod) in crashing:
-            out[_name(pod)] = -1.0
-    return out
 
 
 # -- the autoscaler -----------------------------------------------------------
@@ -296,11 +276,13 @@ def _autoscale(
         return None, _with(memory, **{f: getattr(Memory(), f) for f in _STREAK_FIELDS})
     policy = Policy.from_spec(spec)
     counted = [
-        samples[_name(p)]
+        samples[_pods.name(p)]
         for p in live
-        if _name(p) in samples and _phase(p) == "Running" and _name(p) not in crashing
+        if _pods.name(p) in samples
+        and _pods.phase(p) == "Running"
+        and _pods.name(p) not in crashing
     ]
-    fresh = [s.time for s in (samples.get(_name(p)) for p in live) if s is not None]
+    fresh = [s.time for s in (samples.get(_pods.name(p)) for p in live) if s is not None]
     newest = max(fresh, default=None)
     if newest is None or (memory.sampled_at is not None and newest <= memory.sampled_at):
         return None, memory
@@ -345,7 +327,6 @@ class _Scale:
     replicas: int  # the Deployment's replicas after this pass
     held: int | None  # what it was (None: no Deployment)
     patches: tuple[Patch, ...] = ()
-    leaving: tuple[str, ...] = ()  # pods marked after this pass
     events: tuple[Event, ...] = ()
 
 
@@ -359,31 +340,28 @@ def _scale(target: int, held: int | None, live: Sequence[Obj], load: Mapping[str
     """Invariants 1-3: mark the pods to go, lower the count once they carry the mark."""
     if held is None:
         return _Scale(target, None)
-    marked = sorted(_name(p) for p in live if _marked(p))
+    marked = sorted(_pods.name(p) for p in live if _pods.marked(p))
     need = max(0, min(held, len(live)) - target)
     if need > len(marked):
-        unmarked = sorted(_name(p) for p in live if not _marked(p))
+        unmarked = sorted(_pods.name(p) for p in live if not _pods.marked(p))
         chosen = choose_removals(unmarked, need - len(marked), load)
         patches = tuple(_mark(p, live, LEAVING_COST) for p in chosen)
         message = f"marked to go before {held} -> {target}: " + ", ".join(
             f"{p} (load {load.get(p, 0.0):g})" for p in chosen
         )
-        return _Scale(
-            held, held, patches, tuple(marked + chosen), (Event("Normal", "Draining", message),)
-        )
+        return _Scale(held, held, patches, (Event("Normal", "Draining", message),))
     keep = choose_removals(marked, need, load)
     extra = [p for p in marked if p not in keep] if len(live) <= max(held, target) else []
     patches = tuple(_mark(p, live, None) for p in extra)
     events: tuple[Event, ...] = ()
     if held != target:
         events = (Event("Normal", "Scaled", f"Deployment replicas {held} -> {target}"),)
-    leaving = tuple(p for p in marked if p not in extra)
-    return _Scale(target, held, patches, leaving, events)
+    return _Scale(target, held, patches, events)
 
 
 def _mark(pod_name: str, live: Sequence[Obj], cost: str | None) -> Patch:
     namespace = next(
-        (p["metadata"].get("namespace", "default") for p in live if _name(p) == pod_name),
+        (p["metadata"].get("namespace", "default") for p in live if _pods.name(p) == pod_name),
         "default",
     )
     body = {"metadata": {"annotations": {DELETION_COST: cost}}}
@@ -417,176 +395,14 @@ def _applied_events(apply: Sequence[Obj], objects: Mapping[str, Obj | None]) -> 
     return tuple(events)
 
 
-# -- status ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _State:
-    spec: Spec
-    target: int
-    held: int | None  # the Deployment's replicas as observed (None: no Deployment)
-    replicas: int  # and after this pass
-    live: Sequence[Obj]
-    crashing: Mapping[str, str]
-    decision: Decision | None
-    now: float
-
-
-def _time(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def shares(spec: Spec, ready: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Each limit's even split over the ready pods: item -> pod -> share."""
-    limits: dict[str, int] = {}
-    for rule in spec.middlebox.rules or ():
-        if rule.action == "ratelimit" and rule.limit is not None:
-            limits[limit_item(rule.name)] = rule.limit
-    if spec.middlebox.limit is not None:
-        limits[CATCH_ALL] = spec.middlebox.limit
-    return {
-        item: {pod: sharing.even(total, ready, pod) for pod in ready}
-        for item, total in limits.items()
-    }
-
-
-def _status(mb: Obj, state: _State, deployment: Obj | None, previous: Obj) -> dict[str, Any]:
-    generation = mb["metadata"].get("generation")
-    ready = sorted(_name(p) for p in state.live if _ready(p) and _phase(p) == "Running")
-    progress = _progress(state, deployment, generation)
-    found = [
-        (
-            "Ready",
-            len(ready) >= state.target and deployment is not None,
-            "AllReplicasReady" if len(ready) >= state.target else "ReplicasNotReady",
-            f"{len(ready)} of {state.target} replicas ready",
-        ),
-        (
-            "Progressing",
-            progress is not None,
-            "Progressing" if progress else "Stable",
-            progress or f"{state.target} replicas, rolled out",
-        ),
-        (
-            "Degraded",
-            bool(state.crashing),
-            "CrashLoop" if state.crashing else "NoCrashes",
-            "; ".join(state.crashing[p] for p in sorted(state.crashing)) or "no pod crash-loops",
-        ),
-        ("SpecRejected", False, "SpecAccepted", "the spec is valid"),
-    ]
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "replicas": len(state.live),
-        "readyReplicas": len(ready),
-        "selector": f"{MIDDLEBOX_LABEL}={mb['metadata']['name']}",
-        "shares": shares(state.spec, ready),
-        "conditions": _conditions(previous, found, state.now, generation),
-    }
-    last = _last_scale(state, previous)
-    if last is not None:
-        status["lastScale"] = last
-    return status
-
-
-def _progress(state: _State, deployment: Obj | None, generation: Any) -> str | None:
-    """Why the Middlebox is still moving (None: it is where its spec says)."""
-    if deployment is None:
-        return "creating the Deployment"
-    if state.replicas != state.target:
-        return f"draining: Deployment at {state.replicas}, target {state.target}"
-    seen = deployment.get("status") or {}
-    if seen.get("observedGeneration", 0) < (deployment["metadata"].get("generation") or 0):
-        return "the Deployment's change is not observed yet"
-    if seen.get("updatedReplicas", 0) < state.replicas:
-        return f"rolling out: {seen.get('updatedReplicas', 0)} of {state.replicas} updated"
-    if len(state.live) != state.target:
-        return f"{len(state.live)} pods, target {state.target}"
-    return None
-
-
-def _last_scale(state: _State, previous: Obj) -> dict[str, Any] | None:
-    """The last change of the desired count: the autoscaler's, or a new spec.replicas.count."""
-    last = previous.get("lastScale")
-    if state.decision is not None:
-        d = state.decision
-        return {"time": _time(state.now), "from": d.current, "to": d.desired, "reason": d.reason}
-    if state.held is None or state.held == state.target or (last or {}).get("to") == state.target:
-        return dict(last) if last else None
-    return {
-        "time": _time(state.now),
-        "from": state.held,
-        "to": state.target,
-        "reason": f"spec.replicas.count set to {state.target}",
-    }
-
-
-def _conditions(
-    previous: Obj, found: Sequence[tuple[str, bool, str, str]], now: float, generation: Any
-) -> list[dict[str, Any]]:
-    """Invariant 6: a condition whose status did not change keeps its lastTransitionTime."""
-    before = {c.get("type"): c for c in previous.get("conditions") or ()}
-    out = []
-    for kind, true, reason, message in found:
-        status = "True" if true else "False"
-        old = before.get(kind) or {}
-        since = old.get("lastTransitionTime") if old.get("status") == status else None
-        out.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": since or _time(now),
-                "observedGeneration": generation,
-            }
-        )
-    return out
-
-
-def _transitions(previous: Obj, status: Obj) -> tuple[Event, ...]:
-    """Warnings for a condition that turned bad (or changed its reason while bad)."""
-    before = {c.get("type"): c for c in previous.get("conditions") or ()}
-    events = []
-    for cond in status["conditions"]:
-        if cond["type"] not in ("Degraded", "SpecRejected") or cond["status"] != "True":
-            continue
-        old = before.get(cond["type"]) or {}
-        if old.get("status") != "True" or old.get("message") != cond["message"]:
-            events.append(Event("Warning", cond["reason"], cond["message"]))
-    return tuple(events)
-
-
-def _rejected(
-    mb: Obj,
-    reason: str,
-    live: Sequence[Obj],
-    crashing: Mapping[str, str],
-    memory: Memory,
-    now: float,
-) -> Result:
-    """Invariant 5: nothing applied or patched; the other conditions stay as they were."""
-    previous = mb.get("status") or {}
-    generation = mb["metadata"].get("generation")
-    kept = [c for c in previous.get("conditions") or () if c.get("type") != "SpecRejected"]
-    conditions = _conditions(
-        previous, [("SpecRejected", True, "SpecError", reason)], now, generation
-    )
-    status = dict(previous) | {
-        "observedGeneration": generation,
-        "conditions": [dict(c) for c in kept] + conditions,
-    }
-    return Result((), (), status, _transitions(previous, status), None, memory)
-
-
-def _requeue(state: _State, memory: Memory, status: Obj) -> float | None:
+def _requeue(state: status.Seen, memory: Memory, new: Obj) -> float | None:
     """When to come back without a watch event: the soonest thing that is due."""
     due: list[float] = []
     if state.replicas != state.target:  # marks placed, the count held
         due.append(PENDING_REQUEUE)
     if state.spec.autoscale is not None:
         due.append(state.spec.autoscale.interval)
-    if any(c["type"] == "Progressing" and c["status"] == "True" for c in status["conditions"]):
+    if any(c["type"] == "Progressing" and c["status"] == "True" for c in new["conditions"]):
         due.append(PROGRESS_REQUEUE)
     due += [since + STABLE_AFTER - state.now for since in memory.crashed_at.values()]
     return max(0.1, min(due)) if due else None
