@@ -458,3 +458,20 @@ def test_without_a_limit_the_first_ratelimit_rule_is_shown_and_split() -> None:
     status = cluster.mb["status"]
     assert status["limit"] == "rule rest: 51 packets per 1s"
     assert sorted(status["shares"].values()) == [25, 26]
+
+
+def test_every_status_written_fits_the_crd_status_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from vmbox.kube.crd import STATUS
+
+    cluster = steady(count=2, autoscale=AUTO)
+    written = [cluster.mb["status"]]
+    for _ in range(2):
+        cluster.now += 1
+        cluster.samples = {n: sample(n, cluster.now, pps=200) for n in cluster.live()}
+        written.append(cluster.reconcile().status)
+    cluster.mb["spec"]["replicas"]["count"] = 9
+    written.append(cluster.reconcile().status)
+    assert "lastScale" in written[-2] and written[-1]["conditions"][-1]["status"] == "True"
+    for status in written:
+        jsonschema.validate(status, STATUS)
