@@ -7,9 +7,9 @@ comes back after `requeue_after` (controller-runtime's `Result{RequeueAfter}`)
 or at the next watch event, whichever is first:
   1. `patches`, in order (JSON merge patches: the Middlebox's count, then the
      pods' deletion-cost annotations),
-  2. `apply`, each object by server-side apply (field manager FIELD_MANAGER),
-  3. `store_spec` to the store's spec key, seeding the state items from it as
-     `Controller.setup` does,
+  2. `store_spec` to the store's spec key, seeding the state items from it as
+     `Controller.setup` does (before 3: pods a rollout starts read it),
+  3. `apply`, each object by server-side apply (field manager FIELD_MANAGER),
   4. `status` to the status subresource, `events` as Events of the Middlebox,
   5. keeps `memory` for the next pass of this Middlebox.
 No I/O and no clock reads here: `now` is epoch seconds, passed in.
@@ -139,6 +139,8 @@ class Patch:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """A core/v1 Event about the Middlebox (`kubectl describe` shows them)."""
+
     type: str  # Normal or Warning
     reason: str
     message: str
@@ -146,6 +148,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Result:
+    """What one pass asks the driver to do (the module doc gives the order)."""
+
     apply: tuple[dict[str, Any], ...]
     patches: tuple[Patch, ...]
     status: dict[str, Any]
