@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration bench faults setup etcd tools clean
+.PHONY: demo test lint unit integration bench faults setup etcd tools clean image
 
 demo: setup
 	$(BIN)/vmbox demo
@@ -49,7 +49,7 @@ etcd:
 # netfilterqueue (pinned in pyproject.toml, no wheel) needs; one apt-get for all missing.
 # Root's tools live in /usr/sbin, which a user's PATH may lack: look there too.
 TOOLS := ip:iproute2 sysctl:procps iptables:iptables nft:nftables iperf3:iperf3 \
-	hping3:hping3 curl:curl tcpdump:tcpdump ping:iputils-ping gcc:gcc
+	hping3:hping3 curl:curl tcpdump:tcpdump ping:iputils-ping gcc:gcc kubectl:kubernetes-client
 NFQ_HEADER := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 
 tools:
@@ -69,6 +69,13 @@ tools:
 		$(SUDO) apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+
+# The replica and operator image (Containerfile), tagged as deploy/ and
+# `vmbox k8s render` name it; for kind: podman save IMAGE | kind load image-archive /dev/stdin
+IMAGE ?= localhost/vmbox:0.1.0
+image:
+	@command -v podman >/dev/null 2>&1 || { echo "podman not found: not building $(IMAGE)"; exit 0; }; \
+	podman build -f Containerfile -t $(IMAGE) . && podman run --rm --read-only $(IMAGE) --help
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

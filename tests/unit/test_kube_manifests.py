@@ -186,3 +186,42 @@ def test_middlebox_from_a_yaml_spec() -> None:
     obj = m.middlebox({"service": "web", "listen": "a:1"}, namespace="ns")
     assert obj["metadata"] == {"name": "web", "namespace": "ns"}
     assert obj["spec"] == {"listen": "a:1"} and obj["kind"] == "Middlebox"
+
+
+def test_the_operators_rbac_is_least_privilege() -> None:
+    from vmbox.kube import install
+
+    rules = install.CLUSTER_RULES + install.LEASE_RULES
+    for rule in rules:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+        assert "delete" not in rule["verbs"]  # ownerReferences: the garbage collector deletes
+        assert "secrets" not in rule["resources"]  # mounted, never read through the API
+    granted = {
+        (g, r): set(rule["verbs"])
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert granted[("", "pods")] == {"get", "list", "watch", "patch"}  # the deletion cost
+    assert granted[("metrics.k8s.io", "pods")] == {"get", "list"}
+    assert "create" in granted[("coordination.k8s.io", "leases")]
+    assert "patch" in granted[("vmbox.dev", "middleboxes/status")]
+
+
+def test_the_operator_and_the_etcd_members() -> None:
+    from vmbox.kube import install
+
+    operator = install.operator_deployment("img:2")
+    assert operator["spec"]["replicas"] == 2
+    (c,) = operator["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["vmbox", "operator"] and c["image"] == "img:2"
+    sts = install.etcd_statefulset()
+    assert sts["spec"]["replicas"] == 3
+    (etcd,) = sts["spec"]["template"]["spec"]["containers"]
+    args = etcd["args"]
+    cluster = next(a for a in args if a.startswith("--initial-cluster="))
+    assert cluster.count("https://") == 3  # every member named, over TLS
+    assert all(a.split("=")[1].startswith(install.ETCD_TLS_DIR) for a in args if "-file=" in a)
+    (tls,) = sts["spec"]["template"]["spec"]["volumes"]
+    assert tls["secret"]["secretName"] == m.ETCD_TLS_SECRET
+    assert not any("password" in a for a in args)  # auth is switched on once, from the Secret

@@ -6,9 +6,10 @@ which check deploy/ equals what this renders and validate every object
 against the official Kubernetes schemas.
 
 RBAC is least-privilege: a ClusterRole (Middleboxes live in any namespace)
-reads Middleboxes, writes their status, applies the four kinds a Middlebox
-owns (server-side apply is a patch; create for the first apply; no delete:
-ownerReferences let the garbage collector remove them), reads and patches
+reads Middleboxes and patches their count (the autoscaler), writes their
+status, applies the four kinds a Middlebox owns (server-side apply is a
+patch; create for the first apply; no delete: ownerReferences let the
+garbage collector remove them) and scales Deployments, reads and patches
 pods (the deletion-cost annotation), reads pod metrics (metrics.k8s.io) and
 records events. A Role in vmbox-system holds the leader-election Lease.
 
@@ -100,10 +101,11 @@ def _rule(groups: list[str], resources: list[str], verbs: list[str]) -> dict[str
 
 APPLY = ["get", "list", "watch", "create", "patch", "update"]
 CLUSTER_RULES = [
-    _rule([GROUP], [PLURAL], ["get", "list", "watch"]),
-    _rule([GROUP], [f"{PLURAL}/status"], ["get", "patch", "update"]),
-    _rule([GROUP], [f"{PLURAL}/scale"], ["get"]),
+    # patch: the autoscaler writes spec.replicas.count, as `kubectl scale` does.
+    _rule([GROUP], [PLURAL], ["get", "list", "watch", "patch"]),
+    _rule([GROUP], [f"{PLURAL}/status", f"{PLURAL}/scale"], ["get", "patch", "update"]),
     _rule(["apps"], ["deployments"], APPLY),
+    _rule(["apps"], ["deployments/scale"], ["get", "patch", "update"]),
     _rule([""], ["services", "configmaps"], APPLY),
     _rule(["policy"], ["poddisruptionbudgets"], APPLY),
     _rule([""], ["pods"], ["get", "list", "watch", "patch"]),
