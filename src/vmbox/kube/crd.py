@@ -30,7 +30,9 @@ What the structural schema cannot say, and how it is handled:
   but no CEL evaluator checks them offline here, and a rule that does not
   compile makes the whole CRD uninstallable, so none is shipped: pydantic
   stays the authority. The operator runs spec_of() (manifests.py) and sets
-  the condition SpecValid=False with the same one line `vmbox up` prints.
+  the condition SpecRejected=True with the same one line `vmbox up` prints.
+- Values a pattern cannot judge: a size under 4Mi written with a unit, a
+  CIDR, a port range's order. Pydantic again.
 The tests list these cases by name, so the list cannot go stale.
 """
 
@@ -62,9 +64,13 @@ _DROPPED = {"title", "default", "format"}  # format: pydantic's "path" is no Ope
 
 
 def _int_or_string(integer: dict[str, Any], string: dict[str, Any], what: str) -> dict[str, Any]:
+    """An int-or-string node. The API server takes only the bare anyOf (type alone in each
+    branch), so the checks sit beside it: `minimum` judges numbers only, `pattern` strings."""
     return {
         _INT_OR_STRING: True,
-        "anyOf": [{"type": "integer", **integer}, {"type": "string", **string}],
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        **integer,
+        **string,
         "description": what,
     }
 
