@@ -304,6 +304,50 @@ def test_deletion_cost_is_a_merge_patch_of_the_pods_annotation(
     }
 
 
+def test_get_object_reads_an_owned_kind_by_its_path_and_none_when_missing(
+    kube: KubeClient, api: FakeApi, aio: Aio
+) -> None:
+    path = "/apis/apps/v1/namespaces/ns/deployments/web"
+    api.routes[("GET", path)] = httpx2.Response(200, json=deployment("web"))
+    got = aio.run(kube.get_object("apps/v1", "Deployment", "ns", "web"))
+    gone = aio.run(kube.get_object("v1", "Service", "ns", "web"))
+    assert got is not None and got["spec"]["replicas"] == 2
+    assert gone is None  # the route answers 404: deleted, to be applied again
+    first, second = api.seen
+    assert (first.method, first.path, first.params, first.body) == ("GET", path, {}, None)
+    assert (second.method, second.path) == ("GET", "/api/v1/namespaces/ns/services/web")
+
+
+def test_get_object_refuses_a_kind_the_operator_does_not_handle(
+    kube: KubeClient, api: FakeApi, aio: Aio
+) -> None:
+    with pytest.raises(KubeError, match="does not handle v1 Secret"):
+        aio.run(kube.get_object("v1", "Secret", "ns", "x"))
+    assert api.seen == []
+
+
+def test_merge_patch_of_a_middlebox_count_and_of_a_pods_mark_removal(
+    kube: KubeClient, api: FakeApi, aio: Aio
+) -> None:
+    mb_path = "/apis/vmbox.dev/v1alpha1/namespaces/ns/middleboxes/web"
+    pod_path = "/api/v1/namespaces/ns/pods/web-abc"
+    api.routes[("PATCH", mb_path)] = httpx2.Response(
+        200, json={"apiVersion": "vmbox.dev/v1alpha1", "kind": "Middlebox", "metadata": {}}
+    )
+    api.routes[("PATCH", pod_path)] = httpx2.Response(
+        200, json={"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-abc"}}
+    )
+    count = {"spec": {"replicas": {"count": 3}}}
+    unmark = {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": None}}}
+    aio.run(kube.merge_patch("vmbox.dev/v1alpha1", "Middlebox", "ns", "web", count))
+    aio.run(kube.merge_patch("v1", "Pod", "ns", "web-abc", unmark))
+    first, second = api.seen
+    assert (first.method, first.path, first.content_type) == ("PATCH", mb_path, MERGE)
+    assert first.params == {"fieldManager": "vmbox-operator"}  # not forced: only SSA forces
+    assert first.body == count
+    assert (second.path, second.content_type, second.body) == (pod_path, MERGE, unmark)
+
+
 def test_pod_metrics_are_listed_from_the_metrics_api_and_summed_per_pod(
     kube: KubeClient, api: FakeApi, aio: Aio
 ) -> None:

@@ -65,6 +65,8 @@ _APPLIED: dict[tuple[str, str], type[NamespacedResource]] = {
     ("policy/v1", "PodDisruptionBudget"): PodDisruptionBudget,
     (f"{GROUP}/{VERSION}", KIND): Middlebox,
 }
+# What get_object reads and merge_patch patches: those, and pods (deletion cost).
+_HANDLED = _APPLIED | {("v1", "Pod"): Pod}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,33 @@ class KubeClient:
                 patch_type=PatchType.APPLY,
                 field_manager=FIELD_MANAGER,
                 force=True,
+            )
+        return _plain(done)
+
+    # -- any owned object, by kind -------------------------------------------
+
+    async def get_object(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """One object of a kind the operator applies (or a Pod), or None if there is none."""
+        res = _kind(api_version, kind)
+        with self._mapped():
+            try:
+                return _plain(await self._api.get(res, name, namespace=namespace))
+            except httpx2.HTTPStatusError as e:
+                if e.response.status_code == 404:
+                    return None
+                raise
+
+    async def merge_patch(
+        self, api_version: str, kind: str, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch (application/merge-patch+json) of one object: the reconcile's
+        Patch (a Middlebox's count; a pod's deletion cost, null removing it)."""
+        res = _kind(api_version, kind)
+        with self._mapped():
+            done = await self._api.patch(
+                res, name, dict(body), namespace=namespace, patch_type=PatchType.MERGE
             )
         return _plain(done)
 
@@ -362,6 +391,13 @@ class KubeClient:
             raise _status_error(e) from e
         except httpx2.TransportError as e:
             raise errors.unreachable(self._server, e) from e
+
+
+def _kind(api_version: str, kind: str) -> type[NamespacedResource]:
+    res = _HANDLED.get((api_version, kind))
+    if res is None:
+        raise errors.KubeError(f"kubernetes: the operator does not handle {api_version} {kind}")
+    return res
 
 
 def _status_error(e: httpx2.HTTPStatusError) -> errors.KubeError:
