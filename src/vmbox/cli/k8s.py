@@ -76,8 +76,9 @@ def render(spec: str, namespace: str, image: str, replicas: int | None, with_ins
     """
     try:
         data = _read(spec)
-        if replicas is not None:
-            data["replicas"] = {**(data.get("replicas") or {}), "count": replicas}
+        current = data.get("replicas") or {}
+        if replicas is not None and isinstance(current, dict):  # else parse_spec says why
+            data["replicas"] = {**current, "count": replicas}
         parse_spec(data, spec)
         mb = middlebox(data, namespace=namespace)
         spec_of(mb)
