@@ -1,7 +1,8 @@
 """`vmbox k8s`: the manifests that run a spec on Kubernetes, for `kubectl apply -f -`.
 
 Registered by vmbox.cli.main. Pure rendering (vmbox.kube.manifests, crd,
-install): nothing here talks to a cluster.
+install): nothing here talks to a cluster, except `vmbox operator`
+(vmbox.kube.operator), which runs against the API server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import yaml
 
 from vmbox.cli.errors import EXIT_USAGE, fail
 from vmbox.kube import install
-from vmbox.kube.manifests import middlebox, spec_of
+from vmbox.kube.manifests import SYSTEM_NAMESPACE, middlebox, spec_of
 from vmbox.spec import SpecError, load_spec, parse_spec
 
 
@@ -97,3 +98,74 @@ def deploy(directory: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         click.echo(path)
+
+
+@click.command()
+@click.option(
+    "-n",
+    "--namespace",
+    default=None,
+    help="Reconcile the Middleboxes of this namespace only (default: every namespace).",
+)
+@click.option(
+    "--identity",
+    default=None,
+    help="This operator's name in the Lease (default: $POD_NAME, else the hostname).",
+)
+def operator(namespace: str | None, identity: str | None) -> None:
+    """Run the Middlebox operator against the cluster until SIGTERM.
+
+    \b
+    It connects with the pod's service account (in a pod) or with the
+    kubeconfig ($KUBECONFIG or ~/.kube/config), and holds the Lease
+    $VMBOX_LEASE (vmbox-operator) in its own namespace ($POD_NAMESPACE,
+    else vmbox-system): of several operators one leads and reconciles,
+    the others wait to take over. While leading, each pass makes what
+    each Middlebox owns (ConfigMap, Deployment of replica pods with image
+    $VMBOX_IMAGE, Service, PodDisruptionBudget), scales and drains its pods
+    and writes its status. SIGTERM gives the Lease up. An API server that
+    cannot be reached is one line and exit 1.
+    """
+    import asyncio
+    import os
+    import socket
+
+    from vmbox.runtime.kubernetes import KubeError  # lightkube: only for this command
+
+    who = identity or os.environ.get("POD_NAME") or socket.gethostname()
+    try:
+        asyncio.run(_operate(namespace, who))
+    except KubeError as exc:
+        fail(str(exc))
+
+
+def _connect() -> Any:
+    """The KubeClient (a seam for the tests)."""
+    from vmbox.runtime.kubernetes import KubeClient
+
+    return KubeClient.connect()
+
+
+async def _operate(namespace: str | None, identity: str) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from vmbox.kube.operator import Operator
+
+    lease_ns = os.environ.get("POD_NAMESPACE") or SYSTEM_NAMESPACE
+    lease = os.environ.get("VMBOX_LEASE") or install.LEASE
+    client = _connect()
+    try:
+        await client.read_lease(lease_ns, lease)  # the API server answers, or one line
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        image = os.environ.get("VMBOX_IMAGE") or install.IMAGE
+        op = Operator(
+            client, namespace, identity, image=image, lease_namespace=lease_ns, lease_name=lease
+        )
+        await op.run(stop)
+    finally:
+        await client.close()

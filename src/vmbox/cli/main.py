@@ -18,7 +18,7 @@ from rich.console import Console
 from vmbox import context
 from vmbox.cli.errors import EXIT_USAGE, fail, run
 from vmbox.cli.experiment import experiment
-from vmbox.cli.k8s import k8s
+from vmbox.cli.k8s import k8s, operator
 from vmbox.cli.lab import lab
 from vmbox.cli.options import ETCD_HELP, access_options, etcd_endpoints, parse_address_option
 from vmbox.spec import SpecError, load_spec
@@ -170,6 +170,7 @@ def demo(duration: float, dataplane: str) -> None:
 main.add_command(experiment)
 main.add_command(lab)
 main.add_command(k8s)
+main.add_command(operator)
 
 
 @main.command()
