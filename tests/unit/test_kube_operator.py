@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,8 +25,8 @@ from click.testing import CliRunner
 from tests.conftest import Aio
 from vmbox.cli.main import main
 from vmbox.kube import operator as operator_module
-from vmbox.kube.manifests import DELETION_COST, MIDDLEBOX_LABEL
-from vmbox.kube.operator import Operator
+from vmbox.kube.manifests import DELETION_COST, ETCD_ENDPOINT, MIDDLEBOX_LABEL
+from vmbox.kube.operator import Operator, Stores
 from vmbox.kube.reconcile import Event, Memory, Patch, Result
 from vmbox.runtime.kubernetes import (
     KubeConflict,
@@ -37,6 +38,10 @@ from vmbox.runtime.kubernetes import (
     decide,
 )
 from vmbox.runtime.kubernetes.lease import released
+from vmbox.state import keys
+from vmbox.state.access import StoreSpec
+from vmbox.state.memory import MemoryStore
+from vmbox.state.store import Store, StoreUnavailable
 
 NS, IMAGE = "default", "vmbox:test"
 MB_API = "vmbox.dev/v1alpha1"
@@ -295,6 +300,75 @@ def test_a_second_pass_over_what_it_applied_applies_nothing(aio: Aio) -> None:
     assert before == 4
     assert applied(cluster) == set()  # read back through get_object, found equal
     assert [w[1] for w in cluster.written()] == ["status"]
+
+
+def _stores(store: MemoryStore, opened: list[StoreSpec]) -> Stores:
+    async def connect(target: StoreSpec) -> Store:
+        opened.append(target)
+        return store
+
+    return Stores(connect)
+
+
+def test_the_spec_is_published_to_the_pods_store_before_anything_is_applied(aio: Aio) -> None:
+    cluster, clock, store = Cluster(), Clock(), MemoryStore()
+    opened: list[StoreSpec] = []
+    cluster.add(middlebox())
+    op = make(cluster, "a", clock, stores=_stores(store, opened))
+    aio.run(op.renew())
+    aio.run(op.reconcile_all())
+    # The pods' store (the managed etcd, with the mounted Secrets' files), once.
+    assert [t.endpoints for t in opened] == [(ETCD_ENDPOINT,)]
+    stored = aio.run(store.get(keys.spec_key("web")))
+    assert stored is not None
+    configmap = cluster.get("v1", "ConfigMap", "web")
+    assert configmap is not None
+    assert json.loads(stored.value) == json.loads(configmap["data"]["spec.json"])
+    limit = aio.run(store.get(keys.state_key("web", "limit")))
+    assert limit is not None and limit.value == b"100"
+    # The same spec again: nothing written, the connection reused.
+    revision = stored.mod_revision
+    clock.t += 1
+    aio.run(op.reconcile_all())
+    again = aio.run(store.get(keys.spec_key("web")))
+    assert again is not None and again.mod_revision == revision and len(opened) == 1
+
+
+def test_a_changed_limit_reaches_the_store_and_overwrites_its_seed(aio: Aio) -> None:
+    cluster, clock, store = Cluster(), Clock(), MemoryStore()
+    cluster.add(middlebox())
+    op = make(cluster, "a", clock, stores=_stores(store, []))
+    aio.run(op.renew())
+    aio.run(op.reconcile_all())
+    aio.run(store.put(keys.state_key("web", "limit"), b"70"))  # `vmbox set` meanwhile
+    clock.t += 1
+    aio.run(op.reconcile_all())
+    kept = aio.run(store.get(keys.state_key("web", "limit")))
+    assert kept is not None and kept.value == b"70"  # an unchanged spec keeps the live value
+    changed = middlebox()
+    changed["spec"]["middlebox"]["limit"] = 50
+    cluster.add(changed)
+    clock.t += 1
+    aio.run(op.reconcile_all())
+    limit = aio.run(store.get(keys.state_key("web", "limit")))
+    assert limit is not None and limit.value == b"50"  # the operator changed the spec
+
+
+def test_an_unreachable_store_is_one_line_and_nothing_is_applied(
+    aio: Aio, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def refuse(target: StoreSpec) -> Store:
+        raise StoreUnavailable("etcd at vmbox-etcd:2379: connection refused")
+
+    cluster, clock = Cluster(), Clock()
+    cluster.add(middlebox())
+    op = make(cluster, "a", clock, stores=Stores(refuse))
+    aio.run(op.renew())
+    with caplog.at_level(logging.WARNING):
+        aio.run(op.reconcile_all())
+    assert applied(cluster) == set()  # pods would start with no spec to read
+    lines = [r.getMessage() for r in caplog.records if "web" in r.getMessage()]
+    assert lines == ["middlebox default/web: etcd at vmbox-etcd:2379: connection refused"]
 
 
 def test_a_deleted_service_is_applied_again(aio: Aio) -> None:

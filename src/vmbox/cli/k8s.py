@@ -8,7 +8,7 @@ install): nothing here talks to a cluster, except `vmbox operator`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
@@ -17,6 +17,10 @@ from vmbox.cli.errors import EXIT_USAGE, fail
 from vmbox.kube import install
 from vmbox.kube.manifests import SYSTEM_NAMESPACE, middlebox, spec_of
 from vmbox.spec import SpecError, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    from vmbox.state.access import StoreSpec
+    from vmbox.state.store import Store
 
 
 @click.group()
@@ -122,8 +126,9 @@ def operator(namespace: str | None, identity: str | None) -> None:
     else vmbox-system): of several operators one leads and reconciles,
     the others wait to take over. While leading, each pass makes what
     each Middlebox owns (ConfigMap, Deployment of replica pods with image
-    $VMBOX_IMAGE, Service, PodDisruptionBudget), scales and drains its pods
-    and writes its status. SIGTERM gives the Lease up. An API server that
+    $VMBOX_IMAGE, Service, PodDisruptionBudget), publishes its spec to the
+    etcd its pods use (the replicas read it there), scales and drains its
+    pods and writes its status. SIGTERM gives the Lease up. An API server that
     cannot be reached is one line and exit 1.
     """
     import asyncio
@@ -151,7 +156,7 @@ async def _operate(namespace: str | None, identity: str) -> None:
     import os
     import signal
 
-    from vmbox.kube.operator import Operator
+    from vmbox.kube.operator import Operator, Stores
 
     lease_ns = os.environ.get("POD_NAMESPACE") or SYSTEM_NAMESPACE
     lease = os.environ.get("VMBOX_LEASE") or install.LEASE
@@ -163,9 +168,27 @@ async def _operate(namespace: str | None, identity: str) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         image = os.environ.get("VMBOX_IMAGE") or install.IMAGE
+        stores = Stores(_connect_store)
         op = Operator(
-            client, namespace, identity, image=image, lease_namespace=lease_ns, lease_name=lease
+            client,
+            namespace,
+            identity,
+            image=image,
+            lease_namespace=lease_ns,
+            lease_name=lease,
+            stores=stores,
         )
-        await op.run(stop)
+        try:
+            await op.run(stop)
+        finally:
+            await stores.close()
     finally:
         await client.close()
+
+
+async def _connect_store(target: StoreSpec) -> Store:
+    """The etcd a Middlebox's pods use, reached with the operator's mounted Secrets."""
+    from vmbox.state import access
+    from vmbox.state.etcd import connect
+
+    return await connect(target.endpoints, **access.connect_kwargs(target))

@@ -46,9 +46,8 @@ from vmbox.control.plan import (
     serving,
     spares_wanted,
 )
+from vmbox.control.publish import publish
 from vmbox.control.scaling import ScaleLoop
-from vmbox.functions import get_function
-from vmbox.middlebox import config_value
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec
 from vmbox.state import keys
@@ -132,10 +131,7 @@ class Controller:
 
     async def setup(self) -> None:
         """Write the spec, desired count and state seeds; adopt running replicas."""
-        old = await self.store.get(keys.spec_key(self.service))
-        old_spec = json.loads(old.value) if old is not None else None
-        await self.store.put(keys.spec_key(self.service), self.spec.to_json().encode())
-        await self._seed_state(old_spec)
+        old_spec = await publish(self.store, self.spec)
         current = await self.store.get(keys.desired_key(self.service))
         count_changed = old_spec is None or old_spec.get("replicas", {}).get("count") != (
             self.spec.replicas.count
@@ -148,21 +144,6 @@ class Controller:
         await self._adopt()
         if self.path is not None:
             await self._install_path()
-
-    async def _seed_state(self, old_spec: dict[str, object] | None) -> None:
-        config = self.spec.middlebox.model_dump()
-        old_config = old_spec.get("middlebox", {}) if old_spec else {}
-        assert isinstance(old_config, dict)
-        for item in get_function(self.spec.middlebox.function).state_items(config):
-            if not item.shared:
-                continue
-            seed = config_value(config, item.config_key)
-            value = item.encode(seed)
-            key = keys.state_key(self.service, item.name)
-            if _seeded(old_config, item.config_key) != seed:
-                await self.store.put(key, value)  # the operator changed the spec
-            else:
-                await self.store.compare_and_swap(key, None, value)
 
     async def _adopt(self) -> None:
         """Take over the replicas still running; one that is draining (a controller
@@ -477,11 +458,3 @@ def _queues(path: PathSteering) -> str:
     if not written.queues:
         return f"none serving (fallback {written.fallback})"
     return ",".join(str(q) for q in written.queues)
-
-
-def _seeded(old_config: dict[str, object], config_key: str) -> object:
-    """What the previous spec seeded an item from (None: it had no such item)."""
-    try:
-        return config_value(old_config, config_key)
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None

@@ -24,10 +24,16 @@
 One Middlebox's failure (a KubeError) is one log line and the next
 Middlebox is reconciled; the failed one is tried again at the next pass.
 
-Not done here: `store_spec` (writing the spec to the store's spec key and
-seeding the shared state items, as Controller.setup does) is left to the
-store's own driver: this operator has no store. The replicas read the spec
-from their ConfigMap.
+The store. A replica reads its spec from the store (keys.spec_key) and its
+shared state items from there, as locally, so before applying (before a pod
+a rollout starts can look) the operator publishes the Result's `store_spec`
+with vmbox.control.publish.publish_changed: the spec key and the state
+items' seeds, written only when the spec differs from what is stored. The
+store is the one the pods use (`store_spec`'s own `store`, managed or an
+external etcd), reached through `Stores`, one connection per distinct store;
+the operator's pod mounts the same two Secrets at the same paths as the
+replica pods (vmbox.kube.install), so those paths hold there too. Without
+`stores` (tests of the API side only) nothing is published.
 
 Samples. A pod contributes a Sample (vmbox.control.monitor's) only when its
 /metrics on METRICS_PORT at its podIP could be read: packet and byte rates
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -50,12 +57,16 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from vmbox.control.monitor import TRAFFIC, Sample
+from vmbox.control.publish import publish_changed
 from vmbox.kube import pods as _pods
 from vmbox.kube.manifests import API_VERSION, METRICS_PORT, MIDDLEBOX_LABEL, SYSTEM_NAMESPACE
 from vmbox.kube.reconcile import OWNED_KINDS, Memory, Result, reconcile
 from vmbox.metrics import scrape
 from vmbox.runtime.kubernetes import KubeError, PodUsage
 from vmbox.runtime.kubernetes.client import quantity
+from vmbox.spec import Spec, parse_spec
+from vmbox.state.access import StoreSpec
+from vmbox.state.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,28 @@ OWNED_API = {
 
 Obj = Mapping[str, Any]
 Scrape = Callable[[str, float], Awaitable[dict[str, float]]]
+Connect = Callable[[StoreSpec], Awaitable[Store]]
+
+
+class Stores:
+    """One connection per distinct store the Middleboxes' pods use, opened on first need."""
+
+    def __init__(self, connect: Connect) -> None:
+        self.connect = connect
+        self._open: dict[str, Store] = {}
+
+    async def get(self, target: StoreSpec) -> Store:
+        key = target.model_dump_json()
+        store = self._open.get(key)
+        if store is None:
+            store = self._open[key] = await self.connect(target)
+        return store
+
+    async def close(self) -> None:
+        stores, self._open = list(self._open.values()), {}
+        for store in stores:
+            with contextlib.suppress(StoreError):
+                await store.close()
 
 
 class Api(Protocol):
@@ -149,6 +182,7 @@ class Operator:
         resync: float = RESYNC,
         scrape: Scrape = scrape,
         scrape_timeout: float = SCRAPE_TIMEOUT,
+        stores: Stores | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -164,6 +198,7 @@ class Operator:
         self.resync = resync
         self.scrape = scrape
         self.scrape_timeout = scrape_timeout
+        self.stores = stores
         self.clock = clock
         self.wall = wall
         self.memory: dict[tuple[str, str], Memory] = {}  # (namespace, name) -> last pass's
@@ -266,7 +301,7 @@ class Operator:
             except NotLeading as exc:
                 log.warning("operator: %s", exc)
                 return self.resync
-            except KubeError as exc:
+            except (KubeError, StoreError) as exc:
                 log.warning("middlebox %s/%s: %s", key[0], key[1], exc)
                 continue
             if result.requeue_after is not None:
@@ -306,6 +341,13 @@ class Operator:
             await self.client.merge_patch(
                 patch.api_version, patch.kind, patch.namespace, patch.name, patch.body
             )
+        if result.store_spec is not None and self.stores is not None:
+            spec: Spec = parse_spec(json.loads(result.store_spec), f"middlebox {ns}/{name}")
+            if not isinstance(spec.store, StoreSpec):  # pod_spec() always names the store
+                raise StoreError(f"the pods' spec names no store ({spec.store!r})")
+            store = await self.stores.get(spec.store)
+            self._check()
+            await publish_changed(store, spec)
         for obj in result.apply:
             self._check()
             await self.client.apply(obj)
