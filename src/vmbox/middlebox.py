@@ -30,7 +30,10 @@ class StateItem:
     `shared` items live under /vmbox/<service>/state/<name> and are refreshed by
     a view in the spec's consistency mode; `config_key` names the spec field
     that seeds the item. `parse` turns stored bytes into a value and raises
-    StateValueError on garbage.
+    StateValueError on garbage. `closed` is the value under which the
+    middlebox admits nothing the item governs (a limit of 0): a `fenced` view
+    hands it to the middlebox while the replica cannot confirm it is current
+    (vmbox.state.fence); None if the item cannot fail closed.
     """
 
     name: str
@@ -38,6 +41,7 @@ class StateItem:
     parse: Callable[[bytes], Any]
     encode: Callable[[Any], bytes]
     shared: bool = True
+    closed: Any = None
 
 
 class Middlebox(ABC):
@@ -156,6 +160,17 @@ def parse_positive_int(raw: bytes, maximum: int = MAX_STATE_INT) -> int:
     if value <= 0:
         raise StateValueError(f"must be a positive integer, got {value}")
     return value
+
+
+def parse_limit(raw: bytes, maximum: int = MAX_STATE_INT) -> int:
+    """Parse a stored limit: a positive integer as `parse_positive_int`, or 0 (admit nothing).
+
+    0 is what an operator writes for "nothing from here, now" (`vmbox set web limit 0`).
+    """
+    text = raw.decode("ascii", errors="replace").strip().removeprefix("+")
+    if text.isascii() and text.isdigit() and not text.strip("0"):
+        return 0
+    return parse_positive_int(raw, maximum)
 
 
 def encode_int(value: Any) -> bytes:

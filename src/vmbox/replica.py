@@ -53,7 +53,7 @@ from vmbox.state.healthprobe import HealthProbe
 from vmbox.state.membership import Membership
 from vmbox.state.standby import Standby
 from vmbox.state.store import Store, StoreError
-from vmbox.state.views import StrongView, View, make_view
+from vmbox.state.views import FencedView, StrongView, View, make_view
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,12 @@ class Replica:
                     config_value(config, item.config_key),
                     poll_interval=spec.middlebox.poll_interval,
                     on_change=self._on_change(item.name),
+                    ttl=spec.lease_ttl,
+                    ack_key=keys.fence_key(spec.service, item.name, replica_id),
                 )
+                if isinstance(self.views[item.name], FencedView):
+                    # Closed until its first probe confirms it is current (vmbox.state.fence).
+                    self.middlebox.update(values={item.name: item.closed})
         # The fail policy's answer for every packet while the store is down
         # (None: the middlebox decides); the health probe sets and clears it.
         self.fail_verdict: Verdict | None = None
@@ -234,6 +239,11 @@ class Replica:
         values["state_watch_revision"] = float(max((v.watch_revision for v in views), default=0))
         values["state_watch_reopens"] = float(sum(v.watch_reopens for v in views))
         values["store_watch_resumes"] = float(self.store.watch_resumes)
+        fenced = [v for v in views if isinstance(v, FencedView)]
+        if fenced:
+            values["state_fence_closed"] = float(sum(v.closed for v in fenced))
+            values["state_fence_closings"] = float(sum(v.closings for v in fenced))
+            values["state_fence_acks"] = float(sum(v.acks for v in fenced))
         if self.demand is not None:
             values.update(self.demand.gauges())
         values.update(self.memory.gauges())
@@ -280,6 +290,11 @@ class Replica:
         self.membership = Membership(
             self.store, self.spec.service, self.replica_id, info, ttl=self.spec.lease_ttl
         )
+        for view in self.views.values():
+            if isinstance(view, FencedView):
+                # The lease its probes keep alive and its acks live on (a spare's is
+                # replaced when it is promoted): read through self.membership each time.
+                view.lease_of = self._member_lease
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(view.run()) for view in self.views.values()]
             if self.standby:
@@ -306,6 +321,10 @@ class Replica:
         self.metrics.stop()
         if self.fatal is not None:
             raise self.fatal
+
+    def _member_lease(self) -> int:
+        membership = self.membership
+        return membership.lease if membership is not None and not self.standby else 0
 
     async def _return_memory(self) -> None:
         """Give freed memory back once flows and sources have idled out (vmbox.allocator)."""

@@ -23,7 +23,7 @@ from typing import Any
 from vmbox import sharing
 from vmbox.functions.demandindex import DemandIndex, Report
 from vmbox.group import Group
-from vmbox.middlebox import Middlebox, StateItem, encode_int, parse_positive_int
+from vmbox.middlebox import Middlebox, StateItem, encode_int, parse_limit
 from vmbox.packet import Packet, Verdict
 
 OVERFLOW = "<overflow>"
@@ -32,9 +32,7 @@ OVERFLOW = "<overflow>"
 class RateLimiter(Middlebox):
     """A per-source limit of `limit` packets per `window`, split among the replicas."""
 
-    state = (
-        StateItem(name="limit", config_key="limit", parse=parse_positive_int, encode=encode_int),
-    )
+    state = (StateItem("limit", "limit", parse=parse_limit, encode=encode_int, closed=0),)
     algorithm = ""
 
     def __init__(self, config: Mapping[str, Any], group: Group) -> None:

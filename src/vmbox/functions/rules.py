@@ -33,7 +33,7 @@ from typing import Any
 
 from vmbox.functions.limiter import RateLimiter
 from vmbox.group import Group
-from vmbox.middlebox import Middlebox, StateItem, encode_int, parse_positive_int
+from vmbox.middlebox import Middlebox, StateItem, encode_int, parse_limit
 from vmbox.packet import ICMP, ICMPV6, TCP, UDP, Packet, Verdict
 
 ADDRESS_CACHE = 65536  # distinct addresses whose rule mask is kept
@@ -69,7 +69,7 @@ def state_items(config: Mapping[str, Any]) -> tuple[StateItem, ...]:
 
 
 def _limit_state(name: str, config_key: str) -> StateItem:
-    return StateItem(name=name, config_key=config_key, parse=parse_positive_int, encode=encode_int)
+    return StateItem(name, config_key, parse=parse_limit, encode=encode_int, closed=0)
 
 
 def parse_ports(dport: int | str | None) -> tuple[int, int]:

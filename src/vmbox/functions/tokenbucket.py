@@ -51,6 +51,8 @@ class TokenBucket(RateLimiter):
 
     @property
     def capacity(self) -> int:
+        if self.limit == 0:
+            return 0  # a limit of 0 admits nothing, whatever the burst says
         return self.burst if self.burst is not None else self.limit
 
     def start(self, now: float) -> None:

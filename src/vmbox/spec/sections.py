@@ -48,7 +48,7 @@ def flows_for_memory(limit: int) -> int:
     return max(MIN_FLOWS, min(MAX_FLOWS, fits))
 
 
-Consistency = Literal["local", "poll", "watch", "strong"]
+Consistency = Literal["local", "poll", "watch", "strong", "fenced"]
 
 
 class SpecModel(BaseModel):

@@ -63,6 +63,16 @@ def ack_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/acks/{replica}"
 
 
+def fence_prefix(service: str, item: str) -> str:
+    return f"{ROOT}{service}/fence/{item}/"
+
+
+def fence_key(service: str, item: str, replica: str) -> str:
+    # The newest revision of a `fenced` item this replica applied (ASCII digits), on its
+    # membership lease: what `vmbox set` waits for (vmbox.state.fence).
+    return f"{ROOT}{service}/fence/{item}/{replica}"
+
+
 def demand_prefix(service: str) -> str:
     return f"{ROOT}{service}/demand/"
 

@@ -14,11 +14,14 @@ key also keeps the last value: the controller seeds items, it does not unset the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from vmbox.middlebox import StateItem, StateValueError
+from vmbox.state.fence import Fence, encode_ack, probe_interval
 from vmbox.state.store import KeyValue, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -225,6 +228,149 @@ class StrongView(View):
         return self.value
 
 
+class FencedView(WatchView):
+    """A watch view whose writer waits for it: acks on the member lease, a fence on reads.
+
+    Reads stay local: the middlebox holds the value, as under `watch`. On top,
+    `ack_key` holds the newest revision applied (written on the member lease,
+    newest only: a burst of writes coalesces into fewer acks), and a probe every
+    `probe_interval(ttl)` keeps the lease alive and reads the key; while no such
+    probe succeeded within `fence_deadline(ttl)` the middlebox gets the item's
+    `closed` value (admit nothing), then the current value again once one does.
+    Why a writer that waits for "acked or lease gone" is never wrong:
+    vmbox.state.fence. `lease_of` is set by the replica once it has a
+    membership (0: unregistered, the item stays closed).
+    """
+
+    mode = "fenced"
+
+    def __init__(
+        self,
+        *args: Any,
+        ttl: float,
+        ack_key: str,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, probe_interval=probe_interval(ttl), **kwargs)
+        self.ack_key = ack_key
+        self.clock = clock
+        self.fence = Fence(ttl)
+        self.lease_of: Callable[[], int] = lambda: 0
+        self.acks = 0  # acks written
+        self.ack_errors = 0
+        self.closings = 0  # times the item closed (the fence deadline passed)
+        self._acked: tuple[int, int] = (0, 0)  # (revision, lease) last written
+        self._ack_due = asyncio.Event()
+        self._tick = asyncio.Event()
+        self._deliver = self.on_change
+        self.on_change = self._changed  # values reach the middlebox only while open
+
+    @property
+    def closed(self) -> bool:
+        return not self.fence.open
+
+    @property
+    def enforced(self) -> Any:
+        """What the middlebox has now: the value, or the item's `closed` value."""
+        return self.value if self.fence.open else self.item.closed
+
+    def _changed(self, value: Any) -> None:
+        if self.fence.open and self._deliver is not None:
+            self._deliver(value)
+
+    def apply(self, raw: bytes, revision: int) -> None:
+        super().apply(raw, revision)
+        if self._seen_revision > self._acked[0]:
+            self._ack_due.set()
+
+    async def run(self) -> None:
+        # The middlebox was built with the configured value: closed until the first
+        # probe on a lease succeeds.
+        if self._deliver is not None and not self.fence.open:
+            self._deliver(self.item.closed)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow())
+            group.create_task(self._probe())
+            group.create_task(self._close_on_time())
+            group.create_task(self._write_acks())
+
+    async def _probe(self) -> None:
+        while True:
+            try:
+                # A keep-alive or read that hangs must not hold the next probe back.
+                async with asyncio.timeout(self.fence.deadline):
+                    await self.confirm()
+            except TimeoutError:
+                self._enforce()
+            await asyncio.sleep(self.probe_interval)
+
+    async def confirm(self) -> bool:
+        """One probe: a keep-alive of the member lease, then a read; True if both worked."""
+        lease = self.lease_of()
+        self.fence.lease_changed(lease)
+        started = self.clock()
+        if lease:
+            try:
+                await self._store().refresh_lease(lease)
+            except StoreError as exc:
+                self.mark_stale(exc)
+                self._enforce()
+                return False
+        if not await self.refresh(max(self.probe_interval, 0.2)) or not lease:
+            self._enforce()
+            return False
+        self.fence.confirmed(started, lease)
+        self._enforce()
+        self._ack_due.set()  # a new lease needs the ack on it
+        return True
+
+    def _enforce(self) -> None:
+        """Tell the middlebox when the fence opened or closed; wake the closing timer."""
+        step = self.fence.step(self.clock())
+        if step == "closed":
+            self.closings += 1
+            log.warning("%s closed: not confirmed current for %.2fs", self.key, self.fence.deadline)
+        elif step == "opened" and self.closings:
+            log.info("%s open again (value %r)", self.key, self.value)
+        if step is not None and self._deliver is not None:
+            self._deliver(self.enforced)
+        self._tick.set()
+
+    async def _close_on_time(self) -> None:
+        while True:
+            wait = self.fence.closes_at() - self.clock() if self.fence.open else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if wait is None else max(wait, 0.0)):
+                    await self._tick.wait()
+            self._tick.clear()
+            if self.fence.open and not self.fence.admits(self.clock()):
+                self._enforce()
+
+    async def _write_acks(self) -> None:
+        delay = 0.05
+        while True:
+            await self._ack_due.wait()
+            self._ack_due.clear()
+            lease, revision = self.lease_of(), self._seen_revision
+            if not lease or (revision, lease) == self._acked or revision == 0:
+                continue
+            try:
+                await self._store().put(self.ack_key, encode_ack(revision), lease=lease)
+            except StoreError as exc:
+                self.ack_errors += 1
+                log.debug("%s: cannot ack revision %d: %s", self.key, revision, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                self._ack_due.set()
+                continue
+            delay = 0.05
+            self.acks += 1
+            self._acked = (revision, lease)
+            if self._seen_revision > revision:
+                self._ack_due.set()  # newer revisions came while this one was written
+
+
 def make_view(
     mode: str,
     store: Store,
@@ -234,8 +380,12 @@ def make_view(
     *,
     poll_interval: float = 0.1,
     on_change: Callable[[Any], None] | None = None,
+    ttl: float = 3.0,
+    ack_key: str = "",
 ) -> View:
-    """The view for a spec's consistency mode ('local', 'poll', 'watch', 'strong')."""
+    """The view for a spec's consistency mode ('local', 'poll', 'watch', 'strong', 'fenced').
+
+    `ttl` (the member lease's) and `ack_key` are the fenced view's."""
     if mode == "local":
         return LocalView(store, key, item, initial, on_change=on_change)
     if mode == "poll":
@@ -244,4 +394,10 @@ def make_view(
         return WatchView(store, key, item, initial, on_change=on_change)
     if mode == "strong":
         return StrongView(store, key, item, initial, on_change=on_change)
-    raise ValueError(f"unknown consistency mode {mode!r} (use local, poll, watch or strong)")
+    if mode == "fenced":
+        if item.closed is None or not ack_key:
+            raise ValueError(f"{item.name} cannot be fenced (it has no closed value or ack key)")
+        return FencedView(store, key, item, initial, ttl=ttl, ack_key=ack_key, on_change=on_change)
+    raise ValueError(
+        f"unknown consistency mode {mode!r} (use local, poll, watch, strong or fenced)"
+    )
