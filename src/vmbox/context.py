@@ -5,6 +5,8 @@ One small JSON file per service under the state directory ($VMBOX_STATE_DIR,
 else ~/.local/state/vmbox), like kubectl's current context. With an external
 etcd it also holds the TLS and auth settings (vmbox.state.access.settings):
 file paths, a user name, the name of an environment variable; never a secret.
+The managed etcd's `vmbox` password is the one secret kept here, in its own
+0600 file under secrets/ (a 0700 folder), and the record names that file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,25 @@ def state_dir() -> Path:
     base = os.environ.get("VMBOX_STATE_DIR")
     path = Path(base) if base else Path.home() / ".local" / "state" / "vmbox"
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def password_file() -> Path:
+    """Where this `vmbox up` keeps its managed etcd's password: secrets/etcd-PID.password.
+
+    The folder is made 0700; files that a `vmbox up` no longer running left
+    behind (kill -9) are removed first. The file itself is written by
+    vmbox.etcdserver's `secure` (0600) and removed by the caller when it stops.
+    """
+    folder = state_dir() / "secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    folder.chmod(0o700)
+    for stale in folder.glob("etcd-*.password"):
+        owner = stale.name.removeprefix("etcd-").removesuffix(".password")
+        if owner.isdigit() and not pid_alive(int(owner)):
+            stale.unlink(missing_ok=True)
+    path = folder / f"etcd-{os.getpid()}.password"
+    path.unlink(missing_ok=True)
     return path
 
 

@@ -1,10 +1,12 @@
 """`vmbox up`: run one service on this machine until Ctrl-C.
 
-Called by the CLI. Starts the store when the spec says `store: managed`,
-records its endpoint (and an external store's TLS and auth settings, no
-secret) for `status`/`scale`, checks the listen port, runs the controller with
-the local runtime, and shows a live status. On the way out it stops every
-replica, then the private etcd: nothing is left running.
+Called by the CLI. Starts the store when the spec says `store: managed` (with
+etcd's auth on: a `vmbox` user limited to /vmbox/, its password in a 0600 file
+in the state directory), records its endpoint and its TLS and auth settings
+(file paths and a user name, no secret) for `status`/`scale`, checks the
+listen port, runs the controller with the local runtime, and shows a live
+status. On the way out it stops every replica, then the private etcd, and
+removes the password file: nothing is left running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -31,6 +34,8 @@ from vmbox.state import access
 from vmbox.state.access import StoreSpec
 from vmbox.state.etcd import connect
 from vmbox.state.store import Store, StoreError
+
+MANAGED_USER = "vmbox"  # the managed etcd's one user besides root; its role: /vmbox/ only
 
 
 def check_listen(address: tuple[str, int]) -> None:
@@ -62,12 +67,17 @@ async def open_store(
     the etcd is private to this process.
     """
     server: EtcdServer | None = None
+    secret: Path | None = None
     target = store_access(spec, etcd)
-    if target is None:
-        server = EtcdServer()
-        await asyncio.to_thread(server.start)
-        target = access.from_settings(server.endpoints, {}, "private etcd")
     try:
+        if target is None:  # auth on: only who can read the 0600 password file may write
+            server, secret = EtcdServer(), context.password_file()
+            await asyncio.to_thread(_start_secured, server, secret)
+            target = access.from_settings(
+                server.endpoints,
+                {"username": MANAGED_USER, "password_file": str(secret)},
+                "private etcd",
+            )
         store = await connect(target.endpoints, **access.connect_kwargs(target))
         try:
             yield store, target, server is not None
@@ -76,6 +86,13 @@ async def open_store(
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+        if secret is not None:
+            secret.unlink(missing_ok=True)
+
+
+def _start_secured(server: EtcdServer, password_file: Path) -> None:
+    server.start()
+    server.secure(password_file, MANAGED_USER)
 
 
 async def _live(store: Store, spec: Spec, live: bool) -> None:

@@ -1,7 +1,9 @@
 """A service stood up on loopback, for the demo, experiments, faults, benches and tests.
 
-Free ports; a private etcd (one member or three), a store connected to it and
-the real etcdctl to write to it by hand; an echo server as the protected
+Free ports; a private etcd (one member or three) with auth on, as `vmbox up`'s
+managed one (a `vmbox` user limited to /vmbox/, its password in a 0600 file in
+the etcd's own 0700 directory), a store connected to it and the real etcdctl
+to write to it by hand (both as that user); an echo server as the protected
 upstream; and `running_service`, which turns a spec into a controller, the
 local runtime and its replicas, picking new ports when one was taken between
 its pick and its bind. One readiness rule for all of them (`wait_ready`):
@@ -34,7 +36,8 @@ from vmbox.lab import GATEWAY_CLIENT_IF, LabPlan
 from vmbox.metrics import scrape
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec, parse_spec
-from vmbox.state import keys
+from vmbox.state import access, keys
+from vmbox.state.access import StoreSpec
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.membership import MemberInfo, list_members
 from vmbox.state.store import Store
@@ -116,10 +119,23 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 # -- etcd and the upstream -----------------------------------------------------
 
 
+# The user and password file of each private etcd started here, by its endpoints:
+# what connected(), etcdctl() and the replicas of running_service() log in with.
+_SECURED: dict[tuple[str, ...], StoreSpec] = {}
+
+
+def store_access(endpoints: Sequence[str]) -> StoreSpec | None:
+    """How to log in to `endpoints` when they are a private etcd of the testbed's, else None."""
+    return _SECURED.get(tuple(endpoints))
+
+
 @asynccontextmanager
 async def connected(endpoints: Sequence[str]) -> AsyncIterator[EtcdStore]:
-    """A store connected to `endpoints`, closed afterwards."""
-    store = await connect(list(endpoints), timeout=CONNECT_TIMEOUT)
+    """A store connected to `endpoints` (as the `vmbox` user of a private etcd), closed
+    afterwards."""
+    target = store_access(endpoints)
+    login = access.connect_kwargs(target) if target is not None else {}
+    store = await connect(list(endpoints), timeout=CONNECT_TIMEOUT, **login)
     try:
         yield store
     finally:
@@ -131,11 +147,20 @@ async def private_etcd(members: int = 1) -> AsyncIterator[tuple[EtcdCluster, Etc
     """A private etcd of `members` on loopback and a store connected to all of them;
     both gone afterwards. The cluster is there for faults that stop its members."""
     server = EtcdServer() if members == 1 else EtcdCluster(members)
-    await asyncio.to_thread(server.start)
+    password_file = server.root / "vmbox.password"  # its folder is 0700, removed on stop
+    key = tuple(server.endpoints)
     try:
+        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(server.secure, password_file)
+        _SECURED[key] = access.from_settings(
+            server.endpoints,
+            {"username": "vmbox", "password_file": str(password_file)},
+            "private etcd",
+        )
         async with connected(server.endpoints) as store:
             yield server, store
     finally:
+        _SECURED.pop(key, None)
         await asyncio.to_thread(server.stop)
 
 
@@ -153,6 +178,10 @@ async def etcdctl(endpoints: Iterable[str], *args: str, timeout: float = 10.0) -
     thread: uvloop's own subprocesses fork beside gRPC's threads.
     """
     command = [find_etcdctl(), "--endpoints", ",".join(endpoints), *args]
+    env = {"ETCDCTL_API": "3"}
+    target = store_access(list(endpoints))
+    if target is not None:  # in the environment, which only our own uid can read
+        env["ETCDCTL_USER"] = f"{target.username}:{_password(target)}"
     shown = " ".join(args)[:60]
     try:
         done = await asyncio.to_thread(
@@ -161,7 +190,7 @@ async def etcdctl(endpoints: Iterable[str], *args: str, timeout: float = 10.0) -
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={"ETCDCTL_API": "3"},
+            env=env,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
@@ -170,6 +199,10 @@ async def etcdctl(endpoints: Iterable[str], *args: str, timeout: float = 10.0) -
     if done.returncode != 0:
         raise RuntimeError(f"etcdctl {shown} failed: {out.strip()}")
     return out
+
+
+def _password(target: StoreSpec) -> str:
+    return access.connect_kwargs(target).get("password", "")
 
 
 @asynccontextmanager
@@ -373,6 +406,7 @@ async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> Async
             log_dir,
             adoptable=options.adoptable,
             memory_limit=spec.replicas.memory_limit,
+            access=store_access(store.endpoints),
         )
         controller = Controller(
             spec,

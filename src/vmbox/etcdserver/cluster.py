@@ -5,7 +5,8 @@ Called by the CLI when a spec says `store: managed`, and by the test suite
 loopback ports, keep their data in a temporary directory unless one is given,
 and die with the process that started them (PR_SET_PDEATHSIG). For the tests of
 a secured store, members can serve TLS (`ServerTLS`, clients' certificates
-required) and `enable_auth` turns on etcd's users with etcdctl. One member's
+required) and `enable_auth` turns on etcd's users with etcdctl; `secure` does it
+with a new password kept in a 0600 file, as `store: managed` runs. One member's
 process, its health and its log are vmbox.etcdserver.member.
 """
 
@@ -46,6 +47,16 @@ def remove_orphaned_dirs(base: str | None = None) -> int:
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
     return removed
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write `secret` to a new file only its owner can read (0600 from the start, so it
+    is never readable by anyone else, even for a moment); FileExistsError if one is there."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        stream.write(secret + "\n")
 
 
 class EtcdCluster:
@@ -112,6 +123,16 @@ class EtcdCluster:
         self.etcdctl("user", "add", user, "--interactive=false", stdin=password)
         self.etcdctl("user", "grant-role", user, user)
         self.etcdctl("auth", "enable")  # also gives root the root role
+
+    def secure(self, password_file: Path, user: str = "vmbox", prefix: str = "/vmbox/") -> None:
+        """Auth on for vmbox's own use (`store: managed`, the testbed): `user` gets a new
+        random password, written to `password_file` (created, mode 0600), and a role that
+        may read and write under `prefix` only. Root's password is forgotten once auth
+        is on: nothing vmbox does needs it, and no one can use what is not kept."""
+        password = secrets.token_urlsafe(24)
+        write_secret(password_file, password)
+        self.enable_auth(password, user, prefix)
+        self.root_password = None
 
     def start(self, timeout: float = 15) -> Self:
         """Start every member and wait until all report healthy."""

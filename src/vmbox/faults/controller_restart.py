@@ -40,7 +40,7 @@ from vmbox.spec import Spec
 from vmbox.state import keys
 from vmbox.state.etcd import EtcdStore
 from vmbox.state.membership import list_members
-from vmbox.testbed import NotReady, private_store, upstream_echo, wait_ready
+from vmbox.testbed import NotReady, private_store, store_access, upstream_echo, wait_ready
 from vmbox.tools.echo import EchoServer
 
 SERVICE = "restart"
@@ -247,7 +247,11 @@ async def controller_restart(scale: Scale, say: Say) -> FaultResult:
     async with private_store() as store, upstream_echo(spec.relay.upstream) as echo:
         run = Run(store, workdir, result, spec, echo)
         try:
-            (workdir / "spec.yaml").write_text(run.spec.to_json())
+            # The private etcd's user and password file, as `vmbox up` would be given them.
+            secured = run.spec.model_copy(
+                update={"store": store_access(store.endpoints) or run.spec.store}
+            )
+            (workdir / "spec.yaml").write_text(secured.to_json())
             run.up.start()
             await run.wait_ready(2)
             await run.up.scale(REPLICAS)

@@ -34,10 +34,10 @@ from vmbox.faults.sampler import ReplicaSampler, finish
 from vmbox.faults.service import LIMIT, fault_spec, steady_load
 from vmbox.faults.snapshot import read_state
 from vmbox.faults.traffic import over_limit, received_between
-from vmbox.state import keys
+from vmbox.state import access, keys
 from vmbox.state.etcd import EtcdStore, connect
 from vmbox.state.membership import list_members
-from vmbox.testbed import Service, private_etcd, running_service
+from vmbox.testbed import Service, private_etcd, running_service, store_access
 
 SOURCES = 2  # load sources at 1.5x the limit
 HOLD = 2.0  # seconds the cluster runs a member short before it comes back
@@ -183,7 +183,9 @@ class _Run:
 async def etcd_members(scale: Scale, say: Say) -> FaultResult:
     result = FaultResult("etcd member loss", survived=True)
     async with private_etcd(3) as (cluster, store):
-        writer = await connect(cluster.endpoints, timeout=10)  # a client of its own
+        secured = store_access(cluster.endpoints)  # its `vmbox` user, as every client's
+        login = access.connect_kwargs(secured) if secured is not None else {}
+        writer = await connect(cluster.endpoints, timeout=10, **login)  # a client of its own
         try:
             make_spec = lambda: fault_spec("etcdloss", 2)  # noqa: E731
             async with running_service(store, make_spec) as service:
