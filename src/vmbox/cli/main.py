@@ -1,4 +1,4 @@
-"""The `vmbox` command: up, status, scale, demo, experiment, echo, load (and the hidden replica).
+"""The `vmbox` command: up, status, scale, set, demo, experiment, echo, load (and a hidden replica).
 
 Behaves like the tools operators know: --help that explains, one clear line
 and a non-zero exit for every error the user can cause (bad spec, unreachable
@@ -37,6 +37,7 @@ def main(verbose: int) -> None:
     Try it:   vmbox demo
     Run one:  vmbox up examples/ratelimit.yaml
     Inspect:  vmbox status        Resize: vmbox scale web 3
+    Change:   vmbox set web limit 50
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="vmbox: %(levelname)s %(name)s: %(message)s")
@@ -109,6 +110,50 @@ def scale(service: str, replicas: int, etcd: str | None, settings: dict[str, str
 
     name, target = _target(service, etcd, settings)
     run(lambda: set_desired(name, target, replicas))
+
+
+@main.command(name="set")
+@click.argument("service")
+@click.argument("item")
+@click.argument("value")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for the fence (default: the lease TTL + 3 s).",
+)
+@click.option("--etcd", help=ETCD_HELP)
+@access_options
+def set_(
+    service: str,
+    item: str,
+    value: str,
+    timeout: float | None,
+    etcd: str | None,
+    settings: dict[str, str | None],
+) -> None:
+    """Set a shared state item of SERVICE live: `vmbox set web limit 50`.
+
+    \b
+    ITEM is a shared item (`limit`, `rules.NAME.limit`) or a rule's NAME
+    (its limit). VALUE is checked as the replicas check it (a limit is an
+    integer from 0, which admits nothing, to 10^9).
+
+    Under `consistency: fenced` the command returns only when every live
+    replica has acknowledged the new value, or has lost its lease (a replica
+    cut off from etcd stops admitting under the item within half the lease
+    TTL, before its lease can expire); it prints how long that took and which
+    replicas acked or were fenced out, and exits 1 if that takes longer than
+    --timeout. Under other modes the value is written and the replicas pick it
+    up by themselves (not fenced). A value written with etcdctl is picked up
+    too, but nobody waits for it.
+    """
+    from vmbox.cli.setitem import SetError, set_item
+
+    name, target = _target(service, etcd, settings)
+    try:
+        run(lambda: set_item(name, target, item, value, timeout))
+    except SetError as exc:
+        fail(str(exc), exc.code)
 
 
 def _target(
