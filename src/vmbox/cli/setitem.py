@@ -83,7 +83,8 @@ async def set_item(
             revision = await store.put(keys.state_key(service, item.name), raw)
             print(
                 f"{service}: {item.name} = {raw.decode()} at revision {revision}; not fenced "
-                f"(consistency: {spec.middlebox.consistency}): replicas apply it when they see it"
+                f"(consistency: {spec.middlebox.consistency}): replicas apply it when they see it",
+                flush=True,  # a script reading the pipe learns it is written now
             )
             return
         wait = spec.lease_ttl + TIMEOUT_SLACK if timeout is None else timeout
@@ -94,6 +95,6 @@ async def set_item(
                 f"{service}: {item.name} = {raw.decode()} written at revision {result.revision} "
                 f"but not fenced within {wait:g}s: {late} neither acked nor lost its lease"
             )
-        print(result_line(service, item.name, raw, result))
+        print(result_line(service, item.name, raw, result), flush=True)
     finally:
         await store.close()
