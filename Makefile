@@ -76,7 +76,7 @@ IMAGE ?= localhost/vmbox:0.1.0
 image:
 	@command -v podman >/dev/null 2>&1 || { echo "podman not found: not building $(IMAGE)"; exit 0; }; \
 	podman build $(if $(BASE),--build-arg BASE=$(BASE)) $(IMAGE_ARGS) -f Containerfile -t $(IMAGE) . && \
-	podman run --rm --read-only $(IMAGE) --help
+	podman run --rm --read-only --network none $(IMAGE) --help
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
