@@ -371,6 +371,26 @@ def test_an_unreachable_store_is_one_line_and_nothing_is_applied(
     assert lines == ["middlebox default/web: etcd at vmbox-etcd:2379: connection refused"]
 
 
+def test_a_second_middlebox_of_one_name_in_one_store_is_refused_not_merged(aio: Aio) -> None:
+    # Both would run service "web" in the managed etcd: one spec, one limit, one membership.
+    cluster, clock = Cluster(), Clock()
+    first, second = middlebox(), middlebox()
+    first["metadata"]["creationTimestamp"] = "2026-12-01T10:00:00Z"
+    second["metadata"] |= {"namespace": "team-b", "creationTimestamp": "2026-12-02T10:00:00Z"}
+    cluster.add(second)  # listed first: the older one keeps the name all the same
+    cluster.add(first)
+    op = make(cluster, "a", clock)
+    aio.run(op.renew())
+    aio.run(op.reconcile_all())
+    team_b = {key[1] for key in cluster.objects if key[2] == "team-b"}
+    assert team_b == {"Middlebox"}  # nothing applied for the younger one
+    assert {key[1] for key in cluster.objects if key[2] == NS} >= {"Deployment", "Service"}
+    status = cluster.objects[(MB_API, "Middlebox", "team-b", "web")]["status"]
+    rejected = next(c for c in status["conditions"] if c["type"] == "SpecRejected")
+    assert rejected["status"] == "True"
+    assert "taken by middlebox default/web in the same store" in rejected["message"]
+
+
 def test_a_deleted_service_is_applied_again(aio: Aio) -> None:
     cluster, clock = Cluster(), Clock()
     cluster.add(middlebox())

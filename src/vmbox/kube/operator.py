@@ -60,7 +60,7 @@ from vmbox.control.monitor import TRAFFIC, Sample
 from vmbox.control.publish import publish_changed
 from vmbox.kube import pods as _pods
 from vmbox.kube.manifests import API_VERSION, METRICS_PORT, MIDDLEBOX_LABEL, SYSTEM_NAMESPACE
-from vmbox.kube.reconcile import OWNED_KINDS, Memory, Result, reconcile
+from vmbox.kube.reconcile import OWNED_KINDS, Memory, Result, name_clashes, reconcile
 from vmbox.metrics import scrape
 from vmbox.runtime.kubernetes import KubeError, PodUsage
 from vmbox.runtime.kubernetes.client import quantity
@@ -292,12 +292,13 @@ class Operator:
             return self.resync
         delay = self.resync
         seen = set()
+        clashes = name_clashes([mb for mb in found if (mb.get("metadata") or {}).get("name")])
         for mb in found:
             meta = mb.get("metadata") or {}
             key = (str(meta.get("namespace", "default")), str(meta.get("name", "")))
             seen.add(key)
             try:
-                result = await self.reconcile_one(mb)
+                result = await self.reconcile_one(mb, refused=clashes.get(key))
             except NotLeading as exc:
                 log.warning("operator: %s", exc)
                 return self.resync
@@ -309,7 +310,7 @@ class Operator:
         self.memory = {k: m for k, m in self.memory.items() if k in seen}
         return delay
 
-    async def reconcile_one(self, mb: Obj) -> Result:
+    async def reconcile_one(self, mb: Obj, refused: str | None = None) -> Result:
         """Read what is, reconcile, and carry the Result out (reconcile's order)."""
         meta = mb["metadata"]
         ns, name = str(meta.get("namespace", "default")), str(meta["name"])
@@ -328,6 +329,7 @@ class Operator:
             memory=self.memory.get((ns, name), Memory()),
             now=self.wall(),
             image=self.image,
+            refused=refused,
         )
         await self.carry_out(mb, result)
         self.memory[(ns, name)] = result.memory

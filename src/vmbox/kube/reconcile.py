@@ -169,9 +169,12 @@ def reconcile(
     memory: Memory,
     now: float,
     image: str,
+    refused: str | None = None,
 ) -> Result:
     """One pass for Middlebox `mb`; `objects` maps each of OWNED_KINDS to what was
-    observed, `samples` a pod's name to its latest sample, `image` is the replicas'."""
+    observed, `samples` a pod's name to its latest sample, `image` is the replicas'.
+    `refused` is a reason found across Middleboxes (`name_clashes`): it is treated
+    as a spec the models refuse."""
     name = mb["metadata"]["name"]
     live = [p for p in pods if _mine(p, name) and _pods.live(p)]
     seen = _pods.crashes(live, memory.restarts, memory.crashed_at, now)
@@ -180,6 +183,8 @@ def reconcile(
         spec = spec_of(mb)
     except SpecError as exc:
         return _rejected(mb, str(exc), memory, now)
+    if refused is not None:
+        return _rejected(mb, refused, memory, now)
     decision, memory = _autoscale(spec, live, seen.crashing, samples, memory, now)
     target = decision.desired if decision is not None else spec.replicas.count
     load = _pods.removal_order(live, seen.crashing, _load(spec, samples))
@@ -231,6 +236,43 @@ def _load(spec: Spec, samples: Mapping[str, Sample]) -> dict[str, float]:
 def _warnings(mb: Obj, new: Obj) -> tuple[Event, ...]:
     found = status.warnings(mb.get("status") or {}, new)
     return tuple(Event("Warning", reason, message) for reason, message in found)
+
+
+def name_clashes(middleboxes: Sequence[Obj]) -> dict[tuple[str, str], str]:
+    """The Middleboxes that would share another's keys in etcd, each with its reason.
+
+    A Middlebox's name is its service name in the store (keys.spec_key and the
+    rest under /vmbox/<name>/), so two of one name in two namespaces whose
+    pods use the same store would share one spec, one membership and one
+    limit. The oldest (creationTimestamp, then namespace) keeps the name; every
+    other is refused, by (namespace, name). A spec the models refuse takes no
+    name (it is refused for its own reason).
+    """
+    holders: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
+    refused: dict[tuple[str, str], str] = {}
+    ranked = sorted(
+        middleboxes,
+        key=lambda mb: (
+            str(mb["metadata"].get("creationTimestamp") or ""),
+            str(mb["metadata"].get("namespace", "default")),
+        ),
+    )
+    for mb in ranked:
+        meta = mb["metadata"]
+        ns, name = str(meta.get("namespace", "default")), str(meta["name"])
+        try:
+            store = pod_spec(spec_of(mb)).store
+        except SpecError:
+            continue
+        where = tuple(getattr(store, "endpoints", ()) or (str(store),))
+        holder = holders.setdefault((name, where), (ns, name))
+        if holder != (ns, name):
+            refused[(ns, name)] = (
+                f"middlebox {ns}/{name}: name: {name} is taken by middlebox "
+                f"{holder[0]}/{name} in the same store (the name keys its state there): "
+                "rename one, or give it another store"
+            )
+    return refused
 
 
 def _rejected(mb: Obj, reason: str, memory: Memory, now: float) -> Result:
