@@ -191,3 +191,39 @@ def test_watch_limit_zero_is_not_fenced_and_some_slip_through(
 ) -> None:
     results = measure(etcd, tmp_path, "watch", replicas, runs=3)
     assert all(r.fence_ms is None for r in results)  # said to be unfenced, not waited for
+
+
+def test_the_set_command_on_a_stored_spec(etcd: EtcdServer, store: Any, aio: Any) -> None:
+    """Bad values and items are one line (exit 2); watch is written and said unfenced; a
+    member that neither acks nor loses its lease times a fenced write out (exit 1)."""
+
+    def vmbox_set(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmbox", "set", *args, "--etcd", etcd.endpoint],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    for consistency in ("watch", "fenced"):
+        spec = fenced_spec(f"setcli-{consistency}", 1, consistency)
+        aio.run(store.put(keys.spec_key(spec.service), spec.to_json().encode()))
+    bad = vmbox_set("setcli-fenced", "limit", "abc")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("error: limit: not an integer"), bad.stderr
+    nope = vmbox_set("setcli-fenced", "nope", "5")
+    assert nope.returncode == 2 and "no shared item or rule limit 'nope'" in nope.stderr
+
+    unfenced = vmbox_set("setcli-watch", "limit", "+40")
+    assert unfenced.returncode == 0, unfenced.stderr
+    assert "limit = 40" in unfenced.stdout and "not fenced (consistency: watch)" in unfenced.stdout
+    kv = aio.run(store.get(keys.state_key("setcli-watch", "limit")))
+    assert kv is not None and kv.value == b"40"
+
+    alone = vmbox_set("setcli-fenced", "limit", "7")  # no replica: nothing to wait for
+    assert alone.returncode == 0 and "acked: none; fenced out: none" in alone.stdout
+    aio.run(store.put(keys.member_key("setcli-fenced", "mute"), b"{}"))  # never acks
+    late = vmbox_set("setcli-fenced", "limit", "8", "--timeout", "0.3")
+    assert late.returncode == 1 and late.stderr.count("\n") == 1, late.stderr
+    assert "not fenced within 0.3s: mute neither acked nor lost its lease" in late.stderr
