@@ -111,3 +111,17 @@ def test_items_by_name_or_by_rule_and_values_checked_as_replicas_do() -> None:
     for bad in ("abc", "-1", "1.5", str(10**10)):
         with pytest.raises(SetError, match=f"^rules.{names[0]}.limit: "):
             parse_value(item, bad)
+
+
+def test_a_fenced_spec_cannot_fail_open() -> None:
+    from vmbox.spec import SpecError, parse_spec
+
+    base = {
+        "service": "web",
+        "listen": "127.0.0.1:9000",
+        "upstream": "127.0.0.1:9100",
+        "middlebox": {"limit": 5, "consistency": "fenced"},
+    }
+    assert parse_spec(base | {"fail": "closed"}, "t").middlebox.consistency == "fenced"
+    with pytest.raises(SpecError, match="fail: open would pass what a fenced item must hold"):
+        parse_spec(base | {"fail": "open"}, "t")

@@ -128,6 +128,17 @@ class Spec(SpecModel):
         return Relay(self.listen, self.upstream)
 
     @model_validator(mode="after")
+    def _fenced_fails_closed(self) -> Spec:
+        # `fail: open` passes every packet once etcd is away: a fenced item must admit
+        # nothing then (vmbox.state.fence), or `vmbox set`'s promise would not hold.
+        if self.middlebox.consistency == "fenced" and self.fail == "open":
+            raise ValueError(
+                "fail: open would pass what a fenced item must hold while etcd is away; "
+                "use fail: static or closed with consistency: fenced"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _memory_needs_limit(self) -> Spec:
         if self.autoscale and self.autoscale.metric == "memory" and not self.replicas.memory_limit:
             raise ValueError("autoscale on memory needs replicas.memory_limit")
