@@ -227,3 +227,34 @@ def test_the_set_command_on_a_stored_spec(etcd: EtcdServer, store: Any, aio: Any
     late = vmbox_set("setcli-fenced", "limit", "8", "--timeout", "0.3")
     assert late.returncode == 1 and late.stderr.count("\n") == 1, late.stderr
     assert "not fenced within 0.3s: mute neither acked nor lost its lease" in late.stderr
+
+
+def test_a_burst_of_writes_costs_a_watch_event_each_and_at_most_an_ack_each(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    burst = 50
+
+    async def scenario() -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        spec = fenced_spec("fence-burst", 2, "fenced")
+        async with running_service(etcd.endpoints, spec, tmp_path) as svc:
+            await asyncio.sleep(0.5)  # the start-up acks are in
+            before = await svc.gauges()
+            key = keys.state_key(spec.service, "limit")
+            for value in range(1, burst):
+                await svc.store.put(key, str(OPEN - value).encode())
+            last = await write_fenced(svc.store, spec.service, "limit", str(OPEN).encode(), 10)
+            assert last.done and len(last.acked) == 2, last
+            await asyncio.sleep(0.2)  # let the gauges catch the last ack
+            return before, await svc.gauges()
+
+    before, after = asyncio.run(scenario())
+    assert set(before) == set(after) and len(after) == 2
+    for replica in after:
+
+        def grew(name: str, r: str = replica) -> int:
+            return int(after[r][f"vmbox_{name}"] - before[r][f"vmbox_{name}"])
+
+        events, acks = grew("state_watch_events"), grew("state_fence_acks")
+        print(f"{replica}: {burst} writes, {events} watch events, {acks} acks")
+        assert events == burst
+        assert 1 <= acks <= events

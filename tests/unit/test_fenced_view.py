@@ -97,7 +97,8 @@ def test_a_burst_of_writes_is_one_watch_event_each_and_fewer_acks() -> None:
                 await asyncio.sleep(0.005)
             assert await acked() == last and view.value == 50
             assert view.watch_events == 50
-            assert 1 < view.acks <= 51  # at most one per write; newest only
+            print(f"50 writes: {view.watch_events} watch events, {view.acks} acks")
+            assert 1 < view.acks <= view.watch_events + 1  # at most one per write; newest only
 
     asyncio.run(main())
 
