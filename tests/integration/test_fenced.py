@@ -258,3 +258,67 @@ def test_a_burst_of_writes_costs_a_watch_event_each_and_at_most_an_ack_each(
         print(f"{replica}: {burst} writes, {events} watch events, {acks} acks")
         assert events == burst
         assert 1 <= acks <= events
+
+
+def test_a_replica_cut_off_from_the_store_longer_than_its_fence_admits_nothing(
+    tmp_path: Path,
+) -> None:
+    """A real replica (its relay on loopback) on the memory store, whose outage switch cuts
+    it off: past the fence (TTL/2) nothing passes under the fenced limit; once the store
+    is back it passes again, under the value written meanwhile."""
+    from vmbox.replica import Replica
+    from vmbox.state.memory import MemoryStore
+    from vmbox.state.views import FencedView
+    from vmbox.testbed import upstream_echo
+
+    async def scenario() -> tuple[float, int, int, int]:
+        store = MemoryStore()
+        spec = fenced_spec("fence-cut", 1, "fenced")
+        await store.put(keys.state_key(spec.service, "limit"), str(OPEN).encode())
+        async with upstream_echo(spec.relay.upstream) as echo:
+            replica = Replica(spec, "fence-cut-1", store)
+            view = replica.views["limit"]
+            assert isinstance(view, FencedView)
+            task = asyncio.create_task(replica.run())
+            stop = threading.Event()
+            sender = asyncio.create_task(asyncio.to_thread(_send, spec.relay.listen, stop, 15))
+            try:
+                deadline = time.monotonic() + 5
+                while echo.total == 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)  # registered, guard down, first window over
+                assert echo.total > 0 and not view.closed
+                store.available = False
+                cut = time.monotonic()
+                while not view.closed and time.monotonic() - cut < 2:
+                    await asyncio.sleep(0.001)
+                closed_after = time.monotonic() - cut
+                await asyncio.sleep(FLIGHT)
+                at_close = echo.total
+                await asyncio.sleep(0.4)  # still cut off, still under the lease's TTL
+                during = echo.total - at_close
+                store.available = True
+                await store.put(keys.state_key(spec.service, "limit"), str(OPEN - 1).encode())
+                while view.closed and time.monotonic() - cut < 5:
+                    await asyncio.sleep(0.005)
+                healed = echo.total
+                await asyncio.sleep(0.2)
+                return (
+                    closed_after,
+                    during,
+                    echo.total - healed,
+                    int(replica.middlebox.values["limit"]),
+                )
+            finally:
+                stop.set()
+                await sender
+                replica.stop()
+                await task
+
+    closed_after, during, after_heal, limit = asyncio.run(scenario())
+    print(
+        f"cut off: closed after {closed_after * 1000:.0f} ms, {during} passed while closed,"
+        f" {after_heal} in 0.2 s once healed"
+    )
+    assert closed_after < 1.0 + 0.3  # the fence (TTL 2 s / 2) plus a probe and the timer
+    assert during == 0
+    assert after_heal > 0 and limit == OPEN - 1
