@@ -56,8 +56,9 @@ from memory import why_not as why_not_memory
 from vmbox import allocator
 from vmbox.spec import parse_spec
 from vmbox.state import keys
+from vmbox.state.access import replica_flags
 from vmbox.state.etcd import EtcdStore
-from vmbox.testbed import free_udp_port, private_store, wait_ready
+from vmbox.testbed import free_udp_port, private_store, store_access, wait_ready
 from vmbox.tools.load import LoadPlan, run_load
 
 HERE = Path(__file__).parent
@@ -145,6 +146,7 @@ async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Fig
             "r1",
             "--etcd",
             ",".join(store.endpoints),
+            *replica_flags(store_access(store.endpoints)),  # the private etcd's user and file
         ]
     )
 
