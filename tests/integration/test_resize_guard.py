@@ -35,13 +35,19 @@ from vmbox.tools.load import LoadPlan, run_load
 
 LIMIT, SECONDS = 100, 5
 ALLOWED = 0.05 * LIMIT * SECONDS  # 25 packets over the 5 s
+# The test's own watch reports a membership change a few ms after the replicas see
+# it. A drained replica leaves just before a window boundary (vmbox.dataplane.drain),
+# so the survivors' guard can come down at that boundary before the test hears of
+# the change: a lift this much before the reported change still follows it.
+WATCH_LAG = 0.1
 
 
 @dataclass
 class Outcome:
     over: int
     per_second: list[int]
-    changes: list[float]  # wall times the membership changed
+    changes: list[float]  # wall times the membership changed (as the test's watch saw it)
+    scaled_at: float  # wall time just before the scale command: every change is after it
     before: dict[str, dict[str, float]]  # each replica's gauges just before the resize
     gauges: dict[str, dict[str, float]]  # the survivors', after the window
 
@@ -50,7 +56,7 @@ class Outcome:
         return {
             rid: g["vmbox_resize_guard_lifts"]
             > self.before.get(rid, {}).get("vmbox_resize_guard_lifts", 0.0)
-            and g["vmbox_resize_guard_lifted_at"] > self.changes[0]
+            and g["vmbox_resize_guard_lifted_at"] > max(self.scaled_at, self.changes[0] - WATCH_LAG)
             for rid, g in self.gauges.items()
         }
 
@@ -74,6 +80,7 @@ async def resize(svc: Service, target: int) -> Outcome:
         await asyncio.sleep(math.floor(time.time()) + 1.95 - time.time())
         before = await svc.gauges()
         mark = len(changes)
+        scaled_at = time.time()
         await svc.scale(target)
         await svc.wait_ready(target)
         window = math.floor(changes[mark]) - 1
@@ -85,7 +92,7 @@ async def resize(svc: Service, target: int) -> Outcome:
     counts = dict(svc.echo.history)
     per_second = [counts.get(s, 0) for s in range(window, window + SECONDS)]
     over = sum(max(0, c - LIMIT) for c in per_second)
-    return Outcome(over, per_second, changes[mark:], before, gauges)
+    return Outcome(over, per_second, changes[mark:], scaled_at, before, gauges)
 
 
 def run_case(
@@ -126,4 +133,4 @@ def test_over_admission_around_a_resize_stays_under_5_percent(
     # Down at the first window boundary after every member acknowledged; settle is
     # measured from a lift that followed the changes (engaged above), so it cannot
     # pass by a lift that never happened.
-    assert 0 < settle <= 1.5 and 0 < up <= 1.5 + on.changes[-1] - on.changes[0]
+    assert -WATCH_LAG < settle <= 1.5 and 0 < up <= 1.5 + on.changes[-1] - on.changes[0]
