@@ -69,7 +69,8 @@ class Middlebox(ABC):
         """Decide one packet. Synchronous, no I/O; `now` is seconds since the epoch."""
 
     def start(self, now: float) -> None:  # noqa: B027 - optional hook
-        """Called once, with the time, when the replica begins to serve traffic."""
+        """Called with the time when the replica begins to serve traffic, and again when
+        it registers anew after losing its lease (its siblings may have taken its share)."""
 
     def idle(self, now: float) -> None:  # noqa: B027 - optional hook
         """Drop per-source state that time alone has made stale, so its memory can go back.

@@ -288,7 +288,12 @@ class Replica:
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
         info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
         self.membership = Membership(
-            self.store, self.spec.service, self.replica_id, info, ttl=self.spec.lease_ttl
+            self.store,
+            self.spec.service,
+            self.replica_id,
+            info,
+            ttl=self.spec.lease_ttl,
+            on_registered_again=self._registered_again,
         )
         for view in self.views.values():
             if isinstance(view, FencedView):
@@ -321,6 +326,16 @@ class Replica:
         self.metrics.stop()
         if self.fatal is not None:
             raise self.fatal
+
+    def _registered_again(self, lease: int) -> None:
+        # The lease was lost (a partition longer than the TTL): the others may have
+        # taken this replica's share meanwhile. Start again as a fresh replica does:
+        # nothing in the current window (start), nothing until the group has acked
+        # it anew (the guard). Before the new lease is used: a fenced item opens
+        # only after a probe on it.
+        self.middlebox.start(time.time())
+        self.middlebox.update()
+        self.epoch.rejoined()
 
     def _member_lease(self) -> int:
         membership = self.membership
@@ -367,6 +382,7 @@ class Replica:
             membership.info | promoted,
             ttl=self.spec.lease_ttl,
             lease=spare.release(),
+            on_registered_again=self._registered_again,
         )
         self.standby = False
         self.middlebox.start(time.time())

@@ -204,6 +204,25 @@ def test_leaving_takes_nothing_for_good() -> None:
     assert share(a) == 0
 
 
+def test_a_replica_registered_again_takes_nothing_until_the_group_acks_it_anew() -> None:
+    # Partitioned past its lease: b saw it go and took the whole limit; its own
+    # watch never saw the gap, so its view is still {a, b} when it comes back.
+    a = settled("a", {"a", "b"})
+    assert share(a) == 50
+    a.rejoined(40.3)
+    assert a.guarded and share(a) == 0 and a.view_window == 41
+    a.tick(45.0)  # the acks it saw before the lease was lost do not count
+    assert share(a) == 0
+    a.see_acks({"a": {"a", "b"}, "b": {"b"}}, 45.1)  # b has not seen the new key yet
+    a.tick(47.0)
+    assert share(a) == 0
+    a.see_acks({"a": {"a", "b"}, "b": {"a", "b"}}, 47.2)
+    a.tick(47.9)
+    assert share(a) == 0
+    a.tick(48.0)
+    assert not a.guarded and share(a) == 50
+
+
 def test_turned_off_it_follows_the_view() -> None:
     a = ResizeGuard("a", 1.0, enabled=False)
     assert a.group == Group(members=(), me="a")

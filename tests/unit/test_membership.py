@@ -119,15 +119,20 @@ def test_a_member_whose_lease_was_revoked_registers_again() -> None:
     store = MemoryStore(clock=FakeClock())
 
     async def main() -> None:
-        member = Membership(store, "t", "r1", {"pid": 1}, ttl=1)  # refreshed every 1/3 s
+        again: list[int] = []  # the replica's resize guard starts over on these
+        member = Membership(
+            store, "t", "r1", {"pid": 1}, ttl=1, on_registered_again=again.append
+        )  # refreshed every 1/3 s
         async with running(member):
             first = member.lease
+            assert again == []  # the first registration is no "again"
             await store.revoke_lease(first)  # what the controller does to a stuck replica
             assert await list_members(store, "t") == {}
             await until(lambda: member.registrations == 2, 1)
             members = await list_members(store, "t")
             assert members["r1"].lease == member.lease != first
             assert members["r1"].info == {"pid": 1}
+            assert again == [member.lease]
 
     asyncio.run(main())
 

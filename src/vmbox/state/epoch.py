@@ -209,6 +209,24 @@ class ResizeGuard:
         """Take nothing from now on: this replica is about to leave the group."""
         self._left = True
 
+    def rejoined(self, now: float) -> None:
+        """My member key is back on a new lease, after the old one was lost.
+
+        While it was gone the others may have seen me leave and taken my share,
+        and I may not have seen any of it (a partition stalls my watches; their
+        re-list finds the set as it was). So start again as a fresh replica: the
+        empty set first (I take nothing), then my view, which settles once every
+        member acks it again (acks seen before now do not count) and a boundary
+        passes, or the windows the new acks declare have begun.
+        """
+        if not self.enabled:
+            return
+        self._sets = [frozenset(), self.view]
+        self._acked_at = [None, None]
+        self.view_window = self._window_of(now) + 1  # what my next ack declares
+        self.acks, self.ack_windows = {}, {}
+        self.since = now
+
     def _window_of(self, when: float) -> int:
         return math.floor(when / self.window)
 

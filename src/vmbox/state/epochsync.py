@@ -114,6 +114,13 @@ class EpochSync:
         self.guard.leaving()
         self._apply()
 
+    def rejoined(self) -> None:
+        """Registered again on a new lease: take nothing until the group settles again
+        (ResizeGuard.rejoined); the ack goes out on the new lease at once."""
+        self.guard.rejoined(self.clock())
+        self._apply()
+        self._dirty.set()
+
     async def _write_acks(self, lease_of: Callable[[], int]) -> None:
         delay = 0.1
         while True:

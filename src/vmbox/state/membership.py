@@ -118,6 +118,7 @@ class Membership:
         *,
         key: str | None = None,
         lease: int = 0,
+        on_registered_again: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.service = service
@@ -128,6 +129,9 @@ class Membership:
         self.key = key or keys.member_key(service, replica_id)
         self.lease = 0
         self._given = lease  # a live lease to register on first (a promoted spare's own)
+        # Called with the new lease when the key is put again after the lease was
+        # lost, before anything else can see that lease (the replica's resize guard).
+        self.on_registered_again = on_registered_again
         self.registered = asyncio.Event()  # set at the first registration, stays set
         self.registrations = 0
         self.last_error: str | None = None
@@ -176,6 +180,8 @@ class Membership:
                 raise
             self.lease = lease
             self.registrations += 1
+            if self.registrations > 1 and self.on_registered_again is not None:
+                self.on_registered_again(lease)
             if self.last_error is not None:
                 log.info("replica %s registered again", self.replica_id)
             self.last_error = None
