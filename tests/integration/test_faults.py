@@ -117,3 +117,24 @@ def test_a_killed_in_path_replica_follows_the_fail_policy(
     assert figures["gap_open"] <= OPEN_GAP_BOUND
     assert figures["gap_open"] < figures["gap_closed"] < CLOSED_GAP_BOUND
     assert figures["after_open"] > 0 and figures["after_closed"] > 0  # the same stream went on
+
+
+def test_a_partitioned_replica_is_fenced_out_then_comes_back(
+    results: dict[str, FaultResult],
+) -> None:
+    from vmbox.faults.partition import NEW_LIMIT
+
+    rows = {policy: results[f"partition ({policy})"].figures for policy in ("static", "closed")}
+    for figures in rows.values():
+        # The fenced write returned only once the cut replica's limit was closed, and
+        # not one packet passed it under the superseded limit from then to the heal.
+        assert figures["fence_closed_at_return"] >= 1
+        assert figures["cut_passed_after_write"] == 0
+        assert figures["strict_over"] == 0
+    opened = results["partition (open)"].figures
+    assert opened["cut_passed_after_write"] > 0  # fail: open passes what reaches it
+    assert opened["others_over"] == opened["strict_over"] == 0
+    for figures in [*rows.values(), opened]:
+        assert figures["cut_policy_active"] == 1.0  # the cut outlasted store_timeout
+        assert figures["cut_passed_after_heal"] > 0  # registered again and admitting
+        assert figures["cut_limit_after"] == NEW_LIMIT

@@ -128,6 +128,31 @@ FAULTS: Registry[FaultFunction] = Registry(
             small_budget=90,
         ),
         Entry(
+            name="partition (static)",
+            module="vmbox.faults.partition",
+            function="partition_static",
+            summary="One replica cut off from etcd by a blackholed proxy under load, a fenced "
+            "limit written meanwhile, then healed; consistency fenced, fail: static.",
+            budget=90,
+            small_budget=45,
+        ),
+        Entry(
+            name="partition (closed)",
+            module="vmbox.faults.partition",
+            function="partition_closed",
+            summary="The same with fail: closed (fenced).",
+            budget=90,
+            small_budget=45,
+        ),
+        Entry(
+            name="partition (open)",
+            module="vmbox.faults.partition",
+            function="partition_open",
+            summary="The same with fail: open, under watch (a fenced spec refuses open).",
+            budget=90,
+            small_budget=45,
+        ),
+        Entry(
             name="in-path kill",
             module="vmbox.faults.inpath_kill",
             function="inpath_kill",
