@@ -77,6 +77,12 @@ RUN_AS = 10001  # the image's user (Containerfile)
 COMMON_LABELS = {"app.kubernetes.io/name": "vmbox", "app.kubernetes.io/managed-by": FIELD_MANAGER}
 
 
+def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of an object as the API returns it; no namespace is `default`."""
+    meta = obj["metadata"]
+    return str(meta.get("namespace", "default")), str(meta["name"])
+
+
 def spec_of(mb: Mapping[str, Any]) -> Spec:
     """The Middlebox's spec, validated as `vmbox up` validates a YAML spec; SpecError in one line.
 

@@ -59,7 +59,13 @@ from typing import Any, Protocol
 from vmbox.control.monitor import TRAFFIC, Sample
 from vmbox.control.publish import publish_changed
 from vmbox.kube import pods as _pods
-from vmbox.kube.manifests import API_VERSION, METRICS_PORT, MIDDLEBOX_LABEL, SYSTEM_NAMESPACE
+from vmbox.kube.manifests import (
+    API_VERSION,
+    METRICS_PORT,
+    MIDDLEBOX_LABEL,
+    SYSTEM_NAMESPACE,
+    object_key,
+)
 from vmbox.kube.reconcile import OWNED_KINDS, Memory, Result, name_clashes, reconcile
 from vmbox.metrics import scrape
 from vmbox.runtime.kubernetes import KubeError, PodUsage
@@ -312,8 +318,7 @@ class Operator:
 
     async def reconcile_one(self, mb: Obj, refused: str | None = None) -> Result:
         """Read what is, reconcile, and carry the Result out (reconcile's order)."""
-        meta = mb["metadata"]
-        ns, name = str(meta.get("namespace", "default")), str(meta["name"])
+        ns, name = object_key(mb)
         objects = {
             kind: await self.client.get_object(OWNED_API[kind], kind, ns, name)
             for kind in OWNED_KINDS
@@ -336,8 +341,7 @@ class Operator:
         return result
 
     async def carry_out(self, mb: Obj, result: Result) -> None:
-        meta = mb["metadata"]
-        ns, name = str(meta.get("namespace", "default")), str(meta["name"])
+        ns, name = object_key(mb)
         for patch in result.patches:
             self._check()
             await self.client.merge_patch(

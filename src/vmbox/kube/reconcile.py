@@ -92,6 +92,7 @@ from vmbox.kube.manifests import (
     DELETION_COST,
     KIND,
     MIDDLEBOX_LABEL,
+    object_key,
     owned_objects,
     pod_spec,
     spec_of,
@@ -258,8 +259,7 @@ def name_clashes(middleboxes: Sequence[Obj]) -> dict[tuple[str, str], str]:
         ),
     )
     for mb in ranked:
-        meta = mb["metadata"]
-        ns, name = str(meta.get("namespace", "default")), str(meta["name"])
+        ns, name = object_key(mb)
         try:
             store = pod_spec(spec_of(mb)).store
         except SpecError:
