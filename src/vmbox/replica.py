@@ -5,7 +5,7 @@ by vmbox.runtime.local). It reads the service spec from etcd, builds the
 middlebox, keeps its shared state fresh through one view per item, binds the
 service address (SO_REUSEPORT, shared with its siblings) or, in-path
 (`dataplane: nfqueue`), its netfilter queue in the gateway namespace once it
-can decide what comes (`_bind_queue`), serves Prometheus metrics, and
+can decide what comes (`_bind`), serves Prometheus metrics, and
 registers itself under members/<id> on a lease. Started with `--standby` it is
 a warm spare (vmbox.state.standby): spec, store, views and metrics, but
 nothing bound and no membership until the controller promotes it
@@ -172,7 +172,7 @@ class Replica:
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None
         self.fatal: ReplicaConfigError | None = None  # raised by run() once it has left
-        self.queue_bound = False  # in-path: its netfilter queue is bound (_bind_queue)
+        self.bound = False  # its address or queue is bound (_bind)
 
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
@@ -214,8 +214,8 @@ class Replica:
 
     @property
     def ready(self) -> bool:
-        """Holding its share and, in-path, its queue bound (a readiness probe)."""
-        return self.holding_share and (self.inpath is None or self.queue_bound)
+        """Holding its share, its address or queue bound (a readiness probe)."""
+        return self.holding_share and self.bound
 
     def gauges(self) -> dict[str, float]:
         if self.inpath is not None:
@@ -280,11 +280,6 @@ class Replica:
         A spare stands by first (`_stand_by`) and starts serving when promoted."""
         if not self.standby:
             self.middlebox.start(time.time())
-        if self.relay is not None and not self.standby:
-            try:
-                await self.relay.start()
-            except OSError as exc:
-                raise ReplicaConfigError(str(exc)) from None
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
         info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
         self.membership = Membership(
@@ -311,8 +306,7 @@ class Replica:
                 tasks.append(group.create_task(self.demand.run()))
             tasks.append(group.create_task(self.health.run()))
             tasks.append(group.create_task(self._return_memory()))
-            if self.inpath is not None:
-                tasks.append(group.create_task(self._bind_queue(self.inpath, self.membership)))
+            tasks.append(group.create_task(self._bind(self.membership)))
             await self.stopping.wait()
             if self.drain_first:
                 await self._drain_flows()
@@ -354,8 +348,8 @@ class Replica:
 
         Returns when promoted, as a new replica that is starting: a member on the
         spare's own lease (the member info says when it was promoted), the
-        middlebox started now (so it takes nothing in this window), the relay
-        bound; the caller then runs the join path. Returns at once when stopped
+        middlebox started now (so it takes nothing in this window); the caller
+        then runs the join path, which binds. Returns at once when stopped
         first, having removed its standby key.
         """
         membership = self.membership
@@ -386,24 +380,25 @@ class Replica:
         )
         self.standby = False
         self.middlebox.start(time.time())
-        if self.relay is not None:
-            try:
-                await self.relay.start()
-            except OSError as exc:
-                self.fatal = ReplicaConfigError(str(exc))
-                self.stop()
         tasks.append(group.create_task(spare.retire(self.membership)))
         log.info("replica %s promoted from standby", self.replica_id)
 
-    async def _bind_queue(self, driver: NfqueueDriver, membership: Membership) -> None:
-        """Bind this replica's queue once it can decide packets as the limit allows.
+    async def _bind(self, membership: Membership) -> None:
+        """Bind the service address (relay) or this replica's queue (in-path) once it
+        can decide packets as the limit allows.
 
-        Until then its queue has no listener, so its flows meet the fail policy in
-        the kernel (--queue-bypass passes them under `fail: open`, the rest drop)
-        rather than reaching a replica that would drop them all: a replica takes
-        nothing until it is registered and its resize guard is down, nor in the
-        window it started in (its predecessor's admissions of that window are
-        unknown). Then the member info says `queue`, and the controller steers to it.
+        Until then the kernel hands it nothing: a relay is not yet in the
+        SO_REUSEPORT group, so its siblings keep every flow under the shares they
+        hold; an in-path queue has no listener, so its flows meet the fail policy
+        in the kernel (--queue-bypass passes them under `fail: open`, the rest
+        drop). Bound earlier, it would be handed its part of the flows and drop
+        them all: a replica takes nothing until it is registered and its resize
+        guard is down, nor in the window it started in (its predecessor's
+        admissions of that window are unknown). The guard comes down at a window
+        boundary, when the siblings' shares shrink, so the flows move as the
+        shares do. In-path, the member info then says `queue`, and the
+        controller steers to it. A port or queue that cannot be bound stops the
+        replica with one line (ReplicaConfigError).
         """
         window = self.spec.middlebox.window
         started = time.time()
@@ -413,16 +408,21 @@ class Replica:
         if int(now / window) == int(started / window):
             await asyncio.sleep(window - now % window)
         try:
-            await driver.start()
+            if self.inpath is not None:
+                await self.inpath.start()
+            else:
+                await self.relay_driver.start()
         except OSError as exc:
             self.fatal = ReplicaConfigError(str(exc))
             self.stop()
             return
-        self.queue_bound = True
+        self.bound = True
+        if self.inpath is None:
+            return
         while True:  # until the controller can see it: it steers nothing here before
             try:
                 async with asyncio.timeout(MARK_TIMEOUT * 4):
-                    await membership.set_info(membership.info | {"queue": driver.queue})
+                    await membership.set_info(membership.info | {"queue": self.inpath.queue})
                 return
             except (StoreError, TimeoutError):
                 await asyncio.sleep(0.2)
@@ -431,6 +431,8 @@ class Replica:
         """Why draining would be pointless now ('' when it is not)."""
         if self.membership is None or not self.membership.registered.is_set():
             return "never registered"
+        if not self.bound:
+            return "never bound"  # the kernel handed it nothing
         if self.membership.last_error is not None:
             return "store unreachable"
         if self.members <= 1:
