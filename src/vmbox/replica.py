@@ -42,6 +42,7 @@ from vmbox.metrics import ReplicaMetrics
 from vmbox.middlebox import Middlebox, config_value
 from vmbox.packet import Packet, Verdict
 from vmbox.spec import Spec, parse_spec
+from vmbox.spec.changes import template_of
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
 from vmbox.state.demand import DemandAware
@@ -281,7 +282,12 @@ class Replica:
         if not self.standby:
             self.middlebox.start(time.time())
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
-        info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
+        # `template`: which spec it runs, so a rollout knows whom to replace (vmbox.spec.changes).
+        info = {
+            "pid": os.getpid(),
+            "metrics": f"{self.spec.metrics_host}:{port}",
+            "template": template_of(self.spec),
+        }
         self.membership = Membership(
             self.store,
             self.spec.service,

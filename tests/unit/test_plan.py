@@ -20,6 +20,7 @@ from vmbox.control.plan import (
     crashed,
     plan,
     restart_delay,
+    rollout_surge,
     serving,
     spares_wanted,
 )
@@ -46,8 +47,12 @@ class World:
     spares: set[str] = field(default_factory=set)
     warm: int = 0
     most: int = 4
+    template: str = "a"  # the spec's; each replica runs the one it started with
+    runs: dict[str, str] = field(default_factory=dict)
 
     def observe(self) -> Observed:
+        # A replica is a member (ready) once a tick has passed since its start.
+        up = {r for r in self.running if self.started_at.get(r, -1.0) < self.now}
         return Observed(
             SVC,
             self.desired,
@@ -58,6 +63,8 @@ class World:
             dict(self.load),
             spares=set(self.spares),
             spares_wanted=spares_wanted(self.warm, self.most, self.desired),
+            outdated={r for r in up if self.runs.get(r, self.template) != self.template},
+            ready=up,
         )
 
     def reconcile(self) -> Plan:
@@ -70,6 +77,7 @@ class World:
         for rid in actions.restart + actions.start + actions.start_spare:
             self.running.add(rid)
             self.started_at[rid] = self.now
+            self.runs[rid] = self.template
             standby = rid in actions.start_spare or actions.backoff.get(rid, Backoff()).standby
             if standby:
                 self.spares.add(rid)
@@ -114,6 +122,8 @@ def check_invariants(seen: Observed, result: Plan) -> None:
     waiting_all = {r for r, b in seen.backoff.items() if b.waiting and r not in everyone}
     spare_waiting = {r for r in waiting_all if seen.backoff[r].standby}
     waiting = waiting_all - spare_waiting
+    stale = spares & set(seen.outdated)
+    surge = rollout_surge(seen.desired, running, waiting, seen.outdated, seen.ready)
     actions = [
         *result.forget,
         *result.drain,
@@ -135,7 +145,9 @@ def check_invariants(seen: Observed, result: Plan) -> None:
         + len(result.start)
         + len(result.promote)
     )
-    assert level == seen.desired, (seen, result)  # 2
+    assert level == seen.desired + surge, (seen, result)  # 2, and 7's surge
+    rolled = running & set(seen.outdated)  # 7: outdated replicas are drained first
+    assert set(result.drain) <= rolled or rolled <= set(result.drain), (seen, result)
     still = waiting_all - set(result.forget)
     due = {r for r in still if seen.backoff[r].not_before <= seen.now}
     assert set(result.restart) == due  # 3
@@ -156,11 +168,12 @@ def check_invariants(seen: Observed, result: Plan) -> None:
         else:
             assert state == old
     # 6: spares
-    assert set(result.promote) <= spares and set(result.stop_spare) <= spares
-    serving_short = seen.desired - len(running) - len(waiting)
-    assert len(result.promote) == max(0, min(len(spares), serving_short))
+    assert set(result.promote) <= spares - stale and set(result.stop_spare) <= spares
+    assert stale <= set(result.stop_spare)  # 7: outdated spares are replaced
+    serving_short = seen.desired + surge - len(running) - len(waiting)
+    assert len(result.promote) == max(0, min(len(spares - stale), serving_short))
     if result.start:
-        assert set(result.promote) == spares
+        assert set(result.promote) == spares - stale
     kept = (
         len(spares - set(result.promote) - set(result.stop_spare))
         + len(spare_waiting - set(result.forget))
@@ -337,6 +350,8 @@ def test_invariants_hold_for_random_observations() -> None:
         }
         load = {r: float(rng.randint(0, 3)) for r in running}
         desired = rng.randint(0, 8)
+        outdated = {r for r in running if rng.random() < 0.3}
+        ready = {r for r in running if rng.random() < 0.7}
         seen = Observed(
             SVC,
             desired,
@@ -347,6 +362,8 @@ def test_invariants_hold_for_random_observations() -> None:
             load,
             spares=spares,
             spares_wanted=spares_wanted(rng.randint(0, 3), 8, desired),
+            outdated=outdated,
+            ready=ready,
         )
         check_invariants(seen, plan(seen))
 
@@ -449,3 +466,37 @@ def test_a_promoted_spare_crashes_as_a_serving_replica() -> None:
 def test_waiting_spares_are_not_steered_to() -> None:
     backoff = {"web-2": Backoff(1, 5.0, True), "web-3": Backoff(1, 5.0, True, standby=True)}
     assert serving({"web-1"}, ids(1), backoff, set()) == ("web-1", "web-2")
+
+
+# -- rollouts (invariant 7) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("desired", [1, 3])
+def test_a_rollout_replaces_every_replica_one_at_a_time_never_under_desired(desired: int) -> None:
+    world = World(desired=desired, warm=1, most=desired + 2)
+    world.run_until(world.now + 2)
+    assert len(world.serving()) == desired and len(world.spares) == 1
+    world.template = "b"  # `vmbox apply` changed what the replicas run
+    changed = world.now
+    for _ in range(4 * desired + 6):
+        world.reconcile()
+        serving = world.serving()
+        assert desired <= len(serving) <= desired + 1, world.log  # a surge of one
+        world.now += 1.0
+        world.finish_drains()
+    # Every old replica, the spare too, was replaced (ids are reused once free).
+    assert all(world.started_at[r] >= changed for r in world.running)
+    assert all(world.runs[r] == "b" for r in world.running)
+    assert len(world.serving()) == desired and len(world.spares) == 1
+    assert world.reconcile() == Plan()  # and then nothing
+
+
+def test_a_rollout_waits_for_the_new_replica_before_draining_an_old_one() -> None:
+    running = ids(1, 2)
+    seen = Observed(SVC, 2, running, set(), {}, 0.0, outdated=running, ready=running)
+    assert plan(seen).start == ("web-3",) and plan(seen).drain == ()
+    running = ids(1, 2, 3)
+    waiting_for_3 = Observed(SVC, 2, running, set(), {}, 1.0, outdated=ids(1, 2), ready=ids(1, 2))
+    assert plan(waiting_for_3) == Plan()
+    ready = Observed(SVC, 2, running, set(), {}, 2.0, outdated=ids(1, 2), ready=running)
+    assert len(plan(ready).drain) == 1 and set(plan(ready).drain) <= ids(1, 2)

@@ -16,6 +16,12 @@ is the least loaded one; it is drained (SIGTERM: it keeps its open flows for
 up to `replicas.drain_timeout`, then leaves the membership) in the background,
 so a scale-up never waits for a scale-down to finish.
 
+Spec changes (`vmbox apply`, vmbox.spec.changes): each pass reads the spec
+key and follows a new spec: the controller's own fields at once, a rollout
+when what the replicas run changed (plan invariant 7: one more replica with
+the new spec, then an old one drained, until none is left). A stored spec
+that changes what cannot change live is ignored, with an event.
+
 Warm spares (`replicas.warm`, vmbox.state.standby): the controller keeps
 min(warm, max - desired) replicas started with `--standby`. A scale-up
 promotes a spare (writes its promote key) instead of starting a process, and
@@ -49,7 +55,8 @@ from vmbox.control.plan import (
 from vmbox.control.publish import publish
 from vmbox.control.scaling import ScaleLoop
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
-from vmbox.spec import Spec
+from vmbox.spec import Spec, SpecError, parse_spec
+from vmbox.spec.changes import diff, template_of
 from vmbox.state import keys
 from vmbox.state.membership import list_members
 from vmbox.state.standby import list_promotions, list_standby, promote
@@ -89,6 +96,8 @@ class Controller:
         self.promoting: set[str] = set()  # promoted spares not yet seen as members
         self.spares_stopping: set[str] = set()  # spares among `draining` (no drain: no flows)
         self.restarts = 0
+        self.template = template_of(spec)  # what replicas started now run (member info)
+        self.stored_spec = spec.to_json().encode()  # the spec key's value last followed
         self.wake = asyncio.Event()
         # An in-path service: the gateway's steering follows the serving replicas.
         self.path = PathSteering(spec, spec.gateway) if spec.gateway is not None else None
@@ -201,6 +210,7 @@ class Controller:
         for exited in self.runtime.reap():
             await self._on_exit(exited)
         await self._finish_drains()
+        await self._follow_spec()
         desired = await self.read_desired()
         if desired != self.desired:
             await self.event(
@@ -210,6 +220,7 @@ class Controller:
                 new=desired,
             )
             self.desired = desired
+        outdated, ready = await self._templates()
         seen = Observed(
             service=self.service,
             desired=self.desired,
@@ -222,6 +233,8 @@ class Controller:
             spares_wanted=spares_wanted(
                 self.spec.replicas.warm, self.spec.replicas.max, self.desired
             ),
+            outdated=outdated,
+            ready=ready,
         )
         actions = plan(seen)
         for rid in actions.forget:
@@ -244,6 +257,45 @@ class Controller:
         if self.promoting:
             await self._promotions_done()
         return actions.requeue_after
+
+    async def _follow_spec(self) -> None:
+        """Take up a spec written since (`vmbox apply`): the next plan follows it."""
+        kv = await self.store.get(keys.spec_key(self.service))
+        if kv is None or kv.value == self.stored_spec:
+            return
+        self.stored_spec = kv.value  # judged once, followed or not
+        try:
+            new = parse_spec(json.loads(kv.value), "stored spec")
+        except (SpecError, ValueError) as exc:
+            await self.event("apply", f"stored spec ignored: {exc}")
+            return
+        changes = diff(self.spec, new)
+        if changes.refusal:
+            await self.event("apply", f"stored spec ignored: {changes.refusal}")
+            return
+        if changes.empty:
+            return
+        template = template_of(new)
+        rollout = template != self.template
+        self.spec, self.template = new, template
+        self.scaler.respec(new)
+        what = f"; rolling out: replicas replaced one at a time ({template})" if rollout else ""
+        await self.event(
+            "apply",
+            f"spec applied: {', '.join(c.path for c in changes.changes)}{what}",
+            changes=[c.path for c in changes.changes],
+            rollout=rollout,
+        )
+
+    async def _templates(self) -> tuple[set[str], set[str]]:
+        """Registered replicas (and spares) running an older spec, and the ready members."""
+        members = await list_members(self.store, self.service)
+        ready = {r for r, m in members.items() if self.path is None or "queue" in m.info}
+        outdated = {r for r, m in members.items() if m.info.get("template") != self.template}
+        if self.spares:
+            spares = await list_standby(self.store, self.service)
+            outdated |= {r for r, info in spares.items() if info.get("template") != self.template}
+        return outdated, ready
 
     async def _promote(self, rid: str, backoff: Backoff | None) -> None:
         """Order a spare to join the group; it serves from here on, for this controller."""
@@ -389,10 +441,11 @@ class Controller:
                 await self.store.revoke_lease(spare.lease)
             await self.store.delete(keys.promote_key(self.service, rid))
 
-    async def _watch_desired(self) -> None:
+    async def _wake_on(self, key: str) -> None:
+        """A pass at once when `key` changes (the desired count, the spec)."""
         while True:
             with contextlib.suppress(StoreError):
-                async for _ in self.store.watch_prefix(keys.desired_key(self.service)):
+                async for _ in self.store.watch_prefix(key):
                     self.wake.set()
             await asyncio.sleep(1.0)
 
@@ -400,7 +453,8 @@ class Controller:
         """Reconcile and sample until cancelled; store errors are retried with backoff."""
         await self._serve_metrics()
         helpers = [
-            asyncio.create_task(self._watch_desired()),
+            asyncio.create_task(self._wake_on(keys.desired_key(self.service))),
+            asyncio.create_task(self._wake_on(keys.spec_key(self.service))),
             asyncio.create_task(self.scaler.run()),
         ]
         delay = 0.2
@@ -434,6 +488,15 @@ class Controller:
         info = {"pid": os.getpid(), "metrics": f"{self.spec.metrics_host}:{port}"}
         with contextlib.suppress(StoreError):
             await self.store.put(keys.controller_key(self.service), json.dumps(info).encode())
+
+    async def drain_all(self) -> None:
+        """Drain every replica at once (the service is being deleted); spares just stop.
+        Returns when all have gone (each within its drain timeout, or killed after it)."""
+        for rid in sorted(set(self.runtime.running()) - set(self.draining)):
+            self._drain(rid, spare=rid in self.spares)
+        await asyncio.gather(*self.draining.values(), return_exceptions=True)
+        with contextlib.suppress(StoreError):
+            await self._finish_drains()
 
     async def shutdown(self) -> None:
         """Stop every replica (each leaves the membership first) and mark the service down."""

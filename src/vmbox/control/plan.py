@@ -57,6 +57,17 @@ Invariants of a `Plan` (tests/unit/test_plan.py checks each):
    number exactly `spares_wanted`, so serving + spares never exceed `max`
    when desired is within it.
 
+7. Rollouts (a spec whose replicas must restart, vmbox.spec.changes): a
+   running serving replica is *outdated* when its member info names another
+   template than the controller's spec. While one is, the level of invariant
+   2 is desired + 1 (one more replica, started with the new spec) until every
+   running replica that is not outdated is *ready* (a member; in-path, its
+   queue bound); then it is desired again, and the surplus drains an
+   outdated replica. Serving replicas never fall under desired for a rollout
+   (a surge of one, none unavailable). Surplus drains take outdated replicas
+   first. Outdated spares are stopped and replaced (they serve nothing), and
+   never promoted.
+
 Invariants 1 and 2 count serving replicas only: in 1 `drain` takes running
 serving replicas and `forget`/`restart` waiting ones of either role; in 2
 running and waiting mean serving ones, and promoted spares count as started.
@@ -122,6 +133,8 @@ class Observed:
     load: Mapping[str, float] = field(default_factory=dict)  # for choosing whom to drain
     spares: Set[str] = frozenset()  # running replicas that are warm spares (standby)
     spares_wanted: int = 0  # spares_wanted(warm, max, desired)
+    outdated: Set[str] = frozenset()  # running an older template than the spec's (a rollout)
+    ready: Set[str] = frozenset()  # members (in-path: queue bound): a rollout goes on past them
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,20 +158,26 @@ def plan(seen: Observed) -> Plan:
     waiting = {rid for rid, b in seen.backoff.items() if b.waiting and rid not in running}
     spares = set(seen.spares) & running
     running -= spares
+    stale_spares = spares & set(seen.outdated)
+    spares -= stale_spares
     spare_waiting = {rid for rid in waiting if seen.backoff[rid].standby}
     waiting -= spare_waiting
-    surplus = len(running) + len(waiting) - seen.desired
+    level = seen.desired + rollout_surge(seen.desired, running, waiting, seen.outdated, seen.ready)
+    surplus = len(running) + len(waiting) - level
     forget = sorted(waiting, reverse=True)[: max(0, surplus)]
     waiting.difference_update(forget)
     surplus -= len(forget)
-    drain = choose_removals(sorted(running), surplus, seen.load)
-    short = max(0, seen.desired - len(running) - len(waiting))
+    old = running & set(seen.outdated)
+    drain = choose_removals(sorted(old), surplus, seen.load)
+    drain += choose_removals(sorted(running - old), surplus - len(drain), seen.load)
+    short = max(0, level - len(running) - len(waiting))
     promote = sorted(spares, key=_by_number)[:short]
     spares.difference_update(promote)
     extra = len(spares) + len(spare_waiting) - seen.spares_wanted
     forget += sorted(spare_waiting, reverse=True)[: max(0, extra)]
     spare_waiting.difference_update(forget)
-    stop_spare = sorted(spares, key=_by_number, reverse=True)[
+    stop_spare = sorted(stale_spares, key=_by_number)
+    stop_spare += sorted(spares, key=_by_number, reverse=True)[
         : max(0, len(spares) + len(spare_waiting) - seen.spares_wanted)
     ]
     waiting |= spare_waiting
@@ -187,6 +206,24 @@ def plan(seen: Observed) -> Plan:
         requeue_after=min(later) - seen.now if later else None,
         backoff=table,
     )
+
+
+def rollout_surge(
+    desired: int, running: Set[str], waiting: Set[str], outdated: Set[str], ready: Set[str]
+) -> int:
+    """1 while a rollout needs one more replica than desired (invariant 7), else 0.
+
+    With outdated replicas running: one more while the serving ones are not
+    above desired (start one with the new spec), and while a replica with the
+    new spec is not ready yet (keep the outdated ones serving meanwhile); 0
+    once every new one is ready, so the surplus drains an outdated one.
+    """
+    old = set(running) & set(outdated)
+    if not old:
+        return 0
+    if len(running) + len(waiting) <= desired:
+        return 1
+    return 0 if set(running) - old <= set(ready) else 1
 
 
 def _by_number(rid: str) -> tuple[int, str]:

@@ -75,6 +75,14 @@ class ScaleLoop:
         self.interval = spec.autoscale.interval if spec.autoscale else DEFAULT_INTERVAL
         self.stats = ScaleStats()
 
+    def respec(self, spec: Spec) -> None:
+        """Follow a spec `vmbox apply` changed: a new policy keeps the cooldown running."""
+        old, self.spec = self.autoscaler, spec
+        self.autoscaler = Autoscaler(Policy.from_spec(spec)) if spec.autoscale else None
+        if old is not None and self.autoscaler is not None:
+            self.autoscaler.last_change = old.last_change
+        self.interval = spec.autoscale.interval if spec.autoscale else DEFAULT_INTERVAL
+
     def load(self) -> dict[str, float]:
         """Each replica's load as the policy sees it (packets/s without autoscale)."""
         metric = self.spec.autoscale.metric if self.spec.autoscale else "pps"
