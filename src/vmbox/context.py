@@ -59,12 +59,15 @@ def record(
     endpoints: list[str],
     pid: int | None = None,
     settings: Mapping[str, str] | None = None,
+    host: str | None = None,
 ) -> None:
     path = _file(service)
     path.parent.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"service": service, "endpoints": endpoints, "pid": pid or os.getpid()}
     if settings:
         data["settings"] = dict(settings)
+    if host:
+        data["host"] = host  # the `vmbox up` running it (vmbox.control.host), for `vmbox apply`
     path.write_text(json.dumps(data))
 
 
@@ -105,6 +108,28 @@ def lookup_settings(service: str | None) -> tuple[str, list[str], dict[str, str]
         forget(name)
     what = f"service {service!r}" if service else "any service"
     raise NoContext(f"no running `vmbox up` recorded an etcd for {what}: pass --etcd HOST:PORT")
+
+
+def running() -> list[tuple[str, list[str], dict[str, str]]]:
+    """(service, endpoints, settings) of every service a running `vmbox up` recorded,
+    newest first; records of one that no longer runs are removed, as lookup does."""
+    out = []
+    for name in known_services():
+        try:
+            out.append(lookup_settings(name))
+        except NoContext:
+            continue
+    return out
+
+
+def recorded_host(service: str) -> str | None:
+    """The host (vmbox.control.host) that recorded `service`, if it still runs."""
+    try:
+        data = json.loads(_file(service).read_text())
+    except (OSError, ValueError):
+        return None
+    host = data.get("host") if isinstance(data, dict) and pid_alive(data.get("pid")) else None
+    return str(host) if host else None
 
 
 def parse_endpoints(value: str) -> list[str]:

@@ -1,12 +1,15 @@
-"""`vmbox up`: run one service on this machine until Ctrl-C.
+"""`vmbox up`: run one or more services on this machine until Ctrl-C.
 
-Called by the CLI. Starts the store when the spec says `store: managed` (with
-etcd's auth on: a `vmbox` user limited to /vmbox/, its password in a 0600 file
-in the state directory), records its endpoint and its TLS and auth settings
-(file paths and a user name, no secret) for `status`/`scale`, checks the
-listen port, runs the controller with the local runtime, and shows a live
-status. On the way out it stops every replica, then the private etcd, and
-removes the password file: nothing is left running.
+Called by the CLI. Starts the store when the specs say `store: managed` (one
+etcd for all of them, with etcd's auth on: a `vmbox` user limited to
+/vmbox/, its password in a 0600 file in the state directory), records its
+endpoint and its TLS and auth settings (file paths and a user name, no
+secret) for each service, so `status`, `scale`, `set`, `apply` and `delete`
+need no flags; checks each listen port, runs a host (vmbox.control.host: a
+controller per service with the local runtime, services added by `vmbox
+apply` and removed by `vmbox delete` while it runs), and shows a live status.
+On the way out it stops every replica, then the private etcd, and removes the
+password file: nothing is left running.
 """
 
 from __future__ import annotations
@@ -16,20 +19,21 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 
 from vmbox import context
 from vmbox.control.controller import Controller
+from vmbox.control.host import Host
 from vmbox.control.status import RateTracker, ServiceStatus, render, snapshot
 from vmbox.dataplane.sockets import bind_error
 from vmbox.etcdserver import EtcdServer
 from vmbox.runtime.local import LocalRuntime
-from vmbox.spec import Spec
+from vmbox.spec import Spec, SpecError
 from vmbox.state import access
 from vmbox.state.access import StoreSpec
 from vmbox.state.etcd import connect
@@ -95,19 +99,20 @@ def _start_secured(server: EtcdServer, password_file: Path) -> None:
     server.secure(password_file, MANAGED_USER)
 
 
-async def _live(store: Store, spec: Spec, live: bool) -> None:
+async def _live(store: Store, services: Callable[[], list[str]], live: bool) -> None:
     tracker = RateTracker()
     console = Console()
     if live and console.is_terminal:
         with Live(console=console, refresh_per_second=2, transient=False) as view:
             while True:
                 with contextlib.suppress(StoreError):
-                    view.update(render(await snapshot(store, spec.service, tracker)))
+                    shown = [render(await snapshot(store, name, tracker)) for name in services()]
+                    view.update(Group(*shown) if shown else "no services: `vmbox apply SPEC`")
                 await asyncio.sleep(1.0)
-    while True:  # not a terminal: one plain line per interval
+    while True:  # not a terminal: one plain line per service and interval
         with contextlib.suppress(StoreError):
-            status = await snapshot(store, spec.service, tracker)
-            print(_line(status), flush=True)
+            for name in services():
+                print(_line(await snapshot(store, name, tracker)), flush=True)
         await asyncio.sleep(5.0)
 
 
@@ -131,60 +136,93 @@ def where(spec: Spec) -> str:
     return f"on {lhost}:{lport} -> {uhost}:{uport}"
 
 
-async def run_service(
-    spec: Spec, etcd: list[str] | None, live: bool = True, metrics_port: int = 0
+def check_together(specs: list[Spec], etcd: list[str] | None) -> None:
+    """Several specs in one `vmbox up`: distinct names and addresses, one store (SpecError)."""
+    seen: dict[object, str] = {}
+    for spec in specs:
+        listen = spec.relay.listen if spec.gateway is None else None
+        for what, key in (("service name", spec.service), ("listen address", listen)):
+            if key is None:
+                continue
+            if (what, key) in seen:
+                raise SpecError(
+                    f"{spec.service}: the same {what} as {seen[(what, key)]} in this `vmbox up`"
+                )
+            seen[(what, key)] = spec.service
+    stores = {str(store_access(spec, etcd)) for spec in specs}
+    if len(stores) > 1:
+        raise SpecError(
+            "the specs name different stores; one `vmbox up` runs its services on one etcd"
+        )
+
+
+async def run_services(
+    specs: list[Spec], etcd: list[str] | None, live: bool = True, metrics_port: int = 0
 ) -> None:
     """Run until SIGINT/SIGTERM/SIGHUP; raise BindError, PermanentError or StoreUnavailable."""
-    if spec.dataplane == "relay":
-        check_listen(spec.relay.listen)
+    check_together(specs, etcd)
+    for spec in specs:
+        if spec.dataplane == "relay":
+            check_listen(spec.relay.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: the terminal closed
         loop.add_signal_handler(sig, stop.set)
-    async with open_store(spec, etcd) as (store, target, private):
-        context.record(spec.service, list(target.endpoints), settings=access.settings(target))
-        log_dir = context.state_dir() / "logs" / spec.service
-        runtime = LocalRuntime(
-            spec.service,
-            target.endpoints,
-            log_dir,
-            adoptable=not private,
-            memory_limit=spec.replicas.memory_limit,
-            access=target,
-        )
-        controller = Controller(spec, store, runtime, metrics_port=metrics_port)
-        try:
-            await controller.setup()
+    async with open_store(specs[0], etcd) as (store, target, private):
+        settings = access.settings(target)
+        notes: dict[str, str] = {}  # each service's replica memory, for its first lines
+
+        async def prepare(spec: Spec) -> Controller:
+            if spec.dataplane == "relay":
+                check_listen(spec.relay.listen)
+            log_dir = context.state_dir() / "logs" / spec.service
+            runtime = LocalRuntime(
+                spec.service,
+                target.endpoints,
+                log_dir,
+                adoptable=not private,
+                memory_limit=spec.replicas.memory_limit,
+                access=target,
+            )
+            notes[spec.service] = runtime.cgroup_note
+            # One /metrics per controller: a fixed --metrics-port serves the first service.
+            port = metrics_port if not host.hosted else 0
+            return Controller(spec, store, runtime, metrics_port=port)
+
+        def started(spec: Spec) -> None:
+            context.record(spec.service, list(target.endpoints), settings=settings, host=host.name)
+            log_dir = context.state_dir() / "logs" / spec.service
             print(
                 f"vmbox: service {spec.service} {where(spec)}, etcd {access.describe(target)}, "
                 f"replica logs in {log_dir}",
                 file=sys.stderr,
             )
             print(
-                f"vmbox: replica memory: {runtime.cgroup_note}; up to {spec.max_flows:,} "
-                "flows each",
+                f"vmbox: {spec.service}: replica memory: {notes.get(spec.service, '')}; up to "
+                f"{spec.max_flows:,} flows each",
                 file=sys.stderr,
             )
-            await _until_stopped(controller, store, spec, live, stop)
+
+        host = Host(store, prepare, on_started=started, on_stopped=context.forget)
+        try:
+            await host.start(specs)
+            await _until_stopped(host, store, live, stop)
         finally:
-            await controller.shutdown()
-            context.forget(spec.service)
+            await host.shutdown()
 
 
-async def _until_stopped(
-    controller: Controller, store: Store, spec: Spec, live: bool, stop: asyncio.Event
-) -> None:
-    reconcile = asyncio.create_task(controller.run())
+async def _until_stopped(host: Host, store: Store, live: bool, stop: asyncio.Event) -> None:
+    running = asyncio.create_task(host.run())
     tasks = [
-        reconcile,
-        asyncio.create_task(_live(store, spec, live)),
+        running,
+        asyncio.create_task(_live(store, lambda: host.services, live)),
         asyncio.create_task(stop.wait()),
     ]
     try:
-        await asyncio.wait({reconcile, tasks[2]}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({running, tasks[2]}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    if not reconcile.cancelled() and reconcile.exception() is not None:
-        raise reconcile.exception()  # type: ignore[misc]
+    if not running.cancelled() and running.exception() is not None:
+        raise running.exception()  # type: ignore[misc]

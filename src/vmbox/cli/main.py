@@ -1,4 +1,4 @@
-"""The `vmbox` command: up, status, scale, set, demo, experiment, echo, load (and a hidden replica).
+"""The `vmbox` command: up, status, scale, set, apply, delete, demo, experiment, echo, load, ...
 
 Behaves like the tools operators know: --help that explains, one clear line
 and a non-zero exit for every error the user can cause (bad spec, unreachable
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import click
@@ -35,17 +36,20 @@ def main(verbose: int) -> None:
 
     \b
     Try it:   vmbox demo
-    Run one:  vmbox up examples/ratelimit.yaml
+    Run:      vmbox up examples/ratelimit.yaml [more specs ...]
     Inspect:  vmbox status        Resize: vmbox scale web 3
-    Change:   vmbox set web limit 50
+    Change:   vmbox set web limit 50      vmbox apply web.yaml
+    Remove:   vmbox delete web
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="vmbox: %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--etcd", help="Use these etcd endpoints instead of the spec's store.")
+@click.argument(
+    "specs", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False)
+)
+@click.option("--etcd", help="Use these etcd endpoints instead of the specs' store.")
 @click.option("--live/--no-live", default=True, help="Live status table (default on a terminal).")
 @click.option(
     "--metrics-port",
@@ -55,22 +59,23 @@ def main(verbose: int) -> None:
     help="Port of the controller's Prometheus /metrics (0: any free port; "
     "`vmbox status` shows it). Binds the spec's metrics_host.",
 )
-def up(spec: str, etcd: str | None, live: bool, metrics_port: int) -> None:
-    """Run the service described by SPEC until Ctrl-C.
+def up(specs: tuple[str, ...], etcd: str | None, live: bool, metrics_port: int) -> None:
+    """Run the services described by the SPEC files until Ctrl-C.
 
-    Starts a private etcd when the spec says `store: managed`, writes the spec
-    and desired count to etcd, starts the replicas as child processes (crashed
-    ones are restarted with backoff) and shows their status. With an
-    `autoscale:` section, the controller samples every replica's memory, CPU
-    and traffic and adds or drains replicas within replicas.min..max. As root
-    with replicas.memory_limit set, each replica runs in its own memory
-    cgroup with that limit, as a pod would. Ctrl-C stops every replica and
-    the private etcd.
+    Starts a private etcd when the specs say `store: managed` (one for all of
+    them), writes each spec and desired count to etcd, starts the replicas as
+    child processes (crashed ones are restarted with backoff) and shows their
+    status. With an `autoscale:` section, the controller samples every
+    replica's memory, CPU and traffic and adds or drains replicas within
+    replicas.min..max. As root with replicas.memory_limit set, each replica
+    runs in its own memory cgroup with that limit, as a pod would. While it
+    runs, `vmbox apply` changes a service or adds one, and `vmbox delete`
+    removes one. Ctrl-C stops every replica and the private etcd.
     """
-    from vmbox.service import run_service
+    from vmbox.service import run_services
 
-    loaded = load_spec_or_fail(spec)
-    run(lambda: run_service(loaded, etcd_endpoints(etcd), live, metrics_port))
+    loaded = [load_spec_or_fail(path) for path in specs]
+    run(lambda: run_services(loaded, etcd_endpoints(etcd), live, metrics_port))
 
 
 def load_spec_or_fail(path: str) -> Any:
@@ -90,11 +95,20 @@ def status(
 ) -> None:
     """Show a service's replicas, shares, per-second traffic and recent events.
 
-    The etcd, and its TLS and user settings, are the ones `vmbox up` recorded
-    unless given here.
+    Without SERVICE, list every running service one line each (replicas
+    ready of desired, how many run its current spec, limit, packets per
+    second), then, when there is only one, its replicas. The etcd, and its
+    TLS and user settings, are the ones `vmbox up` recorded unless given here.
     """
-    from vmbox.cli.status import show_status
+    from vmbox.cli.status import show_all, show_status
 
+    if service is None and not watch:
+        targets = _all_targets(etcd, settings)
+        shown = run(lambda: show_all(targets))
+        if len(shown) != 1:
+            return
+        service = shown[0]
+        etcd = etcd or None
     name, target = _target(service, etcd, settings)
     run(lambda: show_status(name, target, watch))
 
@@ -154,6 +168,131 @@ def set_(
         run(lambda: set_item(name, target, item, value, timeout))
     except SetError as exc:
         fail(str(exc), exc.code)
+
+
+@main.command()
+@click.argument(
+    "specs", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False)
+)
+@click.option("--dry-run", is_flag=True, help="Show the changes; write nothing.")
+@click.option("--host", help="The `vmbox up` to run a new service (when several use the etcd).")
+@click.option("--etcd", help=ETCD_HELP)
+@access_options
+def apply(
+    specs: tuple[str, ...],
+    dry_run: bool,
+    host: str | None,
+    etcd: str | None,
+    settings: dict[str, str | None],
+) -> None:
+    """Change running services to match the SPEC files, or add new ones.
+
+    \b
+    Each spec is compared with the one its service runs, and the changes are
+    shown first, as `kubectl diff` does:
+      live        limits (middlebox.limit, a rule's limit): written to their
+                  state keys; under consistency: fenced, apply waits for the
+                  fence as `vmbox set` does
+      controller  replicas.*, autoscale.*: the controller follows at once
+      rollout     what replicas read at start (consistency, rules, algorithm,
+                  fail, ...): replicas are replaced one at a time, one more
+                  started first, so never fewer serve than desired
+      refused     listen, upstream, dataplane, gateway, function, window,
+                  store, metrics_host, replicas.memory_limit: the spec is
+                  refused, nothing written (delete the service, apply it anew)
+    A spec that changes nothing writes nothing. A new service is added to
+    the running `vmbox up` (the one started last; --host names another) and
+    apply returns once its controller runs.
+    """
+    from vmbox.cli.apply import apply_spec
+    from vmbox.cli.setitem import SetError
+
+    loaded = [load_spec_or_fail(path) for path in specs]
+    for spec in loaded:
+        target, recorded = _apply_target(spec, etcd, settings)
+        try:
+            run(partial(apply_spec, spec, target, host, dry_run, recorded))
+        except SetError as exc:
+            fail(str(exc), exc.code)
+
+
+@main.command()
+@click.argument("service")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for the replicas to drain and the service to go.",
+)
+@click.option("--etcd", help=ETCD_HELP)
+@access_options
+def delete(service: str, timeout: float, etcd: str | None, settings: dict[str, str | None]) -> None:
+    """Drain and remove SERVICE from the `vmbox up` that runs it.
+
+    Its replicas finish the flows in flight (replicas.drain_timeout), leave
+    and exit; then its keys (spec, state, events) are deleted from etcd. The
+    other services of that `vmbox up` go on.
+    """
+    from vmbox.cli.apply import delete_service
+    from vmbox.cli.setitem import SetError
+
+    name, target = _target(service, etcd, settings)
+    try:
+        run(lambda: delete_service(name, target, timeout))
+    except SetError as exc:
+        fail(str(exc), exc.code)
+
+
+def _apply_target(
+    spec: Any, etcd: str | None, given: dict[str, str | None]
+) -> tuple[StoreSpec, str | None]:
+    """Where to apply `spec`: --etcd, else the spec's own external store, else the etcd
+    of the `vmbox up` running its service, else of the one started last; and that
+    `vmbox up`'s host name when this machine recorded it."""
+    flags = {field: value for field, value in given.items() if value is not None}
+    if etcd:
+        try:
+            return access.from_settings(context.parse_endpoints(etcd), flags), None
+        except StoreError as exc:
+            fail(str(exc), EXIT_USAGE)
+    if isinstance(spec.store, StoreSpec) and not context.recorded_host(spec.service):
+        return spec.store, None
+    try:
+        name, endpoints, recorded = context.lookup_settings(spec.service)
+    except context.NoContext:
+        try:
+            name, endpoints, recorded = context.lookup_settings(None)
+        except context.NoContext:
+            fail(
+                f"{spec.service}: no running `vmbox up` to apply it to: start one "
+                "(`vmbox up SPEC`) or pass --etcd"
+            )
+    try:
+        return access.from_settings(endpoints, recorded | flags), context.recorded_host(name)
+    except StoreError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def _all_targets(
+    etcd: str | None, given: dict[str, str | None]
+) -> list[tuple[StoreSpec, list[str]]]:
+    """Every etcd a running `vmbox up` recorded (or --etcd), with the services recorded."""
+    flags = {field: value for field, value in given.items() if value is not None}
+    try:
+        if etcd:
+            return [(access.from_settings(context.parse_endpoints(etcd), flags), [])]
+        found: dict[str, tuple[StoreSpec, list[str]]] = {}
+        for name, endpoints, recorded in context.running():
+            key = ",".join(endpoints)
+            if key not in found:
+                found[key] = (access.from_settings(endpoints, recorded | flags), [])
+            found[key][1].append(name)
+    except StoreError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if not found:
+        fail("no running `vmbox up` recorded an etcd: pass --etcd HOST:PORT")
+    return list(found.values())
 
 
 def _target(

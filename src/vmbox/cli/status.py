@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.live import Live
 
 from vmbox.control import events
-from vmbox.control.status import RateTracker, render, snapshot
+from vmbox.control.host import hosted_services
+from vmbox.control.status import ListedService, RateTracker, render, render_list, snapshot
 from vmbox.spec import parse_spec
+from vmbox.spec.changes import template_of
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import EtcdStore, connect
@@ -44,6 +46,46 @@ async def show_status(service: str, target: StoreSpec, watch: bool) -> None:
                 await asyncio.sleep(1.0)
     finally:
         await store.close()
+
+
+async def show_all(targets: list[tuple[StoreSpec, list[str]]]) -> list[str]:
+    """One line per service on each etcd (the services its running hosts run, and those
+    recorded here), as `kubectl get` lists; returns the services shown."""
+    listed: list[ListedService] = []
+    for target, recorded in targets:
+        store = await _connect(target)
+        try:
+            hosts = await hosted_services(store)
+            names = sorted(set(hosts) | set(recorded))
+            specs = {}
+            for name in names:
+                kv = await store.get(keys.spec_key(name))
+                if kv is not None:
+                    specs[name] = parse_spec(json.loads(kv.value), "stored spec")
+            tracker = RateTracker()
+            for name in specs:
+                await snapshot(store, name, tracker, 0)  # first scrape: rates need two
+            await asyncio.sleep(1.0)
+            for name, spec in specs.items():
+                mb = spec.middlebox
+                limit = str(mb.limit) if mb.limit is not None else f"{len(mb.rules or ())} rules"
+                listed.append(
+                    ListedService(
+                        await snapshot(store, name, tracker, 0),
+                        hosts.get(name, "-"),
+                        template_of(spec),
+                        limit,
+                    )
+                )
+        finally:
+            await store.close()
+    if not listed:
+        raise StoreError("no service is running (`vmbox up SPEC`)")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    console.print(render_list(listed))
+    return [item.status.service for item in listed]
 
 
 async def set_desired(service: str, target: StoreSpec, replicas: int) -> None:

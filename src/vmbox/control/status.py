@@ -40,6 +40,7 @@ class ReplicaRow:
     rates: dict[str, float] = field(default_factory=dict)
     error: str = ""
     sample: Sample | None = None
+    template: str = ""  # which spec it runs (vmbox.spec.changes.template_of)
 
 
 @dataclass
@@ -99,7 +100,11 @@ async def snapshot(
     samples = await read_samples(store, service)
     rows = [
         ReplicaRow(
-            rid, m.info.get("pid", "?"), str(m.info.get("metrics", "")), sample=samples.get(rid)
+            rid,
+            m.info.get("pid", "?"),
+            str(m.info.get("metrics", "")),
+            sample=samples.get(rid),
+            template=str(m.info.get("template", "")),
         )
         for rid, m in sorted(members.items())
     ]
@@ -173,6 +178,49 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
     for ev in status.events:
         lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)
     return RichGroup(table, lines) if status.events else table
+
+
+@dataclass(frozen=True)
+class ListedService:
+    """One line of `vmbox status` with no argument."""
+
+    status: ServiceStatus
+    host: str  # the `vmbox up` running it
+    template: str  # what its stored spec has replicas run
+    limit: str  # the spec's limit, or how many rules it has
+
+
+def render_list(listed: list[ListedService]) -> RenderableType:
+    """Every service one line each, as `kubectl get` lists: replicas ready of desired,
+    up to date (running the stored spec: a rollout in progress shows here), limit, rates."""
+    table = Table(title=f"{len(listed)} services", title_justify="left")
+    for column in (
+        "SERVICE",
+        "READY",
+        "UP-TO-DATE",
+        "LIMIT",
+        "RECEIVED/s",
+        "PASSED/s",
+        "DROPPED/s",
+        "HOST",
+    ):
+        table.add_column(column, justify="left" if column in {"SERVICE", "HOST"} else "right")
+    for item in listed:
+        status = item.status
+        ready = sum(1 for r in status.replicas if r.values.get("ready") == 1.0)
+        fresh = sum(1 for r in status.replicas if r.template == item.template)
+        live = [r.values["limit"] for r in status.replicas if "limit" in r.values]
+        table.add_row(
+            status.service,
+            f"{ready}/{status.desired}",
+            str(fresh),
+            _num(max(live)) if live else item.limit,
+            _num(status.total_rate(RATES[0])),
+            _num(status.total_rate(RATES[1])),
+            _num(status.total_rate(RATES[2])),
+            item.host,
+        )
+    return table
 
 
 def store_column(values: dict[str, float]) -> str:

@@ -101,6 +101,36 @@ def event_key(service: str, seq: int) -> str:
     return f"{ROOT}{service}/events/{seq:012d}"
 
 
+# -- hosts: the `vmbox up` processes and the services each runs ------------------
+# Under /vmbox/_hosts/, which no service name can be (a DNS label starts with a
+# letter or digit). A host's `alive` key is on its own lease; the rest is not,
+# so an etcd outage longer than that lease does not take a host's services away.
+
+
+def hosts_prefix() -> str:
+    return f"{ROOT}_hosts/"
+
+
+def host_alive_key(host: str) -> str:
+    # JSON: pid, hostname, when it started; on the host's lease (gone when it is).
+    return f"{ROOT}_hosts/{host}/alive"
+
+
+def host_services_prefix(host: str) -> str:
+    return f"{ROOT}_hosts/{host}/services/"
+
+
+def host_service_key(host: str, service: str) -> str:
+    # Present while `host` is to run `service`: `vmbox up` writes its own specs'
+    # keys, `vmbox apply` a new service's, `vmbox delete` removes one.
+    return f"{ROOT}_hosts/{host}/services/{service}"
+
+
+def host_failed_key(host: str, service: str) -> str:
+    # Why `host` could not run a service `vmbox apply` gave it (one line, on its lease).
+    return f"{ROOT}_hosts/{host}/failed/{service}"
+
+
 def last_segment(key: str) -> str:
     """'/vmbox/web/members/r1' -> 'r1'."""
     return key.rsplit("/", 1)[-1]
