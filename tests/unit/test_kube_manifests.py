@@ -225,3 +225,23 @@ def test_the_operator_and_the_etcd_members() -> None:
     (tls,) = sts["spec"]["template"]["spec"]["volumes"]
     assert tls["secret"]["secretName"] == m.ETCD_TLS_SECRET
     assert not any("password" in a for a in args)  # auth is switched on once, from the Secret
+
+
+def test_a_spec_change_the_pods_read_at_start_rolls_them_and_a_limit_does_not() -> None:
+    def template(**change: Any) -> dict[str, Any]:
+        objects = m.owned_objects(mb(**change), replicas=2, image="img:1")
+        pod_template: dict[str, Any] = by_kind(objects)["Deployment"]["spec"]["template"]
+        return pod_template
+
+    base = template()
+    assert m.TEMPLATE_ANNOTATION in base["metadata"]["annotations"]
+    # A limit is live state (the operator publishes it); the replica count is the Deployment's.
+    assert template(middlebox={"function": "ratelimit", "limit": 5}) == base
+    replicas = {"count": 3, "max": 4, "memory_limit": "70Mi", "drain_timeout": "3s"}
+    assert template(replicas=replicas) == base
+    consistency = {"function": "ratelimit", "limit": 100, "consistency": "fenced"}
+    changed = template(middlebox=consistency)
+    assert (
+        changed["metadata"]["annotations"][m.TEMPLATE_ANNOTATION]
+        != base["metadata"]["annotations"][m.TEMPLATE_ANNOTATION]
+    )

@@ -50,6 +50,7 @@ from typing import Any
 
 from vmbox import allocator
 from vmbox.spec import Spec, SpecError, parse_spec
+from vmbox.spec.changes import template_of
 from vmbox.state.access import StoreSpec, replica_flags
 
 GROUP = "vmbox.dev"
@@ -59,6 +60,7 @@ PLURAL = "middleboxes"
 API_VERSION = f"{GROUP}/{VERSION}"
 MIDDLEBOX_LABEL = "vmbox.dev/middlebox"  # on every owned object and pod: the Middlebox name
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+TEMPLATE_ANNOTATION = "vmbox.dev/template"  # on the pod template: which spec the pods run
 FIELD_MANAGER = "vmbox-operator"
 
 SYSTEM_NAMESPACE = "vmbox-system"  # the operator and the managed etcd (install.py)
@@ -239,6 +241,9 @@ def deployment(mb: Mapping[str, Any], spec: Spec, *, replicas: int, image: str) 
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(METRICS_PORT),
         "prometheus.io/path": "/metrics",
+        # What the pods run (vmbox.spec.changes): a spec change the replicas read only at
+        # start changes the pod template, so the Deployment rolls them; a limit does not.
+        TEMPLATE_ANNOTATION: template_of(pod_spec(spec)),
     }
     return {
         "apiVersion": "apps/v1",
