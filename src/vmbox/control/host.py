@@ -205,8 +205,9 @@ class Host:
         self.hosted.clear()
         with contextlib.suppress(StoreError):
             await self.store.delete_prefix(f"{keys.hosts_prefix()}{self.name}/")
-            if self.lease:
-                await self.store.revoke_lease(self.lease)
+            lease, self.lease = self.lease, 0
+            if lease:
+                await self.store.revoke_lease(lease)
 
     async def _announce(self) -> None:
         self.lease = await self.store.grant_lease(HOST_TTL)
