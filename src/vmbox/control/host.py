@@ -34,8 +34,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from vmbox.control.controller import Controller, PermanentError
+from vmbox.control.controller import PermanentError
 from vmbox.spec import Spec, SpecError, parse_spec
 from vmbox.state import keys
 from vmbox.state.store import Store, StoreError
@@ -51,9 +52,21 @@ def host_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+class ServiceController(Protocol):
+    """What a host needs of a service's controller (vmbox.control.controller.Controller)."""
+
+    async def setup(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def drain_all(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
 @dataclass
 class Hosted:
-    controller: Controller
+    controller: ServiceController
     task: asyncio.Task[None]
     named: bool  # given on the command line: its failure ends `vmbox up`
 
@@ -62,7 +75,7 @@ class HostFailed(PermanentError):
     """A service named on the command line cannot run; `vmbox up` ends with this."""
 
 
-Prepare = Callable[[Spec], Awaitable[Controller]]
+Prepare = Callable[[Spec], Awaitable[ServiceController]]
 
 
 class Host:
