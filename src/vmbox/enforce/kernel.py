@@ -1,0 +1,156 @@
+"""The driver of `enforce: kernel`: a service's nftables table in a node's namespace.
+
+`KernelEnforcer(namespace, table)` runs `ip netns exec NS nft -j ...` as an
+asyncio subprocess (vmbox.netns.exec_argv), with a bounded timeout and a
+one-line error (`EnforceError`), and keeps the generation of each rule's sets:
+
+- `install(rates)` once: the table (replacing one of that name), generation 1;
+- `set_rates(rates)` per share change: one transaction (vmbox.enforce.nftables);
+- `read()` at the report interval: per rule its named counters, per source what
+  it offered since the previous read (a new generation's counters start at 0:
+  what a source offered between the last read and a change is not reported);
+- `remove()`: the table and everything in it, whether or not it is there.
+
+The documents are vmbox.enforce.nftables's (pure); only this module runs nft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmbox import netns
+from vmbox.enforce import nftables as nft
+from vmbox.enforce.nftables import Count, Rate, Table
+
+TIMEOUT = 10.0  # seconds one nft call may take
+NFT = "nft"
+
+
+class EnforceError(OSError):
+    """nft refused, is missing, or took too long; str() is one line."""
+
+
+async def run_nft(
+    namespace: str | None,
+    args: Sequence[str],
+    document: Mapping[str, Any] | None = None,
+    timeout: float = TIMEOUT,
+) -> dict[str, Any]:
+    """`nft -j ARGS` (with `document` on stdin for `-f -`) inside `namespace`; its JSON output.
+
+    namespace None runs nft where this process is: only for a throwaway
+    namespace the caller made (`unshare -n`), never the host's.
+    """
+    argv = [NFT, "-j", *args]
+    if namespace is not None:
+        argv = netns.exec_argv(namespace, argv)
+    stdin = json.dumps(document).encode() if document is not None else None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise EnforceError(
+            f"`{argv[0]}` is not installed (apt-get install nftables iproute2)"
+        ) from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise EnforceError(
+            f"nft {' '.join(args)} in {namespace}: no answer in {timeout:g} s"
+        ) from None
+    if proc.returncode != 0:
+        why = " ".join(err.decode(errors="replace").split()) or f"exit {proc.returncode}"
+        raise EnforceError(f"nft {' '.join(args)} in {namespace}: {why[:300]}")
+    text = out.decode(errors="replace").strip()
+    return json.loads(text) if text else {}
+
+
+async def apply(namespace: str | None, document: Mapping[str, Any], check: bool = False) -> None:
+    """Run one transaction (`nft -j -f -`); `check` only validates it (`-c`)."""
+    await run_nft(namespace, ["-c", "-f", "-"] if check else ["-f", "-"], document)
+
+
+@dataclass
+class Reading:
+    """One read: per rule its counters; per rule and source what it offered since the last read."""
+
+    rules: dict[str, dict[str, int]]
+    offered: dict[str, dict[str, Count]]
+    sources: dict[str, int]  # elements in each rule's sets now
+
+
+@dataclass
+class KernelEnforcer:
+    """One service's table in one namespace (a node)."""
+
+    namespace: str
+    table: Table
+    timeout: float = TIMEOUT
+    generation: int = 0
+    _last: dict[tuple[str, int], dict[str, Count]] = field(default_factory=dict)
+
+    async def install(self, rates: Mapping[str, Rate]) -> None:
+        self.generation = 1
+        self._last.clear()
+        await self._apply(nft.install(self.table, rates, self.generation))
+
+    async def set_rates(self, rates: Mapping[str, Rate]) -> None:
+        """The new rates in one transaction: every ratelimit rule moves to a new generation."""
+        if self.generation == 0:
+            raise EnforceError(f"{self.table.name} in {self.namespace}: set_rates before install")
+        if not rates:
+            return
+        if len({r.name for _, r in self.table.limited()} - set(rates)) > 0:
+            raise EnforceError("set_rates needs a rate for every ratelimit rule")
+        await self._apply(nft.set_rates(self.table, rates, self.generation + 1))
+        self.generation += 1
+
+    async def read(self) -> Reading:
+        counters = nft.parse_counters(
+            await run_nft(self.namespace, nft.list_counters(self.table), timeout=self.timeout)
+        )
+        offered: dict[str, dict[str, Count]] = {}
+        sizes: dict[str, int] = {}
+        for index, rule in self.table.limited():
+            now: dict[str, Count] = {}
+            for version in nft._versions(rule):
+                args = nft.list_set(self.table, index, self.generation, version)
+                try:
+                    listing = await run_nft(self.namespace, args, timeout=self.timeout)
+                except EnforceError as exc:
+                    if "No such file" in str(exc):  # a closed rule (rate 0) has no sets
+                        continue
+                    raise
+                now |= nft.parse_set(listing)
+            key = (rule.name, self.generation)
+            before = self._last.get(key, {})
+            offered[rule.name] = {
+                source: Count(
+                    c.packets - before.get(source, Count()).packets,
+                    c.bytes - before.get(source, Count()).bytes,
+                )
+                for source, c in now.items()
+                if c.packets > before.get(source, Count()).packets
+            }
+            self._last = {k: v for k, v in self._last.items() if k[0] != rule.name}
+            self._last[key] = now
+            sizes[rule.name] = len(now)
+        return Reading(nft.rule_counters(self.table, counters), offered, sizes)
+
+    async def remove(self) -> None:
+        await self._apply(nft.delete(self.table))
+        self.generation = 0
+        self._last.clear()
+
+    async def _apply(self, document: Mapping[str, Any]) -> None:
+        await run_nft(self.namespace, ["-f", "-"], document, timeout=self.timeout)
