@@ -7,6 +7,9 @@ half-way removes what this call made); `down` stops every process inside the
 lab's namespaces and removes the namespaces, which takes their links,
 addresses, routes, rules and sysctls with them; `show` reads the lab from the
 kernel (`ip -j addr` inside each namespace), so it works from any process.
+A fleet (`LabPlan(nodes=N)`) is built, read and removed the same way;
+`set_nodes` puts a set of its nodes in the router's route (one `ip route
+replace` per address family) and `routed_nodes` reads which are in it.
 Every failure is a `LabError` whose str() is one line.
 """
 
@@ -31,11 +34,15 @@ from vmbox.lab.plan import (
     DEFAULT_PREFIX,
     GATEWAY_CLIENT_IF,
     GATEWAY_SERVER_IF,
+    MAX_NODES,
     SERVER_IF,
+    SERVER_NET4,
+    SERVER_NET6,
     Argv,
     LabError,
     LabPlan,
     Step,
+    router_node_if,
 )
 
 COMMAND_TIMEOUT = 30.0
@@ -132,16 +139,53 @@ def _undo(made: Sequence[Step]) -> None:
 
 
 def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Stop every process in the lab's namespaces and remove them; return the ones removed."""
+    """Stop every process in the lab's namespaces and remove them; return the ones removed.
+
+    Whatever the lab's shape (one gateway or a fleet of any size) and however
+    far its `up` got: every namespace a lab of this name can have is looked for."""
     plan = LabPlan(prefix)
     require_tools()
-    present = [ns for ns in plan.namespaces if netns.exists(ns)]
+    present = [ns for ns in plan.every_namespace if netns.exists(ns)]
     for ns in present:
         _stop_processes(ns)
-    for argv in plan.down_commands():
-        if netns.exists(argv[-1]):
-            _run(argv)
+    for ns in reversed(present):
+        if netns.exists(ns):
+            _run(("ip", "netns", "del", ns))
     return present
+
+
+def set_nodes(plan: LabPlan, nodes: Iterable[int]) -> list[int]:
+    """Route the fleet's client->server traffic through `nodes` (those ready) and no other:
+    one `ip route replace` of the router's multipath route per address family (both in
+    one `ip -batch`). Return the nodes now in the route, as the kernel has it."""
+    if not plan.fleet:
+        raise LabError(f"lab {plan.prefix!r} has one gateway: only a fleet (--nodes) has a route")
+    commands = plan.route_command(nodes)
+    require_tools()
+    lines = "".join(" ".join(argv[3:]) + "\n" for argv in commands)
+    _run(("ip", "-n", plan.namespace("router"), "-batch", "-"), lines)
+    return sorted(routed_nodes(plan))
+
+
+def routed_nodes(plan: LabPlan) -> set[int]:
+    """The nodes the router's route to the server side goes through (IPv4 and IPv6 both)."""
+    router = plan.namespace("router")
+    found: list[set[int]] = []
+    for net in (SERVER_NET4, SERVER_NET6):
+        family = f"-{net.version}"
+        text = _run(("ip", "-n", router, "-j", family, "route", "show", "exact", str(net)))
+        try:
+            routes = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as exc:
+            raise LabError(f"`ip -n {router} -j route` printed something not JSON: {exc}") from None
+        devs: set[str] = set()
+        for route in routes:
+            if route.get("type", "unicast") != "unicast":
+                continue
+            hops = route.get("nexthops") or [route]
+            devs |= {hop["dev"] for hop in hops if "dev" in hop}
+        found.append({i for i in range(1, plan.nodes + 1) if router_node_if(i) in devs})
+    return found[0] & found[1]
 
 
 def pids_in(ns: str) -> list[int]:
@@ -201,6 +245,8 @@ def show(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """The lab as the kernel has it, in the shape of `LabPlan.describe()`."""
     plan = LabPlan(prefix)
     require_tools()
+    if netns.exists(plan.namespace("router")):
+        return _show_fleet(prefix)
     missing = [ns for ns in plan.namespaces if not netns.exists(ns)]
     if len(missing) == len(plan.namespaces):
         raise LabError(f"no lab named {prefix!r}: `vmbox lab up --name {prefix}` builds one")
@@ -240,6 +286,63 @@ def show(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             "address6": s["inet6"][0] if s["inet6"] else None,
         },
     }
+
+
+def _show_fleet(prefix: str) -> dict[str, Any]:
+    """A fleet as the kernel has it: its nodes are the node namespaces present (1..N)."""
+    probe = LabPlan(prefix, nodes=MAX_NODES)
+    count = sum(1 for _ in _takewhile_exists(probe))
+    if count == 0:
+        raise LabError(
+            f"lab {prefix!r} is incomplete (a router and no node): "
+            f"`vmbox lab down --name {prefix}` removes the rest"
+        )
+    plan = LabPlan(prefix, nodes=count)
+    missing = [ns for ns in plan.namespaces if not netns.exists(ns)]
+    extra = [ns for ns in probe.namespaces if ns not in plan.namespaces and netns.exists(ns)]
+    if missing or extra:
+        raise LabError(
+            f"lab {prefix!r} is incomplete ({', '.join(missing) or 'nodes out of sequence'}): "
+            f"`vmbox lab down --name {prefix}` removes the rest"
+        )
+    ifs = {role: _interfaces(plan.namespace(role)) for role in plan.roles}
+
+    def on(role: str, name: str) -> dict[str, list[str]]:
+        if name not in ifs[role]:
+            raise LabError(
+                f"lab {prefix!r} is incomplete: no interface {name} in {plan.namespace(role)}"
+            )
+        return ifs[role][name]
+
+    def both(role: str, names: Sequence[str], family: str) -> list[str]:
+        found = [a for name in names for a in on(role, name)[family]]
+        return sorted(found, key=ipaddress.ip_address)
+
+    view = plan.describe(in_route=routed_nodes(plan))
+    c, s = on("client", CLIENT_IF), on("server", SERVER_IF)
+    view["client"]["addresses"], view["client"]["addresses6"] = c["inet"], c["inet6"]
+    router = view["router"]
+    router_ifs = list(router["interfaces"].values())
+    router["addresses"] = both("router", router_ifs, "inet")
+    router["addresses6"] = both("router", router_ifs, "inet6")
+    for node in view["nodes"]:
+        role, node_ifs = f"node{node['node']}", list(node["interfaces"].values())
+        on("router", node["router_interface"])
+        node["addresses"], node["addresses6"] = (
+            both(role, node_ifs, "inet"),
+            both(role, node_ifs, "inet6"),
+        )
+    view["server"]["address"] = s["inet"][0] if s["inet"] else None
+    view["server"]["address6"] = s["inet6"][0] if s["inet6"] else None
+    return view
+
+
+def _takewhile_exists(probe: LabPlan) -> Iterable[str]:
+    for role in probe.node_roles:
+        ns = probe.namespace(role)
+        if not netns.exists(ns):
+            return
+        yield ns
 
 
 def exec_argv(role: str, argv: Sequence[str], prefix: str = DEFAULT_PREFIX) -> list[str]:

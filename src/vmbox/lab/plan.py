@@ -14,18 +14,37 @@ RFC 5180).
 it made lives inside a namespace and goes with it (`Step.inside`).
 `LabPlan.describe()` is the shape `vmbox lab show --json` prints, so a test can
 compare the kernel's view with the plan's. No I/O here.
+
+A fleet (`LabPlan(nodes=N)`, `vmbox lab up --nodes N`) puts a router and N
+gateway nodes where the one gateway was:
+
+    client --c0══rt-c-- router --rt-nI══gw-c-- node I --gw-s══s-nI--+
+                          |  ECMP route to the server side,          s0 (a bridge) server
+                          +--rt-s══════════════════════════ s-rt ---+
+                             the direct return path
+
+The router reaches each node on a link of its own and spreads flows over the
+nodes with one multipath route hashed on the 5-tuple
+(`fib_multipath_hash_policy=1`, the router's namespace only); the nodes reach
+the server through a bridge in the server's namespace; the server answers
+straight to the router on a link of its own, so a node sees only the
+client->server direction. `route_command(nodes)` is the one replacement of
+that route (per address family) that puts a set of nodes in it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PREFIX = "vmbox"
 MAX_CLIENTS = 200
+MAX_NODES = 16
 ROLES = ("client", "gateway", "server")
+FLEET_ROLES = ("client", "router", "server", *(f"node{i}" for i in range(1, MAX_NODES + 1)))
 
 # Interface names: fixed and short (IFNAMSIZ leaves 15 characters).
 CLIENT_IF = "c0"
@@ -39,6 +58,31 @@ SERVER_NET4 = ipaddress.IPv4Network("198.19.0.0/24")
 CLIENT_NET6 = ipaddress.IPv6Network("2001:2:0:1::/64")
 SERVER_NET6 = ipaddress.IPv6Network("2001:2:0:2::/64")
 GATEWAY_HOST, SERVER_HOST, FIRST_CLIENT_HOST = 1, 2, 10
+
+# A fleet: the router takes the gateway's place on the client side (and its
+# address, .1), node I's link to the router is the I-th /24 (/64) of the node
+# range (router .1, node .2), node I is .10+I on the server side, and the
+# server's return link to the router is one more subnet (router .1, server .2).
+ROUTER_CLIENT_IF = "rt-c"
+ROUTER_RETURN_IF = "rt-s"
+SERVER_RETURN_IF = "s-rt"
+NODE_CLIENT_IF = GATEWAY_CLIENT_IF
+NODE_SERVER_IF = GATEWAY_SERVER_IF
+RETURN_NET4 = ipaddress.IPv4Network("198.19.1.0/24")
+RETURN_NET6 = ipaddress.IPv6Network("2001:2:0:3::/64")
+NODE_LINKS4 = list(ipaddress.IPv4Network("198.18.16.0/20").subnets(new_prefix=24))
+NODE_LINKS6 = list(ipaddress.IPv6Network("2001:2:0:100::/60").subnets(new_prefix=64))
+ROUTER_HOST, NODE_HOST, FIRST_NODE_SERVER_HOST = 1, 2, 10
+RETURN_PATH = "direct"
+# The router hashes on the 5-tuple (addresses, protocol, ports) and does not
+# check that a source is routed back the way it came (the server's answers
+# arrive on the return link, while the server side is routed via the nodes).
+_ROUTER_SYSCTLS = (
+    "net.ipv4.fib_multipath_hash_policy=1",
+    "net.ipv6.fib_multipath_hash_policy=1",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+)
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 Argv = tuple[str, ...]
@@ -76,6 +120,8 @@ class LabPlan:
 
     prefix: str = DEFAULT_PREFIX
     clients: int = 1
+    nodes: int = 0
+    """0: one gateway (client - gateway - server); 1 to MAX_NODES: a router and that many nodes."""
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.fullmatch(self.prefix):
@@ -85,16 +131,49 @@ class LabPlan:
             )
         if not 1 <= self.clients <= MAX_CLIENTS:
             raise LabError(f"--clients {self.clients}: a lab has 1 to {MAX_CLIENTS} clients")
+        if not 0 <= self.nodes <= MAX_NODES:
+            raise LabError(f"--nodes {self.nodes}: a fleet has 1 to {MAX_NODES} nodes")
 
     # Names and addresses.
+    @property
+    def fleet(self) -> bool:
+        return self.nodes > 0
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """This lab's roles, in the order its namespaces are made."""
+        if not self.fleet:
+            return ROLES
+        return ("client", "router", *self.node_roles, "server")
+
+    @property
+    def node_roles(self) -> tuple[str, ...]:
+        return tuple(f"node{i}" for i in range(1, self.nodes + 1))
+
     def namespace(self, role: str) -> str:
-        if role not in ROLES:
-            raise LabError(f"unknown lab role {role!r}: use one of {', '.join(ROLES)}")
-        return f"{self.prefix}-{'gw' if role == 'gateway' else role}"
+        """The namespace of `role`: client, gateway, server, router or node1..node16.
+
+        By name only (`vmbox lab exec` and `down` find a lab's namespaces without
+        knowing its shape); `roles` are the ones this plan builds."""
+        if role not in ROLES and role not in FLEET_ROLES:
+            raise LabError(
+                f"unknown lab role {role!r}: use client, gateway, server, router "
+                f"or node1..node{MAX_NODES}"
+            )
+        short = {"gateway": "gw", "router": "rt"}.get(role, role)
+        if role.startswith("node"):
+            short = f"n{role[4:]}"
+        return f"{self.prefix}-{short}"
 
     @property
     def namespaces(self) -> tuple[str, ...]:
-        return tuple(self.namespace(role) for role in ROLES)
+        return tuple(self.namespace(role) for role in self.roles)
+
+    @property
+    def every_namespace(self) -> tuple[str, ...]:
+        """Every namespace a lab of this name can have, whatever its shape: what `down` removes."""
+        roles = dict.fromkeys([*ROLES, *FLEET_ROLES])
+        return tuple(self.namespace(role) for role in roles)
 
     @property
     def client_addresses(self) -> list[str]:
@@ -104,8 +183,54 @@ class LabPlan:
     def client_addresses6(self) -> list[str]:
         return [_host(CLIENT_NET6, FIRST_CLIENT_HOST + i) for i in range(self.clients)]
 
+    def node_addresses(self, node: int) -> dict[str, str]:
+        """Node `node`'s addresses: its end of the router link and its server-side one."""
+        self._check_node(node)
+        link4, link6 = NODE_LINKS4[node - 1], NODE_LINKS6[node - 1]
+        return {
+            "client": _host(link4, NODE_HOST),
+            "client6": _host(link6, NODE_HOST),
+            "router": _host(link4, ROUTER_HOST),
+            "router6": _host(link6, ROUTER_HOST),
+            "server": _host(SERVER_NET4, FIRST_NODE_SERVER_HOST + node),
+            "server6": _host(SERVER_NET6, FIRST_NODE_SERVER_HOST + node),
+        }
+
+    def _check_node(self, node: int) -> None:
+        if not 1 <= node <= self.nodes:
+            raise LabError(f"lab {self.prefix!r} has no node {node} (it has 1 to {self.nodes})")
+
     # Commands.
+    def route_command(self, nodes: Iterable[int]) -> list[Argv]:
+        """The router's route to the server side through `nodes` (the ready ones), for each
+        address family one `ip route replace` of the whole multipath route: the kernel swaps
+        the route in one step, so a flow never sees a route with a node half added or removed
+        (IPv4; IPv6 inserts a multipath route's nexthops one by one under the replace: see
+        DESIGN.md). No node: an unreachable route (the router answers with an ICMP error)."""
+        chosen = sorted(set(nodes))
+        for node in chosen:
+            self._check_node(node)
+        router = self.namespace("router")
+        argv: list[Argv] = []
+        for net, via in ((SERVER_NET4, "client"), (SERVER_NET6, "client6")):
+            if not chosen:  # (`ip` takes the family from the prefix: one `ip -batch` for both)
+                argv.append(("ip", "-n", router, "route", "replace", "unreachable", str(net)))
+                continue
+            hops: list[str] = []
+            for node in chosen:  # the node's end of its link to the router
+                hops += [
+                    "nexthop",
+                    "via",
+                    self.node_addresses(node)[via],
+                    "dev",
+                    router_node_if(node),
+                ]
+            argv.append(("ip", "-n", router, "route", "replace", str(net), *hops))
+        return argv
+
     def up_steps(self) -> list[Step]:
+        if self.fleet:
+            return self._fleet_steps()
         client, gw, server = self.namespaces
         steps = [
             Step(("ip", "netns", "add", ns), undo=("ip", "netns", "del", ns))
@@ -125,6 +250,62 @@ class LabPlan:
         steps += self._addresses(server, SERVER_IF, [(SERVER_NET4, SERVER_NET6, SERVER_HOST)])
         steps += self._routes(client, SERVER_NET4, SERVER_NET6, CLIENT_NET4, CLIENT_NET6)
         steps += self._routes(server, CLIENT_NET4, CLIENT_NET6, SERVER_NET4, SERVER_NET6)
+        return steps
+
+    def _fleet_steps(self) -> list[Step]:
+        client, router, server = (self.namespace(r) for r in ("client", "router", "server"))
+        nodes = [self.namespace(role) for role in self.node_roles]
+        steps = [
+            Step(("ip", "netns", "add", ns), undo=("ip", "netns", "del", ns))
+            for ns in self.namespaces
+        ]
+        for ns in self.namespaces:
+            steps.append(self._in(ns, "link", "set", "dev", "lo", "up"))
+            extra: tuple[str, ...] = _FORWARDING if ns in (router, *nodes) else ()
+            extra += _ROUTER_SYSCTLS if ns == router else ()
+            steps.append(self._sysctl(ns, *_NO_DAD, *extra))
+        # The server side: a bridge (s0, the server's one address as in the lab
+        # of one gateway), a port per node, and the return link to the router.
+        steps.append(self._in(server, "link", "add", SERVER_IF, "type", "bridge"))
+        steps.append(self._veth(router, ROUTER_CLIENT_IF, client, CLIENT_IF))
+        steps.append(self._veth(router, ROUTER_RETURN_IF, server, SERVER_RETURN_IF))
+        for i, ns in enumerate(nodes, 1):
+            steps.append(self._veth(ns, NODE_CLIENT_IF, router, router_node_if(i)))
+            steps.append(self._veth(ns, NODE_SERVER_IF, server, server_node_if(i)))
+            steps.append(
+                self._in(server, "link", "set", "dev", server_node_if(i), "master", SERVER_IF)
+            )
+        # The forwarding ends first (see up_steps), then the hosts'.
+        steps += self._addresses(
+            router, ROUTER_CLIENT_IF, [(CLIENT_NET4, CLIENT_NET6, ROUTER_HOST)]
+        )
+        steps += self._addresses(
+            router, ROUTER_RETURN_IF, [(RETURN_NET4, RETURN_NET6, ROUTER_HOST)]
+        )
+        for i, ns in enumerate(nodes, 1):
+            link = [(NODE_LINKS4[i - 1], NODE_LINKS6[i - 1])]
+            steps += self._addresses(router, router_node_if(i), [(*link[0], ROUTER_HOST)])
+            steps += self._addresses(ns, NODE_CLIENT_IF, [(*link[0], NODE_HOST)])
+            server_side = [(SERVER_NET4, SERVER_NET6, FIRST_NODE_SERVER_HOST + i)]
+            steps += self._addresses(ns, NODE_SERVER_IF, server_side)
+            steps.append(self._in(server, "link", "set", "dev", server_node_if(i), "up"))
+        steps += self._addresses(client, CLIENT_IF, self._client_hosts())
+        steps += self._addresses(server, SERVER_IF, [(SERVER_NET4, SERVER_NET6, SERVER_HOST)])
+        steps += self._addresses(
+            server, SERVER_RETURN_IF, [(RETURN_NET4, RETURN_NET6, SERVER_HOST)]
+        )
+        # Routes: the client to the router; the router to the nodes (every one
+        # ready once up); each node to the client side via the router (only for
+        # what a node itself sends: ICMP errors); the server straight back.
+        steps += self._routes(client, SERVER_NET4, SERVER_NET6, CLIENT_NET4, CLIENT_NET6)
+        steps += [
+            Step(argv, inside=router) for argv in self.route_command(range(1, self.nodes + 1))
+        ]
+        for i, ns in enumerate(nodes, 1):
+            steps += self._routes(
+                ns, CLIENT_NET4, CLIENT_NET6, NODE_LINKS4[i - 1], NODE_LINKS6[i - 1]
+            )
+        steps += self._routes(server, CLIENT_NET4, CLIENT_NET6, RETURN_NET4, RETURN_NET6)
         return steps
 
     def down_commands(self) -> list[Argv]:
@@ -167,14 +348,19 @@ class LabPlan:
         near4: ipaddress.IPv4Network,
         near6: ipaddress.IPv6Network,
     ) -> list[Step]:
-        """Only the far side's subnets, via the gateway: no default route, no way out."""
+        """Only the far side's subnets, via the gateway (a fleet's router is .1 too on each of
+        its links): no default route, no way out."""
         return [
             self._in(ns, "route", "add", str(far4), "via", _host(near4, GATEWAY_HOST)),
             self._in(ns, "route", "add", str(far6), "via", _host(near6, GATEWAY_HOST)),
         ]
 
-    def describe(self) -> dict[str, Any]:
-        """The lab as `vmbox lab show --json` prints it (vmbox.lab.netlab.show reads it back)."""
+    def describe(self, in_route: Iterable[int] | None = None) -> dict[str, Any]:
+        """The lab as `vmbox lab show --json` prints it (vmbox.lab.netlab.show reads it back).
+        A fleet's nodes say whether they are `in_route` (default: all, as after `up`)."""
+        if self.fleet:
+            ready = set(range(1, self.nodes + 1) if in_route is None else in_route)
+            return self._describe_fleet(ready)
         client, gw, server = self.namespaces
         return {
             "name": self.prefix,
@@ -197,3 +383,59 @@ class LabPlan:
                 "address6": _host(SERVER_NET6, SERVER_HOST),
             },
         }
+
+    def _client(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace("client"),
+            "interface": CLIENT_IF,
+            "addresses": self.client_addresses,
+            "addresses6": self.client_addresses6,
+        }
+
+    def _describe_fleet(self, ready: set[int]) -> dict[str, Any]:
+        nodes = []
+        for i in range(1, self.nodes + 1):
+            a = self.node_addresses(i)
+            nodes.append(
+                {
+                    "node": i,
+                    "namespace": self.namespace(f"node{i}"),
+                    "interfaces": {"client": NODE_CLIENT_IF, "server": NODE_SERVER_IF},
+                    "addresses": _numeric([a["client"], a["server"]]),
+                    "addresses6": _numeric([a["client6"], a["server6"]]),
+                    "router_interface": router_node_if(i),
+                    "in_route": i in ready,
+                }
+            )
+        return {
+            "name": self.prefix,
+            "client": self._client(),
+            "router": {
+                "namespace": self.namespace("router"),
+                "interfaces": {"client": ROUTER_CLIENT_IF, "return": ROUTER_RETURN_IF},
+                "addresses": [_host(CLIENT_NET4, ROUTER_HOST), _host(RETURN_NET4, ROUTER_HOST)],
+                "addresses6": [_host(CLIENT_NET6, ROUTER_HOST), _host(RETURN_NET6, ROUTER_HOST)],
+            },
+            "nodes": nodes,
+            "return_path": RETURN_PATH,
+            "server": {
+                "namespace": self.namespace("server"),
+                "interface": SERVER_IF,
+                "address": _host(SERVER_NET4, SERVER_HOST),
+                "address6": _host(SERVER_NET6, SERVER_HOST),
+            },
+        }
+
+
+def _numeric(addresses: list[str]) -> list[str]:
+    return sorted(addresses, key=ipaddress.ip_address)
+
+
+def router_node_if(node: int) -> str:
+    """The router's end of its link to node `node`."""
+    return f"rt-n{node}"
+
+
+def server_node_if(node: int) -> str:
+    """Node `node`'s port on the server's bridge."""
+    return f"s-n{node}"
