@@ -113,6 +113,7 @@ class Receiver:
 
     def __enter__(self) -> Receiver:
         sock = in_ns(self.ns, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         sock.bind(("0.0.0.0", PORT))
         sock.settimeout(0.05)
         self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True)

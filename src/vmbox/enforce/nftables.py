@@ -362,7 +362,8 @@ def install(table: Table, rates: Mapping[str, Rate], generation: int = 1) -> Doc
     for index, rule in table.limited():
         cmds.extend(_limiter_rules(table, index, rule, by_index[index], generation))
     for index, rule in enumerate(table.rules):
-        cmds.append(_base_rule(table, index, rule))
+        if rule.version != 0:  # a v4 and a v6 CIDR: no packet matches, nft refuses the rule
+            cmds.append(_base_rule(table, index, rule))
     return {"nftables": cmds}
 
 
