@@ -160,7 +160,7 @@ async def test_a_rate_change_under_load_admits_within_old_and_new(node: nftlab.T
 @on_loop
 async def test_a_flood_of_sources_stays_within_the_set_size(node: nftlab.Triple) -> None:
     size, count = 4096, 10_000
-    kernel = enforcer(node, "flood", size=size)
+    kernel = enforcer(node, "flood", size=size, timeout=1)
     await kernel.install({"limit": Rate(LIMIT, "second", BURST)})
     try:
         with nftlab.Receiver(node.server) as rx:
@@ -178,6 +178,8 @@ async def test_a_flood_of_sources_stays_within_the_set_size(node: nftlab.Triple)
         assert counts["overflow"] >= count - size - (LIMIT * (spent + 0.5) + BURST)
         assert counts["passed"] <= size + LIMIT * (spent + 0.5) + BURST
         assert sum(rx.sources.values()) <= counts["passed"]  # a Python receiver may lose some
+        await asyncio.sleep(1.5)  # idle sources leave after the set's timeout (1 s)
+        assert (await kernel.read()).sources == {"limit": 0}
     finally:
         await kernel.remove()
     assert await ruleset(node.node) == []
