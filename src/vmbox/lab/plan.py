@@ -305,7 +305,14 @@ class LabPlan:
             steps += self._routes(
                 ns, CLIENT_NET4, CLIENT_NET6, NODE_LINKS4[i - 1], NODE_LINKS6[i - 1]
             )
-        steps += self._routes(server, CLIENT_NET4, CLIENT_NET6, RETURN_NET4, RETURN_NET6)
+        # The server answers from its service address (s0's), not the return
+        # link's: a socket that picks its source from the route (iperf3's UDP
+        # server connects to its client) would otherwise answer from 198.19.1.2.
+        for net, via, src in (
+            (CLIENT_NET4, _host(RETURN_NET4, ROUTER_HOST), _host(SERVER_NET4, SERVER_HOST)),
+            (CLIENT_NET6, _host(RETURN_NET6, ROUTER_HOST), _host(SERVER_NET6, SERVER_HOST)),
+        ):
+            steps.append(self._in(server, "route", "add", str(net), "via", via, "src", src))
         return steps
 
     def down_commands(self) -> list[Argv]:
