@@ -32,6 +32,7 @@ from vmbox import netns
 
 CLIENT, NODE_C, NODE_S, SERVER = "198.18.0.10", "198.18.0.1", "198.19.0.1", "198.19.0.2"
 PORT = 9000
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; also its SCM_ type
 _serial = itertools.count()
 
 
@@ -110,10 +111,14 @@ class Receiver:
     sources: Counter[str] = field(default_factory=Counter)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _wall_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
     def __enter__(self) -> Receiver:
         sock = in_ns(self.ns, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        # The kernel's arrival time (wall clock), so a receiver starved of CPU on a busy
+        # machine does not move datagrams into the next second.
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind(("0.0.0.0", PORT))
         sock.settimeout(0.05)
         self._thread = threading.Thread(target=self._run, args=(sock,), daemon=True)
@@ -124,10 +129,15 @@ class Receiver:
         with sock:
             while not self._stop.is_set():
                 try:
-                    _, (src, _) = sock.recvfrom(2048)
+                    _, ancillary, _, (src, _) = sock.recvmsg(2048, 64)
                 except TimeoutError:
                     continue
-                self.seconds[int(time.monotonic() - self.start)] += 1
+                arrived = time.monotonic()
+                for level, kind, data in ancillary:
+                    if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS):
+                        sec, nsec = struct.unpack("@ll", data[: struct.calcsize("@ll")])
+                        arrived = sec + nsec / 1e9 - self._wall_offset
+                self.seconds[int(arrived - self.start)] += 1
                 self.sources[src] += 1
 
     def __exit__(self, *_: object) -> None:

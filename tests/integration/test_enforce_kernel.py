@@ -134,24 +134,33 @@ async def test_a_rate_change_under_load_admits_within_old_and_new(node: nftlab.T
     """100 -> 50 at 1.5 s, 50 -> 100 at 3.5 s, 300/s offered: no second over max + burst."""
     kernel = enforcer(node, "resize")
     await kernel.install({"limit": Rate(LIMIT, "second", BURST)})
-    took = []
+    changes: list[tuple[float, float, int]] = []  # (begun, done) since start, and the new rate
     try:
         with nftlab.Receiver(node.server) as rx:
             sender = offered_at(node, rx, 3 * LIMIT, 5)
             for at, rate in ((1.5, LIMIT // 2), (3.5, LIMIT)):
                 await asyncio.sleep(rx.start + at - time.monotonic())
-                begun = time.monotonic()
+                begun = time.monotonic() - rx.start
                 await kernel.set_rates({"limit": Rate(rate, "second", BURST)})
-                took.append(time.monotonic() - begun)
+                changes.append((begun, time.monotonic() - rx.start, rate))
             await asyncio.to_thread(sender.join)
             await asyncio.sleep(0.2)
         seconds = rx.per_second(0, 5)
-        print(f"received {seconds}; set_rates took {[round(t * 1000, 1) for t in took]} ms")
-        bounds = [LIMIT, LIMIT, LIMIT // 2, LIMIT, LIMIT]  # max(old, new) in each second
-        for n, bound in zip(seconds, bounds, strict=True):
-            assert n <= bound + BURST, seconds
-        assert abs(seconds[2] - LIMIT // 2) <= 0.05 * LIMIT, seconds  # the new rate, at once
-        assert abs(seconds[4] - LIMIT) <= 0.05 * LIMIT, seconds
+        print(f"received {seconds}; changes (begun, done, rate) {changes}")
+        # Each rate may be in force from its change's begin to the next change's end (a
+        # change lands somewhere in between, which a busy machine can stretch).
+        regimes = [(0.0, changes[0][1], LIMIT)] + [
+            (begun, changes[i + 1][1] if i + 1 < len(changes) else 9.0, rate)
+            for i, (begun, _, rate) in enumerate(changes)
+        ]
+        exact = 0
+        for second, n in enumerate(seconds):
+            rates = {rate for a, b, rate in regimes if a < second + 1 and b > second}
+            assert n <= max(rates) + BURST, (second, seconds, changes)
+            if len(rates) == 1 and second > 0:  # one rate all second: held to it
+                assert abs(n - max(rates)) <= 0.05 * LIMIT, (second, seconds, changes)
+                exact += 1
+        assert exact >= 1, (seconds, changes)
         assert kernel.generation == 3
     finally:
         await kernel.remove()
@@ -160,7 +169,7 @@ async def test_a_rate_change_under_load_admits_within_old_and_new(node: nftlab.T
 @on_loop
 async def test_a_flood_of_sources_stays_within_the_set_size(node: nftlab.Triple) -> None:
     size, count = 4096, 10_000
-    kernel = enforcer(node, "flood", size=size, timeout=1)
+    kernel = enforcer(node, "flood", size=size)
     await kernel.install({"limit": Rate(LIMIT, "second", BURST)})
     try:
         with nftlab.Receiver(node.server) as rx:
@@ -178,11 +187,22 @@ async def test_a_flood_of_sources_stays_within_the_set_size(node: nftlab.Triple)
         assert counts["overflow"] >= count - size - (LIMIT * (spent + 0.5) + BURST)
         assert counts["passed"] <= size + LIMIT * (spent + 0.5) + BURST
         assert sum(rx.sources.values()) <= counts["passed"]  # a Python receiver may lose some
-        await asyncio.sleep(1.5)  # idle sources leave after the set's timeout (1 s)
-        assert (await kernel.read()).sources == {"limit": 0}
     finally:
         await kernel.remove()
     assert await ruleset(node.node) == []
+
+
+@on_loop
+async def test_idle_sources_leave_after_the_timeout(node: nftlab.Triple) -> None:
+    kernel = enforcer(node, "idle", timeout=1)
+    await kernel.install({"limit": Rate(LIMIT, "second", BURST)})
+    try:
+        await asyncio.to_thread(nftlab.flood, node.client, nftlab.sources(100))
+        assert 0 < (await kernel.read()).sources["limit"] <= 100
+        await asyncio.sleep(2.0)  # the set's timeout is 1 s
+        assert (await kernel.read()).sources == {"limit": 0}
+    finally:
+        await kernel.remove()
 
 
 @on_loop
@@ -196,7 +216,7 @@ async def test_errors_are_one_line(node: nftlab.Triple) -> None:
     assert "\n" not in str(refused.value) and "No such file" in str(refused.value)
     table = Table("closed", (KernelRule("limit", "ratelimit"),), interface=NODE_IF)
     kernel = KernelEnforcer(node.node, table)
-    await kernel.install({"limit": Rate(0)})  # a share of 0: no sets, everything dropped
+    await kernel.install({"limit": Rate(0)})  # a share of 0: everything dropped
     try:
         assert (await kernel.read()).sources == {"limit": 0}
     finally:

@@ -123,14 +123,9 @@ class KernelEnforcer:
         sizes: dict[str, int] = {}
         for index, rule in self.table.limited():
             now: dict[str, Count] = {}
-            for version in nft._versions(rule):
+            for version in nft.versions(rule):
                 args = nft.list_set(self.table, index, self.generation, version)
-                try:
-                    listing = await run_nft(self.namespace, args, timeout=self.timeout)
-                except EnforceError as exc:
-                    if "No such file" in str(exc):  # a closed rule (rate 0) has no sets
-                        continue
-                    raise
+                listing = await run_nft(self.namespace, args, timeout=self.timeout)
                 now |= nft.parse_set(listing)
             key = (rule.name, self.generation)
             before = self._last.get(key, {})

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -240,7 +240,7 @@ def _limit(rule: KernelRule, rate: Rate) -> Doc:
     return {"limit": {**limit, "inv": True}}
 
 
-def _versions(rule: KernelRule) -> tuple[int, ...]:
+def versions(rule: KernelRule) -> tuple[int, ...]:
     version = rule.version
     return (4, 6) if version is None else ((version,) if version else ())
 
@@ -268,7 +268,7 @@ def _sets(table: Table, index: int, rule: KernelRule, generation: int) -> list[D
                 "size": table.size,
             },
         )
-        for v in _versions(rule)
+        for v in versions(rule)
     ]
 
 
@@ -284,7 +284,7 @@ def _limiter_rules(
         body = [_rule(table, chain, verdict)]
     else:
         body = []
-        for v in _versions(rule):
+        for v in versions(rule):
             name = set_name(index, generation, v)
             update = {
                 "set": {
@@ -295,7 +295,7 @@ def _limiter_rules(
                 }
             }
             body.append(_rule(table, chain, [update, *verdict]))
-        for v in _versions(rule):  # not in the (full) set: the shared overflow bucket
+        for v in versions(rule):  # not in the (full) set: the shared overflow bucket
             name = set_name(index, generation, v)
             overflow = [
                 _match(_saddr(v), "@" + name, "!="),
@@ -382,7 +382,7 @@ def set_rates(table: Table, rates: Mapping[str, Rate], generation: int) -> Doc:
         cmds.extend(_sets(table, index, rule, generation))
         cmds.append({"flush": {"chain": {**ref, "name": chain_name(index)}}})
         cmds.extend(_limiter_rules(table, index, rule, rates[rule.name], generation))
-        for v in _versions(rule):
+        for v in versions(rule):
             cmds.append({"delete": {"set": {**ref, "name": set_name(index, generation - 1, v)}}})
     return {"nftables": cmds}
 
@@ -452,8 +452,3 @@ def rule_counters(table: Table, counters: Mapping[str, Count]) -> dict[str, dict
             "overflow": counters.get(names["overflow"], Count()).packets,
         }
     return result
-
-
-def documents_sets(doc: Mapping[str, Any]) -> Sequence[str]:
-    """The names of the sets a document adds (for tests and the driver's bookkeeping)."""
-    return [c["add"]["set"]["name"] for c in doc["nftables"] if "set" in c.get("add", {})]
