@@ -157,3 +157,19 @@ def test_down_removes_a_half_built_fleet_and_leaves_the_host_as_it_was() -> None
     finally:
         down(prefix)
     assert host_network_state() == before
+
+
+def test_hping3_floods_spread_over_every_node_and_report_their_counts(fleet: LabPlan) -> None:
+    sources = fleet.client_addresses[2:4]
+    start = labload.snapshot(fleet)
+    sent = labload.hping3_flood(fleet, sources, 1.0)
+    time.sleep(0.1)
+    rates = labload.Rates.between(start, labload.snapshot(fleet))
+    print("hping3:", sent, rates)
+    assert [s.source for s in sent] == sources and all(s.packets > 1000 for s in sent), sent
+    reported = sum(s.packets for s in sent)
+    # What the senders say they sent is what left the client (ARP/ND aside) ...
+    assert abs(rates.offered * rates.seconds - reported) <= SLACK + reported * 0.01
+    # ... and a new source port per packet spreads it over all four nodes.
+    assert min(rates.nodes) > 0.15 * sum(rates.nodes), rates.nodes
+    assert pids_in(fleet.namespace("client")) == []
