@@ -281,6 +281,11 @@ class Replica:
         A spare stands by first (`_stand_by`) and starts serving when promoted."""
         if not self.standby:
             self.middlebox.start(time.time())
+        if self.relay is not None:
+            try:  # resolved now, so the bind at a window boundary is immediate (_bind)
+                await self.relay.prepare()
+            except OSError as exc:
+                raise ReplicaConfigError(str(exc)) from None
         port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
         # `template`: which spec it runs, so a rollout knows whom to replace (vmbox.spec.changes).
         info = {

@@ -76,9 +76,16 @@ async def resolve(address: Address) -> tuple[socket.AddressFamily, Address]:
     return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
-async def bind_udp(listen: Address, setting: str, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking UDP socket bound to `listen`; `setting` names the config key in errors."""
-    family, addr = await resolve(listen)
+async def bind_udp(
+    listen: Address,
+    setting: str,
+    *,
+    reuse_port: bool = False,
+    resolved: tuple[socket.AddressFamily, Address] | None = None,
+) -> socket.socket:
+    """A non-blocking UDP socket bound to `listen`; `setting` names the config key in errors.
+    `resolved`: `resolve(listen)` done earlier, so binding takes no trip to a resolver thread."""
+    family, addr = resolved or await resolve(listen)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if reuse_port:

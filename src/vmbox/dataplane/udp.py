@@ -143,6 +143,7 @@ class UdpRelay:
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
         self._upstream_addr: tuple[socket.AddressFamily, Address] | None = None
+        self._listen_addr: tuple[socket.AddressFamily, Address] | None = None
         self._dst = ("", 0)  # what a middlebox sees as a packet's destination: the upstream
         self._pending: list[tuple[bytes, Peer]] = []
         self._wake = asyncio.Event()
@@ -159,12 +160,22 @@ class UdpRelay:
         """The address actually bound (the real port when `listen` asked for 0)."""
         return bound_address(self._transport, "relay")
 
+    async def prepare(self) -> None:
+        """Resolve the listen and upstream addresses ahead of start(), which then binds
+        at once (a joiner binds at a window boundary: vmbox.replica)."""
+        if self._upstream_addr is None:
+            self._upstream_addr = await resolve(self.upstream)
+            self._dst = (str(self._upstream_addr[1][0]), int(self._upstream_addr[1][1]))
+        if self._listen_addr is None:
+            self._listen_addr = await resolve(self.listen)
+
     async def start(self) -> None:
         """Bind the listen address and start the owned background tasks."""
         loop = asyncio.get_running_loop()
-        self._upstream_addr = await resolve(self.upstream)
-        self._dst = (str(self._upstream_addr[1][0]), int(self._upstream_addr[1][1]))
-        sock = self._sock = await bind_udp(self.listen, "listen", reuse_port=self.reuse_port)
+        await self.prepare()
+        sock = self._sock = await bind_udp(
+            self.listen, "listen", reuse_port=self.reuse_port, resolved=self._listen_addr
+        )
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _ListenProtocol(self), sock=sock
         )
