@@ -32,14 +32,17 @@ def vmbox(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def fleet() -> Iterator[LabPlan]:
-    """A fresh 4-node fleet with 4 client addresses; removed whatever happened."""
+    """A fresh 4-node fleet with 4 client addresses; removed whatever happened (and `down`
+    must leave none of its namespaces)."""
     require_lab()
     plan = LabPlan(unique_prefix(), 4, 4)
     try:
         up(plan, replace=True)
         yield plan
     finally:
-        down(plan.prefix)
+        removed = down(plan.prefix)
+    assert sorted(removed) == sorted(plan.namespaces)
+    assert not any(netns.exists(ns) for ns in plan.every_namespace)
 
 
 def node_rx(plan: LabPlan) -> list[int]:

@@ -117,7 +117,7 @@ def down(prefix: str) -> None:
 @click.option("--none", "no_node", is_flag=True, help="Take every node out of the route.")
 @name_option
 def route(nodes: tuple[int, ...], no_node: bool, prefix: str) -> None:
-    """Route a fleet's traffic through NODES only (e.g. `vmbox lab route 1 2 4`).
+    """Route a fleet's traffic through NODES only: `vmbox lab route 1 2 4`.
 
     One `ip route replace` of the router's multipath route per address
     family: flows move from one set of nodes to the other at once. The other
