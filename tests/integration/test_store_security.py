@@ -113,16 +113,18 @@ def test_tls_with_the_right_certificates(tls_etcd: EtcdServer, certs: Certs, aio
             },
         )
 
-        async def main(target: StoreSpec = target) -> bytes | None:
+        async def main(target: StoreSpec = target) -> tuple[bytes | None, bytes | None]:
             store = await open_with(target)
             try:
                 await store.put("/vmbox/t/tls", b"over TLS")
                 got = await store.get("/vmbox/t/tls")
-                return got.value if got else None
+                # The poll views' blocking channel (off the loop) with the same TLS files.
+                off = await asyncio.to_thread(store.blocking_get, "/vmbox/t/tls", timeout=5.0)
+                return (got.value if got else None), (off.value if off else None)
             finally:
                 await store.close()
 
-        assert aio.run(main()) == b"over TLS"
+        assert aio.run(main()) == (b"over TLS", b"over TLS")
 
 
 @pytest.mark.parametrize(
@@ -177,6 +179,11 @@ def test_auth_with_the_right_password(auth_etcd: EtcdServer, tmp_path: Path, aio
             # The role grants /vmbox/ and nothing else.
             with pytest.raises(StoreError, match="denied put /elsewhere to user 'vmbox'"):
                 await store.put("/elsewhere", b"1")
+            # The blocking channel (poll views, off the loop) logs in with the same token.
+            got = await asyncio.to_thread(store.blocking_get, "/vmbox/t/auth", timeout=5.0)
+            assert got is not None and got.value == b"1"
+            with pytest.raises(StoreError, match="denied get /elsewhere to user 'vmbox'"):
+                await asyncio.to_thread(store.blocking_get, "/elsewhere", timeout=5.0)
         finally:
             await store.close()
 

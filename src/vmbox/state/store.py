@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 
 class StoreError(Exception):
@@ -82,3 +82,17 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BlockingReads(Protocol):
+    """A store that can also read from a thread of its own, without any event loop.
+
+    EtcdStore does, through a blocking gRPC channel beside its asyncio one; poll
+    views read through it on a vmbox.state.readthread.ReadThread, so the packet
+    loop hears only of changes. The memory store does not (its views poll on the loop).
+    """
+
+    def blocking_get(self, key: str, *, timeout: float) -> KeyValue | None:
+        """A linearizable read that blocks the calling thread (never the event loop's)."""
+        ...

@@ -22,11 +22,13 @@ from typing import Any, ClassVar
 
 from vmbox.middlebox import StateItem, StateValueError
 from vmbox.state.fence import Fence, encode_ack, probe_interval
-from vmbox.state.store import KeyValue, Store, StoreError
+from vmbox.state.readthread import Outcome, ReadThread
+from vmbox.state.store import BlockingReads, KeyValue, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 2.0
+JOIN_TIMEOUT = 2.0  # a read thread's read in flight ends within its timeout (at most 1 s here)
 
 
 class View:
@@ -52,7 +54,8 @@ class View:
         self.last_error: str | None = None
         self.updates = 0  # times the value changed (on_change calls)
         self.bad_values = 0
-        self.reads = 0  # successful reads or watch events handled
+        self._reads = 0  # successful reads or watch events handled on the loop
+        self._threads: list[ReadThread] = []  # reads off the loop (`read_off_loop`)
         # Watch mode only: puts the watch stream delivered for this key, the
         # revision of the last one, and how often the stream had to be opened
         # again after an error (a resumed stream, e.g. over a leader change,
@@ -65,6 +68,52 @@ class View:
     async def run(self) -> None:
         """Keep the value fresh until cancelled; never raises on store errors."""
 
+    @property
+    def reads(self) -> int:
+        """Successful reads (and watch events), on the loop or on a read thread."""
+        return self._reads + sum(thread.quiet for thread in self._threads)
+
+    @property
+    def off_loop(self) -> bool:
+        """Whether this view's periodic reads can run on a thread of their own."""
+        return isinstance(self.store, BlockingReads)
+
+    async def read_off_loop(
+        self, interval: float, timeout: float, *, first_delay: float, max_backoff: float
+    ) -> None:
+        """Read every `interval` s on a ReadThread until cancelled (vmbox.state.readthread).
+
+        The loop runs `take` only when a read found something new (a revision,
+        the key gone, the store lost or back), so a quiet poll costs the packet
+        path nothing. Cancelling wakes the thread and joins it."""
+        store = self.store
+        assert isinstance(store, BlockingReads)
+        key = self.key
+        thread = ReadThread(
+            lambda: store.blocking_get(key, timeout=timeout),
+            interval,
+            self.take,
+            asyncio.get_running_loop(),
+            first_delay=first_delay,
+            max_backoff=max_backoff,
+            name=f"vmbox-read {key}",
+        )
+        self._threads.append(thread)
+        thread.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            thread.stop(0)  # wakes it; the join waits off the loop
+            await asyncio.to_thread(thread.stop, JOIN_TIMEOUT)
+
+    def take(self, outcome: Outcome) -> None:
+        """A read thread's news, on the loop: as `refresh` would have handled that read."""
+        if outcome.error is not None:
+            self.mark_stale(outcome.error)
+            return
+        self.mark_fresh()
+        self.apply_kv(outcome.kv)
+
     def _store(self) -> Store:
         if self.store is None:
             raise RuntimeError(f"{type(self).__name__} for {self.key} has no store")
@@ -72,7 +121,7 @@ class View:
 
     def apply(self, raw: bytes, revision: int) -> None:
         """Take a stored value seen at `revision` (older or already seen ones are ignored)."""
-        self.reads += 1
+        self._reads += 1
         # Revisions only grow, so an older read racing a newer watch event
         # cannot undo it, and one garbage value is reported once, not per read.
         if revision and revision <= self._seen_revision:
@@ -96,7 +145,7 @@ class View:
         if kv is not None:
             self.apply(kv.value, kv.mod_revision)
         else:
-            self.reads += 1
+            self._reads += 1
 
     def mark_stale(self, exc: StoreError) -> None:
         if not self.stale:
@@ -129,7 +178,11 @@ class LocalView(View):
 
 
 class PollView(View):
-    """A linearizable read every `interval` seconds (backing off while etcd is away)."""
+    """A linearizable read every `interval` seconds (backing off while etcd is away).
+
+    On an etcd store the reads run on a thread of their own and the loop hears
+    only of changes (`read_off_loop`); on the memory store, on the loop.
+    """
 
     mode = "poll"
 
@@ -138,6 +191,10 @@ class PollView(View):
         self.interval = interval
 
     async def run(self) -> None:
+        if self.off_loop:
+            interval, timeout = self.interval, max(self.interval, 1.0)
+            await self.read_off_loop(interval, timeout, first_delay=0, max_backoff=_MAX_BACKOFF)
+            return
         delay = self.interval
         while True:
             ok = await self.refresh(max(self.interval, 1.0))
@@ -190,6 +247,11 @@ class WatchView(View):
             delay = min(delay * 2, _MAX_BACKOFF)
 
     async def _probe(self) -> None:
+        if self.off_loop:  # a thread of its own, as the poll view's reads
+            timeout = max(self.probe_interval, 1.0)
+            interval = self.probe_interval  # no back-off: it tells stale from quiet
+            await self.read_off_loop(interval, timeout, first_delay=interval, max_backoff=interval)
+            return
         while True:
             await asyncio.sleep(self.probe_interval)
             await self.refresh(max(self.probe_interval, 1.0))

@@ -11,8 +11,10 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 from etcd3aio import Etcd3Client
 
+from vmbox.state.etcd.blocking import OpenChannel
 from vmbox.state.etcd.errors import Unreachable
 from vmbox.state.etcd.etcdstore import DEFAULT_OP_TIMEOUT, EtcdStore
 from vmbox.state.store import StoreError, StoreUnavailable
@@ -64,27 +66,60 @@ async def connect(
         raise StoreError("no etcd endpoint given")
     if (cert is None) != (key is None) or (cert is not None and ca_cert is None):
         raise StoreError("a client certificate needs its key and a CA certificate")
+    files = (
+        _read(ca_cert, "CA certificate"),
+        _read(key, "client key"),
+        _read(cert, "client certificate"),
+    )
     client = Etcd3Client(
         names,
         watch_reconnect_backoff_seconds=0.1,
         watch_max_reconnect_backoff_seconds=1.0,
         tls_server_name=tls_server_name,
-        ca_cert=_read(ca_cert, "CA certificate"),
-        cert_key=_read(key, "client key"),
-        cert_chain=_read(cert, "client certificate"),
+        ca_cert=files[0],
+        cert_key=files[1],
+        cert_chain=files[2],
     )
     # No public knob for channel options: extend the manager's before the channel exists.
     client._manager.grpc_options.extend(_RECONNECT_OPTIONS)
     await client.connect()
     creds = (user, password or "") if user else None
     tls = ca_cert is not None
-    store = EtcdStore(client, names, op_timeout=op_timeout, credentials=creds, tls=tls)
+    blocking = _blocking_channel(client, files, tls_server_name)
+    store = EtcdStore(
+        client, names, op_timeout=op_timeout, credentials=creds, tls=tls, blocking=blocking
+    )
     try:
         await _first_read(store, timeout)
     except BaseException:
         await client.close()
         raise
     return store
+
+
+def _blocking_channel(
+    client: Etcd3Client,
+    files: tuple[bytes | None, bytes | None, bytes | None],
+    tls_server_name: str | None,
+) -> OpenChannel:
+    """How to open a blocking channel like the client's asyncio one (same target,
+    options and TLS files), for reads from threads off the loop (blocking.py)."""
+    target = client._manager.target
+    options = list(client._manager.grpc_options)
+    ca_cert, cert_key, cert_chain = files
+
+    def open_channel() -> grpc.Channel:
+        if ca_cert is None:
+            return grpc.insecure_channel(target, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_cert, private_key=cert_key, certificate_chain=cert_chain
+        )
+        named = options
+        if tls_server_name is not None:
+            named = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
+        return grpc.secure_channel(target, credentials, options=named)
+
+    return open_channel
 
 
 async def _first_read(store: EtcdStore, patience: float) -> None:

@@ -36,9 +36,11 @@ _TLS_FAILURES = (
 
 def failure_reason(exc: BaseException, tls: bool = False) -> str:
     """A few words on why a call failed, e.g. 'connection refused'."""
-    rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else exc.__cause__
+    # AioRpcError (the asyncio client) and the blocking client's errors are both RpcErrors
+    # with details() and code() (vmbox.state.etcd.blocking).
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
     detail = str(exc)
-    if isinstance(rpc, grpc.aio.AioRpcError):
+    if isinstance(rpc, grpc.RpcError) and callable(getattr(rpc, "details", None)):
         detail = rpc.details() or rpc.code().name
     lowered = detail.lower()
     for needle, words in (

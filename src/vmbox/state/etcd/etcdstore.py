@@ -29,6 +29,7 @@ from etcd3aio.errors import (
 from etcd3aio.kv import KVService, prefix_range_end
 
 from vmbox.state.etcd import watch
+from vmbox.state.etcd.blocking import BlockingChannel, OpenChannel
 from vmbox.state.etcd.errors import UNAVAILABLE_CODES, Unreachable, failure_reason
 from vmbox.state.store import KeyValue, LeaseLost, StoreError, StoreUnavailable, WatchEvent
 
@@ -50,6 +51,7 @@ class EtcdStore:
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         credentials: tuple[str, str] | None = None,
         tls: bool = False,
+        blocking: OpenChannel | None = None,
     ) -> None:
         self._client = client
         self.endpoints = tuple(endpoints)
@@ -57,6 +59,19 @@ class EtcdStore:
         self.op_timeout = op_timeout
         self._credentials = credentials
         self.tls = tls
+        self._token: str | None = None
+        self._blocking = (
+            None
+            if blocking is None
+            else BlockingChannel(
+                blocking,
+                self.where,
+                token=lambda: self._token,
+                credentials=lambda: self._credentials,
+                denied=self._denied,
+                tls=tls,
+            )
+        )
 
     @property
     def where(self) -> str:
@@ -138,11 +153,18 @@ class EtcdStore:
                 return
             raise StoreError(f"etcd at {self.where} rejected user {user!r}: {reason}") from None
         self._client.set_token(answer.token)
+        self._token = str(answer.token)
 
     async def get(self, key: str, *, timeout: float | None = None) -> KeyValue | None:
         kv = self._kv()
         answer = await self._call(f"get {key}", lambda t: kv.get(key, timeout=t), timeout)
         return _key_value(answer.kvs[0]) if answer.kvs else None
+
+    def blocking_get(self, key: str, *, timeout: float) -> KeyValue | None:
+        """A linearizable read from a thread off the loop (vmbox.state.store.BlockingReads)."""
+        if self._blocking is None:
+            raise StoreError(f"etcd store for {self.where} has no blocking channel")
+        return self._blocking.get(key, timeout)
 
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         kv = self._kv()
@@ -230,6 +252,8 @@ class EtcdStore:
         return self._resumes + watch.client_resumes()
 
     async def close(self) -> None:
+        if self._blocking is not None:
+            self._blocking.close()
         await self._client.close()
 
 

@@ -1,0 +1,122 @@
+"""BlockingChannel: linearizable reads over a blocking gRPC channel, for threads off the loop.
+
+EtcdStore.blocking_get (vmbox.state.etcd.etcdstore) calls it from the poll
+views' read threads (vmbox.state.readthread): gRPC's synchronous API waits in
+its C core with the GIL released and needs no event loop, where a read through
+the asyncio client costs the replica's loop about 1 ms of CPU between packets
+(DESIGN.md, "The store client off the packet path"). The channel is opened on
+first use with the same target, options and TLS files as the store's asyncio
+channel (connect() hands over how), logs in with the store's token, and logs
+in again by itself once when that token has expired. Errors become the same
+StoreErrors as EtcdStore's, with the same one-line reasons. Thread-safe: gRPC
+channels are, and the lazy open is under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from etcd3aio._protobuf import AuthenticateRequest, AuthStub, KVStub, RangeRequest
+
+from vmbox.state.etcd.errors import UNAVAILABLE_CODES, Unreachable, failure_reason
+from vmbox.state.store import KeyValue, StoreError
+
+OpenChannel = Callable[[], grpc.Channel]
+
+
+class BlockingChannel:
+    """Blocking reads for one EtcdStore: `where` names its endpoints in errors."""
+
+    def __init__(
+        self,
+        open_channel: OpenChannel,
+        where: str,
+        *,
+        token: Callable[[], str | None],
+        credentials: Callable[[], tuple[str, str] | None],
+        denied: Callable[[str], str],
+        tls: bool = False,
+    ) -> None:
+        self._open = open_channel
+        self.where = where
+        self._store_token = token  # the asyncio client's, while it is current
+        self._credentials = credentials
+        self._denied = denied
+        self.tls = tls
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._kv: Any = None
+        self._auth: Any = None
+        self._token: str | None = None  # our own, after a login of our own
+        self._closed = False
+
+    def _stubs(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"etcd store for {self.where} is closed")
+            if self._channel is None:
+                self._channel = self._open()
+                # etcd3aio's generated stubs work on a blocking channel as well.
+                self._kv = KVStub(self._channel)
+                self._auth = AuthStub(self._channel)
+            return self._kv, self._auth
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        token = self._token or self._store_token()
+        return (("token", token),) if token else None
+
+    def get(self, key: str, timeout: float) -> KeyValue | None:
+        kv, _ = self._stubs()
+        request = RangeRequest(key=key.encode())
+        what = f"get {key}"
+        for attempt in (1, 2):
+            try:
+                answer = kv.Range(request, timeout=timeout, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                code = _code(exc)
+                expired = code == grpc.StatusCode.UNAUTHENTICATED and attempt == 1
+                if expired and self._login(timeout):  # tokens expire: log in again once
+                    continue
+                raise self._error(what, exc, code) from None
+            if not answer.kvs:
+                return None
+            item = answer.kvs[0]
+            return KeyValue(
+                bytes(item.key).decode(), bytes(item.value), int(item.mod_revision), int(item.lease)
+            )
+        raise AssertionError("unreachable")
+
+    def _login(self, timeout: float) -> bool:
+        creds = self._credentials()
+        if creds is None:
+            return False
+        _, auth = self._stubs()
+        request = AuthenticateRequest(name=creds[0], password=creds[1])
+        try:
+            answer = auth.Authenticate(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._error("login", exc, _code(exc)) from None
+        self._token = str(answer.token)
+        return True
+
+    def _error(self, what: str, exc: grpc.RpcError, code: grpc.StatusCode | None) -> StoreError:
+        if code in UNAVAILABLE_CODES:
+            return Unreachable(self.where, what, failure_reason(exc, self.tls))
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return StoreError(self._denied(what))
+        return StoreError(f"etcd {what} failed: {failure_reason(exc, self.tls)}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else None
