@@ -45,27 +45,36 @@ def stats(median: float, mean: float | None = None) -> Stats:
     return Stats(100, 100, mean / 2, mean, mean, mean * 3, mean * 10, median)
 
 
-def test_verdicts_poll_near_base_and_strong_slower_than_poll() -> None:
+def test_verdicts_off_path_modes_within_goal_of_base_and_strong_slower_than_poll() -> None:
     rows = report_rows(
         {
             "base": stats(0.1, mean=0.2),
-            "poll1000": stats(0.105),
+            "poll1000": stats(0.104),
             "poll100": stats(0.15),
             "watch": stats(0.1),
+            "fenced": stats(0.106),
             "strong": stats(0.3),
         }
     )
     verdicts = {row.metric.split(", ")[1]: row.ok for row in rows}
     assert verdicts == {
         "base (no shared state": None,
-        "poll1000": True,  # adds 0.005 ms
-        "poll100": False,  # adds 0.05 ms, more than a fifth of strong's 0.2 ms
-        "watch": None,  # not in the published figure
+        "poll1000": True,  # 1.04x
+        "poll100": False,  # 1.5x
+        "watch": True,
+        "fenced": False,  # 1.06x: over the 1.05x goal
         "strong": True,
     }
     # Verdicts follow the round medians; the all-packet means are shown beside them.
-    assert rows[1].vmbox.startswith("1.05x by round medians (+0.005 ms); 0.52x by all-packet")
+    assert rows[1].vmbox.startswith("1.04x by round medians (+0.004 ms); 0.52x by all-packet")
     assert rows[-1].vmbox.startswith("3.00x by round medians")
+    assert rows[4].published == "not published; goal ≤ 1.05x base"
+
+
+def test_strong_no_slower_than_a_poll_says_no() -> None:
+    same = {name: stats(0.2) for name in ("poll1000", "poll100", "watch", "fenced", "strong")}
+    rows = report_rows({"base": stats(0.1), **same})
+    assert [row.ok for row in rows] == [None, False, False, False, False, False]
 
 
 def test_scale_note_weighs_ratios_by_the_base() -> None:
