@@ -4,9 +4,10 @@ Each variant runs in its own process on uvloop, between the same load
 generator (this process) and the same echo server (its own process):
 
 - `plain`: the UDP relay forwarding everything, no middlebox, no store;
-- `local`, `poll`, `watch`, `strong`: a real replica running ratelimit with a
-  limit far above the offered load, its `limit` kept fresh in that mode
-  against a private etcd.
+- `local`, `poll`, `watch`, `strong`, `fenced`: a real replica running
+  ratelimit with a limit far above the offered load, its `limit` kept fresh
+  in that mode against a private etcd (`fenced` also acks and probes its
+  lease, as a fenced item's writer needs).
 
 As root, the in-path rows (bench/inpath.py): a lab of namespaces, 64-byte UDP
 from `iperf3 -u -l 64 -b 0` and `ping` round trips with no queue rule and
@@ -22,7 +23,9 @@ design's 70 MiB pod.
 
 Printed: one table, throughput (datagrams passed per second at a saturating
 offer, the offer in the title) and per-packet round-trip latency at 1,000
-packets/s, each beside the plain relay's as a ratio; then the in-path and the
+packets/s, each beside the plain relay's as a ratio, and the latency beside
+`local`'s (what keeping shared state fresh costs a packet; the goal for
+`poll`, `watch` and `fenced` is within 1.05x); then the in-path and the
 memory tables when they ran. `--csv PATH` also writes the same figures as CSV
 (the memory rows, whose columns differ, to PATH's stem + `-memory.csv`).
 Progress goes to stderr while the variants run.
@@ -62,7 +65,7 @@ from vmbox.testbed import free_udp_port, private_store, store_access, wait_ready
 from vmbox.tools.load import LoadPlan, run_load
 
 HERE = Path(__file__).parent
-MODES = ("local", "poll", "watch", "strong")
+MODES = ("local", "poll", "watch", "strong", "fenced")
 BLAST_RATE, BLAST_SECONDS = float(os.environ.get("BENCH_RATE", 100_000)), 3.0
 LATENCY_RATE, LATENCY_PACKETS = 1_000.0, 3_000
 
@@ -169,7 +172,8 @@ def report(results: dict[str, Figures]) -> Table:
         f"(round trip) at {LATENCY_RATE:.0f}/s; ratios against the plain relay",
         title_justify="left",
     )
-    for name in ("variant", "passed/s", "x plain", "mean ms", "x plain", "p50 ms", "p99 ms"):
+    columns = ("variant", "passed/s", "x plain", "mean ms", "x plain", "x local", "p50 ms")
+    for name in (*columns, "p99 ms"):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for name, f in results.items():
         table.add_row(
@@ -178,10 +182,17 @@ def report(results: dict[str, Figures]) -> Table:
             f"{f.throughput / base.throughput:.2f}",
             f"{f.mean_ms:.3f}",
             f"{f.mean_ms / base.mean_ms:.2f}",
+            x_local(results, f),
             f"{f.p50_ms:.3f}",
             f"{f.p99_ms:.3f}",
         )
     return table
+
+
+def x_local(results: dict[str, Figures], f: Figures, digits: int = 2) -> str:
+    """A replica's mean round trip over `local`'s: what keeping the limit fresh costs."""
+    local = results.get("local")
+    return "" if local is None else f"{f.mean_ms / local.mean_ms:.{digits}f}"
 
 
 def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures]) -> Table:
@@ -325,6 +336,7 @@ def write_csv(
                 "throughput_x_plain",
                 "mean_ms",
                 "mean_x_plain",
+                "mean_x_local",
                 "p50_ms",
                 "p99_ms",
             ]
@@ -338,6 +350,7 @@ def write_csv(
                     f"{f.throughput / base.throughput:.3f}",
                     f"{f.mean_ms:.4f}",
                     f"{f.mean_ms / base.mean_ms:.3f}",
+                    x_local(results, f, 3),
                     f"{f.p50_ms:.4f}",
                     f"{f.p99_ms:.4f}",
                 ]
@@ -352,6 +365,7 @@ def write_csv(
                         f"{g.offered:.0f}",
                         f"{g.passed:.0f}",
                         f"{g.passed / bare.passed:.3f}",
+                        "",
                         "",
                         "",
                         f"{g.p50_ms:.4f}",
