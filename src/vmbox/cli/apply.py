@@ -23,7 +23,7 @@ import json
 import time
 
 from vmbox import context
-from vmbox.cli.setitem import TIMEOUT_SLACK, SetError, result_line
+from vmbox.cli.setitem import TIMEOUT_SLACK, SetError, fence_or_fail
 from vmbox.control.host import host_of, live_hosts
 from vmbox.control.publish import publish
 from vmbox.functions import get_function
@@ -33,7 +33,6 @@ from vmbox.spec.changes import Changes, diff, template_of
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import EtcdStore, connect
-from vmbox.state.fencewait import write_fenced
 from vmbox.state.membership import list_members
 
 START_TIMEOUT = 20.0  # seconds for a host to start a new service's controller
@@ -103,17 +102,9 @@ async def _write(store: EtcdStore, stored: Spec, spec: Spec) -> None:
             value = config_value(config, item.config_key)
             if value == config_value(old_config, old.config_key):
                 continue
-            raw = item.encode(value)
             wait = stored.lease_ttl + TIMEOUT_SLACK
-            result = await write_fenced(store, service, item.name, raw, wait)
-            if not result.done:
-                late = " ".join(sorted(result.waiting)) or "(no answer from etcd)"
-                raise SetError(
-                    f"{service}: {item.name} = {raw.decode()} written but not fenced within "
-                    f"{wait:g}s: {late} neither acked nor lost its lease; the spec is not "
-                    "written"
-                )
-            print(result_line(service, item.name, raw, result), flush=True)
+            then = "; the spec is not written"
+            await fence_or_fail(store, service, item.name, item.encode(value), wait, then)
     await publish(store, spec)
     if spec.replicas.count != stored.replicas.count:
         await store.put(keys.desired_key(service), str(spec.replicas.count).encode())

@@ -23,7 +23,7 @@ from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import connect
 from vmbox.state.fencewait import FenceResult, write_fenced
-from vmbox.state.store import StoreError
+from vmbox.state.store import Store, StoreError
 
 TIMEOUT_SLACK = 3.0  # the default timeout: the lease TTL (a partitioned replica's end) + this
 
@@ -88,13 +88,21 @@ async def set_item(
             )
             return
         wait = spec.lease_ttl + TIMEOUT_SLACK if timeout is None else timeout
-        result = await write_fenced(store, service, item.name, raw, wait)
-        if not result.done:
-            late = " ".join(sorted(result.waiting)) or "(no answer from etcd)"
-            raise SetError(
-                f"{service}: {item.name} = {raw.decode()} written at revision {result.revision} "
-                f"but not fenced within {wait:g}s: {late} neither acked nor lost its lease"
-            )
-        print(result_line(service, item.name, raw, result), flush=True)
+        await fence_or_fail(store, service, item.name, raw, wait)
     finally:
         await store.close()
+
+
+async def fence_or_fail(
+    store: Store, service: str, item: str, raw: bytes, wait: float, then: str = ""
+) -> None:
+    """Write a fenced item and print its fence line; SetError (plus `then`) when the fence
+    is not done within `wait` seconds. `vmbox set` and `vmbox apply` both write this way."""
+    result = await write_fenced(store, service, item, raw, wait)
+    if not result.done:
+        late = " ".join(sorted(result.waiting)) or "(no answer from etcd)"
+        raise SetError(
+            f"{service}: {item} = {raw.decode()} written at revision {result.revision} "
+            f"but not fenced within {wait:g}s: {late} neither acked nor lost its lease{then}"
+        )
+    print(result_line(service, item, raw, result), flush=True)
