@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 
 from vmbox.control import events
 from vmbox.control.exporter import ControllerMetrics, ControllerView
@@ -58,7 +58,7 @@ from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec, SpecError, parse_spec
 from vmbox.spec.changes import diff, template_of
 from vmbox.state import keys
-from vmbox.state.membership import list_members
+from vmbox.state.membership import MemberInfo, list_members
 from vmbox.state.standby import list_promotions, list_standby, promote
 from vmbox.state.store import Store, StoreError
 
@@ -243,7 +243,8 @@ class Controller:
             await self._promote(rid, actions.backoff.get(rid))
         if self.path is not None:
             # Before any drain: a leaving replica's queue is out of the path first.
-            await self._steer(seen.running, set(seen.draining) | set(actions.drain))
+            # `ready` is the bound replicas in-path: one members read a pass serves both.
+            await self._steer(ready, seen.running, set(seen.draining) | set(actions.drain))
         for rid in actions.drain:
             self._drain(rid)
         for rid in actions.stop_spare:
@@ -288,9 +289,10 @@ class Controller:
         )
 
     async def _templates(self) -> tuple[set[str], set[str]]:
-        """Registered replicas (and spares) running an older spec, and the ready members."""
+        """Registered replicas (and spares) running an older spec, and the ready members
+        (in-path: those whose queue is bound)."""
         members = await list_members(self.store, self.service)
-        ready = {r for r, m in members.items() if self.path is None or "queue" in m.info}
+        ready = set(members) if self.path is None else _with_queue(members)
         outdated = {r for r, m in members.items() if m.info.get("template") != self.template}
         if self.spares:
             spares = await list_standby(self.store, self.service)
@@ -341,13 +343,12 @@ class Controller:
 
     async def _bound(self) -> set[str]:
         """Registered replicas whose queue is bound (their member info names it)."""
-        members = await list_members(self.store, self.service)
-        return {rid for rid, member in members.items() if "queue" in member.info}
+        return _with_queue(await list_members(self.store, self.service))
 
-    async def _steer(self, running: Set[str], leaving: Set[str]) -> None:
+    async def _steer(self, bound: Set[str], running: Set[str], leaving: Set[str]) -> None:
         """Rewrite the gateway's steering when the serving replicas changed."""
         assert self.path is not None
-        replicas = serving(await self._bound(), set(running), self.backoff, leaving)
+        replicas = serving(bound, set(running), self.backoff, leaving)
         before = _queues(self.path)
         try:
             changed = await self.path.sync(replicas)
@@ -512,6 +513,11 @@ class Controller:
             await self.store.delete(keys.controller_key(self.service))
             await self.store.delete(keys.samples_key(self.service))
             await self.event("down", "service stopped")
+
+
+def _with_queue(members: Mapping[str, MemberInfo]) -> set[str]:
+    """The members whose info names their queue: bound, in-path."""
+    return {rid for rid, member in members.items() if "queue" in member.info}
 
 
 def _queues(path: PathSteering) -> str:

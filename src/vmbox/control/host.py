@@ -275,8 +275,4 @@ async def hosted_services(store: Store) -> dict[str, str]:
 
 async def host_of(store: Store, service: str) -> str | None:
     """The live host whose keys name `service` (None: no host runs it)."""
-    alive = await live_hosts(store)
-    for name in sorted(alive):
-        if await store.get(keys.host_service_key(name, service)) is not None:
-            return name
-    return None
+    return (await hosted_services(store)).get(service)
