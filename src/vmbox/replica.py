@@ -47,7 +47,13 @@ from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
 from vmbox.state.demand import DemandAware
 from vmbox.state.demandsync import DemandSharing
-from vmbox.state.epoch import ResizeGuard
+from vmbox.state.epoch import (
+    REGISTER_MARGIN_RUNNING,
+    REGISTER_MARGIN_STARTING,
+    STARTING_FOR,
+    ResizeGuard,
+    registration_delay,
+)
 from vmbox.state.epochsync import EpochSync
 from vmbox.state.health import FAIL_MODE_CODES
 from vmbox.state.healthprobe import HealthProbe
@@ -174,6 +180,7 @@ class Replica:
         self._drain: Drain | None = None
         self.fatal: ReplicaConfigError | None = None  # raised by run() once it has left
         self.bound = False  # its address or queue is bound (_bind)
+        self.created = time.monotonic()  # a process this young is still starting
 
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
@@ -300,6 +307,7 @@ class Replica:
             info,
             ttl=self.spec.lease_ttl,
             on_registered_again=self._registered_again,
+            before_register=self._registration_moment,
         )
         for view in self.views.values():
             if isinstance(view, FencedView):
@@ -341,6 +349,16 @@ class Replica:
         self.middlebox.start(time.time())
         self.middlebox.update()
         self.epoch.rejoined()
+
+    async def _registration_moment(self) -> None:
+        """Register where the whole group applies the join in the same window
+        (vmbox.state.epoch.registration_delay): a process still starting gets a
+        wider margin, its loop being slow to apply its own registration."""
+        starting = time.monotonic() - self.created < STARTING_FOR
+        margin = REGISTER_MARGIN_STARTING if starting else REGISTER_MARGIN_RUNNING
+        delay = registration_delay(time.time(), self.spec.middlebox.window, margin)
+        if delay:
+            await asyncio.sleep(delay)
 
     def _member_lease(self) -> int:
         membership = self.membership
@@ -388,6 +406,7 @@ class Replica:
             ttl=self.spec.lease_ttl,
             lease=spare.release(),
             on_registered_again=self._registered_again,
+            before_register=self._registration_moment,
         )
         self.standby = False
         self.middlebox.start(time.time())

@@ -23,7 +23,14 @@ from hypothesis import strategies as st
 
 from vmbox.group import Group
 from vmbox.sharing import even, even_share
-from vmbox.state.epoch import Ack, ResizeGuard, encode_ack, parse_ack
+from vmbox.state.epoch import (
+    REGISTER_MARGIN_STARTING,
+    Ack,
+    ResizeGuard,
+    encode_ack,
+    parse_ack,
+    registration_delay,
+)
 from vmbox.state.store import KeyValue
 
 LIMIT = 100
@@ -103,6 +110,35 @@ def test_a_joiner_that_sees_itself_only_after_the_boundary_waits_one_window() ->
     assert (a.view_window, b.view_window) == (1, 2)
     b.see_acks({"a": both, "b": both}, 1.02, {"a": 1, "b": 2})
     assert b.guarded and b.wake_at() == 2.0 and share(b) == 0
+
+
+def test_a_registration_late_in_a_window_waits_for_the_next_one() -> None:
+    margin = REGISTER_MARGIN_STARTING
+    assert registration_delay(10.5, 1.0, margin) == 0.0
+    assert registration_delay(10.74, 1.0, margin) == 0.0
+    assert registration_delay(10.96, 1.0, margin) == pytest.approx(0.045)
+    assert registration_delay(10.9999, 1.0, margin) == pytest.approx(0.0051)
+    # A short window caps the margin at a quarter of it.
+    assert registration_delay(10.07, 0.1, margin) == 0.0
+    assert registration_delay(10.08, 0.1, margin) == pytest.approx(0.025)
+
+
+def test_a_join_registered_before_the_margin_settles_for_all_at_the_next_boundary() -> None:
+    """What the margin buys: the joiner applies its registration 80 ms late (a busy
+    new process) and still declares the same window as the elder, so at the boundary
+    the elder's smaller share and the joiner's share come in together."""
+    both = {"a", "b"}
+    registered = 0.74
+    assert registration_delay(registered, 1.0, REGISTER_MARGIN_STARTING) == 0.0
+    a = settled("a", {"a"}, now=-5.0)
+    a.see_members(both, 7, registered + 0.005)
+    b = ResizeGuard("b", 1.0)
+    b.see_members(both, 7, registered + 0.08)
+    assert (a.view_window, b.view_window) == (1, 1)
+    for guard in (a, b):
+        guard.see_acks({"a": both, "b": both}, 0.85, {"a": 1, "b": 1})
+        guard.tick(1.0)
+    assert share(a) + share(b) == LIMIT and not a.guarded and not b.guarded
 
 
 def test_a_declared_window_still_to_come_is_waited_for_but_never_past_the_boundary() -> None:

@@ -119,6 +119,7 @@ class Membership:
         key: str | None = None,
         lease: int = 0,
         on_registered_again: Callable[[int], None] | None = None,
+        before_register: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.service = service
@@ -132,6 +133,9 @@ class Membership:
         # Called with the new lease when the key is put again after the lease was
         # lost, before anything else can see that lease (the replica's resize guard).
         self.on_registered_again = on_registered_again
+        # Awaited with a lease in hand, just before each put of the key: a replica
+        # picks the moment its join lands (vmbox.state.epoch.registration_delay).
+        self.before_register = before_register
         self.registered = asyncio.Event()  # set at the first registration, stays set
         self.registrations = 0
         self.last_error: str | None = None
@@ -173,6 +177,8 @@ class Membership:
                 return
             lease, self._given = self._given or await self.store.grant_lease(self.ttl), 0
             try:
+                if self.before_register is not None:
+                    await self.before_register()
                 await self.store.put(self.key, self._value(), lease=lease)
             except StoreError:
                 # Do not let an orphan lease wait out its TTL if we can help it.
