@@ -140,6 +140,12 @@ class EtcdStore:
             return
         user, password = self._credentials
         auth = self._client.auth
+        # Without the old token: etcd checks a request's token before its method,
+        # and a member that restarted has forgotten the tokens it issued (simple
+        # tokens live in its memory), so a login carrying one was refused with
+        # "invalid auth token" for as long as the token was kept (the `etcd member
+        # loss` fault, after quorum came back).
+        auth.set_token(None)
         try:
             answer = await auth.authenticate(user, password, timeout=limit or self.op_timeout)
         except (TimeoutError, EtcdConnectionError, EtcdTransientError) as exc:
@@ -241,7 +247,17 @@ class EtcdStore:
         See vmbox.state.etcd.watch.watch_prefix: silent streams are reopened, and
         a resume that etcd's compaction makes impossible raises StoreError.
         """
-        return watch.watch_prefix(self._client, self.where, prefix, start_revision, self._resumed)
+        return watch.watch_prefix(
+            self._client, self.where, prefix, start_revision, self._resumed, self._relogin
+        )
+
+    async def _relogin(self) -> None:
+        """Log in again for a watch that etcd cancelled for its token (best effort: a
+        failure is the next call's to report)."""
+        if self._credentials is None:
+            return
+        with contextlib.suppress(StoreError):
+            await self.authenticate()
 
     def _resumed(self) -> None:
         self._resumes += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from etcd3aio import Etcd3Client
@@ -54,6 +54,7 @@ async def watch_prefix(
     prefix: str,
     start_revision: int,
     resumed: Callable[[], None],
+    relogin: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[WatchEvent]:
     """Events under `prefix`, resuming after the last one seen when a stream breaks.
 
@@ -65,6 +66,10 @@ async def watch_prefix(
     If etcd compacted the history the watch must resume from, the events in
     between are lost: this raises StoreError, and the caller re-reads the
     prefix and watches again from the revision of that read.
+
+    A stream that etcd cancels for its auth token (a member that restarted has
+    forgotten the tokens it issued) calls `relogin` before it is reopened, so
+    the new stream carries a token etcd knows.
     """
     next_revision = start_revision
     backoff = 0.1
@@ -74,7 +79,7 @@ async def watch_prefix(
         stream: Any = client.watch.watch(
             prefix, prefix_range_end(prefix), start_revision=next_revision
         )
-        silent = False
+        silent = unauthenticated = False
         try:
             async with contextlib.aclosing(stream):
                 while True:
@@ -97,6 +102,7 @@ async def watch_prefix(
                         log.warning(
                             "etcd cancelled the watch of %s: %s", prefix, answer.cancel_reason
                         )
+                        unauthenticated = "auth token" in str(answer.cancel_reason)
                         break
                     if next_revision == 0:
                         # Fix "now" so a restarted stream misses nothing.
@@ -110,9 +116,12 @@ async def watch_prefix(
         except Exception as exc:
             # Whatever broke the stream (gRPC, the client), resuming loses nothing.
             log.debug("watch of %s broke (%r); resuming at %d", prefix, exc, next_revision)
+            unauthenticated = "auth token" in str(exc)
         if silent:
             continue  # reopen at once: a quiet prefix is no error to back off from
         resumed()
+        if unauthenticated and relogin is not None:
+            await relogin()
         # The stream ended (server closed it, or an error): reopen it.
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 1.0)
