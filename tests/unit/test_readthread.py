@@ -100,7 +100,8 @@ def test_a_closed_loop_ends_the_thread() -> None:
 
 
 class BlockingStore:
-    """Just enough of a store for a poll view: blocking reads of a script."""
+    """Just enough of a store for a poll view: blocking reads of a script (and the
+    keep-alive a fenced view's probe uses, which makes it a BlockingReads)."""
 
     endpoints = ("memory",)
 
@@ -109,6 +110,9 @@ class BlockingStore:
 
     def blocking_get(self, key: str, *, timeout: float) -> KeyValue | None:
         return self.script()
+
+    def blocking_refresh_lease(self, lease: int, *, timeout: float) -> int:
+        return 3  # a poll view keeps no lease alive
 
 
 def test_a_poll_view_on_a_blocking_store_reads_off_the_loop_and_joins_when_cancelled() -> None:

@@ -90,9 +90,15 @@ class BlockingReads(Protocol):
 
     EtcdStore does, through a blocking gRPC channel beside its asyncio one; poll
     views read through it on a vmbox.state.readthread.ReadThread, so the packet
-    loop hears only of changes. The memory store does not (its views poll on the loop).
+    loop hears only of changes, and fenced views probe through it (a keep-alive
+    and a read in an executor thread). The memory store does not (its views
+    poll and probe on the loop).
     """
 
     def blocking_get(self, key: str, *, timeout: float) -> KeyValue | None:
         """A linearizable read that blocks the calling thread (never the event loop's)."""
+        ...
+
+    def blocking_refresh_lease(self, lease: int, *, timeout: float) -> int:
+        """One keep-alive that blocks the calling thread; the TTL left (LeaseLost: gone)."""
         ...

@@ -19,10 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from etcd3aio._protobuf import AuthenticateRequest, AuthStub, KVStub, RangeRequest
+from etcd3aio._protobuf import (
+    AuthenticateRequest,
+    AuthStub,
+    KVStub,
+    LeaseKeepAliveRequest,
+    LeaseStub,
+    RangeRequest,
+)
 
 from vmbox.state.etcd.errors import UNAVAILABLE_CODES, Unreachable, failure_reason
-from vmbox.state.store import KeyValue, StoreError
+from vmbox.state.store import KeyValue, LeaseLost, StoreError, StoreUnavailable
 
 OpenChannel = Callable[[], grpc.Channel]
 
@@ -50,6 +57,7 @@ class BlockingChannel:
         self._channel: grpc.Channel | None = None
         self._kv: Any = None
         self._auth: Any = None
+        self._lease: Any = None
         self._token: str | None = None  # our own, after a login of our own
         self._closed = False
 
@@ -62,6 +70,7 @@ class BlockingChannel:
                 # etcd3aio's generated stubs work on a blocking channel as well.
                 self._kv = KVStub(self._channel)
                 self._auth = AuthStub(self._channel)
+                self._lease = LeaseStub(self._channel)
             return self._kv, self._auth
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -87,6 +96,37 @@ class BlockingChannel:
             return KeyValue(
                 bytes(item.key).decode(), bytes(item.value), int(item.mod_revision), int(item.lease)
             )
+        raise AssertionError("unreachable")
+
+    def keep_alive(self, lease: int, timeout: float) -> int:
+        """One keep-alive of `lease` (the fenced view's probe, vmbox.state.views); its TTL.
+
+        Raises LeaseLost when etcd says the lease is gone, as EtcdStore.refresh_lease.
+        """
+        self._stubs()
+        what = f"keep-alive of lease {lease:x}"
+        for attempt in (1, 2):
+            try:
+                answers = self._lease.LeaseKeepAlive(
+                    iter([LeaseKeepAliveRequest(ID=lease)]),
+                    timeout=timeout,
+                    metadata=self._metadata(),
+                )
+                try:
+                    answer = next(answers, None)
+                finally:
+                    answers.cancel()
+            except grpc.RpcError as exc:
+                code = _code(exc)
+                expired = code == grpc.StatusCode.UNAUTHENTICATED and attempt == 1
+                if expired and self._login(timeout):
+                    continue
+                raise self._error(what, exc, code) from None
+            if answer is None:
+                raise StoreUnavailable(f"etcd at {self.where} closed the {what}")
+            if int(answer.TTL) <= 0:
+                raise LeaseLost(f"lease {lease:x} expired or was revoked")
+            return int(answer.TTL)
         raise AssertionError("unreachable")
 
     def _login(self, timeout: float) -> bool:

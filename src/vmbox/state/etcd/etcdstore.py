@@ -172,6 +172,12 @@ class EtcdStore:
             raise StoreError(f"etcd store for {self.where} has no blocking channel")
         return self._blocking.get(key, timeout)
 
+    def blocking_refresh_lease(self, lease: int, *, timeout: float) -> int:
+        """One keep-alive from a thread off the loop (vmbox.state.store.BlockingReads)."""
+        if self._blocking is None:
+            raise StoreError(f"etcd store for {self.where} has no blocking channel")
+        return self._blocking.keep_alive(lease, timeout)
+
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         kv = self._kv()
         end = prefix_range_end(prefix)
