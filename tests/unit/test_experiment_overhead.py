@@ -29,20 +29,37 @@ def test_one_noisy_round_moves_the_round_median_little() -> None:
     assert stats.round_median == pytest.approx(0.11)
 
 
+def test_paired_ratios_cancel_drift_that_round_medians_do_not() -> None:
+    """The machine slows down over the run: base's and the variant's rounds drift together,
+    so each round's ratio is 1.02 while the round medians differ by 10%."""
+    base = [[0.10] * 5, [0.11] * 5, [0.12] * 5, [0.13] * 5]
+    variant = [[0.102] * 5, [0.1122] * 5, [0.1224] * 5, [0.1326] * 5]
+    stats = summarize(variant, sent=20, base=base)
+    assert stats.paired == pytest.approx(1.02)
+    # One round spoiled by a burst moves the median of the ratios little.
+    spoiled = summarize([*variant[:3], [0.5] * 5], sent=20, base=base)
+    assert spoiled.paired == pytest.approx(1.02)
+    assert summarize(base, sent=20).paired == 1.0  # base itself
+    with pytest.raises(ValueError, match="one for each"):
+        summarize(variant, sent=20, base=base[:2])
+
+
 def test_a_round_with_nothing_back_is_an_experiment_error() -> None:
     with pytest.raises(ExperimentError, match="no packet came back"):
         summarize([[0.1], []], sent=10)
 
 
-def test_rounds_alternate_direction_so_drift_weighs_on_all_alike() -> None:
-    names = [(r, v.name) for r, v in order(2)]
-    forward = [v.name for v in VARIANTS]
-    assert names == [(0, n) for n in forward] + [(1, n) for n in reversed(forward)]
+def test_pairs_alternate_their_order_so_drift_weighs_on_both_alike() -> None:
+    watch = next(v for v in VARIANTS if v.name == "watch")
+    names = [v.name for v in order(3, watch)]
+    assert names == ["base", "watch", "watch", "base", "base", "watch"]
 
 
 def stats(median: float, mean: float | None = None) -> Stats:
+    """A variant whose rounds' means are `median` and whose paired ratio is median over
+    base's 0.1 (the tests' base)."""
     mean = median if mean is None else mean
-    return Stats(100, 100, mean / 2, mean, mean, mean * 3, mean * 10, median)
+    return Stats(100, 100, mean / 2, mean, mean, mean * 3, mean * 10, median, median / 0.1)
 
 
 def test_verdicts_off_path_modes_within_goal_of_base_and_strong_slower_than_poll() -> None:
@@ -65,9 +82,11 @@ def test_verdicts_off_path_modes_within_goal_of_base_and_strong_slower_than_poll
         "fenced": False,  # 1.06x: over the 1.05x goal
         "strong": True,
     }
-    # Verdicts follow the round medians; the all-packet means are shown beside them.
-    assert rows[1].vmbox.startswith("1.04x by round medians (+0.004 ms); 0.52x by all-packet")
-    assert rows[-1].vmbox.startswith("3.00x by round medians")
+    # Verdicts follow the paired ratios; the all-packet means are shown beside them.
+    assert rows[1].vmbox.startswith(
+        "1.040x by paired rounds (round medians +0.004 ms); 0.52x by all-packet"
+    )
+    assert rows[-1].vmbox.startswith("3.000x by paired rounds")
     assert rows[4].published == "not published; goal ≤ 1.05x base"
 
 
