@@ -45,7 +45,7 @@ LEAD = 0.15
 # margin before a boundary, past which a join waits a whole window
 # (vmbox.state.epoch.registration_delay). Ending LEAD before a tick, as for
 # spares, put it within 0.1 s of a boundary, on one side or the other at random:
-# a reaction of 1.2 s or 2.2 s. Now it is about 1.55 s every time.
+# a reaction of 1.2 s or 2.2 s. Now it is about 1.6 s every time.
 LEAD_COLD = 0.55
 
 EventSink = Callable[..., Awaitable[None]]
