@@ -15,8 +15,8 @@ taken a second apart cancels that. (All six side by side had the same
 pairing but the idle five's background made 4-5% of round trips take over
 2 ms, against under 1% with one, and those decided the means.) Every
 variant's limit is 1,000,000/s, far above the offer, so nothing is dropped
-and the figures are the relay's and the store's cost alone. Latency is the load tool's round trip (client -> replica
--> echo -> replica -> client).
+and the figures are the relay's and the store's cost alone. Latency is the
+load tool's round trip (client -> replica -> echo -> replica -> client).
 
 Called through the registry in vmbox.experiments (the CLI and `all`); the
 statistics are pure and unit-tested.
