@@ -206,12 +206,21 @@ class Rates:
         )
 
 
+STARTED_RATE = 1_000.0  # packets/s from the clients: sending, past any handshake
+START_TIMEOUT = 10.0  # seconds to wait for that before measuring anyway
+
+
 def measured(
     plan: LabPlan, load: Callable[[], list[Sent]], skip: float, window: float
 ) -> tuple[Rates, list[Sent]]:
     """Run `load` (a call of iperf3_udp or hping3_flood) in a thread and count the lab's
-    interfaces over `window` seconds starting `skip` seconds in (past the senders' start-up):
-    the rates in steady state, and what the senders reported for their whole run."""
+    interfaces over `window` seconds starting `skip` seconds after the senders began
+    sending: the rates in steady state, and what the senders reported for their whole run.
+
+    Sending begins when the clients' interface passes STARTED_RATE packets/s, not
+    at a fixed time: iperf3 shakes hands over TCP first, and on a loaded machine its
+    start-up took over 1.7 s once, so a window at a fixed 0.7 s counted nothing.
+    """
     result: list[list[Sent]] = []
     failed: list[BaseException] = []
 
@@ -223,6 +232,13 @@ def measured(
 
     thread = threading.Thread(target=run, name="lab-load", daemon=True)
     thread.start()
+    began, last = time.monotonic(), snapshot(plan)
+    while thread.is_alive() and time.monotonic() - began < START_TIMEOUT:
+        time.sleep(0.05)
+        now = snapshot(plan)
+        if Rates.between(last, now).offered > STARTED_RATE:
+            break
+        last = now
     time.sleep(skip)
     before = snapshot(plan)
     time.sleep(window)
