@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from etcd3aio._protobuf import (
@@ -32,6 +32,7 @@ from vmbox.state.etcd.errors import UNAVAILABLE_CODES, Unreachable, failure_reas
 from vmbox.state.store import KeyValue, LeaseLost, StoreError, StoreUnavailable
 
 OpenChannel = Callable[[], grpc.Channel]
+T = TypeVar("T")
 
 
 class BlockingChannel:
@@ -61,7 +62,8 @@ class BlockingChannel:
         self._token: str | None = None  # our own, after a login of our own
         self._closed = False
 
-    def _stubs(self) -> tuple[Any, Any]:
+    def _stubs(self) -> tuple[Any, Any, Any]:
+        """The KV, auth and lease stubs, on a channel opened at first use."""
         with self._lock:
             if self._closed:
                 raise StoreError(f"etcd store for {self.where} is closed")
@@ -71,69 +73,69 @@ class BlockingChannel:
                 self._kv = KVStub(self._channel)
                 self._auth = AuthStub(self._channel)
                 self._lease = LeaseStub(self._channel)
-            return self._kv, self._auth
+            return self._kv, self._auth, self._lease
 
     def _metadata(self) -> tuple[tuple[str, str], ...] | None:
         token = self._token or self._store_token()
         return (("token", token),) if token else None
 
-    def get(self, key: str, timeout: float) -> KeyValue | None:
-        kv, _ = self._stubs()
-        request = RangeRequest(key=key.encode())
-        what = f"get {key}"
+    def _call(self, what: str, rpc: Callable[[Any], T], timeout: float) -> T:
+        """`rpc(metadata)`, logging in again once when etcd says the token has expired;
+        every gRPC failure becomes a StoreError."""
         for attempt in (1, 2):
             try:
-                answer = kv.Range(request, timeout=timeout, metadata=self._metadata())
+                return rpc(self._metadata())
             except grpc.RpcError as exc:
                 code = _code(exc)
                 expired = code == grpc.StatusCode.UNAUTHENTICATED and attempt == 1
                 if expired and self._login(timeout):  # tokens expire: log in again once
                     continue
                 raise self._error(what, exc, code) from None
-            if not answer.kvs:
-                return None
-            item = answer.kvs[0]
-            return KeyValue(
-                bytes(item.key).decode(), bytes(item.value), int(item.mod_revision), int(item.lease)
-            )
         raise AssertionError("unreachable")
+
+    def get(self, key: str, timeout: float) -> KeyValue | None:
+        kv, _, _ = self._stubs()
+        request = RangeRequest(key=key.encode())
+        answer = self._call(
+            f"get {key}",
+            lambda metadata: kv.Range(request, timeout=timeout, metadata=metadata),
+            timeout,
+        )
+        if not answer.kvs:
+            return None
+        item = answer.kvs[0]
+        return KeyValue(
+            bytes(item.key).decode(), bytes(item.value), int(item.mod_revision), int(item.lease)
+        )
 
     def keep_alive(self, lease: int, timeout: float) -> int:
         """One keep-alive of `lease` (the fenced view's probe, vmbox.state.views); its TTL.
 
         Raises LeaseLost when etcd says the lease is gone, as EtcdStore.refresh_lease.
         """
-        self._stubs()
+        _, _, leases = self._stubs()
         what = f"keep-alive of lease {lease:x}"
-        for attempt in (1, 2):
+
+        def once(metadata: Any) -> Any:
+            request = iter([LeaseKeepAliveRequest(ID=lease)])
+            answers = leases.LeaseKeepAlive(request, timeout=timeout, metadata=metadata)
             try:
-                answers = self._lease.LeaseKeepAlive(
-                    iter([LeaseKeepAliveRequest(ID=lease)]),
-                    timeout=timeout,
-                    metadata=self._metadata(),
-                )
-                try:
-                    answer = next(answers, None)
-                finally:
-                    answers.cancel()
-            except grpc.RpcError as exc:
-                code = _code(exc)
-                expired = code == grpc.StatusCode.UNAUTHENTICATED and attempt == 1
-                if expired and self._login(timeout):
-                    continue
-                raise self._error(what, exc, code) from None
-            if answer is None:
-                raise StoreUnavailable(f"etcd at {self.where} closed the {what}")
-            if int(answer.TTL) <= 0:
-                raise LeaseLost(f"lease {lease:x} expired or was revoked")
-            return int(answer.TTL)
-        raise AssertionError("unreachable")
+                return next(answers, None)
+            finally:
+                answers.cancel()
+
+        answer = self._call(what, once, timeout)
+        if answer is None:
+            raise StoreUnavailable(f"etcd at {self.where} closed the {what}")
+        if int(answer.TTL) <= 0:
+            raise LeaseLost(f"lease {lease:x} expired or was revoked")
+        return int(answer.TTL)
 
     def _login(self, timeout: float) -> bool:
         creds = self._credentials()
         if creds is None:
             return False
-        _, auth = self._stubs()
+        _, auth, _ = self._stubs()
         request = AuthenticateRequest(name=creds[0], password=creds[1])
         try:
             answer = auth.Authenticate(request, timeout=timeout)
