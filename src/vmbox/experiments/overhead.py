@@ -217,45 +217,36 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
         total = {v.name: per_round * size.rounds for v in VARIANTS}
         total[base_variant.name] *= len(VARIANTS) - 1
         tasks = {name: progress.add_task(name, total=n) for name, n in total.items()}
-        async with private_store() as store:
-            base = await _start(store, base_variant)
-            async with base.context:
-                for variant in VARIANTS[1:]:
-                    other = await _start(store, variant)
-                    async with other.context:
-                        await until_second()  # past the window the new replica joined in
-                        await warm_up(base.service)
-                        await warm_up(other.service)
-                        by_name = {base_variant.name: base.service, variant.name: other.service}
-                        for v in order(size.rounds, variant):
-                            async with asyncio.timeout(per_round / RATE + 20):
-                                got, n = await measure(
-                                    by_name[v.name], per_round, progress, tasks[v.name]
-                                )
-                            rtts[v.name].append(got)
-                            sent[v.name] += n
-                            if v is base_variant:
-                                paired_base[variant.name].append(got)
+        async with private_store() as store, contextlib.AsyncExitStack() as throughout:
+            base = await _start(throughout, store, base_variant)
+            for variant in VARIANTS[1:]:
+                async with contextlib.AsyncExitStack() as beside:
+                    other = await _start(beside, store, variant)
+                    await until_second()  # past the window the new replica joined in
+                    await warm_up(base)
+                    await warm_up(other)
+                    by_name = {base_variant.name: base, variant.name: other}
+                    for v in order(size.rounds, variant):
+                        async with asyncio.timeout(per_round / RATE + 20):
+                            got, n = await measure(
+                                by_name[v.name], per_round, progress, tasks[v.name]
+                            )
+                        rtts[v.name].append(got)
+                        sent[v.name] += n
+                        if v is base_variant:
+                            paired_base[variant.name].append(got)
     stats = {
         name: summarize(rounds, sent[name], paired_base.get(name)) for name, rounds in rtts.items()
     }
     return write_outputs(out_dir, stats, rtts, size)
 
 
-@dataclass
-class _Started:
-    service: Service
-    context: contextlib.AsyncExitStack
-
-
-async def _start(store: EtcdStore, variant: Variant) -> _Started:
-    """One variant's service, ready; leaving `context` stops it."""
-    stack = contextlib.AsyncExitStack()
+async def _start(stack: contextlib.AsyncExitStack, store: EtcdStore, variant: Variant) -> Service:
+    """One variant's service, ready; closing `stack` stops it."""
     async with asyncio.timeout(READY_TIMEOUT + 20):
-        service = await stack.enter_async_context(
+        return await stack.enter_async_context(
             running_service(store, functools.partial(overhead_spec, variant), tick=CONTROLLER_TICK)
         )
-    return _Started(service, stack)
 
 
 def write_outputs(
