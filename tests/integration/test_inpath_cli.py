@@ -22,7 +22,7 @@ from tests.integration.labs import host_network_state, require_lab
 from tests.integration.test_cli import VMBOX, vmbox
 from vmbox import netns
 from vmbox.lab import LabPlan
-from vmbox.lab.plan import SERVER_IF
+from vmbox.lab.plan import CLIENT_IF, SERVER_IF
 from vmbox.tools.capture import Capture, full_seconds, per_second
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "inpath.yaml"
@@ -62,10 +62,18 @@ def wait_for(env: dict[str, str], text: str, timeout: float = 30) -> str:
 
 
 def server_per_second(plan: LabPlan) -> list[int]:
-    """hping3 at 300/s for 4 s through `vmbox lab exec`; whole seconds at the server."""
+    """hping3 at 300/s for 4 s through `vmbox lab exec`; whole seconds at the server.
+
+    The seconds measured are those the client was sending through, from its first
+    packet to its last as tcpdump saw them leave the client: `vmbox lab exec` is a
+    Python process, and on a loaded machine hping3 starts a second or more after
+    it was asked to, so a clock started before the command would count a second
+    the client sent only part of.
+    """
     client = plan.client_addresses[0]
-    with Capture(plan.namespace("server"), SERVER_IF, f"udp and src host {client}") as cap:
-        started = time.time()
+    sent_from = Capture(plan.namespace("client"), CLIENT_IF, f"udp and src host {client}")
+    server = Capture(plan.namespace("server"), SERVER_IF, f"udp and src host {client}")
+    with server as cap, sent_from:
         sent = vmbox(
             "lab",
             "exec",
@@ -84,7 +92,9 @@ def server_per_second(plan: LabPlan) -> list[int]:
         )
         assert "packets transmitted" in sent.stdout + sent.stderr, sent.stderr
         time.sleep(0.3)
-    return full_seconds(per_second(cap.packets, client), started, started + 4.0)
+    assert sent_from.packets, "tcpdump saw nothing leave the client"
+    first, last = sent_from.packets[0][0], sent_from.packets[-1][0]
+    return full_seconds(per_second(cap.packets, client), first, last)
 
 
 def test_the_inpath_example_runs_as_it_is_in_a_bare_lab(bare_lab: LabPlan, tmp_path: Path) -> None:

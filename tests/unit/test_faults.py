@@ -138,6 +138,22 @@ def test_over_limit_counts_each_window_and_carries_one_windows_spare() -> None:
     assert over_limit([(11, 90), (12, 110)], cap, carry=False) == 10
 
 
+def test_over_limit_lets_late_packets_follow_one_another_through_full_windows() -> None:
+    """Each window admits exactly its cap and one packet of each reaches the next second."""
+
+    def cap(second: int) -> int | None:
+        return 100 if 10 <= second <= 14 else None
+
+    assert over_limit([(10, 99), (11, 100), (12, 100), (13, 100), (14, 101)], cap) == 0
+    assert over_limit([(10, 100), (11, 100), (12, 101)], cap) == 1
+    # A packet is carried one window at most: 10's allowance cannot reach 12.
+    assert over_limit([(10, 0), (11, 0), (12, 300)], cap) == 100
+    # Late packets are at most what arrived: 11 took 50 of 10's, and its own 100 may
+    # all have come late.
+    assert over_limit([(10, 50), (11, 50), (12, 200)], cap) == 0
+    assert over_limit([(10, 50), (11, 50), (12, 201)], cap) == 1
+
+
 def test_state_lost_names_what_changed() -> None:
     before = {"spec": b"{}", "desired": b"2", "state/limit": b"100"}
     assert state_lost(before, dict(before)) == NONE

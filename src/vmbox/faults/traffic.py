@@ -20,18 +20,27 @@ def over_limit(
     which `allowed` returns None is not measured. The limiter's windows are
     epoch-aligned seconds too, so each second is one window. A packet admitted
     late in a window can reach the upstream early in the next (a new client's
-    upstream socket is created first), so what a window left of its allowance
-    carries into the next one, and no further (unless `carry` is False).
+    upstream socket is created first; the echo stamps a packet when it reads
+    it), never later. So what a second received is its window's packets that
+    came in time plus the previous window's late ones, and the count is the
+    least excess any such split of the arrivals allows: `late` is how many of
+    the previous window's packets may have arrived in this second, at most
+    what that window left of its allowance once its own late predecessors are
+    counted, and at most what this second received. Late packets can follow
+    one another window after window (a flood fills every window, and some of
+    each arrive in the next), but a packet is never carried further than one
+    window. Without `carry` every second is held to its cap alone.
     """
-    over = spare = 0
+    over = late = 0
     for second, received in sorted(history):
         cap = allowed(second)
         if cap is None:
-            spare = 0
+            late = 0
             continue
-        excess = received - cap
-        over += max(0, excess - spare)
-        spare = max(0, -excess) if carry else 0
+        late = min(late, received)  # the previous window's packets that arrived now
+        room = cap - (received - late)  # this window's allowance left after its in-time packets
+        over += max(0, -room)
+        late = max(0, room) if carry else 0
     return over
 
 
