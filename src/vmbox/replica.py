@@ -34,14 +34,18 @@ from vmbox.allocator import MemoryReturn
 from vmbox.dataplane.counters import Counters
 from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.nfqueue import NfqueueDriver
-from vmbox.dataplane.steering import queue_of
+from vmbox.dataplane.steering import queue_of, replica_number
 from vmbox.dataplane.udp import UdpRelay
+from vmbox.enforce.kernel import EnforceError, KernelEnforcer
+from vmbox.enforce.nftables import NftablesError, Table, kernel_rules
+from vmbox.enforce.node import NodeDriver
+from vmbox.enforce.rates import node_rates
 from vmbox.functions import get_function
 from vmbox.group import Group
 from vmbox.metrics import ReplicaMetrics
 from vmbox.middlebox import Middlebox, config_value
 from vmbox.packet import Packet, Verdict
-from vmbox.spec import Spec, parse_spec
+from vmbox.spec import GatewaySpec, Spec, parse_spec
 from vmbox.spec.changes import template_of
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
@@ -149,10 +153,14 @@ class Replica:
         )
         strong = [v for v in self.views.values() if isinstance(v, StrongView)]
         barrier = self._barrier(strong) if strong else None
-        # The driver: a UDP relay, or (dataplane: nfqueue) this replica's queue in the gateway.
+        # The driver: a UDP relay, or (dataplane: nfqueue) this replica's queue in the gateway,
+        # or (enforce: kernel) this replica's table in its node, which Python follows.
         self.relay: UdpRelay | None = None
         self.inpath: NfqueueDriver | None = None
-        if spec.gateway is not None:
+        self.node: NodeDriver | None = None
+        if spec.gateway is not None and spec.gateway.enforce == "kernel":
+            self.node = self._node_driver(spec, spec.gateway, replica_id, config)
+        elif spec.gateway is not None:
             try:
                 queue = queue_of(spec.service, replica_id, spec.gateway.queue)
             except ValueError as exc:
@@ -170,8 +178,9 @@ class Replica:
                 idle_timeout=spec.flow_idle_timeout,
                 max_flows=flow_budget(spec.max_flows),
             )
+        rule_counters = self.node.rule_counters if self.node else self.middlebox.rule_counters
         self.metrics = ReplicaMetrics(
-            spec.service, replica_id, self.counters, self.gauges, self.middlebox.rule_counters
+            spec.service, replica_id, self.counters, self.gauges, rule_counters
         )
         self.membership: Membership | None = None
         self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demandsync)
@@ -182,14 +191,46 @@ class Replica:
         self.bound = False  # its address or queue is bound (_bind)
         self.created = time.monotonic()  # a process this young is still starting
 
+    def _node_driver(
+        self, spec: Spec, gateway: GatewaySpec, replica_id: str, config: dict[str, Any]
+    ) -> NodeDriver:
+        """enforce: kernel: the table of replica <service>-<n> in node n's namespace."""
+        try:
+            node = replica_number(spec.service, replica_id)
+        except ValueError as exc:
+            raise ReplicaConfigError(
+                f"{exc}: a kernel-enforcing replica's id names its node"
+            ) from None
+        try:
+            table = Table(spec.service, kernel_rules(config), interface=gateway.interface)
+        except NftablesError as exc:
+            raise ReplicaConfigError(str(exc)) from None
+        return NodeDriver(
+            KernelEnforcer(gateway.node_namespace(node), table),
+            lambda: node_rates(self.middlebox, table),
+            on_reading=self._node_counted,
+        )
+
+    def _node_counted(self, node: NodeDriver) -> None:
+        """The node's table counted: its totals become the replica's traffic counters."""
+        totals, counters = node.totals, self.counters
+        counters.received, counters.bytes_received = totals.seen.packets, totals.seen.bytes
+        counters.dropped = totals.dropped.packets
+        counters.passed = totals.seen.packets - totals.dropped.packets
+        counters.bytes_passed = totals.seen.bytes - totals.dropped.bytes
+
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
             self.middlebox.update(values={name: value})
+            if self.node is not None:
+                self.node.changed()
 
         return apply
 
     def _set_fail(self, verdict: Verdict | None) -> None:
         self.fail_verdict = verdict
+        if self.node is not None:
+            self.node.fail(verdict)
 
     def decide(self, packet: Packet, now: float) -> Verdict:
         """The relay's decide callable: the fail policy's verdict, else the middlebox's."""
@@ -281,6 +322,8 @@ class Replica:
     def _apply_group(self, group: Group) -> None:
         self.members = len(set(group.members) | {self.replica_id})
         self.middlebox.update(group=group)
+        if self.node is not None:
+            self.node.changed()
 
     async def run(self) -> None:
         """Serve until `stop()` or cancellation; leave the group on the way out.
@@ -332,7 +375,10 @@ class Replica:
             await self._leave()
             for task in tasks:
                 task.cancel()
-        if self.inpath is not None:
+        if self.node is not None:
+            # Left: its share is 0 now, and stays so in the table (NodeDriver.stop).
+            await self.node.stop(close=True)
+        elif self.inpath is not None:
             await self.inpath.close()
         else:
             await self.relay_driver.close()
@@ -438,7 +484,9 @@ class Replica:
         if int(now / window) == int(started / window):
             await asyncio.sleep(window - now % window)
         try:
-            if self.inpath is not None:
+            if self.node is not None:
+                await self.node.start()
+            elif self.inpath is not None:
                 await self.inpath.start()
             else:
                 await self.relay_driver.start()
@@ -447,12 +495,16 @@ class Replica:
             self.stop()
             return
         self.bound = True
-        if self.inpath is None:
+        if self.inpath is not None:
+            where: dict[str, Any] = {"queue": self.inpath.queue}
+        elif self.node is not None:
+            where = {"node": replica_number(self.spec.service, self.replica_id)}
+        else:
             return
         while True:  # until the controller can see it: it steers nothing here before
             try:
                 async with asyncio.timeout(MARK_TIMEOUT * 4):
-                    await membership.set_info(membership.info | {"queue": self.inpath.queue})
+                    await membership.set_info(membership.info | where)
                 return
             except (StoreError, TimeoutError):
                 await asyncio.sleep(0.2)
@@ -476,6 +528,11 @@ class Replica:
         try:
             if reason:
                 result = DrainResult(skipped=reason)
+            elif self.node is not None:
+                # Nothing in flight here: the node's table goes on deciding, at a share of 0
+                # once this replica leaves (the controller routes the node out first).
+                await self._mark_draining()
+                return
             elif self.inpath is not None:
                 # The controller took this queue out of the steering before SIGTERM:
                 # what is still queued is decided here, nothing new arrives.
@@ -518,6 +575,10 @@ class Replica:
     async def _leave(self) -> None:
         # Take nothing from here on: the siblings' shares grow once the lease goes.
         self.epoch.leaving()
+        if self.node is not None and self.bound:
+            # In the node's table before the lease goes, not when its task comes to it.
+            with contextlib.suppress(EnforceError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.node.sync(), LEAVE_TIMEOUT)
         if self.membership is not None:
             with contextlib.suppress(StoreError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.membership.leave(), LEAVE_TIMEOUT)

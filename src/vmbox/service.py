@@ -131,6 +131,8 @@ def where(spec: Spec) -> str:
     if spec.gateway is not None:
         gw = spec.gateway
         entering = f" entering {gw.interface}" if gw.interface else ""
+        if gw.enforce == "kernel":
+            return f"in the kernel of nodes {gw.namespace}{entering} (nftables, one per replica)"
         return f"in the path of namespace {gw.namespace}{entering} (queues from {gw.queue})"
     (lhost, lport), (uhost, uport) = spec.relay
     return f"on {lhost}:{lport} -> {uhost}:{uport}"

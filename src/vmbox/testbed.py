@@ -33,6 +33,7 @@ from vmbox.control.controller import Controller, PermanentError
 from vmbox.dataplane.sockets import Address, AddressInUse
 from vmbox.etcdserver import EtcdCluster, EtcdServer, find_etcdctl, free_port
 from vmbox.lab import GATEWAY_CLIENT_IF, LabPlan
+from vmbox.lab.plan import NODE_CLIENT_IF
 from vmbox.metrics import scrape
 from vmbox.runtime.local import LocalRuntime
 from vmbox.spec import Spec, parse_spec
@@ -72,6 +73,27 @@ def inpath_spec(
             "lease_ttl": 2,
         },
         f"in-path {service}",
+    )
+
+
+def kernel_spec(service: str, lab: LabPlan, replicas: int = 1, **middlebox: object) -> Spec:
+    """A ratelimit service enforced in the kernel of `lab`'s nodes (`--nodes N`), one
+    replica per node, on the packets entering each node from the router."""
+    return parse_spec(
+        {
+            "service": service,
+            "dataplane": "nfqueue",
+            "gateway": {
+                "namespace": lab.node_template,
+                "interface": NODE_CLIENT_IF,
+                "enforce": "kernel",
+                "lab": lab.prefix,  # its router's route follows the ready nodes
+            },
+            "middlebox": {"function": "ratelimit", "limit": 100} | middlebox,
+            "replicas": {"count": replicas, "min": 1, "max": max(replicas, lab.nodes)},
+            "lease_ttl": 2,
+        },
+        f"kernel {service}",
     )
 
 

@@ -24,6 +24,7 @@ import pytest
 from tests.integration.harness import running_service
 from tests.integration.labs import in_lab, lab_running
 from tests.integration.test_autoscale import PPS_STEP
+from vmbox.control.inpath import PathSteering
 from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
@@ -371,7 +372,7 @@ def test_a_warm_spare_is_out_of_the_path_until_promoted(
                 await asyncio.sleep(0.05)
             (rid, info), *_ = spares.items()
             path = svc.controller.path
-            assert path is not None
+            assert isinstance(path, PathSteering)
             for _ in range(100):  # the pass after web-1 bound its queue steers to it
                 if path.written is not None and path.written.queues:
                     break

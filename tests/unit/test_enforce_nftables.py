@@ -138,8 +138,9 @@ def test_install_gives_each_ratelimit_rule_its_own_sets_and_chain_in_rule_order(
     assert updated_sets(doc, "r2") == ["@r2g1v4"]
     assert updated_sets(doc, "r5") == ["@r5g1v4", "@r5g1v6"]
     base = [r for r in commands(doc, "add", "rule") if r["chain"] == nft.BASE_CHAIN]
-    assert len(base) == len(t.rules)
-    verdicts = [next(k for k in r["expr"][-1]) for r in base]
+    assert len(base) == len(t.rules) + 1  # first, the counter of every packet seen
+    assert base[0]["expr"][1:] == [{"counter": nft.SEEN}]
+    verdicts = [next(k for k in r["expr"][-1]) for r in base[1:]]
     assert verdicts == ["accept", "drop", "jump", "jump", "jump", "jump"]
     for rule in base:  # every rule is for packets entering on the client side only
         assert rule["expr"][0] == nft._match({"meta": {"key": "iifname"}}, "gw-c")
@@ -162,6 +163,20 @@ def test_a_limiter_chain_drops_over_the_rate_holds_overflow_and_accepts() -> Non
     assert overflow[0]["match"]["op"] == "!=" and overflow[0]["match"]["right"] == "@r5g1v4"
     assert overflow[1]["limit"]["rate"] == 40 and {"drop": None} in overflow
     assert chain[-1] == [{"accept": None}]
+
+
+def test_a_closed_table_counts_and_drops_every_packet_before_any_rule() -> None:
+    t = table(interface="gw-c")
+    doc = nft.install(t, rates(t), closed=True)
+    base = [r["expr"] for r in commands(doc, "add", "rule") if r["chain"] == nft.BASE_CHAIN]
+    arriving = nft._match({"meta": {"key": "iifname"}}, "gw-c")
+    assert base[:2] == [
+        [arriving, {"counter": nft.SEEN}],
+        [arriving, {"counter": nft.CLOSED}, {"drop": None}],
+    ]
+    assert len(base) == len(t.rules) + 2  # the rules stay, for the table to open again
+    counters = {c["name"] for c in commands(doc, "add", "counter")}
+    assert {nft.SEEN, nft.CLOSED} <= counters
 
 
 def test_bytes_shadow_and_closed_rules() -> None:

@@ -200,3 +200,51 @@ def test_a_bad_gateway_field_is_named(gateway: dict[str, Any], field: str) -> No
     del data["listen"], data["upstream"]
     with pytest.raises(SpecError, match=rf"^web\.yaml: {field}: "):
         parse_spec(data, "web.yaml")
+
+
+def kernel(gateway: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    data = good() | {
+        "dataplane": "nfqueue",
+        "gateway": {"namespace": "vmbox-n{n}", "enforce": "kernel"} | (gateway or {}),
+    }
+    del data["listen"], data["upstream"]
+    return data | top
+
+
+def test_a_kernel_enforced_spec_names_a_node_per_replica() -> None:
+    spec = parse_spec(kernel({"lab": "vmbox", "interface": "gw-c"}), "web.yaml")
+    assert spec.gateway is not None
+    assert spec.gateway.node_namespace(3) == "vmbox-n3" and spec.gateway.lab == "vmbox"
+    again = parse_spec(json.loads(spec.to_json()), "stored")  # every field written out
+    assert again == spec
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (kernel({"namespace": "vmbox-gw"}), r"gateway: namespace: with enforce: kernel .*\{n\}"),
+        (kernel({"queue": 4}), r"gateway: queue: only with enforce: python"),
+        (kernel({"spread": "addresses"}), r"gateway: spread: only with enforce: python"),
+        (
+            kernel({"enforce": "python", "namespace": "gw{n}"}),
+            r"gateway: namespace: \{n\} names a node per replica, only with enforce: kernel",
+        ),
+        (
+            kernel({"enforce": "python", "namespace": "gw", "lab": "vmbox"}),
+            r"gateway: lab: a fleet's route is steered only with enforce: kernel",
+        ),
+        (
+            kernel(middlebox={"limit": 5, "split": "demand"}),
+            r"middlebox\.split: demand is not built for enforce: kernel yet",
+        ),
+        (
+            kernel(middlebox={"limit": 5, "consistency": "strong"}),
+            r"middlebox\.consistency: strong reads the store per packet",
+        ),
+    ],
+)
+def test_what_the_kernel_cannot_enforce_is_refused_with_one_line(
+    data: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SpecError, match=rf"^web\.yaml: {message}"):
+        parse_spec(data, "web.yaml")

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Set
 from vmbox.control import events
 from vmbox.control.exporter import ControllerMetrics, ControllerView
 from vmbox.control.inpath import PathSteering
+from vmbox.control.nodes import FleetRoute, NodeTables
 from vmbox.control.plan import (
     Backoff,
     Observed,
@@ -99,8 +100,17 @@ class Controller:
         self.template = template_of(spec)  # what replicas started now run (member info)
         self.stored_spec = spec.to_json().encode()  # the spec key's value last followed
         self.wake = asyncio.Event()
-        # An in-path service: the gateway's steering follows the serving replicas.
-        self.path = PathSteering(spec, spec.gateway) if spec.gateway is not None else None
+        # An in-path service: the gateway's steering follows the serving replicas; under
+        # enforce: kernel each replica's node holds a table, which leaves with the service.
+        # With a lab's fleet in front (gateway.lab), its route follows them as steering does.
+        gateway = spec.gateway
+        kernel = gateway is not None and gateway.enforce == "kernel"
+        self.path: PathSteering | FleetRoute | None = None
+        if gateway is not None and not kernel:
+            self.path = PathSteering(spec, gateway)
+        elif gateway is not None and gateway.lab is not None:
+            self.path = FleetRoute(spec, gateway.lab)
+        self.tables = NodeTables(spec, gateway) if gateway and kernel else None
         self.scaler = ScaleLoop(
             spec,
             store,
@@ -292,7 +302,7 @@ class Controller:
         """Registered replicas (and spares) running an older spec, and the ready members
         (in-path: those whose queue is bound)."""
         members = await list_members(self.store, self.service)
-        ready = set(members) if self.path is None else _with_queue(members)
+        ready = set(members) if self.path is None else _in_path(members)
         outdated = {r for r, m in members.items() if m.info.get("template") != self.template}
         if self.spares:
             spares = await list_standby(self.store, self.service)
@@ -335,21 +345,17 @@ class Controller:
             await self.path.install(replicas)
         except OSError as exc:
             raise PermanentError(str(exc)) from None
-        gw = self.path.gateway
-        await self.event(
-            "steer",
-            f"in the path of {gw.namespace}: chain {self.path.chain}, queues {_queues(self.path)}",
-        )
+        await self.event("steer", f"in the path: {self.path.describe()}")
 
     async def _bound(self) -> set[str]:
-        """Registered replicas whose queue is bound (their member info names it)."""
-        return _with_queue(await list_members(self.store, self.service))
+        """Registered replicas whose queue or table is in place (their member info says)."""
+        return _in_path(await list_members(self.store, self.service))
 
     async def _steer(self, bound: Set[str], running: Set[str], leaving: Set[str]) -> None:
         """Rewrite the gateway's steering when the serving replicas changed."""
         assert self.path is not None
         replicas = serving(bound, set(running), self.backoff, leaving)
-        before = _queues(self.path)
+        before = self.path.describe()
         try:
             changed = await self.path.sync(replicas)
         except OSError as exc:  # the next pass tries again
@@ -358,7 +364,7 @@ class Controller:
         if changed:
             await self.event(
                 "steer",
-                f"steering queues {before} -> {_queues(self.path)}",
+                f"steering {before} -> {self.path.describe()}",
                 replicas=list(replicas),
             )
 
@@ -507,6 +513,13 @@ class Controller:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 await self.path.remove()  # the gateway forwards as it did before
+        if self.tables is not None:
+            try:
+                removed = await self.tables.remove(self.runtime.running())
+            except OSError as exc:
+                await self.event("down", f"tables not all removed: {exc}")
+            else:
+                await self.event("down", f"table removed from {', '.join(removed) or 'no node'}")
         self.metrics.stop()
         with contextlib.suppress(StoreError):
             await self.store.delete(keys.desired_key(self.service))
@@ -515,15 +528,6 @@ class Controller:
             await self.event("down", "service stopped")
 
 
-def _with_queue(members: Mapping[str, MemberInfo]) -> set[str]:
-    """The members whose info names their queue: bound, in-path."""
-    return {rid for rid, member in members.items() if "queue" in member.info}
-
-
-def _queues(path: PathSteering) -> str:
-    written = path.written
-    if written is None:
-        return "none"
-    if not written.queues:
-        return f"none serving (fallback {written.fallback})"
-    return ",".join(str(q) for q in written.queues)
+def _in_path(members: Mapping[str, MemberInfo]) -> set[str]:
+    """The members whose info names their queue (bound) or node (its table installed)."""
+    return {rid for rid, m in members.items() if "queue" in m.info or "node" in m.info}

@@ -60,6 +60,17 @@ class PathSteering:
         self.changes += 1
         return True
 
+    def describe(self) -> str:
+        """Where it steers now, for the controller's events."""
+        written = self.written
+        if written is None:
+            queues = "none"
+        elif not written.queues:
+            queues = f"none serving (fallback {written.fallback})"
+        else:
+            queues = ",".join(str(q) for q in written.queues)
+        return f"{self.gateway.namespace}: chain {self.chain}, queues {queues}"
+
     async def remove(self) -> None:
         """Out of the path: the gateway forwards as if vmbox were not there."""
         await asyncio.to_thread(

@@ -55,12 +55,17 @@ def chain_name(service: str) -> str:
     return f"VMBOX-{service[: CHAIN_MAX - 15]}-{digest}"
 
 
-def queue_of(service: str, replica_id: str, first: int) -> int:
-    """The queue replica `<service>-<n>` consumes: first + n - 1."""
+def replica_number(service: str, replica_id: str) -> int:
+    """n of replica `<service>-<n>` (n >= 1); a ValueError for any other id."""
     suffix = replica_id.removeprefix(f"{service}-")
     if suffix == replica_id or not suffix.isdigit() or int(suffix) < 1:
         raise ValueError(f"replica id {replica_id!r} is not {service}-<n>")
-    return first + int(suffix) - 1
+    return int(suffix)
+
+
+def queue_of(service: str, replica_id: str, first: int) -> int:
+    """The queue replica `<service>-<n>` consumes: first + n - 1."""
+    return first + replica_number(service, replica_id) - 1
 
 
 @dataclass(frozen=True, slots=True)

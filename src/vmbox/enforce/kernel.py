@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,34 +45,41 @@ async def run_nft(
 
     namespace None runs nft where this process is: only for a throwaway
     namespace the caller made (`unshare -n`), never the host's.
+
+    nft runs from a thread with subprocess.run, not with the event loop's
+    subprocess support: uvloop (the replicas' loop) forks to spawn, and in a
+    child forked beside gRPC's threads gRPC's fork handler crashes (SIGSEGV in
+    its event_engine thread) before nft starts; subprocess.run spawns with
+    vfork, which runs no fork handlers. (uvloop's piped stdin is also a socket,
+    which nft cannot open as /dev/stdin.)
     """
     argv = [NFT, "-j", *args]
     if namespace is not None:
         argv = netns.exec_argv(namespace, argv)
     stdin = json.dumps(document).encode() if document is not None else None
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
     except FileNotFoundError:
         raise EnforceError(
             f"`{argv[0]}` is not installed (apt-get install nftables iproute2)"
         ) from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+    except subprocess.TimeoutExpired:
         raise EnforceError(
             f"nft {' '.join(args)} in {namespace}: no answer in {timeout:g} s"
         ) from None
-    if proc.returncode != 0:
-        why = " ".join(err.decode(errors="replace").split()) or f"exit {proc.returncode}"
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace")
+        why = " ".join(err.split()) or f"exit {done.returncode}"
         raise EnforceError(f"nft {' '.join(args)} in {namespace}: {why[:300]}")
-    text = out.decode(errors="replace").strip()
+    text = done.stdout.decode(errors="replace").strip()
     return json.loads(text) if text else {}
 
 
@@ -87,6 +95,8 @@ class Reading:
     rules: dict[str, dict[str, int]]
     offered: dict[str, dict[str, Count]]
     sources: dict[str, int]  # elements in each rule's sets now
+    seen: Count = field(default_factory=Count)  # every packet the table saw (at its interface)
+    dropped: Count = field(default_factory=Count)  # by its rules (not shadow ones), while closed
 
 
 @dataclass
@@ -99,10 +109,11 @@ class KernelEnforcer:
     generation: int = 0
     _last: dict[tuple[str, int], dict[str, Count]] = field(default_factory=dict)
 
-    async def install(self, rates: Mapping[str, Rate]) -> None:
+    async def install(self, rates: Mapping[str, Rate], *, closed: bool = False) -> None:
+        """The table anew (generation 1), at `rates`; `closed` drops every packet it sees."""
         self.generation = 1
         self._last.clear()
-        await self._apply(nft.install(self.table, rates, self.generation))
+        await self._apply(nft.install(self.table, rates, self.generation, closed=closed))
 
     async def set_rates(self, rates: Mapping[str, Rate]) -> None:
         """The new rates in one transaction: every ratelimit rule moves to a new generation."""
@@ -140,7 +151,17 @@ class KernelEnforcer:
             self._last = {k: v for k, v in self._last.items() if k[0] != rule.name}
             self._last[key] = now
             sizes[rule.name] = len(now)
-        return Reading(nft.rule_counters(self.table, counters), offered, sizes)
+        dropped = [counters.get(nft.CLOSED, Count())]
+        for index, rule in enumerate(self.table.rules):
+            if not rule.shadow:  # a shadow rule's counter holds would-drops
+                dropped.append(counters.get(nft.counter_names(index)["dropped"], Count()))
+        return Reading(
+            nft.rule_counters(self.table, counters),
+            offered,
+            sizes,
+            counters.get(nft.SEEN, Count()),
+            Count(sum(c.packets for c in dropped), sum(c.bytes for c in dropped)),
+        )
 
     async def remove(self) -> None:
         await self._apply(nft.delete(self.table))

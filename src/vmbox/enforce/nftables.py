@@ -51,6 +51,7 @@ ICMP_NUMBERS = (1, 58)  # icmp, ipv6-icmp
 PROTOCOLS: dict[str, tuple[int, ...]] = {"tcp": (6,), "udp": (17,), "icmp": ICMP_NUMBERS}
 PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,40}")
+SEEN, CLOSED = "seen", "closed"  # the base chain's counters: every packet; dropped while closed
 
 Action = Literal["accept", "drop", "ratelimit"]
 Unit = Literal["packets", "bytes"]
@@ -331,8 +332,15 @@ def _rates_for(table: Table, rates: Mapping[str, Rate]) -> dict[int, Rate]:
     return {i: rates[r.name] for i, r in table.limited()}
 
 
-def install(table: Table, rates: Mapping[str, Rate], generation: int = 1) -> Doc:
-    """The transaction that creates the table (replacing one of that name) with its rates."""
+def install(
+    table: Table, rates: Mapping[str, Rate], generation: int = 1, *, closed: bool = False
+) -> Doc:
+    """The transaction that creates the table (replacing one of that name) with its rates.
+
+    Its base chain counts every packet it sees first (`seen`); `closed` (a fail
+    policy's answer while the store is away) then drops them all (`closed`)
+    before any rule, as the Python data plane's fail verdict does.
+    """
     by_index = _rates_for(table, rates)
     ref = table._ref()
     cmds: list[Doc] = [
@@ -340,6 +348,8 @@ def install(table: Table, rates: Mapping[str, Rate], generation: int = 1) -> Doc
         {"delete": {"table": {"family": FAMILY, "name": table.name}}},
         _add("table", {"family": FAMILY, "name": table.name}),
     ]
+    for name in (SEEN, CLOSED):
+        cmds.append(_add("counter", {**ref, "name": name}))
     for index, _ in enumerate(table.rules):
         for name in counter_names(index).values():
             cmds.append(_add("counter", {**ref, "name": name}))
@@ -361,6 +371,10 @@ def install(table: Table, rates: Mapping[str, Rate], generation: int = 1) -> Doc
     )
     for index, rule in table.limited():
         cmds.extend(_limiter_rules(table, index, rule, by_index[index], generation))
+    arriving = _matches(KernelRule("", "accept"), table.interface)
+    cmds.append(_rule(table, BASE_CHAIN, [*arriving, {"counter": SEEN}]))
+    if closed:
+        cmds.append(_rule(table, BASE_CHAIN, [*arriving, {"counter": CLOSED}, {"drop": None}]))
     for index, rule in enumerate(table.rules):
         if rule.version != 0:  # a v4 and a v6 CIDR: no packet matches, nft refuses the rule
             cmds.append(_base_rule(table, index, rule))

@@ -6,7 +6,7 @@ it); netlab.py the driver that runs them, reads a lab back from the kernel and
 removes it. Used by `vmbox lab` and by the tests, experiments and demo.
 """
 
-from vmbox.lab.netlab import down, exec_argv, routed_nodes, set_nodes, show, up
+from vmbox.lab.netlab import down, exec_argv, fleet, routed_nodes, set_nodes, show, up
 from vmbox.lab.plan import DEFAULT_PREFIX, GATEWAY_CLIENT_IF, MAX_NODES, LabError, LabPlan
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "LabPlan",
     "down",
     "exec_argv",
+    "fleet",
     "routed_nodes",
     "set_nodes",
     "show",

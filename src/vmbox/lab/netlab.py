@@ -288,11 +288,14 @@ def show(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     }
 
 
-def _show_fleet(prefix: str) -> dict[str, Any]:
-    """A fleet as the kernel has it: its nodes are the node namespaces present (1..N)."""
+def fleet(prefix: str) -> LabPlan:
+    """The plan of the fleet named `prefix` as the kernel has it: its nodes are the node
+    namespaces present (1..N). A LabError when there is no such fleet, or half of one."""
     probe = LabPlan(prefix, nodes=MAX_NODES)
     count = sum(1 for _ in _takewhile_exists(probe))
     if count == 0:
+        if not netns.exists(probe.namespace("router")):
+            raise LabError(f"no fleet named {prefix!r} (vmbox lab up --nodes N --name {prefix})")
         raise LabError(
             f"lab {prefix!r} is incomplete (a router and no node): "
             f"`vmbox lab down --name {prefix}` removes the rest"
@@ -305,6 +308,12 @@ def _show_fleet(prefix: str) -> dict[str, Any]:
             f"lab {prefix!r} is incomplete ({', '.join(missing) or 'nodes out of sequence'}): "
             f"`vmbox lab down --name {prefix}` removes the rest"
         )
+    return plan
+
+
+def _show_fleet(prefix: str) -> dict[str, Any]:
+    """A fleet as the kernel has it (`fleet`), described."""
+    plan = fleet(prefix)
     ifs = {role: _interfaces(plan.namespace(role)) for role in plan.roles}
 
     def on(role: str, name: str) -> dict[str, list[str]]:

@@ -166,6 +166,12 @@ class LabPlan:
         return f"{self.prefix}-{short}"
 
     @property
+    def node_template(self) -> str:
+        """The nodes' namespaces with `{n}` for the number: `gateway.namespace` of a service
+        enforced in their kernels (`enforce: kernel`)."""
+        return self.namespace("node1").removesuffix("1") + "{n}"
+
+    @property
     def namespaces(self) -> tuple[str, ...]:
         return tuple(self.namespace(role) for role in self.roles)
 

@@ -139,6 +139,24 @@ class Spec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _kernel_enforces_what_it_can(self) -> Spec:
+        # The kernel holds one rate per rule in a node's sets and sees packets vmbox does
+        # not: what needs per-source shares or a read per packet stays with python.
+        if self.gateway is None or self.gateway.enforce != "kernel":
+            return self
+        if self.middlebox.split == "demand":
+            raise ValueError(
+                "middlebox.split: demand is not built for enforce: kernel yet "
+                "(a node's sets hold one rate per rule); use split: even"
+            )
+        if self.middlebox.consistency == "strong":
+            raise ValueError(
+                "middlebox.consistency: strong reads the store per packet, and under "
+                "enforce: kernel vmbox sees no packet; use watch, poll, fenced or local"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _memory_needs_limit(self) -> Spec:
         if self.autoscale and self.autoscale.metric == "memory" and not self.replicas.memory_limit:
             raise ValueError("autoscale on memory needs replicas.memory_limit")

@@ -109,12 +109,49 @@ class GatewaySpec(SpecModel):
     service's, replies included. `spread: flow` hashes the 5-tuple (HMARK) so one
     client's flows spread over the replicas; `addresses` leaves it to the
     kernel's --queue-balance, which hashes the address pair and protocol only.
+
+    `enforce: kernel` takes Python out of the packet path: each replica has a
+    node of its own, the namespace `namespace` names with `{n}` replaced by the
+    replica's number (`vmbox-n{n}`: replica `<service>-2` on `vmbox-n2`, as
+    `vmbox lab up --nodes N` names them), and keeps an nftables table there
+    that holds each source to the replica's share (vmbox.enforce; no queue,
+    no steering chain). Whatever spreads flows over the nodes is in front of
+    them; `lab: NAME` names a fleet of `vmbox lab up --nodes N --name NAME`,
+    whose router's ECMP route the controller then keeps to the nodes whose
+    replica enforces (vmbox.control.nodes), as it keeps a gateway's steering.
     """
 
-    namespace: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    namespace: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]|\{n\}){0,63}$")
     interface: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,15}$")
     queue: Annotated[int, Field(ge=0, le=65000)] = 0
     spread: Literal["flow", "addresses"] = "flow"
+    enforce: Literal["python", "kernel"] = "python"
+    lab: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+    @model_validator(mode="after")
+    def _nodes(self) -> GatewaySpec:
+        per_node = "{n}" in self.namespace
+        if self.enforce == "kernel":
+            if not per_node:
+                raise ValueError(
+                    "namespace: with enforce: kernel each replica has a node of its own: "
+                    "name them with {n}, e.g. vmbox-n{n}"
+                )
+            # By value, not by what was written: a stored spec holds every field.
+            for name in ("queue", "spread"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(
+                        f"{name}: only with enforce: python (a kernel-enforced node has no queue)"
+                    )
+        elif per_node:
+            raise ValueError("namespace: {n} names a node per replica, only with enforce: kernel")
+        elif self.lab is not None:
+            raise ValueError("lab: a fleet's route is steered only with enforce: kernel")
+        return self
+
+    def node_namespace(self, node: int) -> str:
+        """The namespace of replica number `node` (the gateway's own under enforce: python)."""
+        return self.namespace.replace("{n}", str(node))
 
 
 class ReplicasSpec(SpecModel):

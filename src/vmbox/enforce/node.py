@@ -1,0 +1,229 @@
+"""The replica's driver under `enforce: kernel`: its node's table follows its shares.
+
+vmbox.replica runs this in place of a packet loop. The replica still joins the
+group, follows the resize guard, the limits and the fail policy; whenever any
+of them changes it calls `changed()` (or `fail()`), and one task here brings
+the node's table (vmbox.enforce.kernel, in the node's namespace) to what they
+say, one nft transaction at a time:
+
+- normal: the table at `rates()` (vmbox.enforce.rates: each ratelimit rule at
+  the share its limiter holds now); a change of rates is one `set_rates`
+  transaction, made only when a rate differs from the one in force;
+- fail policy `closed` (the store away): the table installed closed, every
+  packet it sees counted and dropped;
+- fail policy `open`: the table removed, the node forwards everything;
+- back from either: the table installed again at the current rates.
+
+The same task reads the table's counters every `read_interval` seconds and
+keeps them as monotonic totals across re-installs (`totals`, `rule_counters`:
+what the replica's metrics export). An nft call that fails is logged and
+tried again at the next change or read: the table keeps enforcing what it
+had (the kernel needs no process to go on). `start()` fails with one line
+(EnforceError) when the node namespace or nft is missing.
+
+Leaving: the replica's share drops to 0 before its lease goes (the guard's
+`leaving`), and `stop(close=True)` writes that last: the node then drops what
+its rules match until the table is removed, so a node left in the route admits
+nothing the other nodes' larger shares do not account for. A replica killed
+outright leaves its table at its last rates: safe for as long as the others'
+shares still count it (docs/nftables-rates.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vmbox import netns
+from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading
+from vmbox.enforce.nftables import Count, Rate
+from vmbox.enforce.rates import closed_rates
+from vmbox.packet import Verdict
+
+log = logging.getLogger(__name__)
+
+READ_INTERVAL = 1.0  # seconds between counter reads (one nft call per set, docs/nftables-rates.md)
+RETRY_PAUSE = 0.2  # seconds after an nft call failed, before the next try
+
+TableState = Literal["absent", "enforcing", "closed", "removed"]
+
+
+@dataclass
+class Totals:
+    """What the node's table counted since the driver started, across re-installs."""
+
+    seen: Count = field(default_factory=Count)
+    dropped: Count = field(default_factory=Count)
+    rules: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def plus(self, reading: Reading) -> Totals:
+        rules = {name: dict(values) for name, values in self.rules.items()}
+        for name, values in reading.rules.items():
+            mine = rules.setdefault(name, {})
+            for key, value in values.items():
+                mine[key] = mine.get(key, 0) + value
+        return Totals(_add(self.seen, reading.seen), _add(self.dropped, reading.dropped), rules)
+
+
+def _shown(rates: Mapping[str, Rate]) -> str:
+    return ", ".join(f"{name} {r.amount}/{r.per}" for name, r in sorted(rates.items()))
+
+
+def _add(a: Count, b: Count) -> Count:
+    return Count(a.packets + b.packets, a.bytes + b.bytes)
+
+
+class NodeDriver:
+    """One replica's table in its node: applied on change, read on a timer."""
+
+    def __init__(
+        self,
+        enforcer: KernelEnforcer,
+        rates: Callable[[], Mapping[str, Rate]],
+        *,
+        read_interval: float = READ_INTERVAL,
+        on_reading: Callable[[NodeDriver], None] | None = None,
+    ) -> None:
+        self.enforcer = enforcer
+        self.rates = rates
+        self.read_interval = read_interval
+        self.on_reading = on_reading
+        self.policy: Verdict | None = None  # the fail policy's answer while the store is away
+        self.state: TableState = "absent"
+        self.applied: dict[str, Rate] = {}
+        self.transactions = 0  # nft transactions that changed the table
+        self.errors = 0
+        self.last_reading: Reading | None = None
+        self._carried = Totals()  # what earlier installs of the table counted
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time: generations count up
+
+    @property
+    def namespace(self) -> str:
+        return self.enforcer.namespace
+
+    @property
+    def totals(self) -> Totals:
+        reading = self.last_reading
+        return self._carried if reading is None else self._carried.plus(reading)
+
+    def rule_counters(self) -> dict[str, dict[str, int]]:
+        """Per rule: matched, passed, dropped, shadow_dropped, overflow (for the metrics)."""
+        return self.totals.rules
+
+    async def start(self) -> None:
+        """Install the table at the current rates and follow changes from here on."""
+        if not netns.exists(self.namespace):
+            raise EnforceError(
+                f"node namespace {self.namespace!r} does not exist (vmbox lab up --nodes N?)"
+            )
+        await self.sync()
+        self._task = asyncio.create_task(self._run())
+
+    def changed(self) -> None:
+        """The shares, a limit or the group changed: bring the table to them soon."""
+        self._dirty.set()
+
+    def fail(self, verdict: Verdict | None) -> None:
+        """The fail policy's answer (DROP: closed, PASS: open), None when the store is back."""
+        if verdict != self.policy:
+            self.policy = verdict
+            self.changed()
+
+    async def sync(self) -> None:
+        """One step toward what the policy and the rates say (at most one transaction)."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        rates = dict(self.rates())
+        if self.policy is Verdict.PASS:
+            if self.state in ("enforcing", "closed"):
+                await self._replaced(self.enforcer.remove())
+                self.state = "removed"
+            return
+        want: TableState = "closed" if self.policy is Verdict.DROP else "enforcing"
+        if self.state != want:
+            await self._replaced(self.enforcer.install(rates, closed=want == "closed"))
+            self.state, self.applied = want, rates
+            log.info(
+                "%s in %s: table %s at %s",
+                self.enforcer.table.name,
+                self.namespace,
+                want,
+                _shown(rates),
+            )
+        elif rates != self.applied:
+            await self.enforcer.set_rates(rates)
+            self.transactions += 1
+            log.info("%s in %s: rates %s", self.enforcer.table.name, self.namespace, _shown(rates))
+            self.applied = rates
+
+    async def _replaced(self, step: Awaitable[None]) -> None:
+        """Run a step that replaces or removes the table, keeping what it had counted."""
+        with contextlib.suppress(EnforceError):
+            await self.read()
+        await step
+        self.transactions += 1
+        self._carried = self.totals
+        self.last_reading = None
+
+    async def read(self) -> Reading | None:
+        """The table's counters now (None when there is no table)."""
+        if self.state not in ("enforcing", "closed"):
+            return None
+        self.last_reading = await self.enforcer.read()
+        if self.on_reading is not None:
+            self.on_reading(self)
+        return self.last_reading
+
+    async def _run(self) -> None:
+        next_read = time.monotonic() + self.read_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_read - time.monotonic())):
+                    await self._dirty.wait()
+            if self._dirty.is_set():
+                self._dirty.clear()
+                if not await self._logged(self.sync()):
+                    self._dirty.set()  # the table is not what it should be: again, soon
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + self.read_interval
+                await self._logged(self.read())
+
+    async def _logged(self, step: Awaitable[object]) -> bool:
+        """Run one nft step; a failure is logged and counted, then a pause (False)."""
+        try:
+            await step
+        except EnforceError as exc:
+            self.errors += 1
+            log.warning("%s in %s: %s", self.enforcer.table.name, self.namespace, exc)
+            await asyncio.sleep(RETRY_PAUSE)
+            return False
+        return True
+
+    async def stop(self, *, close: bool) -> None:
+        """Stop following; `close` leaves the table at a share of 0 (a replica leaving)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        closed = closed_rates(self.enforcer.table)
+        if close and self.state == "enforcing" and self.applied != closed:
+            async with self._lock:
+                with contextlib.suppress(EnforceError):
+                    await self.enforcer.set_rates(closed)
+                    self.applied = closed
+                    self.transactions += 1
+
+    async def remove(self) -> None:
+        """Take the table out of the node (the service is gone)."""
+        await self.enforcer.remove()
+        self.state = "removed"

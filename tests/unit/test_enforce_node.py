@@ -1,0 +1,122 @@
+"""NodeDriver with a recording enforcer: which nft transactions each change makes, and the
+counters it keeps across re-installs. No namespace, no nft (the real ones:
+tests/integration/test_kernel_service.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading
+from vmbox.enforce.nftables import Count, Rate, Table, kernel_rules
+from vmbox.enforce.node import NodeDriver
+from vmbox.packet import Verdict
+
+TABLE = Table("web", kernel_rules({"limit": 100}))
+
+
+class Recording(KernelEnforcer):
+    """Records each step; `counts` is what the current table has counted."""
+
+    def __init__(self) -> None:
+        super().__init__("node", TABLE)
+        self.steps: list[str] = []
+        self.counts = 0
+        self.fail_next = False
+
+    def _step(self, what: str) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise EnforceError("nft: refused")
+        self.steps.append(what)
+
+    async def install(self, rates: Mapping[str, Rate], *, closed: bool = False) -> None:
+        self._step(f"install {'closed' if closed else rates['limit'].amount}")
+        self.counts = 0
+
+    async def set_rates(self, rates: Mapping[str, Rate]) -> None:
+        self._step(f"rates {rates['limit'].amount}")
+
+    async def remove(self) -> None:
+        self._step("remove")
+        self.counts = 0
+
+    async def read(self) -> Reading:
+        rules = {"limit": {"matched": self.counts, "dropped": self.counts // 2}}
+        seen, dropped = Count(self.counts, 10 * self.counts), Count(self.counts // 2, 0)
+        return Reading(rules, {}, {}, seen, dropped)
+
+
+def driver() -> tuple[NodeDriver, Recording, dict[str, int]]:
+    share = {"limit": 50}
+    enforcer = Recording()
+    node = NodeDriver(enforcer, lambda: {"limit": Rate(share["limit"])})
+    return node, enforcer, share
+
+
+def test_a_share_change_is_one_transaction_and_no_change_is_none() -> None:
+    async def run() -> list[str]:
+        node, enforcer, share = driver()
+        await node.sync()
+        await node.sync()  # nothing changed: nothing run
+        share["limit"] = 100
+        await node.sync()
+        await node.sync()
+        return enforcer.steps
+
+    assert asyncio.run(run()) == ["install 50", "rates 100"]
+
+
+def test_fail_policies_close_remove_and_reinstall_the_table() -> None:
+    async def run() -> tuple[list[str], list[str]]:
+        node, enforcer, _ = driver()
+        await node.sync()
+        states: list[str] = [node.state]
+        for verdict in (Verdict.DROP, None, Verdict.PASS, Verdict.PASS, None):
+            node.fail(verdict)
+            await node.sync()
+            states.append(node.state)
+        return enforcer.steps, states
+
+    steps, states = asyncio.run(run())
+    assert steps == ["install 50", "install closed", "install 50", "remove", "install 50"]
+    assert states == ["enforcing", "closed", "enforcing", "removed", "removed", "enforcing"]
+
+
+def test_counters_add_up_across_re_installs() -> None:
+    async def run() -> tuple[int, int, dict[str, int]]:
+        node, enforcer, _ = driver()
+        await node.sync()
+        enforcer.counts = 10
+        await node.read()
+        enforcer.counts = 30  # counted since, not yet read: read before the table goes
+        node.fail(Verdict.DROP)
+        await node.sync()
+        enforcer.counts = 4
+        await node.read()
+        totals = node.totals
+        return totals.seen.packets, totals.dropped.packets, node.rule_counters()["limit"]
+
+    seen, dropped, rule = asyncio.run(run())
+    assert (seen, dropped) == (34, 17)
+    assert rule == {"matched": 34, "dropped": 17}
+
+
+def test_a_leaving_replica_leaves_its_table_closed_and_a_failed_step_is_retried() -> None:
+    async def run() -> list[str]:
+        node, enforcer, share = driver()
+        await node.sync()
+        node._task = asyncio.create_task(node._run())
+        enforcer.fail_next = True
+        share["limit"] = 25
+        node.changed()
+        for _ in range(100):  # the failed step is tried again after a pause
+            await asyncio.sleep(0.01)
+            if "rates 25" in enforcer.steps:
+                break
+        await node.stop(close=True)
+        await node.stop(close=True)  # once closed, nothing more
+        return enforcer.steps
+
+    steps = asyncio.run(asyncio.wait_for(run(), 10))
+    assert steps == ["install 50", "rates 25", "rates 0"]

@@ -1,0 +1,71 @@
+"""The rates a node's table enforces come from the shares the replica's limiters hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vmbox.enforce.nftables import Rate, Table, kernel_rules
+from vmbox.enforce.rates import closed_rates, node_rates
+from vmbox.functions import get_function
+from vmbox.group import Group
+from vmbox.middlebox import Middlebox
+from vmbox.packet import Packet, Verdict
+from vmbox.spec import parse_spec
+
+
+def built(middlebox: dict[str, Any], members: tuple[str, ...]) -> tuple[Middlebox, Table]:
+    addresses = {"listen": "127.0.0.1:1", "upstream": "127.0.0.1:2"}
+    spec = parse_spec({"service": "web", **addresses, "middlebox": middlebox})
+    config = spec.middlebox.model_dump()
+    box = get_function("ratelimit").build(config, Group(members, "r1"))
+    return box, Table("web", kernel_rules(config))
+
+
+def test_a_fixed_window_share_becomes_a_rate_with_a_small_bucket() -> None:
+    box, table = built({"limit": 100}, ("r1", "r2"))
+    assert node_rates(box, table) == {"limit": Rate(50, "second", 2)}  # 5% of the share
+    box.update(group=Group(("r1",), "r1"))
+    assert node_rates(box, table) == {"limit": Rate(100, "second", 5)}
+    box.update(values={"limit": 10})
+    assert node_rates(box, table) == {"limit": Rate(10, "second", 1)}  # never under 1
+
+
+def test_a_token_bucket_keeps_its_share_of_the_burst() -> None:
+    box, table = built({"limit": 100, "algorithm": "token_bucket", "burst": 40}, ("r1", "r2"))
+    assert node_rates(box, table) == {"limit": Rate(50, "second", 20)}
+
+
+def test_the_resize_guard_gives_the_smaller_share_and_a_leaver_nothing() -> None:
+    box, table = built({"limit": 90}, ("r1", "r2", "r3"))
+    assert node_rates(box, table)["limit"].amount == 30
+    # r4 joined; until every member acked, the smaller of the two splits.
+    box.update(group=Group(("r1", "r2", "r3", "r4"), "r1", previous=("r1", "r2")))
+    assert node_rates(box, table)["limit"].amount == min(90 // 4 + (90 % 4 > 0), 45)
+    box.update(group=Group(("r1", "r2"), "r1", previous=()))  # leaving (ResizeGuard.leaving)
+    assert node_rates(box, table)["limit"] == Rate(0, "second", 1)
+
+
+def test_each_ratelimit_rule_gets_its_limiters_share_over_its_window() -> None:
+    rules = [
+        {"name": "ssh", "action": "accept", "match": {"proto": "tcp", "dport": 22}},
+        {"name": "dns", "action": "ratelimit", "limit": 600, "match": {"proto": "udp"}},
+        {"name": "big", "action": "ratelimit", "limit": 8000, "unit": "bytes"},
+    ]
+    box, table = built({"rules": rules, "limit": 30, "window": "1m"}, ("r1", "r2"))
+    rates = node_rates(box, table)
+    assert set(rates) == {"dns", "big", "limit"}  # accept rules have no rate
+    assert rates["dns"] == Rate(5, "second", 15)  # 300 a minute: whole per second
+    assert rates["limit"] == Rate(15, "minute", 1)
+    assert closed_rates(table) == dict.fromkeys(rates, Rate(0))
+
+
+def test_a_function_without_limiters_is_refused() -> None:
+    class Other(Middlebox):
+        def process(self, packet: Packet, now: float) -> Verdict:
+            return Verdict.PASS
+
+    _, table = built({"limit": 1}, ("r1",))
+    with pytest.raises(TypeError, match="enforces ratelimit rules"):
+        node_rates(Other({}, Group(("r1",), "r1")), table)
