@@ -98,6 +98,21 @@ class ReplicaSampler:
                 for name, value in values.items():
                     self.highest[name] = max(self.highest.get(name, value), value)
 
+    async def settled(self, name: str, within: float, every: float = 0.25) -> float:
+        """Scrape until `total(name)` stops moving (the replicas worked through what the
+        kernel queued for them) or `within` seconds pass; that total."""
+        deadline = time.monotonic() + within
+        await self.scrape()
+        last = self.total(name)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(every)
+            await self.scrape()
+            now = self.total(name)
+            if now == last:
+                return now
+            last = now
+        return last
+
     def total(self, name: str) -> float:
         """A metric summed over the replicas' latest scrapes."""
         return sum(values.get(name, 0.0) for values in self.last.values())
