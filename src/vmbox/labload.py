@@ -146,6 +146,31 @@ def hping3_flood(
     return sent
 
 
+def hping3_paced(
+    plan: LabPlan, sources: Sequence[str], rate: float, seconds: float, port: int = 9000
+) -> list[Sent]:
+    """One `hping3 --udp -i u<1e6/rate>` per source (a new source port per packet) for
+    `seconds`: `rate` packets/s each, as far as hping3's pacing goes (the kernel's counters
+    say what it offered); every process is gone on return."""
+    if not sources or seconds <= 0 or rate <= 0:
+        raise LabError("hping3_paced: give at least one source, a positive rate and duration")
+    count = max(1, int(rate * seconds))
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for source in sources:
+            argv = ["hping3", "--udp", "-i", f"u{max(1, int(1_000_000 / rate))}"]
+            argv += ["-c", str(count), "-a", source, "-p", str(port), _server(plan)]
+            procs.append(_popen(plan, "client", argv))
+        reports = _finish(procs, time.monotonic() + seconds + GRACE)
+    finally:
+        _stop(procs)
+    sent = []
+    for source, report in zip(sources, reports, strict=True):
+        found = _SENT.search(report)
+        sent.append(Sent(source, int(found.group(1)) if found else 0, seconds))
+    return sent
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Packet counters of a lab's interfaces at one moment (time.monotonic())."""
@@ -211,15 +236,21 @@ START_TIMEOUT = 10.0  # seconds to wait for that before measuring anyway
 
 
 def measured(
-    plan: LabPlan, load: Callable[[], list[Sent]], skip: float, window: float
+    plan: LabPlan,
+    load: Callable[[], list[Sent]],
+    skip: float,
+    window: float,
+    started_rate: float = STARTED_RATE,
 ) -> tuple[Rates, list[Sent]]:
-    """Run `load` (a call of iperf3_udp or hping3_flood) in a thread and count the lab's
-    interfaces over `window` seconds starting `skip` seconds after the senders began
-    sending: the rates in steady state, and what the senders reported for their whole run.
+    """Run `load` (a call of iperf3_udp, hping3_flood or hping3_paced) in a thread and count
+    the lab's interfaces over `window` seconds starting `skip` seconds after the senders
+    began sending: the rates in steady state, and what the senders reported for their
+    whole run.
 
-    Sending begins when the clients' interface passes STARTED_RATE packets/s, not
-    at a fixed time: iperf3 shakes hands over TCP first, and on a loaded machine its
-    start-up took over 1.7 s once, so a window at a fixed 0.7 s counted nothing.
+    Sending begins when the clients' interface passes `started_rate` packets/s (below
+    what the load offers), not at a fixed time: iperf3 shakes hands over TCP first, and
+    on a loaded machine its start-up took over 1.7 s once, so a window at a fixed 0.7 s
+    counted nothing.
     """
     result: list[list[Sent]] = []
     failed: list[BaseException] = []
@@ -236,7 +267,7 @@ def measured(
     while thread.is_alive() and time.monotonic() - began < START_TIMEOUT:
         time.sleep(0.05)
         now = snapshot(plan)
-        if Rates.between(last, now).offered > STARTED_RATE:
+        if Rates.between(last, now).offered > started_rate:
             break
         last = now
     time.sleep(skip)

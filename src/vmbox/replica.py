@@ -38,7 +38,7 @@ from vmbox.dataplane.steering import queue_of, replica_number
 from vmbox.dataplane.udp import UdpRelay
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer
 from vmbox.enforce.nftables import NftablesError, Table, kernel_rules
-from vmbox.enforce.node import NodeDriver
+from vmbox.enforce.node import NodeDriver, NodeGone
 from vmbox.enforce.rates import node_rates
 from vmbox.functions import get_function
 from vmbox.group import Group
@@ -187,7 +187,8 @@ class Replica:
         self.stopping = asyncio.Event()
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None
-        self.fatal: ReplicaConfigError | None = None  # raised by run() once it has left
+        # Raised by run() once it has left: a config error, or (enforce: kernel) a node gone.
+        self.fatal: ReplicaConfigError | NodeGone | None = None
         self.bound = False  # its address or queue is bound (_bind)
         self.created = time.monotonic()  # a process this young is still starting
 
@@ -209,7 +210,14 @@ class Replica:
             KernelEnforcer(gateway.node_namespace(node), table),
             lambda: node_rates(self.middlebox, table),
             on_reading=self._node_counted,
+            on_gone=self._node_gone,
         )
+
+    def _node_gone(self, gone: NodeGone) -> None:
+        """The node's namespace vanished: leave, so the siblings take the share it held."""
+        if self.fatal is None:
+            self.fatal = gone
+        self.stop()
 
     def _node_counted(self, node: NodeDriver) -> None:
         """The node's table counted: its totals become the replica's traffic counters."""
@@ -329,6 +337,8 @@ class Replica:
         """Serve until `stop()` or cancellation; leave the group on the way out.
 
         A spare stands by first (`_stand_by`) and starts serving when promoted."""
+        if self.node is not None:
+            self.node.check()  # a node that is not there: no membership, a restart later
         if not self.standby:
             self.middlebox.start(time.time())
         if self.relay is not None:
@@ -490,6 +500,10 @@ class Replica:
                 await self.inpath.start()
             else:
                 await self.relay_driver.start()
+        except NodeGone as exc:
+            self.fatal = exc
+            self.stop()
+            return
         except OSError as exc:
             self.fatal = ReplicaConfigError(str(exc))
             self.stop()
@@ -611,7 +625,12 @@ async def replica_main(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, replica.stop, True)
         loop.add_signal_handler(signal.SIGINT, replica.stop)
-        await replica.run()
+        try:
+            await replica.run()
+        except NodeGone as exc:
+            # Not a config error: the controller restarts it (with backoff) as after a crash.
+            log.error("%s", exc)
+            return 1
         return 0
     finally:
         await store.close()

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+import pytest
+
+from vmbox import netns
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading
 from vmbox.enforce.nftables import Count, Rate, Table, kernel_rules
-from vmbox.enforce.node import NodeDriver
+from vmbox.enforce.node import NodeDriver, NodeGone
 from vmbox.packet import Verdict
 
 TABLE = Table("web", kernel_rules({"limit": 100}))
@@ -41,7 +44,7 @@ class Recording(KernelEnforcer):
         self._step("remove")
         self.counts = 0
 
-    async def read(self) -> Reading:
+    async def read(self, *, sources: bool = True) -> Reading:
         rules = {"limit": {"matched": self.counts, "dropped": self.counts // 2}}
         seen, dropped = Count(self.counts, 10 * self.counts), Count(self.counts // 2, 0)
         return Reading(rules, {}, {}, seen, dropped)
@@ -102,7 +105,11 @@ def test_counters_add_up_across_re_installs() -> None:
     assert rule == {"matched": 34, "dropped": 17}
 
 
-def test_a_leaving_replica_leaves_its_table_closed_and_a_failed_step_is_retried() -> None:
+def test_a_leaving_replica_leaves_its_table_closed_and_a_failed_step_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(netns, "exists", lambda name: True)  # the node is there
+
     async def run() -> list[str]:
         node, enforcer, share = driver()
         await node.sync()
@@ -120,3 +127,32 @@ def test_a_leaving_replica_leaves_its_table_closed_and_a_failed_step_is_retried(
 
     steps = asyncio.run(asyncio.wait_for(run(), 10))
     assert steps == ["install 50", "rates 25", "rates 0"]
+
+
+def test_a_node_that_vanishes_under_its_table_is_reported_once_a_step_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    there = {"node": True}
+    monkeypatch.setattr(netns, "exists", lambda name: there[name])
+    gone: list[NodeGone] = []
+
+    async def run() -> tuple[str, list[str]]:
+        enforcer, share = Recording(), {"limit": 50}
+        node = NodeDriver(enforcer, lambda: {"limit": Rate(share["limit"])}, on_gone=gone.append)
+        await node.start()
+        there["node"] = False
+        enforcer.fail_next = True
+        share["limit"] = 100
+        node.changed()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if gone:
+                break
+        await node.stop(close=True)  # no table to close any more: nothing run
+        with pytest.raises(NodeGone, match="does not exist"):
+            await node.start()
+        return node.state, enforcer.steps
+
+    state, steps = asyncio.run(asyncio.wait_for(run(), 10))
+    assert len(gone) == 1 and "node" in str(gone[0])
+    assert state == "absent" and steps == ["install 50"]

@@ -25,11 +25,11 @@ def built(middlebox: dict[str, Any], members: tuple[str, ...]) -> tuple[Middlebo
 
 def test_a_fixed_window_share_becomes_a_rate_with_a_small_bucket() -> None:
     box, table = built({"limit": 100}, ("r1", "r2"))
-    assert node_rates(box, table) == {"limit": Rate(50, "second", 2)}  # 5% of the share
+    assert node_rates(box, table) == {"limit": Rate(50, "second", 3)}  # at least 3 packets
     box.update(group=Group(("r1",), "r1"))
-    assert node_rates(box, table) == {"limit": Rate(100, "second", 5)}
-    box.update(values={"limit": 10})
-    assert node_rates(box, table) == {"limit": Rate(10, "second", 1)}  # never under 1
+    assert node_rates(box, table) == {"limit": Rate(100, "second", 5)}  # 5% of the share
+    box.update(values={"limit": 1000})
+    assert node_rates(box, table) == {"limit": Rate(1000, "second", 50)}
 
 
 def test_a_token_bucket_keeps_its_share_of_the_burst() -> None:
@@ -44,7 +44,7 @@ def test_the_resize_guard_gives_the_smaller_share_and_a_leaver_nothing() -> None
     box.update(group=Group(("r1", "r2", "r3", "r4"), "r1", previous=("r1", "r2")))
     assert node_rates(box, table)["limit"].amount == min(90 // 4 + (90 % 4 > 0), 45)
     box.update(group=Group(("r1", "r2"), "r1", previous=()))  # leaving (ResizeGuard.leaving)
-    assert node_rates(box, table)["limit"] == Rate(0, "second", 1)
+    assert node_rates(box, table)["limit"].amount == 0
 
 
 def test_each_ratelimit_rule_gets_its_limiters_share_over_its_window() -> None:
@@ -57,7 +57,8 @@ def test_each_ratelimit_rule_gets_its_limiters_share_over_its_window() -> None:
     rates = node_rates(box, table)
     assert set(rates) == {"dns", "big", "limit"}  # accept rules have no rate
     assert rates["dns"] == Rate(5, "second", 15)  # 300 a minute: whole per second
-    assert rates["limit"] == Rate(15, "minute", 1)
+    assert rates["limit"] == Rate(15, "minute", 3)
+    assert rates["big"] == Rate(4000, "minute", 200)  # bytes: 5% of the share, no floor
     assert closed_rates(table) == dict.fromkeys(rates, Rate(0))
 
 

@@ -24,9 +24,9 @@ def entry(module: str) -> Entry:
     return Entry("fake", module, "run", "a fake", budget=1, small_budget=1, optional=True)
 
 
-def test_the_published_figures_and_skew_are_registered_and_available() -> None:
+def test_the_published_figures_skew_and_kernel_are_registered_and_available() -> None:
     names = [e.name for e in EXPERIMENTS.entries]
-    assert names == ["correctness", "overhead", "scaling", "skew"]
+    assert names == ["correctness", "overhead", "scaling", "skew", "kernel"]
     assert all(not e.optional and e.installed() for e in EXPERIMENTS.entries)
     assert EXPERIMENTS.available() == list(EXPERIMENTS.entries)
     assert all(callable(EXPERIMENTS.load(e)) for e in EXPERIMENTS.entries)

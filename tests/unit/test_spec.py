@@ -248,3 +248,9 @@ def test_what_the_kernel_cannot_enforce_is_refused_with_one_line(
 ) -> None:
     with pytest.raises(SpecError, match=rf"^web\.yaml: {message}"):
         parse_spec(data, "web.yaml")
+
+
+def test_the_kernel_example_loads_with_a_node_per_replica() -> None:
+    spec = load_spec(Path(__file__).parents[2] / "examples" / "kernel.yaml")
+    assert spec.gateway is not None and spec.gateway.enforce == "kernel"
+    assert spec.gateway.node_namespace(2) == "vmbox-n2" and spec.gateway.lab == "vmbox"

@@ -66,6 +66,9 @@ from vmbox.state.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 STOP_MARGIN = 3.0  # beyond the drain timeout, before a draining replica is killed
+# enforce: kernel: how long a dead replica's place (its lease) is kept for its restart,
+# and how often it is refreshed meanwhile (at most a third of the lease's TTL)
+HOLD_PLACE, HOLD_REFRESH = 10.0, 0.5
 
 
 class PermanentError(Exception):
@@ -93,6 +96,8 @@ class Controller:
         self.desired = spec.replicas.count
         self.backoff: dict[str, Backoff] = {}
         self.draining: dict[str, asyncio.Task[float]] = {}
+        # enforce: kernel: dead replicas whose place is kept for their restart (_hold_place)
+        self.holding: dict[str, asyncio.Task[None]] = {}
         self.spares: set[str] = set()  # running warm spares, not promoted
         self.promoting: set[str] = set()  # promoted spares not yet seen as members
         self.spares_stopping: set[str] = set()  # spares among `draining` (no drain: no flows)
@@ -417,7 +422,13 @@ class Controller:
         standby = rid in self.spares
         self.spares.discard(rid)
         self.promoting.discard(rid)
-        await self._revoke_member(rid)
+        member = (await self._members()).get(rid)
+        if self.tables is not None and not standby and member is not None and member.lease:
+            # Its node's table goes on enforcing its last share: keep its place in the
+            # group (the lease) for its restart rather than let the others take the share.
+            self.holding[rid] = asyncio.create_task(self._hold_place(rid, member.lease))
+        else:
+            await self._revoke_member(rid)
         if exited.exit_code == EXIT_CONFIG:
             await self.event("failed", f"replica {rid} cannot run: {exited.last_log_line}")
             raise PermanentError(
@@ -435,6 +446,45 @@ class Controller:
             code=exited.exit_code,
             standby=standby,
         )
+
+    async def _members(self) -> Mapping[str, MemberInfo]:
+        with contextlib.suppress(StoreError):
+            return await list_members(self.store, self.service)
+        return {}
+
+    async def _hold_place(self, rid: str, lease: int) -> None:
+        """enforce: kernel: a dead replica's table keeps its last share; keep its member
+        lease alive until its restart has registered (on a lease of its own), whose table
+        then replaces the old one at the same share: no share moves, no packet is lost.
+
+        Not back within HOLD_PLACE seconds (a crash loop, a node gone), or the store in
+        the way: close its table (drop everything there), then revoke the lease, in this
+        order, since the siblings' shares grow as soon as the member goes."""
+        interval = min(HOLD_REFRESH, self.spec.lease_ttl / 3)
+        deadline = time.monotonic() + HOLD_PLACE
+        try:
+            while time.monotonic() < deadline:
+                member = (await list_members(self.store, self.service)).get(rid)
+                if member is not None and member.lease != lease:
+                    await self.store.revoke_lease(lease)  # the key is on the new lease now
+                    return
+                if member is None:
+                    break
+                await self.store.refresh_lease(lease)
+                await asyncio.sleep(interval)
+        except StoreError:
+            pass
+        finally:
+            self.holding.pop(rid, None)
+        assert self.tables is not None
+        try:
+            closed = await self.tables.close(rid)
+        except OSError as exc:
+            await self.event("crash", f"table of {rid} not closed: {exc}", replica=rid)
+        else:
+            if closed is not None:
+                await self.event("crash", f"{rid} not back: its table closed in {closed}")
+        await self._revoke_member(rid)
 
     async def _revoke_member(self, rid: str) -> None:
         """Remove a dead replica's member (or standby) key now rather than at lease expiry,
@@ -509,6 +559,9 @@ class Controller:
         """Stop every replica (each leaves the membership first) and mark the service down."""
         await asyncio.gather(*self.draining.values(), return_exceptions=True)
         self.draining.clear()
+        for task in self.holding.values():
+            task.cancel()
+        await asyncio.gather(*self.holding.values(), return_exceptions=True)
         await asyncio.to_thread(self.runtime.stop_all)
         if self.path is not None:
             with contextlib.suppress(OSError):

@@ -2,8 +2,10 @@
 
 Called by vmbox.control.controller for `enforce: kernel` services. Each replica
 keeps its node's table (vmbox.enforce.node) and leaves it closed when it goes,
-so a node still in the route admits nothing the others' shares do not count;
-when the whole service goes down, the controller removes the table from every
+so a node still in the route admits nothing the others' shares do not count.
+A replica that dies cannot: the controller closes its table (`close`) before
+it removes the dead member, whose departure grows the siblings' shares. When
+the whole service goes down, the controller removes the table from every
 node a replica of it may have used (1 .. replicas.max, and any replica it
 started beyond that), so the nodes forward as they did before vmbox.
 
@@ -21,6 +23,7 @@ from vmbox import netns
 from vmbox.dataplane.steering import replica_number
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer
 from vmbox.enforce.nftables import Table, kernel_rules
+from vmbox.enforce.rates import closed_rates
 from vmbox.lab import LabError, fleet, set_nodes
 from vmbox.spec import GatewaySpec, Spec
 
@@ -43,6 +46,23 @@ class NodeTables:
             with contextlib.suppress(ValueError):
                 numbers.add(replica_number(self.service, rid))
         return sorted(numbers)
+
+    async def close(self, replica: str) -> str | None:
+        """Close the table of a replica that died: every packet on its node dropped.
+
+        Called before the dead replica's member goes: the siblings' shares grow as
+        soon as it does, while its table would go on admitting its last share.
+        Its restart installs the table anew. The node's namespace, or None when
+        the id names no node or the node is gone."""
+        try:
+            node = replica_number(self.service, replica)
+        except ValueError:
+            return None
+        namespace = self.gateway.node_namespace(node)
+        if not netns.exists(namespace):
+            return None
+        await KernelEnforcer(namespace, self.table).install(closed_rates(self.table), closed=True)
+        return namespace
 
     async def remove(self, replicas: Iterable[str] = ()) -> list[str]:
         """Remove the table from each node that exists; the namespaces it was removed from.

@@ -126,13 +126,15 @@ class KernelEnforcer:
         await self._apply(nft.set_rates(self.table, rates, self.generation + 1))
         self.generation += 1
 
-    async def read(self) -> Reading:
+    async def read(self, *, sources: bool = True) -> Reading:
+        """The named counters (one nft call) and, with `sources`, each set's elements (one
+        call per set: what each source offered, for the demand split)."""
         counters = nft.parse_counters(
             await run_nft(self.namespace, nft.list_counters(self.table), timeout=self.timeout)
         )
         offered: dict[str, dict[str, Count]] = {}
         sizes: dict[str, int] = {}
-        for index, rule in self.table.limited():
+        for index, rule in self.table.limited() if sources else ():
             now: dict[str, Count] = {}
             for version in nft.versions(rule):
                 args = nft.list_set(self.table, index, self.generation, version)

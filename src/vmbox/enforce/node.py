@@ -19,7 +19,9 @@ keeps them as monotonic totals across re-installs (`totals`, `rule_counters`:
 what the replica's metrics export). An nft call that fails is logged and
 tried again at the next change or read: the table keeps enforcing what it
 had (the kernel needs no process to go on). `start()` fails with one line
-(EnforceError) when the node namespace or nft is missing.
+(EnforceError) when nft is missing, NodeGone when the node namespace is; a
+namespace that vanishes under a running table calls `on_gone` (the replica
+then leaves: no traffic crosses a node that is gone, so its share is free).
 
 Leaving: the replica's share drops to 0 before its lease goes (the guard's
 `leaving`), and `stop(close=True)` writes that last: the node then drops what
@@ -78,6 +80,10 @@ def _add(a: Count, b: Count) -> Count:
     return Count(a.packets + b.packets, a.bytes + b.bytes)
 
 
+class NodeGone(EnforceError):
+    """The node's namespace is not there (never built, or deleted): a restart may find it."""
+
+
 class NodeDriver:
     """One replica's table in its node: applied on change, read on a timer."""
 
@@ -88,11 +94,13 @@ class NodeDriver:
         *,
         read_interval: float = READ_INTERVAL,
         on_reading: Callable[[NodeDriver], None] | None = None,
+        on_gone: Callable[[NodeGone], None] | None = None,
     ) -> None:
         self.enforcer = enforcer
         self.rates = rates
         self.read_interval = read_interval
         self.on_reading = on_reading
+        self.on_gone = on_gone  # the namespace vanished under a running table
         self.policy: Verdict | None = None  # the fail policy's answer while the store is away
         self.state: TableState = "absent"
         self.applied: dict[str, Rate] = {}
@@ -117,12 +125,16 @@ class NodeDriver:
         """Per rule: matched, passed, dropped, shadow_dropped, overflow (for the metrics)."""
         return self.totals.rules
 
-    async def start(self) -> None:
-        """Install the table at the current rates and follow changes from here on."""
+    def check(self) -> None:
+        """NodeGone when the node's namespace does not exist."""
         if not netns.exists(self.namespace):
-            raise EnforceError(
+            raise NodeGone(
                 f"node namespace {self.namespace!r} does not exist (vmbox lab up --nodes N?)"
             )
+
+    async def start(self) -> None:
+        """Install the table at the current rates and follow changes from here on."""
+        self.check()
         await self.sync()
         self._task = asyncio.create_task(self._run())
 
@@ -178,7 +190,9 @@ class NodeDriver:
         """The table's counters now (None when there is no table)."""
         if self.state not in ("enforcing", "closed"):
             return None
-        self.last_reading = await self.enforcer.read()
+        # The counters only: per-source listings cost an nft call per set, for a demand
+        # split that enforce: kernel does not offer yet.
+        self.last_reading = await self.enforcer.read(sources=False)
         if self.on_reading is not None:
             self.on_reading(self)
         return self.last_reading
@@ -204,6 +218,12 @@ class NodeDriver:
         except EnforceError as exc:
             self.errors += 1
             log.warning("%s in %s: %s", self.enforcer.table.name, self.namespace, exc)
+            try:
+                self.check()
+            except NodeGone as gone:
+                self.state = "absent"  # and its table with it
+                if self.on_gone is not None:
+                    self.on_gone(gone)
             await asyncio.sleep(RETRY_PAUSE)
             return False
         return True

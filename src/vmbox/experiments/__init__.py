@@ -69,6 +69,16 @@ EXPERIMENTS: Registry[RunFunction] = Registry(
             budget=180,
             small_budget=90,
         ),
+        Entry(
+            name="kernel",
+            module="vmbox.experiments.kernel",
+            function="run",
+            summary="A fleet of nodes enforcing in the kernel (nftables): one source at 3x its "
+            "limit across 1-8 nodes, throughput against no table and the Python driver, "
+            "1 -> N -> 1 nodes under load.",
+            budget=420,
+            small_budget=200,
+        ),
     ],
     signature="run(out_dir, *, scale, console)",
 )

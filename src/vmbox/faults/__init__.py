@@ -161,6 +161,15 @@ FAULTS: Registry[FaultFunction] = Registry(
             budget=120,
             small_budget=60,
         ),
+        Entry(
+            name="kernel kill",
+            module="vmbox.faults.kernel_kill",
+            function="kernel_kill",
+            summary="kill -9 a node's replica under 3x load with enforce: kernel: the node's "
+            "table goes on enforcing, no second over the limit or under 90% of it (root).",
+            budget=90,
+            small_budget=45,
+        ),
     ],
     signature="(scale, say)",
 )
