@@ -21,12 +21,20 @@ idle, per open flow and per tracked source (from BENCH_MEMORY_FLOWS new flows,
 15,000 by default) and after the flows idled out, against the reference
 design's 70 MiB pod.
 
+All the relay variants run at once. Throughput is measured one variant at a
+time (a saturating blast). Latency is measured in LATENCY_ROUNDS rounds; in each
+round every variant carries one slice of ROUND_PACKETS packets at 1,000/s, in
+an order that rotates from round to round, so a burst of the shared machine's
+noise lands in one slice of one round rather than in one variant's whole run.
+
 Printed: one table, throughput (datagrams passed per second at a saturating
 offer, the offer in the title) and per-packet round-trip latency at 1,000
 packets/s, each beside the plain relay's as a ratio, and the latency beside
 `local`'s (what keeping shared state fresh costs a packet; the goal for
-`poll`, `watch` and `fenced` is within 1.05x); then the in-path and the
-memory tables when they ran. `--csv PATH` also writes the same figures as CSV
+`poll`, `watch` and `fenced` is within 1.05x). The latency ratios are paired:
+the median over the rounds of the variant's slice mean over the other's slice
+mean in the same round. Then the in-path and the memory tables when they ran.
+`--csv PATH` also writes the same figures as CSV
 (the memory rows, whose columns differ, to PATH's stem + `-memory.csv`).
 Progress goes to stderr while the variants run.
 The machine is shared and noisy, so only the ratios of one run mean
@@ -37,12 +45,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
@@ -70,28 +80,69 @@ BLAST_RATE, BLAST_SECONDS = float(os.environ.get("BENCH_RATE", 100_000)), 3.0
 LATENCY_RATE, LATENCY_PACKETS = 1_000.0, 3_000
 
 
+LATENCY_ROUNDS, ROUND_PACKETS = 12, 300
+
+
 @dataclass
 class Figures:
     throughput: float
-    mean_ms: float
-    p50_ms: float
-    p99_ms: float
+    rounds: list[list[float]] = field(default_factory=list)  # round trips (ms) per round
+
+    @property
+    def rtts(self) -> list[float]:
+        return [ms for one in self.rounds for ms in one]
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.rtts)
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.rtts, 0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.rtts, 0.99)
+
+    def paired(self, other: Figures) -> float:
+        """The median over the rounds of this slice's mean over `other`'s in the same round."""
+        return statistics.median(
+            statistics.fmean(mine) / statistics.fmean(theirs)
+            for mine, theirs in zip(self.rounds, other.rounds, strict=True)
+            if mine and theirs
+        )
 
 
-async def measure(target: tuple[str, int]) -> Figures:
-    """Warm up, blast for throughput, then a paced run for latency."""
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def throughput(target: tuple[str, int]) -> Figures:
+    """Warm up, then blast: datagrams passed per second at BLAST_RATE."""
     await run_load(LoadPlan(target, rate=500.0, flows=8, duration=1.0))
     blast = await run_load(LoadPlan(target, rate=BLAST_RATE, flows=16, duration=BLAST_SECONDS))
-    paced = await run_load(
-        LoadPlan(target, rate=LATENCY_RATE, flows=4, duration=LATENCY_PACKETS / LATENCY_RATE)
-    )
-    assert paced.latency is not None, "no packet came back: is the variant running?"
-    return Figures(
-        blast.received / BLAST_SECONDS,
-        paced.latency.mean_ms,
-        paced.latency.p50_ms,
-        paced.latency.p99_ms,
-    )
+    return Figures(blast.received / BLAST_SECONDS)
+
+
+async def latency_round(targets: dict[str, tuple[str, int]], results: dict[str, Figures]) -> None:
+    """One slice of ROUND_PACKETS at LATENCY_RATE through each target, in the given order."""
+    for name, target in targets.items():
+        plan = LoadPlan(target, rate=LATENCY_RATE, flows=4, duration=ROUND_PACKETS / LATENCY_RATE)
+        paced = await run_load(plan)
+        assert paced.rtts_ms, f"no packet came back through {name}: is it running?"
+        results[name].rounds.append(paced.rtts_ms)
+
+
+async def measure(targets: dict[str, tuple[str, int]]) -> dict[str, Figures]:
+    """Every target's throughput in turn, then LATENCY_ROUNDS rounds of latency slices."""
+    results = {name: await throughput(target) for name, target in targets.items()}
+    names = list(targets)
+    for r in range(LATENCY_ROUNDS):
+        shift = r % len(names)
+        turn = names[shift:] + names[:shift]
+        await latency_round({name: targets[name] for name in turn}, results)
+    return results
 
 
 def spawn(args: list[str]) -> subprocess.Popen[bytes]:
@@ -114,19 +165,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def plain(upstream: tuple[str, int]) -> Figures:
+async def plain(stack: contextlib.AsyncExitStack, upstream: tuple[str, int]) -> tuple[str, int]:
+    """The plain relay in its process, stopped with `stack`; where it listens."""
     listen = ("127.0.0.1", free_udp_port())
     proc = spawn(
         [str(HERE / "plain_relay.py"), f"{listen[0]}:{listen[1]}", f"{upstream[0]}:{upstream[1]}"]
     )
-    try:
-        await asyncio.sleep(1.0)
-        return await measure(listen)
-    finally:
-        stop(proc)
+    stack.callback(stop, proc)
+    await asyncio.sleep(1.0)
+    return listen
 
 
-async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Figures:
+async def replica(
+    stack: contextlib.AsyncExitStack, store: EtcdStore, mode: str, upstream: tuple[str, int]
+) -> tuple[str, int]:
+    """A replica in `mode` in its process, ready, stopped with `stack`; where it listens."""
     service = f"bench-{mode}"
     spec = parse_spec(
         {
@@ -153,16 +206,18 @@ async def replica(store: EtcdStore, mode: str, upstream: tuple[str, int]) -> Fig
         ]
     )
 
+    async def gone() -> None:
+        stop(proc)
+        await store.delete_prefix(keys.service_prefix(service))
+
+    stack.push_async_callback(gone)
+
     async def replica_runs() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"replica for {mode} exited with {proc.returncode}")
 
-    try:
-        await wait_ready(store, service, 1, check=replica_runs)
-        return await measure(spec.relay.listen)
-    finally:
-        stop(proc)
-        await store.delete_prefix(keys.service_prefix(service))
+    await wait_ready(store, service, 1, check=replica_runs)
+    return spec.relay.listen
 
 
 def report(results: dict[str, Figures]) -> Table:
@@ -181,7 +236,7 @@ def report(results: dict[str, Figures]) -> Table:
             f"{f.throughput:,.0f}",
             f"{f.throughput / base.throughput:.2f}",
             f"{f.mean_ms:.3f}",
-            f"{f.mean_ms / base.mean_ms:.2f}",
+            "" if f is base else f"{f.paired(base):.2f}",
             x_local(results, f),
             f"{f.p50_ms:.3f}",
             f"{f.p99_ms:.3f}",
@@ -190,9 +245,10 @@ def report(results: dict[str, Figures]) -> Table:
 
 
 def x_local(results: dict[str, Figures], f: Figures, digits: int = 2) -> str:
-    """A replica's mean round trip over `local`'s: what keeping the limit fresh costs."""
+    """A replica's round trip over `local`'s by paired rounds: what keeping the limit fresh
+    costs a packet."""
     local = results.get("local")
-    return "" if local is None else f"{f.mean_ms / local.mean_ms:.{digits}f}"
+    return "" if local is None or f is local else f"{f.paired(local):.{digits}f}"
 
 
 def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures]) -> Table:
@@ -349,7 +405,7 @@ def write_csv(
                     f"{f.throughput:.0f}",
                     f"{f.throughput / base.throughput:.3f}",
                     f"{f.mean_ms:.4f}",
-                    f"{f.mean_ms / base.mean_ms:.3f}",
+                    "" if f is base else f"{f.paired(base):.3f}",
                     x_local(results, f, 3),
                     f"{f.p50_ms:.4f}",
                     f"{f.p99_ms:.4f}",
@@ -385,11 +441,15 @@ async def run_all() -> Results:
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
     try:
         async with private_store() as store:
-            with progress.status("measuring the plain relay"):
-                results = {"plain": await plain(upstream)}
-            for mode in MODES:
-                with progress.status(f"measuring a replica in {mode} mode"):
-                    results[mode] = await replica(store, mode, upstream)
+            async with contextlib.AsyncExitStack() as stack:
+                with progress.status("starting the plain relay and a replica in each mode"):
+                    targets = {"plain": await plain(stack, upstream)}
+                    for mode in MODES:
+                        targets[mode] = await replica(stack, store, mode, upstream)
+                with progress.status(
+                    f"measuring throughput one by one, then latency in {LATENCY_ROUNDS} rounds"
+                ):
+                    results = await measure(targets)
             if skip is None:
                 with (
                     progress.status("measuring in-path: a lab, no queue rule, then nfqueue"),
