@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.integration.harness import make_spec, running_service
 from vmbox.control import events
 from vmbox.control.monitor import read_samples
@@ -67,6 +69,9 @@ async def watch_first_passes(svc: Any, seen: dict[str, float]) -> None:
         await asyncio.sleep(0.05)
 
 
+# The same up and down on packet rate, 1 -> 4 -> 1 with the limit judged every second, is
+# in the default run through `vmbox experiment scaling --small` (its pps phases).
+@pytest.mark.slow
 def test_load_step_scales_up_to_3_and_back_to_1(etcd: EtcdServer, tmp_path: Path) -> None:
     async def scenario() -> dict[str, Any]:
         spec = autoscaled_spec("auto")

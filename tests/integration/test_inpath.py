@@ -81,8 +81,14 @@ def offer(lab: LabPlan, proto: str, seconds: float = LOAD_SECONDS) -> tuple[list
     return full_seconds(counts, started, ended), ended - started
 
 
+# 2 and 4 replicas, UDP and TCP, counted at the server the same way, are in the default
+# run through `vmbox experiment correctness --dataplane nfqueue --small`
+# (test_experiments_inpath.py); here 1 replica runs by default.
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
-@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize(
+    "replicas",
+    [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)],
+)
 def test_the_limit_holds_at_the_server(
     etcd: EtcdServer, lab: LabPlan, tmp_path: Path, replicas: int, proto: str
 ) -> None:

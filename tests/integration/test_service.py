@@ -30,11 +30,15 @@ def window_rate(history: list[tuple[int, int]], start: float, seconds: int) -> l
     return [counts.get(s, 0) for s in range(first, first + seconds)]
 
 
-# `vmbox demo` holds 100/s at 1, 2 and 4 replicas in the default run (test_demo);
-# here 4, the most replicas to divide the limit over, runs by default.
+# `vmbox demo` holds 100/s at 1, 2 and 4 replicas in the default run (test_demo), and so
+# does `vmbox experiment correctness --small` (test_experiments.py): these run with -m slow.
 @pytest.mark.parametrize(
     "replicas",
-    [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 4],
+    [
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(2, marks=pytest.mark.slow),
+        pytest.param(4, marks=pytest.mark.slow),
+    ],
 )
 def test_limit_holds_with_n_replicas(etcd: EtcdServer, tmp_path: Path, replicas: int) -> None:
     """300 packets/s from one source over 64 flows: the server sees 100 ± 5 per second."""

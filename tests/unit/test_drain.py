@@ -55,9 +55,9 @@ def test_result_is_one_line() -> None:
 
 
 def test_a_busy_drain_ends_just_before_the_next_window_boundary() -> None:
-    assert until_boundary(1000.2, 1.0) == pytest.approx(0.7)  # at 1000.9
-    assert until_boundary(1000.93, 1.0) == 0.0  # already inside the lead: end now
+    assert until_boundary(1000.2, 1.0) == pytest.approx(0.55)  # at 1000.75
+    assert until_boundary(1000.8, 1.0) == 0.0  # already inside the lead: end now
     # Too close to leave before the boundary (the siblings would ack after it): the next one.
-    assert until_boundary(1000.97, 1.0) == pytest.approx(0.93)
-    assert until_boundary(1000.0, 1.0) == pytest.approx(0.9)  # on the boundary itself
-    assert until_boundary(1001.1, 0.5) == pytest.approx(0.3)  # at 1001.4, before 1001.5
+    assert until_boundary(1000.9, 1.0) == pytest.approx(0.85)
+    assert until_boundary(1000.0, 1.0) == pytest.approx(0.75)  # on the boundary itself
+    assert until_boundary(1001.1, 0.5) == pytest.approx(0.15)  # at 1001.25, before 1001.5

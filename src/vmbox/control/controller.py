@@ -514,6 +514,13 @@ class Controller:
             asyncio.create_task(self._wake_on(keys.spec_key(self.service))),
             asyncio.create_task(self.scaler.run()),
         ]
+        if self.path is not None:
+            # A replica that bound its queue (or installed its table) says so in its member
+            # info, at the window boundary where the others' shares shrink: steer to it
+            # now, not at the next tick, or its part of the flows meets the smaller shares
+            # alone until then (the in-path demo, whose tick is 0.5 s, once read 65 of 100
+            # in a second at 2 replicas).
+            helpers.append(asyncio.create_task(self._wake_on(keys.members_prefix(self.service))))
         delay = 0.2
         try:
             while True:
