@@ -15,6 +15,11 @@ through a one-replica `dataplane: nfqueue` service, as ratios, and the
 driver's packets/s against the relay's; without root the bench says why and
 prints the relay table alone.
 
+As root, the kernel rows (bench/kernel.py): a fleet of BENCH_NODES (4) nodes
+enforcing in the kernel (`enforce: kernel`), hping3 floods with no table, a
+non-binding limit on every node, and one node against the Python in-path
+driver, offered beside passed.
+
 As root with a writable memory cgroup, the memory rows (bench/memory.py): one
 replica run as the service runs it, in its own memory cgroup, its working set
 idle, per open flow and per tracked source (from BENCH_MEMORY_FLOWS new flows,
@@ -62,11 +67,14 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from inpath import InpathFigures, why_not
 from inpath import measure as measure_inpath
+from kernel import measure as measure_kernel
+from kernel import why_not as why_not_kernel
 from memory import MIB, POD, MemoryFigures
 from memory import measure as measure_memory
 from memory import why_not as why_not_memory
 
 from vmbox import allocator
+from vmbox.experiments.kernel import Point
 from vmbox.spec import parse_spec
 from vmbox.state import keys
 from vmbox.state.access import replica_flags
@@ -286,6 +294,35 @@ def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures])
     return table
 
 
+def report_kernel(points: list[Point]) -> Table:
+    """The fleet's floods: offered beside passed, and the two ratios the issue sets goals for."""
+    by = {p.part: p for p in points}
+    nodes = max(p.nodes for p in points)
+    table = Table(
+        title=f"kernel: a fleet of {nodes} nodes, hping3 --flood from 4 client addresses, "
+        "64-byte UDP, a new flow per packet; the kernel's own counters",
+        title_justify="left",
+    )
+    for name in ("path", "nodes", "offered/s", "passed/s", "ratio", "against"):
+        table.add_column(name, justify="left" if name in ("path", "against") else "right")
+    against = {
+        "kernel": ("no table", "no table (goal >= 0.9)"),
+        "python, 1 node": ("kernel, 1 node", "the kernel, 1 node (goal: kernel >= 10x)"),
+    }
+    for p in points:
+        base, what = against.get(p.part, (None, ""))
+        ratio = p.received / by[base].received if base in by else None
+        table.add_row(
+            p.part,
+            str(p.nodes),
+            f"{p.offered:,.0f}",
+            f"{p.received:,.0f}",
+            "" if ratio is None else f"{ratio:.2f}",
+            what,
+        )
+    return table
+
+
 NOTES = {
     "bytes per flow": "one source, a port per flow",
     "bytes per source": "beyond its flow: a source per flow",
@@ -379,7 +416,10 @@ def memory_csv_path(path: Path) -> Path:
 
 
 def write_csv(
-    path: Path, results: dict[str, Figures], inpath: dict[str, InpathFigures] | None = None
+    path: Path,
+    results: dict[str, Figures],
+    inpath: dict[str, InpathFigures] | None = None,
+    kernel: list[Point] | None = None,
 ) -> None:
     base = results["plain"]
     with path.open("w", newline="") as out:
@@ -428,15 +468,24 @@ def write_csv(
                         f"{g.p99_ms:.4f}",
                     ]
                 )
+        if kernel:
+            # throughput_x_plain: against the fleet with no table; no latency.
+            fleet = next((p for p in kernel if p.part == "no table"), None)
+            for p in kernel:
+                ratio = p.received / fleet.received if fleet else 0.0
+                row = [f"kernel {p.part}", f"{p.offered:.0f}", f"{p.received:.0f}"]
+                writer.writerow([*row, f"{ratio:.3f}", "", "", "", "", ""])
 
 
-Results = tuple[dict[str, Figures], dict[str, InpathFigures] | None, MemoryFigures | None]
+Results = tuple[
+    dict[str, Figures], dict[str, InpathFigures] | None, MemoryFigures | None, list[Point] | None
+]
 
 
 async def run_all() -> Results:
     progress = Console(stderr=True)
-    inpath, memory = None, None
-    skip, skip_memory = why_not(), why_not_memory()
+    inpath, memory, kernel = None, None, None
+    skip, skip_memory, skip_kernel = why_not(), why_not_memory(), why_not_kernel()
     upstream = ("127.0.0.1", free_udp_port())
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
     try:
@@ -456,6 +505,9 @@ async def run_all() -> Results:
                     tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
                 ):
                     inpath = await measure_inpath(store, Path(logs))
+            if skip_kernel is None:
+                with progress.status("measuring the kernel rows: a fleet, floods through it"):
+                    kernel = await measure_kernel(store)
             if skip_memory is None:
                 with progress.status("measuring memory: idle, then new flows, then idle-out"):
                     memory = await measure_memory(store)
@@ -465,21 +517,25 @@ async def run_all() -> Results:
         progress.print(f"in-path rows skipped: {skip}")
     if skip_memory is not None:
         progress.print(f"memory rows skipped: {skip_memory}")
-    return results, inpath, memory
+    if skip_kernel is not None:
+        progress.print(f"kernel rows skipped: {skip_kernel}")
+    return results, inpath, memory, kernel
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the figures as CSV")
     args = parser.parse_args()
-    results, inpath, memory = uvloop.run(run_all())
+    results, inpath, memory, kernel = uvloop.run(run_all())
     Console().print(report(results))
     if inpath is not None:
         Console(width=max(Console().width, 120)).print(report_inpath(results, inpath))
+    if kernel is not None:
+        Console(width=max(Console().width, 120)).print(report_kernel(kernel))
     if memory is not None:
         Console(width=max(Console().width, 120)).print(report_memory(memory))
     if args.csv:
-        write_csv(args.csv, results, inpath)
+        write_csv(args.csv, results, inpath, kernel)
         if memory is not None:
             write_memory_csv(memory_csv_path(args.csv), memory)
 

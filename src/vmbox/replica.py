@@ -277,6 +277,8 @@ class Replica:
     def gauges(self) -> dict[str, float]:
         if self.inpath is not None:
             self.inpath.read_kernel_counters()  # the kernel's drops at this queue
+        if self.node is not None:
+            self.node.read_blocking()  # the table's counters, fresh for this scrape
         values = dict(self.middlebox.gauges())
         values["members"] = float(self.members)
         values["ready"] = float(self.ready)

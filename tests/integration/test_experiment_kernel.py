@@ -1,7 +1,8 @@
 """`vmbox experiment kernel --small`: the limit enforced in the kernel of a fleet, for shape.
 
-One run (about two minutes, root) is shared by the module's tests: one source at
-3x its limit held within 5% across 1, 2 and 4 nodes, the throughput rows
+One run (about a minute and a half, root) is shared by the module's tests: one
+source at 3x its limit held within 5% (100/s at 1, 2 and 4 nodes, 10,000/s at
+4), the throughput rows
 present with their offered rates (their ratios are performance, judged by the
 experiment's own verdicts, not here), no second of the 1 -> 4 -> 1 resize over
 the limit plus the buckets' bursts (seconds under it are expected while a
@@ -46,7 +47,10 @@ def test_runs_and_writes_its_files(run: ExperimentRun) -> None:
 def test_one_source_is_held_to_its_limit_on_every_node_count(run: ExperimentRun) -> None:
     rows = [r for r in csv_rows(run.out / "kernel.csv") if r["part"] == "limit"]
     assert {(r["nodes"], r["limit"]) for r in rows} == {
-        (n, limit) for n in ("1", "2", "4") for limit in ("100", "10000")
+        ("1", "100"),
+        ("2", "100"),
+        ("4", "100"),
+        ("4", "10000"),
     }
     for row in rows:
         limit, offered, received = (
@@ -60,7 +64,7 @@ def test_one_source_is_held_to_its_limit_on_every_node_count(run: ExperimentRun)
 
 def test_throughput_rows_say_what_was_offered(run: ExperimentRun) -> None:
     rows = {r["part"]: r for r in csv_rows(run.out / "kernel.csv") if r["part"] != "limit"}
-    assert set(rows) == {"no table", "kernel", "kernel, 1 node", "python, 1 node"}
+    assert set(rows) == {"no table", "kernel"}  # one node against Python: full scale, bench
     for row in rows.values():
         assert float(row["offered_per_s"]) > 1_000 and float(row["received_per_s"]) > 0, row
     print({part: (r["offered_per_s"], r["received_per_s"]) for part, r in rows.items()})

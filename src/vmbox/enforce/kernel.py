@@ -53,13 +53,22 @@ async def run_nft(
     vfork, which runs no fork handlers. (uvloop's piped stdin is also a socket,
     which nft cannot open as /dev/stdin.)
     """
+    return await asyncio.to_thread(run_nft_blocking, namespace, args, document, timeout)
+
+
+def run_nft_blocking(
+    namespace: str | None,
+    args: Sequence[str],
+    document: Mapping[str, Any] | None = None,
+    timeout: float = TIMEOUT,
+) -> dict[str, Any]:
+    """`run_nft` in the calling thread (a metrics scrape reads the counters this way)."""
     argv = [NFT, "-j", *args]
     if namespace is not None:
         argv = netns.exec_argv(namespace, argv)
     stdin = json.dumps(document).encode() if document is not None else None
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
+        done = subprocess.run(
             argv,
             input=stdin,
             stdin=None if stdin is not None else subprocess.DEVNULL,
@@ -126,6 +135,13 @@ class KernelEnforcer:
         await self._apply(nft.set_rates(self.table, rates, self.generation + 1))
         self.generation += 1
 
+    def read_counters_blocking(self) -> Reading:
+        """The named counters alone, in the calling thread (one nft call)."""
+        listing = run_nft_blocking(
+            self.namespace, nft.list_counters(self.table), None, self.timeout
+        )
+        return self._reading(nft.parse_counters(listing), {}, {})
+
     async def read(self, *, sources: bool = True) -> Reading:
         """The named counters (one nft call) and, with `sources`, each set's elements (one
         call per set: what each source offered, for the demand split)."""
@@ -153,6 +169,14 @@ class KernelEnforcer:
             self._last = {k: v for k, v in self._last.items() if k[0] != rule.name}
             self._last[key] = now
             sizes[rule.name] = len(now)
+        return self._reading(counters, offered, sizes)
+
+    def _reading(
+        self,
+        counters: Mapping[str, Count],
+        offered: dict[str, dict[str, Count]],
+        sizes: dict[str, int],
+    ) -> Reading:
         dropped = [counters.get(nft.CLOSED, Count())]
         for index, rule in enumerate(self.table.rules):
             if not rule.shadow:  # a shadow rule's counter holds would-drops
