@@ -17,8 +17,8 @@ import os
 from dataclasses import replace
 
 from vmbox.experiments.kernel import SIZES, Point, throughput
-from vmbox.lab import LabError, LabPlan, down, up
-from vmbox.labclients import require_inpath
+from vmbox.lab import LabError
+from vmbox.labclients import lab_for, require_inpath, unique_prefix
 from vmbox.state.etcd import EtcdStore
 
 NODES = int(os.environ.get("BENCH_NODES", 4))
@@ -35,9 +35,5 @@ def why_not() -> str | None:
 
 async def measure(store: EtcdStore) -> list[Point]:
     """The throughput points: no table, kernel on every node, kernel on one, Python on one."""
-    plan = LabPlan(f"vbk{os.getpid()}", 4, NODES)
-    try:
-        up(plan, replace=True)
+    with lab_for(unique_prefix("vbk"), 4, NODES) as plan:
         return await throughput(store, plan, replace(SIZES["small"], one_node=True), lambda: None)
-    finally:
-        down(plan.prefix)

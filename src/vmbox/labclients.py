@@ -55,10 +55,11 @@ def unique_prefix(base: str) -> str:
 
 
 @contextmanager
-def lab_for(prefix: str, clients: int) -> Iterator[LabPlan]:
-    """A fresh lab named `prefix` with `clients` client addresses; removed afterwards whatever
-    happened. Stop services whose replicas bound queues in it before leaving the block."""
-    plan = LabPlan(prefix, clients)
+def lab_for(prefix: str, clients: int, nodes: int = 0) -> Iterator[LabPlan]:
+    """A fresh lab named `prefix` with `clients` client addresses (a fleet of `nodes` nodes
+    when given); removed afterwards whatever happened. Stop services whose replicas bound
+    queues in it before leaving the block."""
+    plan = LabPlan(prefix, clients, nodes)
     try:
         up(plan, replace=True)
         yield plan

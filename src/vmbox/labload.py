@@ -130,20 +130,8 @@ def hping3_flood(
     stopped with SIGINT (hping3 prints its count then); every process is gone on return."""
     if not sources or seconds <= 0:
         raise LabError("hping3_flood: give at least one source and a positive duration")
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        for source in sources:
-            argv = ["timeout", "-s", "INT", "-k", "2", f"{seconds:g}", "hping3", "--udp"]
-            argv += ["--flood", "-q", "-a", source, "-p", str(port), _server(plan)]
-            procs.append(_popen(plan, "client", argv))
-        reports = _finish(procs, time.monotonic() + seconds + GRACE)
-    finally:
-        _stop(procs)
-    sent = []
-    for source, report in zip(sources, reports, strict=True):
-        found = _SENT.search(report)
-        sent.append(Sent(source, int(found.group(1)) if found else 0, seconds))
-    return sent
+    timeout = ["timeout", "-s", "INT", "-k", "2", f"{seconds:g}"]
+    return _hping3(plan, sources, seconds, [*timeout, "hping3", "--udp", "--flood", "-q"], port)
 
 
 def hping3_paced(
@@ -154,12 +142,18 @@ def hping3_paced(
     say what it offered); every process is gone on return."""
     if not sources or seconds <= 0 or rate <= 0:
         raise LabError("hping3_paced: give at least one source, a positive rate and duration")
-    count = max(1, int(rate * seconds))
+    pace = ["-i", f"u{max(1, int(1_000_000 / rate))}", "-c", str(max(1, int(rate * seconds)))]
+    return _hping3(plan, sources, seconds, ["hping3", "--udp", *pace], port)
+
+
+def _hping3(
+    plan: LabPlan, sources: Sequence[str], seconds: float, command: list[str], port: int
+) -> list[Sent]:
+    """`command` from each source to the server's `port`, all at once; what each reported."""
     procs: list[subprocess.Popen[str]] = []
     try:
         for source in sources:
-            argv = ["hping3", "--udp", "-i", f"u{max(1, int(1_000_000 / rate))}"]
-            argv += ["-c", str(count), "-a", source, "-p", str(port), _server(plan)]
+            argv = [*command, "-a", source, "-p", str(port), _server(plan)]
             procs.append(_popen(plan, "client", argv))
         reports = _finish(procs, time.monotonic() + seconds + GRACE)
     finally:

@@ -67,10 +67,11 @@ def unique_prefix() -> str:
 
 
 @contextmanager
-def lab_running(clients: int = 1) -> Iterator[LabPlan]:
-    """A fresh lab for the block; removed afterwards whatever happened."""
+def lab_running(clients: int = 1, nodes: int = 0) -> Iterator[LabPlan]:
+    """A fresh lab (a fleet of `nodes` when given) for the block; removed afterwards
+    whatever happened."""
     require_lab()
-    plan = LabPlan(unique_prefix(), clients)
+    plan = LabPlan(unique_prefix(), clients, nodes)
     try:
         up(plan, replace=True)
         yield plan

@@ -17,7 +17,6 @@ load, and a resize under it: `vmbox experiment kernel`, test_experiment_kernel.p
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +24,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import running_service
-from tests.integration.labs import require_lab, unique_prefix
+from tests.integration.labs import lab_running
 from tests.integration.test_autoscale import PPS_STEP
+from vmbox import labload
 from vmbox.enforce.kernel import run_nft
 from vmbox.enforce.rates import MIN_PACKETS_BURST
 from vmbox.etcdserver import EtcdServer
-from vmbox.lab import LabPlan, down, exec_argv, routed_nodes, up
+from vmbox.lab import LabPlan, routed_nodes
 from vmbox.lab.plan import CLIENT_IF, SERVER_IF
 from vmbox.spec import parse_spec
 from vmbox.testbed import kernel_spec
@@ -43,44 +43,21 @@ BURST_SLACK = 3 * MIN_PACKETS_BURST  # what full buckets add in a second, on up 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[LabPlan]:
     """A three-node fleet with one client address; removed whatever happened."""
-    require_lab()
-    plan = LabPlan(unique_prefix(), 1, 3)
-    try:
-        up(plan, replace=True)
+    with lab_running(clients=1, nodes=3) as plan:
         yield plan
-    finally:
-        down(plan.prefix)
 
 
 def offer(lab: LabPlan, seconds: float, rate: float) -> list[int]:
     """`rate`/s of UDP for `seconds` from the client; what the server got in each whole
     second the client was sending (the seconds from its first packet to its last)."""
     client = lab.client_addresses[0]
-    server = str(lab.describe()["server"]["address"])
-    hping = [
-        "hping3",
-        "--udp",
-        "-p",
-        "9000",
-        "-i",
-        f"u{int(1_000_000 / rate)}",
-        "-c",
-        str(int(rate * seconds)),
-        server,
-    ]
     bpf = f"udp and src host {client}"
     at_server = Capture(lab.namespace("server"), SERVER_IF, bpf)  # the bridge: once each
     from_client = Capture(lab.namespace("client"), CLIENT_IF, bpf)
     with at_server as got, from_client as sent:
-        done = subprocess.run(
-            exec_argv("client", hping, lab.prefix),
-            capture_output=True,
-            text=True,
-            timeout=seconds + 20,
-            check=False,
-        )
+        (reported,) = labload.hping3_paced(lab, [client], rate, seconds)
         time.sleep(0.3)
-    assert "packets transmitted" in done.stderr + done.stdout, done.stderr[-300:]
+    assert reported.packets > 0, "hping3 reported nothing sent"
     assert sent.packets, "tcpdump saw nothing leave the client"
     first, last = sent.packets[0][0], sent.packets[-1][0]
     return full_seconds(per_second(got.packets, client), first, last)

@@ -274,8 +274,3 @@ class NodeDriver:
                     await self.enforcer.set_rates(closed)
                     self.applied = closed
                     self.transactions += 1
-
-    async def remove(self) -> None:
-        """Take the table out of the node (the service is gone)."""
-        await self.enforcer.remove()
-        self.state = "removed"

@@ -48,9 +48,9 @@ from vmbox.experiments.results import (
     new_progress,
     write_csv,
 )
-from vmbox.lab import LabError, LabPlan, down, routed_nodes, set_nodes, up
+from vmbox.lab import LabError, LabPlan, routed_nodes, set_nodes
 from vmbox.lab.plan import NODE_CLIENT_IF
-from vmbox.labclients import ServerCount, require_inpath, unique_prefix
+from vmbox.labclients import ServerCount, lab_for, require_inpath, unique_prefix
 from vmbox.spec import Spec, parse_spec
 from vmbox.state.etcd import EtcdStore
 from vmbox.testbed import Service, kernel_spec, private_store, running_service
@@ -121,12 +121,8 @@ def fleet(clients: int, nodes: int) -> Iterator[LabPlan]:
     """A fleet of its own, removed whatever happens; one line when it cannot be built."""
     try:
         require_inpath("vmbox experiment kernel")
-        plan = LabPlan(unique_prefix("vxk"), clients, nodes)
-        try:
-            up(plan, replace=True)
+        with lab_for(unique_prefix("vxk"), clients, nodes) as plan:
             yield plan
-        finally:
-            down(plan.prefix)
     except LabError as exc:
         raise ExperimentError(str(exc)) from None
 
