@@ -38,7 +38,9 @@ packets/s, each beside the plain relay's as a ratio, and the latency beside
 `local`'s (what keeping shared state fresh costs a packet; the goal for
 `poll`, `watch` and `fenced` is within 1.05x). The latency ratios are paired:
 the median over the rounds of the variant's slice mean over the other's slice
-mean in the same round. Then the in-path and the memory tables when they ran.
+mean in the same round, and beside `x local` the 90% interval of that median
+(the 8th to 17th smallest of 24 ratios). Then the in-path and the memory tables
+when they ran.
 `--csv PATH` also writes the same figures as CSV
 (the memory rows, whose columns differ, to PATH's stem + `-memory.csv`).
 Progress goes to stderr while the variants run.
@@ -75,6 +77,7 @@ from memory import why_not as why_not_memory
 
 from vmbox import allocator
 from vmbox.experiments.kernel import Point
+from vmbox.experiments.results import median_interval
 from vmbox.spec import parse_spec
 from vmbox.state import keys
 from vmbox.state.access import replica_flags
@@ -88,7 +91,9 @@ BLAST_RATE, BLAST_SECONDS = float(os.environ.get("BENCH_RATE", 100_000)), 3.0
 LATENCY_RATE, LATENCY_PACKETS = 1_000.0, 3_000
 
 
-LATENCY_ROUNDS, ROUND_PACKETS = 12, 300
+# 24 rounds: the 90% interval of a median over 24 ratios is their 8th to 17th smallest,
+# about +-4% on this machine; 12 rounds read fenced at 1.09x and 0.86x in two runs.
+LATENCY_ROUNDS, ROUND_PACKETS = 24, 250
 
 
 @dataclass
@@ -112,13 +117,21 @@ class Figures:
     def p99_ms(self) -> float:
         return percentile(self.rtts, 0.99)
 
-    def paired(self, other: Figures) -> float:
-        """The median over the rounds of this slice's mean over `other`'s in the same round."""
-        return statistics.median(
+    def ratios(self, other: Figures) -> list[float]:
+        """Per round, this slice's mean over `other`'s in the same round."""
+        return [
             statistics.fmean(mine) / statistics.fmean(theirs)
             for mine, theirs in zip(self.rounds, other.rounds, strict=True)
             if mine and theirs
-        )
+        ]
+
+    def paired(self, other: Figures) -> float:
+        """The median over the rounds of this slice's mean over `other`'s in the same round."""
+        return statistics.median(self.ratios(other))
+
+    def interval(self, other: Figures) -> tuple[float, float]:
+        """Where that median lies with 90% confidence (order statistics of the rounds)."""
+        return median_interval(self.ratios(other), 0.9)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -235,7 +248,16 @@ def report(results: dict[str, Figures]) -> Table:
         f"(round trip) at {LATENCY_RATE:.0f}/s; ratios against the plain relay",
         title_justify="left",
     )
-    columns = ("variant", "passed/s", "x plain", "mean ms", "x plain", "x local", "p50 ms")
+    columns = (
+        "variant",
+        "passed/s",
+        "x plain",
+        "mean ms",
+        "x plain",
+        "x local",
+        "x local 90%",
+        "p50 ms",
+    )
     for name in (*columns, "p99 ms"):
         table.add_column(name, justify="left" if name == "variant" else "right")
     for name, f in results.items():
@@ -246,6 +268,7 @@ def report(results: dict[str, Figures]) -> Table:
             f"{f.mean_ms:.3f}",
             "" if f is base else f"{f.paired(base):.2f}",
             x_local(results, f),
+            x_local_interval(results, f),
             f"{f.p50_ms:.3f}",
             f"{f.p99_ms:.3f}",
         )
@@ -257,6 +280,15 @@ def x_local(results: dict[str, Figures], f: Figures, digits: int = 2) -> str:
     costs a packet."""
     local = results.get("local")
     return "" if local is None or f is local else f"{f.paired(local):.{digits}f}"
+
+
+def x_local_interval(results: dict[str, Figures], f: Figures, digits: int = 2) -> str:
+    """`x_local`'s 90% interval: how far this run's noise lets the ratio be trusted."""
+    local = results.get("local")
+    if local is None or f is local:
+        return ""
+    low, high = f.interval(local)
+    return f"{low:.{digits}f}-{high:.{digits}f}"
 
 
 def report_inpath(results: dict[str, Figures], inpath: dict[str, InpathFigures]) -> Table:
@@ -433,6 +465,7 @@ def write_csv(
                 "mean_ms",
                 "mean_x_plain",
                 "mean_x_local",
+                "mean_x_local_90",
                 "p50_ms",
                 "p99_ms",
             ]
@@ -447,6 +480,7 @@ def write_csv(
                     f"{f.mean_ms:.4f}",
                     "" if f is base else f"{f.paired(base):.3f}",
                     x_local(results, f, 3),
+                    x_local_interval(results, f, 3),
                     f"{f.p50_ms:.4f}",
                     f"{f.p99_ms:.4f}",
                 ]
@@ -464,6 +498,7 @@ def write_csv(
                         "",
                         "",
                         "",
+                        "",
                         f"{g.p50_ms:.4f}",
                         f"{g.p99_ms:.4f}",
                     ]
@@ -474,7 +509,7 @@ def write_csv(
             for p in kernel:
                 ratio = p.received / fleet.received if fleet else 0.0
                 row = [f"kernel {p.part}", f"{p.offered:.0f}", f"{p.received:.0f}"]
-                writer.writerow([*row, f"{ratio:.3f}", "", "", "", "", ""])
+                writer.writerow([*row, f"{ratio:.3f}", "", "", "", "", "", ""])
 
 
 Results = tuple[

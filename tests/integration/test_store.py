@@ -184,3 +184,39 @@ def test_cluster_survives_losing_its_leader(etcd_cluster: EtcdCluster, aio: Aio)
             await store.close()
 
     aio.run(main())
+
+
+def test_blocking_keep_alives_share_one_stream_and_survive_a_restart(
+    own_etcd: EtcdServer, aio: Aio
+) -> None:
+    """The fenced probe's keep-alive off the loop: many on one stream, each moving the
+    lease's deadline; an etcd that went away is a one-line StoreUnavailable, and the next
+    keep-alive after its return opens a new stream; a gone lease is LeaseLost."""
+
+    async def main() -> None:
+        store = await connect(own_etcd.endpoints, op_timeout=5.0)
+        lease = await store.grant_lease(2)
+        await store.put("/vmbox/t/k", b"x", lease=lease)
+        for _ in range(12):  # 3 s: twice the TTL, held by these keep-alives alone
+            assert await asyncio.to_thread(store.blocking_refresh_lease, lease, timeout=2.0) == 2
+            await asyncio.sleep(0.25)
+        assert await store.get("/vmbox/t/k") is not None
+        blocking = store._blocking
+        assert blocking is not None
+        stream = blocking._keeping
+        await asyncio.to_thread(store.blocking_refresh_lease, lease, timeout=2.0)
+        assert blocking._keeping is stream  # one stream for all of them
+        await asyncio.to_thread(own_etcd.kill_member, 0)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.to_thread(store.blocking_refresh_lease, lease, timeout=1.0)
+        await asyncio.to_thread(own_etcd.restart)
+        ttl = await retry(
+            lambda: asyncio.to_thread(store.blocking_refresh_lease, lease, timeout=2.0)
+        )
+        assert ttl >= 1 and blocking._keeping is not stream
+        await store.revoke_lease(lease)
+        with pytest.raises(LeaseLost):
+            await asyncio.to_thread(store.blocking_refresh_lease, lease, timeout=2.0)
+        await store.close()
+
+    aio.run(main())

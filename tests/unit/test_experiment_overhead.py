@@ -12,7 +12,7 @@ from vmbox.experiments.overhead import (
     scale_note,
     summarize,
 )
-from vmbox.experiments.results import ExperimentError, percentile
+from vmbox.experiments.results import ExperimentError, median_interval, percentile
 
 
 def test_summarize_gives_exact_min_mean_max_and_nearest_rank_percentiles() -> None:
@@ -84,7 +84,8 @@ def test_verdicts_off_path_modes_within_goal_of_base_and_strong_slower_than_poll
     }
     # Verdicts follow the paired ratios; the all-packet means are shown beside them.
     assert rows[1].vmbox.startswith(
-        "1.040x by paired rounds (round medians +0.004 ms); 0.52x by all-packet"
+        "1.040x by paired rounds (90% interval 1.000-1.000; round medians +0.004 ms); "
+        "0.52x by all-packet"
     )
     assert rows[-1].vmbox.startswith("3.000x by paired rounds")
     assert rows[4].published == "not published; goal ≤ 1.05x base"
@@ -100,3 +101,22 @@ def test_scale_note_weighs_ratios_by_the_base() -> None:
     (note,) = scale_note({"base": stats(0.1), "strong": stats(0.95)})
     assert "this run's 0.100 ms" in note and "weighs 3.0x more" in note
     assert "strong's mean of 0.950 ms compares with the published ≈ 0.9 ms" in note
+
+
+def test_the_median_interval_is_the_binomial_order_statistics() -> None:
+    """For 24 rounds, P(Binomial(24, 1/2) < 8) = 0.032 <= 0.05 and P(< 9) = 0.076: the 8th
+    and 17th smallest ratio; for 8 rounds the 2nd and 7th; too few for 90%: the range."""
+    assert median_interval([float(x) for x in range(24, 0, -1)]) == (8.0, 17.0)
+    assert median_interval([float(x) for x in range(1, 9)]) == (2.0, 7.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert median_interval([float(x) for x in range(1, 25)], confidence=0.5) == (10.0, 15.0)
+    with pytest.raises(ValueError):
+        median_interval([])
+
+
+def test_paired_stats_carry_the_interval_of_their_rounds_ratios() -> None:
+    base = [[0.1] * 3 for _ in range(8)]
+    variant = [[0.1 * (1 + r / 100)] * 3 for r in range(8)]  # ratios 1.00 .. 1.07
+    stats = summarize(variant, sent=24, base=base)
+    assert stats.interval == pytest.approx((1.01, 1.06))
+    assert summarize(base, sent=24).interval == (1.0, 1.0)

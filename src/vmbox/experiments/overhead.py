@@ -41,6 +41,7 @@ from vmbox.experiments.results import (
     ExperimentResult,
     ReportRow,
     Scale,
+    median_interval,
     new_progress,
     percentile,
     write_csv,
@@ -81,6 +82,8 @@ SUMMARY_COLUMNS = (
     "round_median_ms",
     "mean_vs_base",
     "paired_vs_base",
+    "paired_low",
+    "paired_high",
 )
 
 
@@ -103,6 +106,7 @@ VARIANTS = (
 # this factor of base, by round medians (issue 15: "within 5% of local").
 OFF_PATH = ("poll", "watch", "fenced")
 GOAL = 1.05
+PAIRED_CONFIDENCE = 0.9
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,9 @@ class Stats:
     # The median over the rounds of this variant's mean over base's in the same
     # round (1 for base): what the verdicts judge.
     paired: float = 1.0
+    # Where the true median of those ratios lies, with PAIRED_CONFIDENCE: the rounds'
+    # noise, said in the ratio's own terms (results.median_interval).
+    interval: tuple[float, float] = (1.0, 1.0)
 
 
 def summarize(
@@ -142,14 +149,16 @@ def summarize(
     if not all(rounds) or (base is not None and not all(base)):
         raise ExperimentError("no packet came back through the service in a round")
     ordered = sorted(x for rnd in rounds for x in rnd)
-    paired = 1.0
+    paired, interval = 1.0, (1.0, 1.0)
     if base is not None:
         if len(base) != len(rounds):
             raise ValueError("a paired ratio needs base's rounds, one for each")
-        paired = statistics.median(
+        ratios = [
             statistics.fmean(mine) / statistics.fmean(theirs)
             for mine, theirs in zip(rounds, base, strict=True)
-        )
+        ]
+        paired = statistics.median(ratios)
+        interval = median_interval(ratios, PAIRED_CONFIDENCE)
     return Stats(
         sent,
         len(ordered),
@@ -160,6 +169,7 @@ def summarize(
         ordered[-1],
         statistics.median(statistics.fmean(rnd) for rnd in rounds),
         paired,
+        interval,
     )
 
 
@@ -286,7 +296,7 @@ def scale_note(stats: dict[str, Stats]) -> list[str]:
 
 def summary_row(v: Variant, s: Stats, base: Stats) -> tuple[object, ...]:
     interval = round(v.poll_interval * 1000) if v.consistency == "poll" else ""
-    ratios = (s.mean / base.mean, s.paired)
+    ratios = (s.mean / base.mean, s.paired, *s.interval)
     return (
         v.name,
         v.consistency,
@@ -331,7 +341,8 @@ def report_rows(stats: dict[str, Stats]) -> list[ReportRow]:
             ReportRow(
                 f"round trip, {v.name}, as a ratio to base",
                 PUBLISHED.get(v.name, UNPUBLISHED),
-                f"{s.paired:.3f}x by paired rounds (round medians "
+                f"{s.paired:.3f}x by paired rounds ({PAIRED_CONFIDENCE:.0%} interval "
+                f"{s.interval[0]:.3f}-{s.interval[1]:.3f}; round medians "
                 f"{s.round_median - base.round_median:+.3f} ms); "
                 f"{s.mean / base.mean:.2f}x by all-packet means ({s.mean:.3f} ms, "
                 f"p99 {s.p99:.3f})",
@@ -360,7 +371,10 @@ def notes(size: Size, rtts: dict[str, list[list[float]]]) -> list[str]:
         "over base's slice mean in the same round, so the machine's drift (10-15% between "
         "runs here) cancels and a burst of load in one round does not decide them; the "
         f"all-packet means are shown beside them. poll, watch and fenced are ok within "
-        f"{GOAL:.2f}x base; strong is ok when slower than both polls.",
+        f"{GOAL:.2f}x base; strong is ok when slower than both polls. The interval beside "
+        f"each paired ratio holds the median of its rounds' ratios with {PAIRED_CONFIDENCE:.0%} "
+        "confidence whatever their distribution (order statistics of the rounds): how far "
+        "this run's noise lets the ratio be trusted.",
         f"Mean of each round (ms): {per_round}.",
     ]
 

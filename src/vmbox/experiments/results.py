@@ -127,6 +127,29 @@ def percentile(ordered: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.9) -> tuple[float, float]:
+    """A distribution-free interval for the median of `values`: the order statistics
+    x(k) and x(n+1-k) with the largest k such that P(Binomial(n, 1/2) < k) <= (1 - c)/2.
+
+    Covers the true median with probability at least `confidence` whatever the
+    values' distribution, as long as they are independent (each a round's ratio
+    here). Too few values for that: the whole range (min, max)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("an interval needs at least one value")
+    tail = (1.0 - confidence) / 2
+    k, below = 0, 0.0  # below: P(X < k+1) for X ~ Binomial(n, 1/2)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
+
+
 # The published shape of the consistency trade-off: polling costs about nothing, a
 # per-packet read costs a store round trip. Judged relative to what the per-packet read
 # adds, because this shared 2-core machine's noise (tens of microseconds between rounds)
