@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from vmbox.lab import LabError, LabPlan, exec_argv
 from vmbox.lab.plan import CLIENT_IF, SERVER_IF, router_node_if
 
+ONE_FLOW_PORT = 40000  # hping3's source port when a load is one flow
 GRACE = 10.0  # seconds a sender may take past its run (start-up, the iperf3 result exchange)
 BASE_PORT = 5201
 _SENT = re.compile(r"(\d+) packets transmitted")
@@ -135,15 +136,23 @@ def hping3_flood(
 
 
 def hping3_paced(
-    plan: LabPlan, sources: Sequence[str], rate: float, seconds: float, port: int = 9000
+    plan: LabPlan,
+    sources: Sequence[str],
+    rate: float,
+    seconds: float,
+    port: int = 9000,
+    *,
+    one_flow: bool = False,
 ) -> list[Sent]:
-    """One `hping3 --udp -i u<1e6/rate>` per source (a new source port per packet) for
-    `seconds`: `rate` packets/s each, as far as hping3's pacing goes (the kernel's counters
-    say what it offered); every process is gone on return."""
+    """One `hping3 --udp -i u<1e6/rate>` per source (a new source port per packet, or with
+    `one_flow` one port throughout: `-s ONE_FLOW_PORT -k`) for `seconds`: `rate` packets/s
+    each, as far as hping3's pacing goes (the kernel's counters say what it offered);
+    every process is gone on return."""
     if not sources or seconds <= 0 or rate <= 0:
         raise LabError("hping3_paced: give at least one source, a positive rate and duration")
     pace = ["-i", f"u{max(1, int(1_000_000 / rate))}", "-c", str(max(1, int(rate * seconds)))]
-    return _hping3(plan, sources, seconds, ["hping3", "--udp", *pace], port)
+    flow = ["-s", str(ONE_FLOW_PORT), "-k"] if one_flow else []
+    return _hping3(plan, sources, seconds, ["hping3", "--udp", *pace, *flow], port)
 
 
 def _hping3(

@@ -39,7 +39,7 @@ from vmbox.dataplane.udp import UdpRelay
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer
 from vmbox.enforce.nftables import NftablesError, Table, kernel_rules
 from vmbox.enforce.node import NodeDriver, NodeGone
-from vmbox.enforce.rates import node_rates
+from vmbox.enforce.rates import add_offered, node_rates, source_rates
 from vmbox.functions import get_function
 from vmbox.group import Group
 from vmbox.metrics import ReplicaMetrics
@@ -203,14 +203,22 @@ class Replica:
                 f"{exc}: a kernel-enforcing replica's id names its node"
             ) from None
         try:
-            table = Table(spec.service, kernel_rules(config), interface=gateway.interface)
+            table = Table(
+                spec.service,
+                kernel_rules(config),
+                interface=gateway.interface,
+                demand=spec.middlebox.split == "demand",
+            )
         except NftablesError as exc:
             raise ReplicaConfigError(str(exc)) from None
+        demand = table.demand
         return NodeDriver(
             KernelEnforcer(gateway.node_namespace(node), table),
             lambda: node_rates(self.middlebox, table),
             on_reading=self._node_counted,
             on_gone=self._node_gone,
+            sources=(lambda: source_rates(self.middlebox, table)) if demand else None,
+            on_offered=(lambda rule, n: add_offered(self.middlebox, rule, n)) if demand else None,
         )
 
     def _node_gone(self, gone: NodeGone) -> None:
@@ -321,6 +329,10 @@ class Replica:
             lambda: membership.lease,
             interval=mb.report_interval,
             max_sources=mb.report_max_sources,
+            # enforce: kernel: the node's table is what saw the packets; each report
+            # first reads it, and each new snapshot of the reports may move its rates.
+            gather=self.node.gather if self.node is not None else None,
+            on_snapshot=self.node.changed if self.node is not None else None,
         )
 
     async def _follow_members(self) -> None:

@@ -22,7 +22,7 @@ from tests.integration import nftlab
 from tests.integration.labs import host_network_state
 from vmbox.enforce import nftables as nft
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer, apply, run_nft
-from vmbox.enforce.nftables import KernelRule, Rate, Table
+from vmbox.enforce.nftables import Count, KernelRule, Rate, Table
 
 BURST = 5
 LIMIT = 100
@@ -162,6 +162,48 @@ async def test_a_rate_change_under_load_admits_within_old_and_new(node: nftlab.T
                 exact += 1
         assert exact >= 1, (seconds, changes)
         assert kernel.generation == 3
+    finally:
+        await kernel.remove()
+
+
+@on_loop
+async def test_a_source_with_a_rate_of_its_own_follows_it_and_falls_back(
+    node: nftlab.Triple,
+) -> None:
+    """split: demand: the source's own chain at 40/s, then 80/s, then none (the rule's 100/s),
+    300/s offered throughout; its offered packets are read back from its chain's counter."""
+    kernel = enforcer(node, "own", demand=True)
+    rule = Rate(LIMIT, "second", BURST)
+    await apply(node.node, nft.install(kernel.table, {"limit": rule}), check=True)
+    await kernel.install({"limit": rule}, sources={"limit": {nftlab.CLIENT: Rate(40, burst=2)}})
+    changes: list[tuple[float, float]] = []
+    offered = 0  # read before each change too: a slot's counter goes with its slot
+
+    async def read() -> None:
+        nonlocal offered
+        offered += (await kernel.read()).offered["limit"].get(nftlab.CLIENT, Count()).packets
+
+    try:
+        with nftlab.Receiver(node.server) as rx:
+            sender = offered_at(node, rx, 3 * LIMIT, 4.5)
+            for at, own in ((1.5, {nftlab.CLIENT: Rate(80, burst=2)}), (3.0, {})):
+                await asyncio.sleep(rx.start + at - time.monotonic())
+                begun = time.monotonic() - rx.start
+                await read()
+                await kernel.set_rates(None, {"limit": own})
+                changes.append((begun, time.monotonic() - rx.start))
+            await asyncio.to_thread(sender.join)
+            await asyncio.sleep(0.2)
+            await read()
+        seconds = rx.per_second(0, 4)
+        print(f"own 40/s, 80/s at 1.5 s, the rule's 100/s at 3 s: {seconds}; changes {changes}")
+        assert changes[0][1] < 2.0 and changes[1][1] < 3.5, changes  # else the seconds mix
+        assert abs(seconds[0] - 40) <= 2 + 2 and abs(seconds[2] - 80) <= 4
+        assert seconds[1] <= 80 + 2  # max(old, new) + burst: the new rate's bucket starts full
+        assert abs(seconds[3] - LIMIT) <= 0.05 * LIMIT + BURST
+        assert kernel.slots == {"limit": {}} and kernel.generation == 1
+        # Every packet offered, through the chain's counter or the set's element.
+        assert offered >= 3 * LIMIT * 4.5 * 0.9, offered
     finally:
         await kernel.remove()
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import pytest
 
 from vmbox import netns
-from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading
+from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading, SourceRates
 from vmbox.enforce.nftables import Count, Rate, Table, kernel_rules
 from vmbox.enforce.node import NodeDriver, NodeGone
 from vmbox.packet import Verdict
@@ -33,12 +33,20 @@ class Recording(KernelEnforcer):
             raise EnforceError("nft: refused")
         self.steps.append(what)
 
-    async def install(self, rates: Mapping[str, Rate], *, closed: bool = False) -> None:
-        self._step(f"install {'closed' if closed else rates['limit'].amount}")
+    async def install(
+        self,
+        rates: Mapping[str, Rate],
+        *,
+        closed: bool = False,
+        sources: SourceRates | None = None,
+    ) -> None:
+        self._step(f"install {'closed' if closed else rates['limit'].amount}{_own(sources)}")
         self.counts = 0
 
-    async def set_rates(self, rates: Mapping[str, Rate]) -> None:
-        self._step(f"rates {rates['limit'].amount}")
+    async def set_rates(
+        self, rates: Mapping[str, Rate] | None, sources: SourceRates | None = None
+    ) -> None:
+        self._step(f"rates {rates['limit'].amount if rates else '-'}{_own(sources)}")
 
     async def remove(self) -> None:
         self._step("remove")
@@ -47,7 +55,14 @@ class Recording(KernelEnforcer):
     async def read(self, *, sources: bool = True) -> Reading:
         rules = {"limit": {"matched": self.counts, "dropped": self.counts // 2}}
         seen, dropped = Count(self.counts, 10 * self.counts), Count(self.counts // 2, 0)
-        return Reading(rules, {}, {}, seen, dropped)
+        offered = {"limit": {"198.18.0.9": Count(self.counts, 64 * self.counts)}}
+        return Reading(rules, offered if sources else {}, {}, seen, dropped)
+
+
+def _own(sources: SourceRates | None) -> str:
+    """The sources with a rate of their own, as ` 198.18.0.9:40`."""
+    own = sorted((a, r.amount) for rates in (sources or {}).values() for a, r in rates.items())
+    return "".join(f" {a}:{n}" for a, n in own)
 
 
 def driver() -> tuple[NodeDriver, Recording, dict[str, int]]:
@@ -156,3 +171,45 @@ def test_a_node_that_vanishes_under_its_table_is_reported_once_a_step_fails(
     state, steps = asyncio.run(asyncio.wait_for(run(), 10))
     assert len(gone) == 1 and "node" in str(gone[0])
     assert state == "absent" and steps == ["install 50"]
+
+
+def test_demand_sources_move_in_the_same_transaction_and_a_small_rise_waits() -> None:
+    """A source's own rate is applied when it falls, and when it rises by 2% or more; a
+    wobble under that keeps the rate in force (each new rate restarts its bucket)."""
+
+    async def run() -> tuple[list[str], list[tuple[str, dict[str, int]]]]:
+        enforcer = Recording()
+        share, own = {"limit": 50}, {"198.18.0.9": 90}
+        offered: list[tuple[str, dict[str, int]]] = []
+        node = NodeDriver(
+            enforcer,
+            lambda: {"limit": Rate(share["limit"])},
+            sources=lambda: {"limit": {a: Rate(n) for a, n in own.items()}},
+            on_offered=lambda rule, counts: offered.append((rule, dict(counts))),
+        )
+        await node.sync()  # installed with the source's own rate
+        own["198.18.0.9"] = 91  # +1.1%: kept at 90
+        await node.sync()
+        own["198.18.0.9"] = 92  # +2.2%: applied
+        await node.sync()
+        own["198.18.0.9"] = 91  # lower: applied at once
+        share["limit"] = 40  # with the rule's rate, in one transaction
+        await node.sync()
+        own.clear()  # out of the reports: back to the rule's rate
+        await node.sync()
+        enforcer.counts = 7
+        await node.gather()
+        node.fail(Verdict.DROP)
+        await node.sync()
+        await node.gather()  # closed: nothing read
+        return enforcer.steps, offered
+
+    steps, offered = asyncio.run(run())
+    assert steps == [
+        "install 50 198.18.0.9:90",
+        "rates - 198.18.0.9:92",
+        "rates 40 198.18.0.9:91",
+        "rates -",
+        "install closed",
+    ]
+    assert offered == [("limit", {"198.18.0.9": 7})]

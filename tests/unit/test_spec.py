@@ -234,8 +234,8 @@ def test_a_kernel_enforced_spec_names_a_node_per_replica() -> None:
             r"gateway: lab: a fleet's route is steered only with enforce: kernel",
         ),
         (
-            kernel(middlebox={"limit": 5, "split": "demand"}),
-            r"middlebox\.split: demand is not built for enforce: kernel yet",
+            kernel(middlebox={"limit": 5, "split": "demand", "report_interval": "100ms"}),
+            r"middlebox\.report_interval: under enforce: kernel each demand report reads",
         ),
         (
             kernel(middlebox={"limit": 5, "consistency": "strong"}),
@@ -248,6 +248,17 @@ def test_what_the_kernel_cannot_enforce_is_refused_with_one_line(
 ) -> None:
     with pytest.raises(SpecError, match=rf"^web\.yaml: {message}"):
         parse_spec(data, "web.yaml")
+
+
+def test_the_kernel_reports_demand_every_half_second_unless_told() -> None:
+    """Each report reads the node's table: 0.5 s by default, 0.25 s at the least."""
+    spec = parse_spec(kernel(middlebox={"limit": 5, "split": "demand"}), "web.yaml")
+    assert spec.middlebox.report_interval == 0.5
+    assert parse_spec(json.loads(spec.to_json()), "stored") == spec
+    told = kernel(middlebox={"limit": 5, "split": "demand", "report_interval": "250ms"})
+    assert parse_spec(told, "web.yaml").middlebox.report_interval == 0.25
+    relay = parse_spec(good() | {"middlebox": {"limit": 5, "split": "demand"}}, "w")
+    assert relay.middlebox.report_interval == 0.1
 
 
 def test_the_kernel_example_loads_with_a_node_per_replica() -> None:

@@ -5,10 +5,15 @@ asyncio subprocess (vmbox.netns.exec_argv), with a bounded timeout and a
 one-line error (`EnforceError`), and keeps the generation of each rule's sets:
 
 - `install(rates)` once: the table (replacing one of that name), generation 1;
-- `set_rates(rates)` per share change: one transaction (vmbox.enforce.nftables);
+- `set_rates(rates, sources)` per share change: one transaction
+  (vmbox.enforce.nftables): the rules' rates, and under `split: demand` the
+  sources with a share of their own (`sources`: rule -> address -> rate), each
+  kept in a chain slot of its own while it has one;
 - `read()` at the report interval: per rule its named counters, per source what
-  it offered since the previous read (a new generation's counters start at 0:
-  what a source offered between the last read and a change is not reported);
+  it offered since the previous read, from the sets' elements and the source
+  chains' counters, all in one `nft -j list table` (a new generation's element
+  counters start at 0: what a source offered between the last read and a change
+  is not reported);
 - `remove()`: the table and everything in it, whether or not it is there.
 
 The documents are vmbox.enforce.nftables's (pure); only this module runs nft.
@@ -25,7 +30,9 @@ from typing import Any
 
 from vmbox import netns
 from vmbox.enforce import nftables as nft
-from vmbox.enforce.nftables import Count, Rate, Table
+from vmbox.enforce.nftables import Count, Rate, SourceRate, Table
+
+SourceRates = Mapping[str, Mapping[str, Rate]]  # rule name -> source address -> its rate
 
 TIMEOUT = 10.0  # seconds one nft call may take
 NFT = "nft"
@@ -117,23 +124,47 @@ class KernelEnforcer:
     timeout: float = TIMEOUT
     generation: int = 0
     _last: dict[tuple[str, int], dict[str, Count]] = field(default_factory=dict)
+    # split: demand: rule -> chain slot -> the source in it and its rate, as installed.
+    slots: dict[str, dict[int, SourceRate]] = field(default_factory=dict)
+    _last_slots: dict[tuple[str, int, str], Count] = field(default_factory=dict)
 
-    async def install(self, rates: Mapping[str, Rate], *, closed: bool = False) -> None:
-        """The table anew (generation 1), at `rates`; `closed` drops every packet it sees."""
-        self.generation = 1
+    async def install(
+        self,
+        rates: Mapping[str, Rate],
+        *,
+        closed: bool = False,
+        sources: SourceRates | None = None,
+    ) -> None:
+        """The table anew (generation 1), at `rates` and `sources` (split: demand's own
+        shares); `closed` drops every packet it sees (and holds no source chains)."""
+        slots = {} if closed or not sources else _assign({}, sources)
+        await self._apply(
+            nft.install(self.table, rates, 1, closed=closed, sources=slots),
+        )
+        self.generation, self.slots = 1, slots
         self._last.clear()
-        await self._apply(nft.install(self.table, rates, self.generation, closed=closed))
+        self._last_slots.clear()
 
-    async def set_rates(self, rates: Mapping[str, Rate]) -> None:
-        """The new rates in one transaction: every ratelimit rule moves to a new generation."""
+    async def set_rates(
+        self, rates: Mapping[str, Rate] | None, sources: SourceRates | None = None
+    ) -> None:
+        """One transaction: with `rates`, every ratelimit rule moves to a new generation at
+        them; with `sources`, the sources with a share of their own become these."""
         if self.generation == 0:
             raise EnforceError(f"{self.table.name} in {self.namespace}: set_rates before install")
-        if not rates:
+        cmds: list[Any] = []
+        if rates:
+            if len({r.name for _, r in self.table.limited()} - set(rates)) > 0:
+                raise EnforceError("set_rates needs a rate for every ratelimit rule")
+            cmds += nft.set_rates(self.table, rates, self.generation + 1)["nftables"]
+        slots = self.slots if sources is None else _assign(self.slots, sources)
+        cmds += nft.source_changes(self.table, self.slots, slots)
+        if not cmds:
             return
-        if len({r.name for _, r in self.table.limited()} - set(rates)) > 0:
-            raise EnforceError("set_rates needs a rate for every ratelimit rule")
-        await self._apply(nft.set_rates(self.table, rates, self.generation + 1))
-        self.generation += 1
+        await self._apply({"nftables": cmds})
+        if rates:
+            self.generation += 1
+        self.slots = slots
 
     def read_counters_blocking(self) -> Reading:
         """The named counters alone, in the calling thread (one nft call)."""
@@ -143,32 +174,41 @@ class KernelEnforcer:
         return self._reading(nft.parse_counters(listing), {}, {})
 
     async def read(self, *, sources: bool = True) -> Reading:
-        """The named counters (one nft call) and, with `sources`, each set's elements (one
-        call per set: what each source offered, for the demand split)."""
-        counters = nft.parse_counters(
-            await run_nft(self.namespace, nft.list_counters(self.table), timeout=self.timeout)
-        )
+        """The named counters alone (one `list counters`) or, with `sources`, those and what
+        each source offered since the last read (one `list table`: every set's elements,
+        and the source chains' counters), for the demand split."""
+        if not sources:
+            args = nft.list_counters(self.table)
+            listing = await run_nft(self.namespace, args, timeout=self.timeout)
+            return self._reading(nft.parse_counters(listing), {}, {})
+        listing = await run_nft(self.namespace, nft.list_table(self.table), timeout=self.timeout)
+        counters, sets = nft.parse_counters(listing), nft.parse_sets(listing)
         offered: dict[str, dict[str, Count]] = {}
         sizes: dict[str, int] = {}
-        for index, rule in self.table.limited() if sources else ():
+        last_slots: dict[tuple[str, int, str], Count] = {}
+        for index, rule in self.table.limited():
             now: dict[str, Count] = {}
             for version in nft.versions(rule):
-                args = nft.list_set(self.table, index, self.generation, version)
-                listing = await run_nft(self.namespace, args, timeout=self.timeout)
-                now |= nft.parse_set(listing)
+                now |= sets.get(nft.set_name(index, self.generation, version), {})
             key = (rule.name, self.generation)
             before = self._last.get(key, {})
-            offered[rule.name] = {
-                source: Count(
-                    c.packets - before.get(source, Count()).packets,
-                    c.bytes - before.get(source, Count()).bytes,
-                )
+            mine = {
+                source: _minus(c, before.get(source, Count()))
                 for source, c in now.items()
                 if c.packets > before.get(source, Count()).packets
             }
+            for slot, held in self.slots.get(rule.name, {}).items():
+                count = counters.get(nft.source_counter(index, slot), Count())
+                seen = (rule.name, slot, held.address)
+                last_slots[seen] = count
+                if count.packets > self._last_slots.get(seen, Count()).packets:
+                    extra = _minus(count, self._last_slots.get(seen, Count()))
+                    mine[held.address] = _plus(mine.get(held.address, Count()), extra)
+            offered[rule.name] = mine
             self._last = {k: v for k, v in self._last.items() if k[0] != rule.name}
             self._last[key] = now
             sizes[rule.name] = len(now)
+        self._last_slots = last_slots
         return self._reading(counters, offered, sizes)
 
     def _reading(
@@ -191,8 +231,37 @@ class KernelEnforcer:
 
     async def remove(self) -> None:
         await self._apply(nft.delete(self.table))
-        self.generation = 0
+        self.generation, self.slots = 0, {}
         self._last.clear()
+        self._last_slots.clear()
 
     async def _apply(self, document: Mapping[str, Any]) -> None:
         await run_nft(self.namespace, ["-f", "-"], document, timeout=self.timeout)
+
+
+def _minus(a: Count, b: Count) -> Count:
+    return Count(a.packets - b.packets, a.bytes - b.bytes)
+
+
+def _plus(a: Count, b: Count) -> Count:
+    return Count(a.packets + b.packets, a.bytes + b.bytes)
+
+
+def _assign(
+    slots: Mapping[str, Mapping[int, SourceRate]], sources: SourceRates
+) -> dict[str, dict[int, SourceRate]]:
+    """Chain slots for `sources`: a source keeps the slot it has, a new one takes the
+    smallest free slot of its rule (pure; a slot holds one address while it lives)."""
+    result: dict[str, dict[int, SourceRate]] = {}
+    for rule, wanted in sources.items():
+        held = {s.address: slot for slot, s in slots.get(rule, {}).items()}
+        mine = {held[a]: SourceRate(a, r) for a, r in wanted.items() if a in held}
+        taken = set(held.values())  # a slot freed now is reused by a later transaction
+        free = (n for n in range(len(held) + len(wanted) + 1) if n not in taken)
+        for address, rate in sorted(wanted.items()):
+            if address not in held:
+                slot = next(free)
+                taken.add(slot)
+                mine[slot] = SourceRate(address, rate)
+        result[rule] = mine
+    return result

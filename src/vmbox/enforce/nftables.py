@@ -154,6 +154,9 @@ class Table:
     size: int = DEFAULT_SIZE
     timeout: int = DEFAULT_TIMEOUT
     priority: int = 0
+    # split: demand: each rule's chain first looks the source up in a verdict map that
+    # sends a source with a share of its own to a chain of its own (`source_changes`).
+    demand: bool = False
     names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +189,20 @@ def chain_name(index: int) -> str:
 
 def set_name(index: int, generation: int, version: int) -> str:
     return f"r{index}g{generation}v{version}"
+
+
+def map_name(index: int, version: int) -> str:
+    """The verdict map from a source with a share of its own to its chain."""
+    return f"r{index}hv{version}"
+
+
+def source_chain(index: int, slot: int) -> str:
+    return f"r{index}s{slot}"
+
+
+def source_counter(index: int, slot: int) -> str:
+    """What the source of a source chain offered (it counts before the limit)."""
+    return f"r{index}s{slot}c"
 
 
 def counter_names(index: int) -> dict[str, str]:
@@ -285,6 +302,9 @@ def _limiter_rules(
         body = [_rule(table, chain, verdict)]
     else:
         body = []
+        for v in versions(rule) if table.demand else ():  # a source with its own share
+            lookup = {"vmap": {"key": _saddr(v), "data": "@" + map_name(index, v)}}
+            body.append(_rule(table, chain, [lookup]))
         for v in versions(rule):
             name = set_name(index, generation, v)
             update = {
@@ -333,7 +353,12 @@ def _rates_for(table: Table, rates: Mapping[str, Rate]) -> dict[int, Rate]:
 
 
 def install(
-    table: Table, rates: Mapping[str, Rate], generation: int = 1, *, closed: bool = False
+    table: Table,
+    rates: Mapping[str, Rate],
+    generation: int = 1,
+    *,
+    closed: bool = False,
+    sources: Mapping[str, Mapping[int, SourceRate]] | None = None,
 ) -> Doc:
     """The transaction that creates the table (replacing one of that name) with its rates.
 
@@ -356,6 +381,11 @@ def install(
     for index, rule in table.limited():
         cmds.append(_add("chain", {**ref, "name": chain_name(index)}))
         cmds.extend(_sets(table, index, rule, generation))
+        for v in versions(rule) if table.demand else ():
+            kind = "ipv4_addr" if v == 4 else "ipv6_addr"
+            cmds.append(
+                _add("map", {**ref, "name": map_name(index, v), "type": kind, "map": "verdict"})
+            )
     cmds.append(
         _add(
             "chain",
@@ -378,6 +408,8 @@ def install(
     for index, rule in enumerate(table.rules):
         if rule.version != 0:  # a v4 and a v6 CIDR: no packet matches, nft refuses the rule
             cmds.append(_base_rule(table, index, rule))
+    if sources:
+        cmds.extend(source_changes(table, {}, sources))
     return {"nftables": cmds}
 
 
@@ -401,6 +433,85 @@ def set_rates(table: Table, rates: Mapping[str, Rate], generation: int) -> Doc:
     return {"nftables": cmds}
 
 
+@dataclass(frozen=True, slots=True)
+class SourceRate:
+    """A source with a share of its own (split: demand), in chain `r<i>s<slot>`."""
+
+    address: str
+    rate: Rate
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+
+def _source_body(table: Table, index: int, rule: KernelRule, slot: int, rate: Rate) -> list[Doc]:
+    """A source chain: count what the source offers, drop what is over its own rate, accept.
+
+    Entered with `goto` from the verdict map, so a shadow rule's chain, which ends
+    without a verdict, returns to the base chain, as the rule's own chain does."""
+    chain, counters = source_chain(index, slot), counter_names(index)
+    verdict: list[Doc] = [{"counter": counters["dropped"]}]
+    if not rule.shadow:
+        verdict.append({"drop": None})
+    offered: Doc = {"counter": source_counter(index, slot)}
+    if rate.amount == 0:
+        return [_rule(table, chain, [offered, *verdict])]
+    body = [_rule(table, chain, [offered, _limit(rule, rate), *verdict])]
+    if not rule.shadow:
+        body.append(_rule(table, chain, [{"accept": None}]))
+    return body
+
+
+def _element(table: Table, index: int, source: SourceRate, slot: int | None) -> Doc:
+    """The map element of `source` (with its chain; slot None: the key alone, to delete)."""
+    key: Any = source.address
+    elem = key if slot is None else [key, {"goto": {"target": source_chain(index, slot)}}]
+    return {"element": {**table._ref(), "name": map_name(index, source.version), "elem": [elem]}}
+
+
+def source_changes(
+    table: Table,
+    before: Mapping[str, Mapping[int, SourceRate]],
+    after: Mapping[str, Mapping[int, SourceRate]],
+) -> list[Doc]:
+    """The commands that take each rule's sources with a share of their own (by rule name,
+    then chain slot) from `before` to `after`, for one transaction: a new slot gets its
+    counter, chain and map element; a changed rate refills its chain (the source starts
+    the new rate with a full bucket, as a generation swap does); a slot gone loses its
+    element, then its chain and counter. A slot holds one address while it lives."""
+    ref = table._ref()
+    cmds: list[Doc] = []
+    for index, rule in table.limited():
+        old, new = before.get(rule.name, {}), after.get(rule.name, {})
+        for slot, source in new.items():
+            if source.version not in versions(rule):
+                raise NftablesError(f"rule {rule.name} matches no IPv{source.version} source")
+            previous = old.get(slot)
+            if previous is not None and previous.address != source.address:
+                raise NftablesError(f"slot {slot} of rule {rule.name} holds another address")
+            chain = {**ref, "name": source_chain(index, slot)}
+            if previous is None:
+                cmds.append(_add("counter", {**ref, "name": source_counter(index, slot)}))
+                cmds.append(_add("chain", chain))
+            elif previous.rate == source.rate:
+                continue
+            else:
+                cmds.append({"flush": {"chain": chain}})
+            cmds.extend(_source_body(table, index, rule, slot, source.rate))
+            if previous is None:
+                cmds.append({"add": _element(table, index, source, slot)})
+        for slot, source in old.items():
+            if slot in new:
+                continue
+            chain = {**ref, "name": source_chain(index, slot)}
+            cmds.append({"delete": _element(table, index, source, None)})
+            cmds.append({"flush": {"chain": chain}})
+            cmds.append({"delete": {"chain": chain}})
+            cmds.append({"delete": {"counter": {**ref, "name": source_counter(index, slot)}}})
+    return cmds
+
+
 def delete(table: Table) -> Doc:
     """The transaction that removes the table, whether or not it exists (add, then delete)."""
     name = {"family": FAMILY, "name": table.name}
@@ -414,6 +525,11 @@ def list_set(table: Table, index: int, generation: int, version: int) -> list[st
 
 def list_counters(table: Table) -> list[str]:
     return ["list", "counters", "table", FAMILY, table.name]
+
+
+def list_table(table: Table) -> list[str]:
+    """Everything in one call: counters, and every set with its elements."""
+    return ["list", "table", FAMILY, table.name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +557,14 @@ def parse_set(listing: Mapping[str, Any]) -> dict[str, Count]:
                 int(counter.get("packets", 0)), int(counter.get("bytes", 0))
             )
     return counts
+
+
+def parse_sets(listing: Mapping[str, Any]) -> dict[str, dict[str, Count]]:
+    """`nft -j list table` output: each set's elements and their counters, by set name."""
+    return {
+        str(body.get("name")): parse_set({"nftables": [{"set": body}]})
+        for body in _items(listing, "set")
+    }
 
 
 def parse_counters(listing: Mapping[str, Any]) -> dict[str, Count]:

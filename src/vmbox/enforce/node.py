@@ -7,12 +7,18 @@ the node's table (vmbox.enforce.kernel, in the node's namespace) to what they
 say, one nft transaction at a time:
 
 - normal: the table at `rates()` (vmbox.enforce.rates: each ratelimit rule at
-  the share its limiter holds now); a change of rates is one `set_rates`
+  the share its limiter holds now) and, under `split: demand`, `sources()`
+  (each source with a share of its own, settled by `settle_sources` so a share
+  that wobbles does not restart its bucket); a change is one `set_rates`
   transaction, made only when a rate differs from the one in force;
 - fail policy `closed` (the store away): the table installed closed, every
   packet it sees counted and dropped;
 - fail policy `open`: the table removed, the node forwards everything;
 - back from either: the table installed again at the current rates.
+
+`split: demand`: the demand reporter calls `gather()` before each report:
+one read of the whole table, and what each source offered since the last one
+goes to `on_offered` (the limiter's demand count, which the report takes).
 
 The same task reads the table's counters every `read_interval` seconds and
 keeps them as monotonic totals across re-installs (`totals`, `rule_counters`:
@@ -43,9 +49,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from vmbox import netns
-from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading
+from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading, SourceRates
 from vmbox.enforce.nftables import Count, Rate
-from vmbox.enforce.rates import closed_rates
+from vmbox.enforce.rates import closed_rates, settle_sources
 from vmbox.packet import Verdict
 
 log = logging.getLogger(__name__)
@@ -96,9 +102,15 @@ class NodeDriver:
         read_interval: float = READ_INTERVAL,
         on_reading: Callable[[NodeDriver], None] | None = None,
         on_gone: Callable[[NodeGone], None] | None = None,
+        sources: Callable[[], SourceRates] | None = None,
+        on_offered: Callable[[str, Mapping[str, int]], None] | None = None,
     ) -> None:
         self.enforcer = enforcer
         self.rates = rates
+        self.sources = sources  # split: demand's per-source rates
+        self.on_offered = on_offered  # split: demand: rule, source -> offered since last
+        self.applied_sources: dict[str, dict[str, Rate]] = {}
+        self.source_updates = 0  # transactions that changed a source's own rate
         self.read_interval = read_interval
         self.on_reading = on_reading
         self.on_gone = on_gone  # the namespace vanished under a running table
@@ -168,9 +180,14 @@ class NodeDriver:
                 self.state = "removed"
             return
         want: TableState = "closed" if self.policy is Verdict.DROP else "enforcing"
+        sources = settle_sources(self.sources(), self.applied_sources) if self.sources else {}
         if self.state != want:
-            await self._replaced(self.enforcer.install(rates, closed=want == "closed"))
-            self.state, self.applied = want, rates
+            if want == "closed":
+                sources = {}
+            await self._replaced(
+                self.enforcer.install(rates, closed=want == "closed", sources=sources)
+            )
+            self.state, self.applied, self.applied_sources = want, rates, sources
             log.info(
                 "%s in %s: table %s at %s",
                 self.enforcer.table.name,
@@ -178,11 +195,19 @@ class NodeDriver:
                 want,
                 _shown(rates),
             )
-        elif rates != self.applied:
-            await self.enforcer.set_rates(rates)
+        elif rates != self.applied or sources != self.applied_sources:
+            await self.enforcer.set_rates(rates if rates != self.applied else None, sources)
             self.transactions += 1
-            log.info("%s in %s: rates %s", self.enforcer.table.name, self.namespace, _shown(rates))
-            self.applied = rates
+            if rates != self.applied:
+                log.info(
+                    "%s in %s: rates %s", self.enforcer.table.name, self.namespace, _shown(rates)
+                )
+            if sources != self.applied_sources:
+                self.source_updates += 1
+                log.debug(
+                    "%s in %s: own rates %s", self.enforcer.table.name, self.namespace, sources
+                )
+            self.applied, self.applied_sources = rates, sources
 
     async def _replaced(self, step: Awaitable[None]) -> None:
         """Run a step that replaces or removes the table, keeping what it had counted."""
@@ -201,9 +226,33 @@ class NodeDriver:
         if self.state not in ("enforcing", "closed"):
             return None
         installs = self._installs
-        # The counters only: per-source listings cost an nft call per set, for a demand
-        # split that enforce: kernel does not offer yet.
+        # The counters only (a short listing): what each source offered is gather()'s.
         return self._keep(await self.enforcer.read(sources=False), installs)
+
+    async def gather(self) -> None:
+        """split: demand: what each source offered since the last gather, to `on_offered`
+        (one read of the whole table; nothing when there is no enforcing table, or nft
+        failed: the report then says nothing of this node's sources for one interval)."""
+        if self.on_offered is None:
+            return
+        async with self._lock:  # not across a transaction: the generation must hold still
+            if self.state != "enforcing":
+                return
+            installs = self._installs
+            try:
+                reading = self._keep(await self.enforcer.read(sources=True), installs)
+            except EnforceError as exc:
+                self.errors += 1
+                log.warning("%s in %s: %s", self.enforcer.table.name, self.namespace, exc)
+                return
+        if reading is None:
+            return
+        units = {rule.name: rule.unit for _, rule in self.enforcer.table.limited()}
+        for rule, counts in reading.offered.items():
+            in_bytes = units.get(rule) == "bytes"
+            self.on_offered(
+                rule, {src: c.bytes if in_bytes else c.packets for src, c in counts.items()}
+            )
 
     def read_blocking(self) -> Reading | None:
         """The counters now, in the calling thread: a metrics scrape reads them fresh, so

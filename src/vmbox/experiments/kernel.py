@@ -21,6 +21,11 @@ with the offered rate beside it:
 3. **Resize under load.** One source paced at 3x the limit of 100 while the
    service goes 1 -> 4 -> 1 nodes; what the server received in each second
    (tcpdump), against the limit plus the buckets' bursts.
+4. **Skew.** One source in one flow (hping3 `-k`: one source port), so ECMP
+   takes all of it to one node, at 3x its limit through SKEW_NODES nodes with
+   `split: demand`: the node that sees it takes the limit but the floor the
+   others keep (vmbox.sharing: 96.4% at 4 nodes and a floor of 5%), so the
+   server gets the limit within 5% (with `split: even` it would get a quarter).
 
 Writes kernel.csv (every point), kernel_resize.csv (the seconds of part 3)
 and kernel.png.
@@ -63,6 +68,7 @@ PACED_MAX = 3_000.0  # hping3 paces reliably up to about this; beyond, --flood
 THROUGHPUT_GOAL, PYTHON_GOAL = 0.9, 10.0
 SATURATED = 0.99  # received/offered at or above this: the path passed all it was offered
 RESIZE_LIMIT = 100
+SKEW_NODES = 4
 COLUMNS = ("part", "nodes", "limit", "load", "offered_per_s", "received_per_s", "seconds")
 
 
@@ -73,6 +79,7 @@ class Size:
     skip: float  # seconds of load before the window: the buckets' first burst
     window: float
     resize_hold: float  # seconds at each node count of part 3
+    skew: tuple[int, ...]  # the limits part 4 runs at, one flow through SKEW_NODES nodes
     one_node: bool = True  # part 2 also compares one node with the Python driver
 
     @property
@@ -83,16 +90,16 @@ class Size:
 
 EVERY = (1, 2, 4, 8)
 SIZES = {
-    "full": Size(((100, EVERY), (10_000, EVERY), (100_000, EVERY)), 8, 1.5, 4.0, 4.0),
+    "full": Size(((100, EVERY), (10_000, EVERY), (100_000, EVERY)), 8, 1.5, 4.0, 4.0, (100, 1_000)),
     # The suite's run: the small limit across 1, 2 and 4 nodes, the large one across 4;
     # the fleet's throughput against no table (one node against Python: full, make bench).
-    "small": Size(((100, (1, 2, 4)), (10_000, (4,))), 4, 1.2, 1.5, 2.5, one_node=False),
+    "small": Size(((100, (1, 2, 4)), (10_000, (4,))), 4, 1.2, 1.5, 2.5, (100,), one_node=False),
 }
 
 
 @dataclass(frozen=True)
 class Point:
-    part: str  # "limit" or "throughput"
+    part: str  # "limit", "skew", or one of throughput's
     nodes: int
     limit: int | None  # None: no vmbox table
     load: str  # what offered it
@@ -128,21 +135,22 @@ def fleet(clients: int, nodes: int) -> Iterator[LabPlan]:
 
 
 def _load(
-    lab: LabPlan, sources: list[str], rate: float | None, seconds: float
+    lab: LabPlan, sources: list[str], rate: float | None, seconds: float, one_flow: bool = False
 ) -> tuple[Callable[[], list[labload.Sent]], str, float]:
-    """The load: paced hping3 at `rate` each, or --flood (rate None); its name and the
-    rate at which `measured` sees it start."""
-    if rate is not None and rate <= PACED_MAX:
-        load = lambda: labload.hping3_paced(lab, sources, rate, seconds)  # noqa: E731
-        return load, f"hping3 -i (paced {rate:.0f}/s)", rate / 2
+    """The load: paced hping3 at `rate` each (`one_flow`: one source port), or --flood
+    (rate None); its name and the rate at which `measured` sees it start."""
+    if rate is not None and (rate <= PACED_MAX or one_flow):
+        load = lambda: labload.hping3_paced(lab, sources, rate, seconds, one_flow=one_flow)  # noqa: E731
+        flow = ", one flow" if one_flow else ""
+        return load, f"hping3 -i (paced {rate:.0f}/s{flow})", rate / 2
     flood = lambda: labload.hping3_flood(lab, sources, seconds)  # noqa: E731
     return flood, "hping3 --flood", labload.STARTED_RATE
 
 
 async def _measure(
-    lab: LabPlan, sources: list[str], rate: float | None, size: Size
+    lab: LabPlan, sources: list[str], rate: float | None, size: Size, one_flow: bool = False
 ) -> tuple[labload.Rates, str]:
-    load, name, started = _load(lab, sources, rate, size.skip + size.window + 1.0)
+    load, name, started = _load(lab, sources, rate, size.skip + size.window + 1.0, one_flow)
     rates, _ = await asyncio.to_thread(labload.measured, lab, load, size.skip, size.window, started)
     return rates, name
 
@@ -180,6 +188,24 @@ async def limits(
                     Point("limit", nodes, limit, load, rates.offered, rates.received, rates.seconds)
                 )
                 advance()
+    return points
+
+
+async def skew(
+    store: EtcdStore, lab: LabPlan, size: Size, advance: Callable[[], None]
+) -> list[Point]:
+    """Part 4: one source in one flow through SKEW_NODES nodes under `split: demand`."""
+    points = []
+    source = lab.client_addresses[0]
+    for limit in size.skew:
+        spec = kernel_spec(f"kskew{limit}", lab, SKEW_NODES, limit=limit, split="demand")
+        async with running_service(store, spec) as svc:
+            await _settle(svc, lab, SKEW_NODES)
+            rates, load = await _measure(lab, [source], 3.0 * limit, size, one_flow=True)
+        points.append(
+            Point("skew", SKEW_NODES, limit, load, rates.offered, rates.received, rates.seconds)
+        )
+        advance()
     return points
 
 
@@ -255,7 +281,8 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
     size = SIZES[scale]
     most = size.nodes
     with fleet(size.clients, most) as lab, new_progress(console) as progress:
-        total = sum(len(counts) for _, counts in size.limits) + (4 if size.one_node else 2) + 1
+        total = sum(len(counts) for _, counts in size.limits) + (4 if size.one_node else 2)
+        total += 1 + len(size.skew)
         task = progress.add_task("kernel: limits across nodes", total=total)
 
         def advance() -> None:
@@ -268,6 +295,8 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
             progress.update(task, description="kernel: 1 -> N -> 1 nodes under load")
             rows, bound = await resize(store, lab, size)
             advance()
+            progress.update(task, description="kernel: one flow, split: demand")
+            points += await skew(store, lab, size, advance)
     csv_path = write_csv(
         out_dir / "kernel.csv",
         COLUMNS,
@@ -296,17 +325,18 @@ def report_rows(
 ) -> list[ReportRow]:
     out = []
     ok: bool | None
-    for p in (p for p in points if p.part == "limit"):
+    for p in (p for p in points if p.part in ("limit", "skew")):
         assert p.limit is not None
         shown = f"{p.received:,.0f}/s (offered {p.offered:,.0f}/s, {p.load})"
         binding = p.offered >= 1.5 * p.limit
         ok = abs(p.received - p.limit) <= TOLERANCE * p.limit if binding else None
         if not binding:
             shown += ": the offer is under 1.5x the limit, not judged"
-        out.append(
-            ReportRow(f"limit {p.limit:,}/s across {p.nodes} node(s)", f"{p.limit:,}/s", shown, ok)
-        )
-    by = {p.part: p for p in points if p.part != "limit"}
+        metric = f"limit {p.limit:,}/s across {p.nodes} node(s)"
+        if p.part == "skew":
+            metric = f"one flow, split: demand: limit {p.limit:,}/s through {p.nodes} nodes"
+        out.append(ReportRow(metric, f"{p.limit:,}/s", shown, ok))
+    by = {p.part: p for p in points if p.part not in ("limit", "skew")}
     bare, fast = by.get("no table"), by.get("kernel")
     if bare and fast:
         ratio = fast.received / max(bare.received, 1.0)

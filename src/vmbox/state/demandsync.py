@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from vmbox.state import keys
 from vmbox.state.demand import DemandAware, Report, encode_report, parse_report
@@ -47,10 +47,12 @@ class DemandReporter:
         interval: float = 0.1,
         max_sources: int = 256,
         clock: Callable[[], float] = time.time,
+        gather: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.key = keys.demand_key(service, replica_id)
         self.collect = collect
+        self.gather = gather  # brings the counts `collect` takes up to date (enforce: kernel)
         self.lease = lease
         self.interval = interval
         self.max_sources = max_sources
@@ -70,6 +72,8 @@ class DemandReporter:
 
     async def report(self) -> bool:
         """Collect and write one report; False when skipped (unchanged, no lease, store away)."""
+        if self.gather is not None:
+            await self.gather()
         value = encode_report(self.collect(), self.max_sources)
         lease = self.lease()
         if not lease or self._written == (lease, value):
@@ -141,6 +145,8 @@ class DemandSharing:
         *,
         interval: float,
         max_sources: int,
+        gather: Callable[[], Awaitable[None]] | None = None,
+        on_snapshot: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.service = service
@@ -153,7 +159,9 @@ class DemandSharing:
             lease,
             interval=interval,
             max_sources=max_sources,
+            gather=gather,
         )
+        self.on_snapshot = on_snapshot  # after the middlebox took each snapshot
         self.snapshots = 0
 
     async def run(self) -> None:
@@ -166,6 +174,8 @@ class DemandSharing:
         async for reports in watch_demand(self.store, self.service):
             self.middlebox.set_demand(reports)
             self.snapshots += 1
+            if self.on_snapshot is not None:
+                self.on_snapshot()
 
     def gauges(self) -> dict[str, float]:
         return {"demand_report_writes": float(self.reporter.writes)}
