@@ -8,7 +8,8 @@ pacing). `iperf3_udp` starts one iperf3 client per client address (each to
 its own one-shot iperf3 server on the server, port `base_port + i`) and
 `hping3_flood` one hping3 per address, both bounded in time (the tools' own
 duration plus a kill after `seconds + GRACE`), and each returns what every
-sender reported as sent.
+sender reported as sent. `hping3_new_sources` floods from random source
+addresses until the client has sent a given count: a flood of new sources.
 
 What the kernel counted is the honest figure: `snapshot` reads the packet
 counters of a lab's interfaces (`ip -j -s link` inside each namespace) and
@@ -24,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -153,6 +155,36 @@ def hping3_paced(
     pace = ["-i", f"u{max(1, int(1_000_000 / rate))}", "-c", str(max(1, int(rate * seconds)))]
     flow = ["-s", str(ONE_FLOW_PORT), "-k"] if one_flow else []
     return _hping3(plan, sources, seconds, ["hping3", "--udp", *pace, *flow], port)
+
+
+def hping3_new_sources(
+    plan: LabPlan, packets: int, within: float, port: int = 9000
+) -> tuple[Sent, float]:
+    """`hping3 --udp --flood --rand-source` from the client until its interface has sent
+    `packets` more packets or `within` seconds have passed: a flood of new source
+    addresses (random over IPv4; the router drops the martian ones). What hping3
+    reported, and the seconds it ran. The spoofed packets stay in the lab: its
+    namespaces have no route out."""
+    if packets <= 0 or within <= 0:
+        raise LabError("hping3_new_sources: give a positive count and time")
+    client = plan.namespace("client")
+    first = link_packets(client)[CLIENT_IF][1]
+    argv = ["hping3", "--udp", "--flood", "--rand-source", "-q", "-p", str(port), _server(plan)]
+    proc = _popen(plan, "client", argv)
+    began = time.monotonic()
+    try:
+        while time.monotonic() - began < within and proc.poll() is None:
+            time.sleep(0.1)
+            if link_packets(client)[CLIENT_IF][1] - first >= packets:
+                break
+        ran = time.monotonic() - began
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)  # hping3 prints its count on SIGINT
+        (report,) = _finish([proc], time.monotonic() + GRACE)
+    finally:
+        _stop([proc])
+    found = _SENT.search(report)
+    return Sent("random", int(found.group(1)) if found else 0, ran), ran
 
 
 def _hping3(

@@ -207,6 +207,7 @@ class Replica:
                 spec.service,
                 kernel_rules(config),
                 interface=gateway.interface,
+                size=spec.middlebox.max_sources,  # the sources a replica tracks, as in Python
                 demand=spec.middlebox.split == "demand",
             )
         except NftablesError as exc:

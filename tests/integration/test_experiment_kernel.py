@@ -7,7 +7,8 @@ present with their offered rates (their ratios are performance, judged by the
 experiment's own verdicts, not here), no second of the 1 -> 4 -> 1 resize over
 the limit plus the buckets' bursts (seconds under it are expected while a
 joiner settles), one flow through 4 nodes given its limit within 5% by
-`split: demand`, and no lab left behind.
+`split: demand`, a flood of new sources held to each node's set size, and no
+lab left behind.
 """
 
 from __future__ import annotations
@@ -83,6 +84,19 @@ def test_throughput_rows_say_what_was_offered(run: ExperimentRun) -> None:
     for row in rows.values():
         assert float(row["offered_per_s"]) > 1_000 and float(row["received_per_s"]) > 0, row
     print({part: (r["offered_per_s"], r["received_per_s"]) for part, r in rows.items()})
+
+
+def test_a_flood_of_new_sources_fills_each_nodes_set_to_its_size_and_no_further(
+    run: ExperimentRun,
+) -> None:
+    """10^5 packets from random sources over 4 nodes (about 22,000 new sources a node)
+    against sets of 4,096: every set at its bound, none over it."""
+    rows = csv_rows(run.out / "kernel_sources.csv")
+    assert len(rows) == 4, rows
+    for row in rows:
+        assert int(row["size"]) == 4096 and int(row["sent"]) >= 90_000, row
+        assert 4000 <= int(row["elements"]) <= 4096, row
+    print([row["elements"] for row in rows], rows[0]["offered_per_s"])
 
 
 def test_no_second_of_a_resize_under_load_passes_more_than_the_limit_and_bursts(

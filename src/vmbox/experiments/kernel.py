@@ -26,9 +26,15 @@ with the offered rate beside it:
    `split: demand`: the node that sees it takes the limit but the floor the
    others keep (vmbox.sharing: 96.4% at 4 nodes and a floor of 5%), so the
    server gets the limit within 5% (with `split: even` it would get a quarter).
+5. **A flood of new sources.** hping3 `--rand-source` through every node
+   until the client has sent `Size.sources` packets (10^6 at full scale), each
+   from a random address: every node's set stays within its size (the rest
+   share the overflow bucket), and the kernel's slab memory (SUnreclaim, which
+   holds the sets' elements) and each replica's RSS are reported before, at
+   the end of the flood and after the tables went.
 
-Writes kernel.csv (every point), kernel_resize.csv (the seconds of part 3)
-and kernel.png.
+Writes kernel.csv (every point), kernel_resize.csv (the seconds of part 3),
+kernel_sources.csv (part 5, a row per node) and kernel.png.
 """
 
 from __future__ import annotations
@@ -40,9 +46,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from vmbox import labload
+from vmbox.enforce import nftables
+from vmbox.enforce.kernel import run_nft_blocking
 from vmbox.enforce.rates import FIXED_WINDOW_BURST, MIN_PACKETS_BURST
 from vmbox.experiments import plots
 from vmbox.experiments.results import (
@@ -69,6 +78,9 @@ THROUGHPUT_GOAL, PYTHON_GOAL = 0.9, 10.0
 SATURATED = 0.99  # received/offered at or above this: the path passed all it was offered
 RESIZE_LIMIT = 100
 SKEW_NODES = 4
+FLOOD_LIMIT = 100  # part 5: every new source may pass its first packets
+FLOOD_WITHIN = 40.0  # seconds part 5's flood may take at most
+SMALL_SET = 4_096  # part 5 at small scale: a set this size, so its bound is met
 COLUMNS = ("part", "nodes", "limit", "load", "offered_per_s", "received_per_s", "seconds")
 
 
@@ -80,6 +92,7 @@ class Size:
     window: float
     resize_hold: float  # seconds at each node count of part 3
     skew: tuple[int, ...]  # the limits part 4 runs at, one flow through SKEW_NODES nodes
+    sources: int  # packets of part 5's flood, each from a random source address
     one_node: bool = True  # part 2 also compares one node with the Python driver
 
     @property
@@ -90,10 +103,14 @@ class Size:
 
 EVERY = (1, 2, 4, 8)
 SIZES = {
-    "full": Size(((100, EVERY), (10_000, EVERY), (100_000, EVERY)), 8, 1.5, 4.0, 4.0, (100, 1_000)),
+    "full": Size(
+        ((100, EVERY), (10_000, EVERY), (100_000, EVERY)), 8, 1.5, 4.0, 4.0, (100, 1_000), 10**6
+    ),
     # The suite's run: the small limit across 1, 2 and 4 nodes, the large one across 4;
     # the fleet's throughput against no table (one node against Python: full, make bench).
-    "small": Size(((100, (1, 2, 4)), (10_000, (4,))), 4, 1.2, 1.5, 2.5, (100,), one_node=False),
+    "small": Size(
+        ((100, (1, 2, 4)), (10_000, (4,))), 4, 1.2, 1.5, 2.5, (100,), 10**5, one_node=False
+    ),
 }
 
 
@@ -209,6 +226,90 @@ async def skew(
     return points
 
 
+@dataclass(frozen=True)
+class SourcesFlood:
+    """Part 5: a flood of new source addresses through every node."""
+
+    nodes: int
+    sent: int  # what hping3 reported
+    seconds: float
+    offered: float  # packets/s, the client's interface
+    received: float  # packets/s, the server's interface
+    size: int  # each node's set holds at most this many sources
+    elements: tuple[int, ...]  # each node's set at the end of the flood
+    overflow: int  # packets the overflow bucket dropped, over the nodes
+    slab_kib: tuple[int, int, int]  # SUnreclaim before, at the end, after the tables went
+    rss_mib: tuple[float, float]  # the replicas' RSS, summed, before and at the end
+
+
+def slab_kib() -> int:
+    """The kernel's unreclaimable slab (where nftables keeps set elements), machine-wide."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("SUnreclaim:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total / 2**20
+
+
+def _node_table(namespace: str, table: str) -> tuple[int, int]:
+    """The elements of a node's catch-all set (its newest generation) and its overflow
+    drops, from one listing of the table."""
+    listing = run_nft_blocking(namespace, ["list", "table", "inet", table], timeout=60.0)
+    sets = nftables.parse_sets(listing)
+    elements = max((len(e) for name, e in sets.items() if name.endswith("v4")), default=0)
+    overflow = nftables.parse_counters(listing).get(nftables.counter_names(0)["overflow"])
+    return elements, overflow.packets if overflow else 0
+
+
+async def new_sources(
+    store: EtcdStore, lab: LabPlan, size: Size, advance: Callable[[], None]
+) -> SourcesFlood:
+    """Part 5: hping3 --rand-source through every node until `size.sources` were sent."""
+    nodes = lab.nodes
+    bound = SMALL_SET if size.sources < 10**6 else None
+    extra = {} if bound is None else {"max_sources": bound}
+    spec = kernel_spec("kflood", lab, nodes, limit=FLOOD_LIMIT, **extra)
+    table = "vmbox_" + spec.service.replace("-", "_")
+    before_slab = slab_kib()
+    async with running_service(store, spec) as svc:
+        await _settle(svc, lab, nodes)
+        pids = [int(m.info["pid"]) for m in (await svc.members()).values()]
+        rss_before = _rss_mib(pids)
+        first = await asyncio.to_thread(labload.snapshot, lab)
+        sent, ran = await asyncio.to_thread(
+            labload.hping3_new_sources, lab, size.sources, FLOOD_WITHIN
+        )
+        last = await asyncio.to_thread(labload.snapshot, lab)
+        end_slab, rss_end = slab_kib(), _rss_mib(pids)
+        tables = [
+            await asyncio.to_thread(_node_table, lab.namespace(f"node{i}"), table)
+            for i in range(1, nodes + 1)
+        ]
+    await asyncio.sleep(1.0)  # the tables' elements are freed after an RCU grace period
+    rates = labload.Rates.between(first, last)
+    advance()
+    return SourcesFlood(
+        nodes,
+        sent.packets,
+        ran,
+        rates.offered,
+        rates.received,
+        spec.middlebox.max_sources,
+        tuple(e for e, _ in tables),
+        sum(o for _, o in tables),
+        (before_slab, end_slab, slab_kib()),
+        (rss_before, rss_end),
+    )
+
+
 async def throughput(
     store: EtcdStore, lab: LabPlan, size: Size, advance: Callable[[], None]
 ) -> list[Point]:
@@ -282,7 +383,7 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
     most = size.nodes
     with fleet(size.clients, most) as lab, new_progress(console) as progress:
         total = sum(len(counts) for _, counts in size.limits) + (4 if size.one_node else 2)
-        total += 1 + len(size.skew)
+        total += 1 + len(size.skew) + 1
         task = progress.add_task("kernel: limits across nodes", total=total)
 
         def advance() -> None:
@@ -297,6 +398,8 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
             advance()
             progress.update(task, description="kernel: one flow, split: demand")
             points += await skew(store, lab, size, advance)
+            progress.update(task, description="kernel: a flood of new sources")
+            flood = await new_sources(store, lab, size, advance)
     csv_path = write_csv(
         out_dir / "kernel.csv",
         COLUMNS,
@@ -314,10 +417,51 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
         ),
     )
     resize_csv = write_csv(out_dir / "kernel_resize.csv", ("second", "nodes", "received"), rows)
+    flood_csv = write_csv(out_dir / "kernel_sources.csv", FLOOD_COLUMNS, flood_rows(flood))
     png = kernel_png(points, rows, bound, out_dir / "kernel.png")
     return ExperimentResult(
-        NAME, [csv_path, resize_csv], [png], report_rows(points, rows, bound), notes(size)
+        NAME,
+        [csv_path, resize_csv, flood_csv],
+        [png],
+        report_rows(points, rows, bound) + flood_report(flood),
+        notes(size),
     )
+
+
+FLOOD_COLUMNS = ("node", "sent", "seconds", "offered_per_s", "received_per_s", "size", "elements")
+
+
+def flood_rows(f: SourcesFlood) -> list[tuple[object, ...]]:
+    """One row per node: its set's elements at the end of the flood, beside the flood."""
+    return [
+        (i, f.sent, f"{f.seconds:.2f}", f"{f.offered:.0f}", f"{f.received:.0f}", f.size, n)
+        for i, n in enumerate(f.elements, 1)
+    ]
+
+
+def flood_report(f: SourcesFlood) -> list[ReportRow]:
+    before, end, gone = f.slab_kib
+    grown = (end - before) / 1024
+    per = (end - before) * 1024 / max(sum(f.elements), 1)
+    return [
+        ReportRow(
+            f"a flood of {f.sent:,} packets from random sources through {f.nodes} nodes: "
+            "the most elements in a node's set",
+            f"<= {f.size:,} (its size)",
+            f"{max(f.elements):,} (per node: {', '.join(f'{n:,}' for n in f.elements)}; "
+            f"offered {f.offered:,.0f}/s for {f.seconds:.1f} s, received {f.received:,.0f}/s; "
+            f"overflow drops {f.overflow:,})",
+            max(f.elements) <= f.size,
+        ),
+        ReportRow(
+            "that flood: kernel slab (SUnreclaim, machine-wide) and the replicas' RSS",
+            "",
+            f"slab +{grown:.1f} MiB at the end (about {per:.0f} B per element held), "
+            f"{(gone - before) / 1024:+.1f} MiB once the tables went; replicas' RSS "
+            f"{f.rss_mib[0]:.1f} -> {f.rss_mib[1]:.1f} MiB in all",
+            None,
+        ),
+    ]
 
 
 def report_rows(
