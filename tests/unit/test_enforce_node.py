@@ -213,3 +213,33 @@ def test_demand_sources_move_in_the_same_transaction_and_a_small_rise_waits() ->
         "install closed",
     ]
     assert offered == [("limit", {"198.18.0.9": 7})]
+
+
+def test_failing_nft_backs_off_and_warns_once_per_run_of_failures(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nft missing: the retry waits 0.2, 0.4, 0.8 ... up to 5 s, one warning, and one line
+    when it works again."""
+    monkeypatch.setattr(netns, "exists", lambda name: True)
+    pauses: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        pauses.append(seconds)
+
+    async def run() -> list[bool]:
+        node, enforcer, _ = driver()
+        monkeypatch.setattr(asyncio, "sleep", no_wait)
+        outcomes = []
+        for _ in range(7):
+            enforcer.fail_next = True
+            outcomes.append(await node._logged(node.sync()))
+        outcomes.append(await node._logged(node.sync()))
+        return outcomes
+
+    with caplog.at_level("DEBUG", logger="vmbox.enforce.node"):
+        outcomes = asyncio.run(run())
+    assert outcomes == [False] * 7 + [True]
+    assert pauses == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "nft: refused" in warnings[0].getMessage()
+    assert any("works again after 7 failed" in r.getMessage() for r in caplog.records)

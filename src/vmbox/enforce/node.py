@@ -57,7 +57,8 @@ from vmbox.packet import Verdict
 log = logging.getLogger(__name__)
 
 READ_INTERVAL = 1.0  # seconds between counter reads (one nft call per set, docs/nftables-rates.md)
-RETRY_PAUSE = 0.2  # seconds after an nft call failed, before the next try
+RETRY_PAUSE = 0.2  # seconds after an nft call failed, before the next try; doubling
+RETRY_MAX = 5.0  # up to this while calls keep failing (nft missing, a namespace unwell)
 
 TableState = Literal["absent", "enforcing", "closed", "removed"]
 
@@ -119,6 +120,7 @@ class NodeDriver:
         self.applied: dict[str, Rate] = {}
         self.transactions = 0  # nft transactions that changed the table
         self.errors = 0
+        self._failing = 0  # nft steps failed in a row (the retry's backoff)
         self.last_reading: Reading | None = None
         self._carried = Totals()  # what earlier installs of the table counted
         # Readings come from the loop (read) and from a metrics scrape's thread
@@ -293,20 +295,32 @@ class NodeDriver:
                 await self._logged(self.read())
 
     async def _logged(self, step: Awaitable[object]) -> bool:
-        """Run one nft step; a failure is logged and counted, then a pause (False)."""
+        """Run one nft step; a failure is counted, then a pause (False) that doubles while
+        steps keep failing. The first failure in a row is a warning, the rest debug lines,
+        and the first success after them says how many there were."""
         try:
             await step
         except EnforceError as exc:
             self.errors += 1
-            log.warning("%s in %s: %s", self.enforcer.table.name, self.namespace, exc)
+            self._failing += 1
+            level = logging.WARNING if self._failing == 1 else logging.DEBUG
+            log.log(level, "%s in %s: %s", self.enforcer.table.name, self.namespace, exc)
             try:
                 self.check()
             except NodeGone as gone:
                 self.state = "absent"  # and its table with it
                 if self.on_gone is not None:
                     self.on_gone(gone)
-            await asyncio.sleep(RETRY_PAUSE)
+            await asyncio.sleep(min(RETRY_MAX, RETRY_PAUSE * 2 ** (self._failing - 1)))
             return False
+        if self._failing:
+            log.info(
+                "%s in %s: nft works again after %d failed call(s)",
+                self.enforcer.table.name,
+                self.namespace,
+                self._failing,
+            )
+            self._failing = 0
         return True
 
     async def stop(self, *, close: bool) -> None:
