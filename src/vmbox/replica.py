@@ -38,7 +38,7 @@ from vmbox.dataplane.steering import queue_of, replica_number
 from vmbox.dataplane.udp import UdpRelay
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer
 from vmbox.enforce.nftables import NftablesError, Table, kernel_rules
-from vmbox.enforce.node import NodeDriver, NodeGone
+from vmbox.enforce.node import NodeDriver, NodeGone, alive_for
 from vmbox.enforce.rates import add_offered, node_rates, source_rates
 from vmbox.functions import get_function
 from vmbox.group import Group
@@ -220,6 +220,7 @@ class Replica:
             on_gone=self._node_gone,
             sources=(lambda: source_rates(self.middlebox, table)) if demand else None,
             on_offered=(lambda rule, n: add_offered(self.middlebox, rule, n)) if demand else None,
+            alive_for=alive_for(spec.lease_ttl),
         )
 
     def _node_gone(self, gone: NodeGone) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -204,6 +205,35 @@ async def test_a_source_with_a_rate_of_its_own_follows_it_and_falls_back(
         assert kernel.slots == {"limit": {}} and kernel.generation == 1
         # Every packet offered, through the chain's counter or the set's element.
         assert offered >= 3 * LIMIT * 4.5 * 0.9, offered
+    finally:
+        await kernel.remove()
+
+
+@on_loop
+async def test_the_dead_mans_switch_drops_everything_past_its_deadline_until_renewed(
+    node: nftlab.Triple,
+) -> None:
+    """Installed with a deadline 1-2 s ahead and not renewed: the table drops every packet
+    after it (counted as dropped); renewed, it enforces the limit again."""
+    kernel = enforcer(node, "alive")
+    deadline = math.floor(time.time()) + 2
+    await kernel.install({"limit": Rate(LIMIT, "second", BURST)}, deadline=deadline)
+    try:
+        with nftlab.Receiver(node.server) as rx:
+            sender = offered_at(node, rx, 3 * LIMIT, 6)
+            expired_at = rx.start + (deadline - time.time())  # on the monotonic clock
+            await asyncio.sleep(expired_at + 1.5 - time.monotonic())
+            dead = await kernel.read(sources=False)
+            await kernel.renew(math.floor(time.time()) + 30)
+            renewed_at = time.monotonic() - rx.start
+            await asyncio.to_thread(sender.join)
+            await asyncio.sleep(0.2)
+        seconds = rx.per_second(0, 6)
+        first_dead = math.ceil(expired_at - rx.start)  # the first whole second past it
+        print(f"expired at {expired_at - rx.start:.2f} s, renewed at {renewed_at:.2f}: {seconds}")
+        assert seconds[first_dead] == 0, seconds
+        assert abs(seconds[5] - LIMIT) <= 0.05 * LIMIT + BURST, seconds
+        assert dead.dropped.packets > dead.rules["limit"]["dropped"] > 0  # the switch's too
     finally:
         await kernel.remove()
 

@@ -12,7 +12,7 @@ import pytest
 from vmbox import netns
 from vmbox.enforce.kernel import EnforceError, KernelEnforcer, Reading, SourceRates
 from vmbox.enforce.nftables import Count, Rate, Table, kernel_rules
-from vmbox.enforce.node import NodeDriver, NodeGone
+from vmbox.enforce.node import NodeDriver, NodeGone, alive_for
 from vmbox.packet import Verdict
 
 TABLE = Table("web", kernel_rules({"limit": 100}))
@@ -26,6 +26,7 @@ class Recording(KernelEnforcer):
         self.steps: list[str] = []
         self.counts = 0
         self.fail_next = False
+        self.deadline: int | None = None
 
     def _step(self, what: str) -> None:
         if self.fail_next:
@@ -39,9 +40,15 @@ class Recording(KernelEnforcer):
         *,
         closed: bool = False,
         sources: SourceRates | None = None,
+        deadline: int | None = None,
     ) -> None:
         self._step(f"install {'closed' if closed else rates['limit'].amount}{_own(sources)}")
         self.counts = 0
+        self.deadline = deadline
+
+    async def renew(self, deadline: int) -> None:
+        self._step(f"renew {deadline}")
+        self.deadline = deadline
 
     async def set_rates(
         self, rates: Mapping[str, Rate] | None, sources: SourceRates | None = None
@@ -243,3 +250,32 @@ def test_failing_nft_backs_off_and_warns_once_per_run_of_failures(
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "nft: refused" in warnings[0].getMessage()
     assert any("works again after 7 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_the_dead_mans_switch_is_set_at_install_and_renewed_while_the_driver_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table installed alive_for seconds ahead (whole seconds, rounded down), renewed
+    RENEWALS times a span by the running driver; none while closed by a stop, none without
+    a switch; the span is 2 lease TTLs, 2 s at least."""
+    monkeypatch.setattr(netns, "exists", lambda name: True)
+    wall = {"now": 1_000.7}
+
+    async def run() -> tuple[list[str], int | None]:
+        enforcer = Recording()
+        node = NodeDriver(
+            enforcer, lambda: {"limit": Rate(50)}, alive_for=0.4, wall=lambda: wall["now"]
+        )
+        await node.start()  # installed with its deadline
+        wall["now"] = 1_003.2
+        await asyncio.sleep(0.35)  # about 3 renewals (every 0.1 s)
+        await node.stop(close=False)
+        return enforcer.steps, enforcer.deadline
+
+    steps, deadline = asyncio.run(asyncio.wait_for(run(), 10))
+    assert steps[0] == "install 50" and deadline == 1_003
+    renewals = [s for s in steps if s.startswith("renew")]
+    assert 2 <= len(renewals) <= 4 and set(renewals) == {"renew 1003"}, steps
+    plain = NodeDriver(Recording(), lambda: {"limit": Rate(50)})
+    assert plain.deadline() is None
+    assert (alive_for(2), alive_for(3), alive_for(0.5)) == (4.0, 6.0, 2.0)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Set
@@ -55,6 +56,7 @@ from vmbox.control.plan import (
 )
 from vmbox.control.publish import publish
 from vmbox.control.scaling import ScaleLoop
+from vmbox.enforce.node import alive_for
 from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
 from vmbox.spec import Spec, SpecError, parse_spec
 from vmbox.spec.changes import diff, template_of
@@ -116,6 +118,7 @@ class Controller:
         elif gateway is not None and gateway.lab is not None:
             self.path = FleetRoute(spec, gateway.lab)
         self.tables = NodeTables(spec, gateway) if gateway and kernel else None
+        self.alive_for = alive_for(spec.lease_ttl)  # a table's dead man's switch
         self.scaler = ScaleLoop(
             spec,
             store,
@@ -471,6 +474,10 @@ class Controller:
                 if member is None:
                     break
                 await self.store.refresh_lease(lease)
+                # The table's own switch too: its replica no longer renews it.
+                assert self.tables is not None
+                with contextlib.suppress(OSError):
+                    await self.tables.renew(rid, math.floor(time.time() + self.alive_for))
                 await asyncio.sleep(interval)
         except StoreError:
             pass

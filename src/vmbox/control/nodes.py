@@ -3,8 +3,9 @@
 Called by vmbox.control.controller for `enforce: kernel` services. Each replica
 keeps its node's table (vmbox.enforce.node) and leaves it closed when it goes,
 so a node still in the route admits nothing the others' shares do not count.
-A replica that dies cannot: the controller closes its table (`close`) before
-it removes the dead member, whose departure grows the siblings' shares. When
+A replica that dies cannot: while the controller holds its place it renews
+the table's dead man's switch (`renew`), and it closes its table (`close`)
+before it removes the dead member, whose departure grows the siblings' shares. When
 the whole service goes down, the controller removes the table from every
 node a replica of it may have used (1 .. replicas.max, and any replica it
 started beyond that), so the nodes forward as they did before vmbox.
@@ -63,6 +64,20 @@ class NodeTables:
             return None
         await KernelEnforcer(namespace, self.table).install(closed_rates(self.table), closed=True)
         return namespace
+
+    async def renew(self, replica: str, deadline: int) -> bool:
+        """Move a dead replica's dead man's switch to `deadline` (Unix seconds), while its
+        place is held: its table goes on enforcing its last share until its restart
+        installs one anew. False when the id names no node or the node is gone."""
+        try:
+            node = replica_number(self.service, replica)
+        except ValueError:
+            return False
+        namespace = self.gateway.node_namespace(node)
+        if not netns.exists(namespace):
+            return False
+        await KernelEnforcer(namespace, self.table).renew(deadline)
+        return True
 
     async def remove(self, replicas: Iterable[str] = ()) -> list[str]:
         """Remove the table from each node that exists; the namespaces it was removed from.

@@ -112,7 +112,9 @@ class Reading:
     offered: dict[str, dict[str, Count]]
     sources: dict[str, int]  # elements in each rule's sets now
     seen: Count = field(default_factory=Count)  # every packet the table saw (at its interface)
-    dropped: Count = field(default_factory=Count)  # by its rules (not shadow ones), while closed
+    dropped: Count = field(
+        default_factory=Count
+    )  # by its rules (not shadow ones), while closed or expired
 
 
 @dataclass
@@ -134,12 +136,14 @@ class KernelEnforcer:
         *,
         closed: bool = False,
         sources: SourceRates | None = None,
+        deadline: int | None = None,
     ) -> None:
         """The table anew (generation 1), at `rates` and `sources` (split: demand's own
-        shares); `closed` drops every packet it sees (and holds no source chains)."""
+        shares); `closed` drops every packet it sees (and holds no source chains); with
+        a `deadline` (Unix seconds), everything once the clock passes it (`renew`)."""
         slots = {} if closed or not sources else _assign({}, sources)
         await self._apply(
-            nft.install(self.table, rates, 1, closed=closed, sources=slots),
+            nft.install(self.table, rates, 1, closed=closed, sources=slots, deadline=deadline),
         )
         self.generation, self.slots = 1, slots
         self._last.clear()
@@ -165,6 +169,10 @@ class KernelEnforcer:
         if rates:
             self.generation += 1
         self.slots = slots
+
+    async def renew(self, deadline: int) -> None:
+        """Move the dead man's switch to `deadline` (a table installed with one)."""
+        await self._apply(nft.renew(self.table, deadline))
 
     def read_counters_blocking(self) -> Reading:
         """The named counters alone, in the calling thread (one nft call)."""
@@ -217,7 +225,7 @@ class KernelEnforcer:
         offered: dict[str, dict[str, Count]],
         sizes: dict[str, int],
     ) -> Reading:
-        dropped = [counters.get(nft.CLOSED, Count())]
+        dropped = [counters.get(nft.CLOSED, Count()), counters.get(nft.EXPIRED, Count())]
         for index, rule in enumerate(self.table.rules):
             if not rule.shadow:  # a shadow rule's counter holds would-drops
                 dropped.append(counters.get(nft.counter_names(index)["dropped"], Count()))

@@ -52,6 +52,9 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {"tcp": (6,), "udp": (17,), "icmp": ICMP
 PER_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,40}")
 SEEN, CLOSED = "seen", "closed"  # the base chain's counters: every packet; dropped while closed
+# The dead man's switch: chain ALIVE drops (counted in EXPIRED) every packet once the
+# wall clock passes the deadline its replica last renewed (`renew`).
+ALIVE, EXPIRED = "alive", "expired"
 
 Action = Literal["accept", "drop", "ratelimit"]
 Unit = Literal["packets", "bytes"]
@@ -359,12 +362,15 @@ def install(
     *,
     closed: bool = False,
     sources: Mapping[str, Mapping[int, SourceRate]] | None = None,
+    deadline: int | None = None,
 ) -> Doc:
     """The transaction that creates the table (replacing one of that name) with its rates.
 
-    Its base chain counts every packet it sees first (`seen`); `closed` (a fail
-    policy's answer while the store is away) then drops them all (`closed`)
-    before any rule, as the Python data plane's fail verdict does.
+    Its base chain counts every packet it sees first (`seen`); with a `deadline`
+    (Unix seconds) it then jumps to the dead man's switch (chain `alive`: every
+    packet dropped once the clock is past it, until `renew` moves it on);
+    `closed` (a fail policy's answer while the store is away) then drops them
+    all (`closed`) before any rule, as the Python data plane's fail verdict does.
     """
     by_index = _rates_for(table, rates)
     ref = table._ref()
@@ -373,8 +379,11 @@ def install(
         {"delete": {"table": {"family": FAMILY, "name": table.name}}},
         _add("table", {"family": FAMILY, "name": table.name}),
     ]
-    for name in (SEEN, CLOSED):
+    for name in (SEEN, CLOSED, EXPIRED):
         cmds.append(_add("counter", {**ref, "name": name}))
+    if deadline is not None:
+        cmds.append(_add("chain", {**ref, "name": ALIVE}))
+        cmds.append(_alive_rule(table, deadline))
     for index, _ in enumerate(table.rules):
         for name in counter_names(index).values():
             cmds.append(_add("counter", {**ref, "name": name}))
@@ -403,6 +412,8 @@ def install(
         cmds.extend(_limiter_rules(table, index, rule, by_index[index], generation))
     arriving = _matches(KernelRule("", "accept"), table.interface)
     cmds.append(_rule(table, BASE_CHAIN, [*arriving, {"counter": SEEN}]))
+    if deadline is not None:
+        cmds.append(_rule(table, BASE_CHAIN, [*arriving, {"jump": {"target": ALIVE}}]))
     if closed:
         cmds.append(_rule(table, BASE_CHAIN, [*arriving, {"counter": CLOSED}, {"drop": None}]))
     for index, rule in enumerate(table.rules):
@@ -510,6 +521,24 @@ def source_changes(
             cmds.append({"delete": {"chain": chain}})
             cmds.append({"delete": {"counter": {**ref, "name": source_counter(index, slot)}}})
     return cmds
+
+
+def _alive_rule(table: Table, deadline: int) -> Doc:
+    """Drop (and count) every packet once the wall clock is past `deadline` (Unix seconds)."""
+    late = _match({"meta": {"key": "time"}}, deadline, ">")
+    return _rule(table, ALIVE, [late, {"counter": EXPIRED}, {"drop": None}])
+
+
+def renew(table: Table, deadline: int) -> Doc:
+    """The dead man's switch moved to `deadline` (Unix seconds): one small transaction that
+    touches nothing else, so the controller can renew a dead replica's table it holds
+    without knowing its state (closed or not, its rates, its generation)."""
+    return {
+        "nftables": [
+            {"flush": {"chain": {**table._ref(), "name": ALIVE}}},
+            _alive_rule(table, deadline),
+        ]
+    }
 
 
 def delete(table: Table) -> Doc:

@@ -20,6 +20,12 @@ say, one nft transaction at a time:
 one read of the whole table, and what each source offered since the last one
 goes to `on_offered` (the limiter's demand count, which the report takes).
 
+The table carries a dead man's switch (`alive_for`: 2 lease TTLs): installed
+with a deadline that the same task renews RENEWALS times per span, after
+which the kernel drops everything the table sees; so a table whose replica
+died and whose place nobody holds closes itself (DESIGN.md "Kernel
+enforcement").
+
 The same task reads the table's counters every `read_interval` seconds and
 keeps them as monotonic totals across re-installs (`totals`, `rule_counters`:
 what the replica's metrics export). An nft call that fails is logged and
@@ -42,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -59,6 +66,15 @@ log = logging.getLogger(__name__)
 READ_INTERVAL = 1.0  # seconds between counter reads (one nft call per set, docs/nftables-rates.md)
 RETRY_PAUSE = 0.2  # seconds after an nft call failed, before the next try; doubling
 RETRY_MAX = 5.0  # up to this while calls keep failing (nft missing, a namespace unwell)
+RENEWALS = 4  # renewals of the dead man's switch within its span
+ALIVE_TTLS = 2  # its span: this many member lease TTLs (DESIGN.md "Kernel enforcement")
+
+
+def alive_for(lease_ttl: float) -> float:
+    """How long a table enforces after its last renewal: ALIVE_TTLS lease TTLs, and at
+    least 2 s (the switch counts whole seconds)."""
+    return max(2.0, ALIVE_TTLS * lease_ttl)
+
 
 TableState = Literal["absent", "enforcing", "closed", "removed"]
 
@@ -105,9 +121,16 @@ class NodeDriver:
         on_gone: Callable[[NodeGone], None] | None = None,
         sources: Callable[[], SourceRates] | None = None,
         on_offered: Callable[[str, Mapping[str, int]], None] | None = None,
+        alive_for: float | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.enforcer = enforcer
         self.rates = rates
+        # The dead man's switch: the table drops everything alive_for seconds after the
+        # last renewal (every alive_for / RENEWALS), unless a renewal moves it on.
+        self.alive_for = alive_for
+        self.wall = wall
+        self.renewals = 0
         self.sources = sources  # split: demand's per-source rates
         self.on_offered = on_offered  # split: demand: rule, source -> offered since last
         self.applied_sources: dict[str, dict[str, Rate]] = {}
@@ -187,7 +210,9 @@ class NodeDriver:
             if want == "closed":
                 sources = {}
             await self._replaced(
-                self.enforcer.install(rates, closed=want == "closed", sources=sources)
+                self.enforcer.install(
+                    rates, closed=want == "closed", sources=sources, deadline=self.deadline()
+                )
             )
             self.state, self.applied, self.applied_sources = want, rates, sources
             log.info(
@@ -280,16 +305,40 @@ class NodeDriver:
             self.on_reading(self)
         return reading
 
+    def deadline(self) -> int | None:
+        """Where a renewal now puts the switch: alive_for from now, in whole Unix seconds
+        (nftables' `meta time` resolution), rounded down: never later than promised."""
+        if self.alive_for is None:
+            return None
+        return math.floor(self.wall() + self.alive_for)
+
+    async def renew(self) -> None:
+        """Move the dead man's switch on (nothing when there is no table, or no switch)."""
+        deadline = self.deadline()
+        if deadline is None:
+            return
+        async with self._lock:
+            if self.state in ("enforcing", "closed"):
+                await self.enforcer.renew(deadline)
+                self.renewals += 1
+
     async def _run(self) -> None:
-        next_read = time.monotonic() + self.read_interval
+        now = time.monotonic()
+        next_read = now + self.read_interval
+        every = self.alive_for / RENEWALS if self.alive_for else math.inf
+        next_renewal = now + every
         while True:
+            wake = min(next_read, next_renewal)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_read - time.monotonic())):
+                async with asyncio.timeout(max(0.0, wake - time.monotonic())):
                     await self._dirty.wait()
             if self._dirty.is_set():
                 self._dirty.clear()
                 if not await self._logged(self.sync()):
                     self._dirty.set()  # the table is not what it should be: again, soon
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + every
+                await self._logged(self.renew())
             if time.monotonic() >= next_read:
                 next_read = time.monotonic() + self.read_interval
                 await self._logged(self.read())
