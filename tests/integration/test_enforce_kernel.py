@@ -220,19 +220,21 @@ async def test_the_dead_mans_switch_drops_everything_past_its_deadline_until_ren
     await kernel.install({"limit": Rate(LIMIT, "second", BURST)}, deadline=deadline)
     try:
         with nftlab.Receiver(node.server) as rx:
-            sender = offered_at(node, rx, 3 * LIMIT, 6)
+            sender = offered_at(node, rx, 3 * LIMIT, 7)
             expired_at = rx.start + (deadline - time.time())  # on the monotonic clock
-            await asyncio.sleep(expired_at + 1.5 - time.monotonic())
+            # Past the first whole second after the deadline: that one must be empty.
+            first_dead = math.ceil(expired_at - rx.start)
+            await asyncio.sleep(rx.start + first_dead + 1.2 - time.monotonic())
             dead = await kernel.read(sources=False)
             await kernel.renew(math.floor(time.time()) + 30)
             renewed_at = time.monotonic() - rx.start
             await asyncio.to_thread(sender.join)
             await asyncio.sleep(0.2)
-        seconds = rx.per_second(0, 6)
-        first_dead = math.ceil(expired_at - rx.start)  # the first whole second past it
+        seconds = rx.per_second(0, 7)
         print(f"expired at {expired_at - rx.start:.2f} s, renewed at {renewed_at:.2f}: {seconds}")
         assert seconds[first_dead] == 0, seconds
-        assert abs(seconds[5] - LIMIT) <= 0.05 * LIMIT + BURST, seconds
+        assert renewed_at > first_dead + 1, (renewed_at, seconds)
+        assert abs(seconds[6] - LIMIT) <= 0.05 * LIMIT + BURST, seconds
         assert dead.dropped.packets > dead.rules["limit"]["dropped"] > 0  # the switch's too
     finally:
         await kernel.remove()
