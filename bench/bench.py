@@ -562,7 +562,7 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the figures as CSV")
     args = parser.parse_args()
     results, inpath, memory, kernel = uvloop.run(run_all())
-    Console().print(report(results))
+    Console(width=max(Console().width, 120)).print(report(results))
     if inpath is not None:
         Console(width=max(Console().width, 120)).print(report_inpath(results, inpath))
     if kernel is not None:
