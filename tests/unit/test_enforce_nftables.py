@@ -252,3 +252,46 @@ def test_listings_read_back_into_counts() -> None:
     shadow = Table("t", (KernelRule("limit", "ratelimit", shadow=True),))
     assert nft.rule_counters(shadow, counters)["limit"]["shadow_dropped"] == 12
     assert nft.rule_counters(shadow, counters)["limit"]["passed"] == 18  # as Rule.counters
+
+
+def test_source_changes_add_refill_and_remove_a_sources_own_chain() -> None:
+    t = Table("web", nft.kernel_rules({"limit": 100}), demand=True)
+    one = {"limit": {0: nft.SourceRate("198.18.0.9", Rate(90))}}
+    added = {"nftables": nft.source_changes(t, {}, one)}
+    assert [c["name"] for c in commands(added, "add", "chain")] == ["r0s0"]
+    assert [c["name"] for c in commands(added, "add", "counter")] == ["r0s0c"]
+    (element,) = commands(added, "add", "element")
+    assert element["name"] == "r0hv4"
+    assert element["elem"] == [["198.18.0.9", {"goto": {"target": "r0s0"}}]]
+    assert nft.source_changes(t, one, one) == []  # the same rate: nothing to do
+    faster = {"limit": {0: nft.SourceRate("198.18.0.9", Rate(95))}}
+    refill = {"nftables": nft.source_changes(t, one, faster)}
+    assert commands(refill, "flush", "chain") == [
+        {"family": "inet", "table": "vmbox_web", "name": "r0s0"}
+    ]
+    assert not commands(refill, "add", "element")
+    gone = {"nftables": nft.source_changes(t, one, {"limit": {}})}
+    assert commands(gone, "delete", "element")[0]["elem"] == ["198.18.0.9"]
+    assert [c["name"] for c in commands(gone, "delete", "chain")] == ["r0s0"]
+    with pytest.raises(nft.NftablesError, match="holds another address"):
+        nft.source_changes(t, one, {"limit": {0: nft.SourceRate("198.18.0.8", Rate(1))}})
+    # The rule's chain consults the map first, under demand only.
+    installed = nft.install(t, {"limit": Rate(50)})
+    first = commands(installed, "add", "rule")[0]
+    assert first["chain"] == "r0" and "vmap" in first["expr"][0]
+
+
+def test_the_switch_is_a_chain_of_its_own_that_renew_rewrites_alone() -> None:
+    t = Table("web", nft.kernel_rules({"limit": 100}))
+    doc = nft.install(t, {"limit": Rate(50)}, deadline=1_900_000_000)
+    alive = [r for r in commands(doc, "add", "rule") if r["chain"] == "alive"]
+    assert alive[0]["expr"][0]["match"] == {
+        "op": ">",
+        "left": {"meta": {"key": "time"}},
+        "right": 1_900_000_000,
+    }
+    jumps = [r for r in commands(doc, "add", "rule") if {"jump": {"target": "alive"}} in r["expr"]]
+    assert len(jumps) == 1 and jumps[0]["chain"] == "filter"
+    renewed = nft.renew(t, 1_900_000_004)
+    assert [list(c) for c in renewed["nftables"]] == [["flush"], ["add"]]
+    assert "alive" not in str(nft.install(t, {"limit": Rate(50)}))  # no deadline, no switch

@@ -112,9 +112,8 @@ class Reading:
     offered: dict[str, dict[str, Count]]
     sources: dict[str, int]  # elements in each rule's sets now
     seen: Count = field(default_factory=Count)  # every packet the table saw (at its interface)
-    dropped: Count = field(
-        default_factory=Count
-    )  # by its rules (not shadow ones), while closed or expired
+    # Dropped by its rules (not shadow ones), while closed, or past its switch's deadline.
+    dropped: Count = field(default_factory=Count)
 
 
 @dataclass

@@ -26,10 +26,18 @@ deletes the previous generation's sets: atomic for packets, every source
 starting the new share with a full bucket (at most `burst` more than the
 rate in the second of the change, the finding's bound).
 
+Under `split: demand` each rule's chain first looks the source up in a
+verdict map (`r<i>hv4`, `r<i>hv6`) that sends a source with a share of its
+own to a chain of its own, `r<i>s<slot>` (its counter `r<i>s<slot>c`, its
+limit, accept): `source_changes`. With a deadline, the base chain jumps to
+chain `alive`, the dead man's switch, which drops everything (counted in
+`expired`) once the wall clock passes it; `renew` moves it.
+
 Counters: the named counters `r<i>m` (matched) and `r<i>d` (dropped,
 shadow drops included) per rule and `r<i>o` (overflow drops), read with
-`nft -j list counters table ...`; per source, the elements' counters, read
-with `nft -j list set ...` (they restart at 0 with each generation).
+`nft -j list counters table ...`; per source, the elements' and the source
+chains' counters, read with one `nft -j list table ...` (element counters
+restart at 0 with each generation).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ from vmbox.packet import Verdict
 
 log = logging.getLogger(__name__)
 
-READ_INTERVAL = 1.0  # seconds between counter reads (one nft call per set, docs/nftables-rates.md)
+READ_INTERVAL = 1.0  # seconds between counter reads (one `nft list counters` each)
 RETRY_PAUSE = 0.2  # seconds after an nft call failed, before the next try; doubling
 RETRY_MAX = 5.0  # up to this while calls keep failing (nft missing, a namespace unwell)
 RENEWALS = 4  # renewals of the dead man's switch within its span
