@@ -209,14 +209,21 @@ def pps_rows(run: PhaseRun, seconds: list[int]) -> list[ReportRow]:
             f"replicas {path or 'unchanged'}",
             reached >= 3 and back,
         ),
+        # Judged: never over the limit by more than 10%, and the mean within 5%. A second
+        # under it is shown, not judged: a cold joiner's first second can dip (the elders
+        # hold the smaller share from when they see it until it binds; DESIGN.md
+        # "Autoscaling"), which admits less, never more. One in six cold joins read 83.
         ReportRow(
             f"limit at the server during the {run.plan.name} phase",
             "100/s held at 1, 2, 4 replicas",
-            f"mean {statistics.fmean(seconds):.1f}/s, worst {max(off):.0%} off, over "
+            f"mean {statistics.fmean(seconds):.1f}/s, worst {max(off):.0%} off (busiest "
+            f"second {max(seconds)}, least {min(c for c in seconds if c)}), over "
             f"{len(seconds)} s with {len(steps)} resizes"
             if off
             else "no seconds recorded",
-            bool(off) and max(off) <= 0.10,
+            bool(off)
+            and max(seconds) <= LIMIT * 1.10
+            and abs(statistics.fmean(seconds) - LIMIT) <= 0.05 * LIMIT,
         ),
     ]
 
