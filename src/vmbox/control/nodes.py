@@ -48,6 +48,18 @@ class NodeTables:
                 numbers.add(replica_number(self.service, rid))
         return sorted(numbers)
 
+    def _enforcer(self, replica: str) -> KernelEnforcer | None:
+        """The table of `replica`'s node, or None when the id names no node or the node
+        is gone."""
+        try:
+            node = replica_number(self.service, replica)
+        except ValueError:
+            return None
+        namespace = self.gateway.node_namespace(node)
+        if not netns.exists(namespace):
+            return None
+        return KernelEnforcer(namespace, self.table)
+
     async def close(self, replica: str) -> str | None:
         """Close the table of a replica that died: every packet on its node dropped.
 
@@ -55,28 +67,20 @@ class NodeTables:
         soon as it does, while its table would go on admitting its last share.
         Its restart installs the table anew. The node's namespace, or None when
         the id names no node or the node is gone."""
-        try:
-            node = replica_number(self.service, replica)
-        except ValueError:
+        enforcer = self._enforcer(replica)
+        if enforcer is None:
             return None
-        namespace = self.gateway.node_namespace(node)
-        if not netns.exists(namespace):
-            return None
-        await KernelEnforcer(namespace, self.table).install(closed_rates(self.table), closed=True)
-        return namespace
+        await enforcer.install(closed_rates(self.table), closed=True)
+        return enforcer.namespace
 
     async def renew(self, replica: str, deadline: int) -> bool:
         """Move a dead replica's dead man's switch to `deadline` (Unix seconds), while its
         place is held: its table goes on enforcing its last share until its restart
         installs one anew. False when the id names no node or the node is gone."""
-        try:
-            node = replica_number(self.service, replica)
-        except ValueError:
+        enforcer = self._enforcer(replica)
+        if enforcer is None:
             return False
-        namespace = self.gateway.node_namespace(node)
-        if not netns.exists(namespace):
-            return False
-        await KernelEnforcer(namespace, self.table).renew(deadline)
+        await enforcer.renew(deadline)
         return True
 
     async def remove(self, replicas: Iterable[str] = ()) -> list[str]:
