@@ -19,7 +19,15 @@ from tests.conftest import Aio, until
 from vmbox.etcdserver import EtcdServer
 from vmbox.state.etcd import connect
 from vmbox.state.memory import FakeClock, MemoryStore
-from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError, WatchEvent
+from vmbox.state.store import (
+    MAX_TXN_OPS,
+    KeyValue,
+    LeaseLost,
+    Put,
+    Store,
+    StoreError,
+    WatchEvent,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -341,5 +349,148 @@ def test_a_closed_store_refuses_calls(subject: Subject, aio: Aio) -> None:
             await other.put(P + "c", b"2")
         with pytest.raises(StoreError):
             await anext(aiter(other.watch_prefix(P)))
+
+    aio.run(main())
+
+
+def test_apply_writes_puts_and_deletes_in_one_revision(subject: Subject, aio: Aio) -> None:
+    store = subject.store
+
+    async def main() -> None:
+        await store.put(P + "a/gone", b"0")
+        await store.put(P + "a/also", b"0")
+        before = await store.put(P + "a/kept", b"0")
+        lease = await store.grant_lease(30)
+        puts = [Put(P + "a/z", b"1"), Put(P + "a/kept", b"2", lease), Put(P + "a/b", b"3")]
+        deletes = [P + "a/gone", P + "a/missing", P + "a/also", P + "a/gone"]  # repeats: once
+        async with watching(store, P + "a/") as events:
+            revision = await store.apply(puts, deletes)
+            kvs, _ = await store.get_prefix(P + "a/")
+            seen = await _settled(store, events, P + "a/end")
+        assert revision == before + 1
+        assert kvs == [
+            KeyValue(P + "a/b", b"3", revision),
+            KeyValue(P + "a/kept", b"2", revision, lease),
+            KeyValue(P + "a/z", b"1", revision),
+        ]
+        # One event per change, all at the transaction's revision, in the order given.
+        assert _shape(seen) == [
+            ("put", "a/z", b"1"),
+            ("put", "a/kept", b"2"),
+            ("put", "a/b", b"3"),
+            ("delete", "a/gone", b""),
+            ("delete", "a/also", b""),
+        ]
+        assert {event.revision for event in seen} == {revision}
+        # A batch that changes nothing adds no revision and says the current one.
+        now = revision + 1  # the marker's
+        assert await store.apply([], [P + "a/missing", P + "none"]) == now
+        assert await store.apply([]) == now
+        assert (await store.get_prefix(P))[1] == now
+
+    aio.run(main())
+
+
+def test_apply_splits_a_large_batch_into_transactions(subject: Subject, aio: Aio) -> None:
+    store = subject.store
+    keys = [P + f"s/{i:03d}" for i in range(2 * MAX_TXN_OPS + 50)]
+
+    async def main() -> None:
+        before = await store.apply([Put(key, b"old") for key in keys[:100]])
+        async with watching(store, P + "s/") as events:
+            # 206 puts and 100 deletes: more than etcd takes in one txn.
+            revision = await store.apply([Put(key, b"new") for key in keys[100:]], keys[:100])
+            seen = await _settled(store, events, P + "s/end")
+        assert revision == before + 3
+        assert [e.revision for e in seen] == (
+            [before + 1] * MAX_TXN_OPS + [before + 2] * MAX_TXN_OPS + [before + 3] * 50
+        )
+        assert _shape(seen) == [("put", key.removeprefix(P), b"new") for key in keys[100:]] + [
+            ("delete", key.removeprefix(P), b"") for key in keys[:100]
+        ]
+        kvs, _ = await store.get_prefix(P + "s/")
+        assert [kv.key for kv in kvs] == [*keys[100:], P + "s/end"]
+
+    aio.run(main())
+
+
+def test_apply_refuses_a_key_twice_or_empty_and_writes_nothing(subject: Subject, aio: Aio) -> None:
+    store = subject.store
+
+    async def main() -> None:
+        before = await store.put(P + "k", b"0")
+        bad: list[tuple[list[Put], list[str]]] = [
+            ([Put(P + "t/a", b"1"), Put(P + "t/a", b"2")], []),
+            ([Put(P + "t/a", b"1")], [P + "t/a"]),
+            ([Put(P + f"t/{i}", b"1") for i in range(MAX_TXN_OPS)] + [Put(P + "t/0", b"2")], []),
+        ]
+        for puts, deletes in bad:
+            with pytest.raises(StoreError, match="twice"):
+                await store.apply(puts, deletes)
+        with pytest.raises(StoreError, match="key is not provided"):
+            await store.apply([Put(P + "t/a", b"1")], [""])
+        assert await store.get_prefix(P) == ([KeyValue(P + "k", b"0", before)], before)
+
+    aio.run(main())
+
+
+def test_apply_puts_on_leases_that_expire_or_are_revoked(subject: Subject, aio: Aio) -> None:
+    store = subject.store
+
+    async def main() -> None:
+        short = await store.grant_lease(1)
+        long = await store.grant_lease(30)
+        revision = await store.apply(
+            [
+                Put(P + "l/s1", b"1", short),
+                Put(P + "l/s2", b"2", short),
+                Put(P + "l/long", b"3", long),
+                Put(P + "l/none", b"4"),
+            ]
+        )
+        assert await store.get(P + "l/s1") == KeyValue(P + "l/s1", b"1", revision, short)
+        async with watching(store, P + "l/") as events:
+            await subject.pass_time(1.0)
+            await _gone(store, P + "l/s1")
+            await _gone(store, P + "l/s2")
+            assert await store.get(P + "l/long") is not None
+            await store.revoke_lease(long)
+            assert await store.get(P + "l/long") is None
+            seen = await _settled(store, events, P + "l/end")
+        assert _shape(seen) == [
+            ("delete", "l/s1", b""),
+            ("delete", "l/s2", b""),
+            ("delete", "l/long", b""),
+        ]
+        assert seen[0].revision == seen[1].revision < seen[2].revision
+        assert await store.get(P + "l/none") is not None
+
+    aio.run(main())
+
+
+def test_apply_on_a_lease_that_is_gone_writes_nothing_of_its_txn(
+    subject: Subject, aio: Aio
+) -> None:
+    store = subject.store
+
+    async def main() -> None:
+        gone = await store.grant_lease(30)
+        await store.revoke_lease(gone)
+        before = await store.put(P + "x/old", b"0")
+        for lease in (gone, 0x5EED):  # revoked, never granted
+            with pytest.raises(LeaseLost) as lost:
+                await store.apply(
+                    [Put(P + "x/a", b"1"), Put(P + "x/b", b"2", lease)], [P + "x/old"]
+                )
+            assert "\n" not in str(lost.value) and "lease" in str(lost.value)
+        assert await store.get_prefix(P) == ([KeyValue(P + "x/old", b"0", before)], before)
+        # Of a batch of several transactions, those before the failing one are written.
+        live = await store.grant_lease(30)
+        first = [Put(P + f"y/{i:03d}", b"1", live) for i in range(MAX_TXN_OPS)]
+        with pytest.raises(LeaseLost):
+            await store.apply([*first, Put(P + "y/late", b"2", gone), Put(P + "y/later", b"3")])
+        kvs, revision = await store.get_prefix(P + "y/")
+        assert [kv.key for kv in kvs] == [put.key for put in first]
+        assert revision == before + 1
 
     aio.run(main())

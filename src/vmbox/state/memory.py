@@ -6,15 +6,18 @@ in milliseconds. tests/contract/test_store_contract.py runs one suite against
 it and against a real etcd, so it behaves as etcd does where vmbox looks:
 
 - Revisions: an empty store is at revision 1; each write transaction adds one
-  (a put, a CAS that wrote, a delete or a revoke that removed anything; all
-  keys a delete_prefix or a revoke removes share its revision). Reads, lease
-  grants and refreshes, failed CASes and deletes of nothing add none.
+  (a put, a CAS that wrote, a delete or a revoke that removed anything, each
+  transaction of an apply that changed anything; all keys a delete_prefix, a
+  revoke or an apply's transaction changes share its revision, with events in
+  the order etcd gives them). Reads, lease grants and refreshes, failed CASes
+  and deletes of nothing add none.
 - Leases expire when the clock reaches their deadline (grant or last refresh
   plus the TTL): checked at every call, and by `expire()` or `advance()`. A
   test drives them with a `FakeClock`; with a real clock, open watches also
   wake at the next deadline, so a key nobody touches still vanishes in time.
-  Writing on a lease that is gone raises LeaseLost, as refreshing it does;
-  revoking it again is no error.
+  Writing on a lease that is gone raises LeaseLost, as refreshing it does (an
+  apply's transaction with such a put writes nothing); revoking it again is no
+  error.
 - Watches deliver every event under their prefix once, in revision order,
   from `start_revision` on (0: from the next write), replaying the history,
   which is kept whole (nothing is compacted). A delete event has an empty value.
@@ -35,10 +38,18 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from vmbox.state.store import KeyValue, LeaseLost, StoreError, StoreUnavailable, WatchEvent
+from vmbox.state.store import (
+    KeyValue,
+    LeaseLost,
+    Put,
+    StoreError,
+    StoreUnavailable,
+    WatchEvent,
+    transactions,
+)
 
 
 class FakeClock:
@@ -160,6 +171,16 @@ class MemoryStore:
         self._put(key, value, lease)
         return True
 
+    async def apply(self, puts: Sequence[Put], deletes: Sequence[str] = ()) -> int:
+        """As etcd: one transaction per `transactions(puts, deletes)` (Store.apply)."""
+        for txn_puts, txn_deletes in transactions(puts, deletes):
+            what = f"apply of {len(txn_puts)} puts and {len(txn_deletes)} deletes"
+            await self._enter(what)  # each transaction is a call of its own
+            for put in txn_puts:
+                self._need_lease(put.lease, what)  # before anything of it is written
+            self._commit(txn_puts, [key for key in txn_deletes if key in self._data])
+        return self._revision
+
     async def grant_lease(self, ttl: int) -> int:
         await self._enter("lease grant")
         lease = next(self._lease_ids)
@@ -230,25 +251,32 @@ class MemoryStore:
         return [self._data[key] for key in sorted(self._data) if key.startswith(prefix)]
 
     def _put(self, key: str, value: bytes, lease: int) -> int:
-        self._revision += 1
-        self._detach(key)
-        if lease:
-            self._leases[lease].keys.add(key)
-        self._data[key] = KeyValue(key, bytes(value), self._revision, lease)
-        self._record([WatchEvent("put", key, bytes(value), self._revision)])
+        self._commit([Put(key, value, lease)], [])
         return self._revision
 
     def _delete(self, keys: Iterable[str]) -> int:
-        """Delete `keys` (all present) in one revision; none: no revision."""
+        """Delete `keys` (all present) in one revision, in key order; none: no revision."""
         doomed = sorted(keys)
-        if not doomed:
-            return 0
+        self._commit([], doomed)
+        return len(doomed)
+
+    def _commit(self, puts: Sequence[Put], deletes: Sequence[str]) -> None:
+        """One transaction: the puts, then the deletes (all present), in one revision."""
+        if not puts and not deletes:
+            return
         self._revision += 1
-        for key in doomed:
+        events: list[WatchEvent] = []
+        for put in puts:
+            self._detach(put.key)
+            if put.lease:
+                self._leases[put.lease].keys.add(put.key)
+            self._data[put.key] = KeyValue(put.key, bytes(put.value), self._revision, put.lease)
+            events.append(WatchEvent("put", put.key, bytes(put.value), self._revision))
+        for key in deletes:
             self._detach(key)
             del self._data[key]
-        self._record([WatchEvent("delete", key, b"", self._revision) for key in doomed])
-        return len(doomed)
+            events.append(WatchEvent("delete", key, b"", self._revision))
+        self._record(events)
 
     def _detach(self, key: str) -> None:
         old = self._data.get(key)

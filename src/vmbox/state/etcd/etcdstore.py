@@ -31,7 +31,15 @@ from etcd3aio.kv import KVService, prefix_range_end
 from vmbox.state.etcd import watch
 from vmbox.state.etcd.blocking import BlockingChannel, OpenChannel
 from vmbox.state.etcd.errors import UNAVAILABLE_CODES, Unreachable, failure_reason
-from vmbox.state.store import KeyValue, LeaseLost, StoreError, StoreUnavailable, WatchEvent
+from vmbox.state.store import (
+    KeyValue,
+    LeaseLost,
+    Put,
+    StoreError,
+    StoreUnavailable,
+    WatchEvent,
+    transactions,
+)
 
 # The package's name, as before the package was split: operators' log lines keep it.
 log = logging.getLogger("vmbox.state.etcd")
@@ -213,6 +221,27 @@ class EtcdStore:
         answer = await self._call(f"cas {key}", lambda t: kv.txn([compare], success, timeout=t))
         return bool(answer.succeeded)
 
+    async def apply(self, puts: Sequence[Put], deletes: Sequence[str] = ()) -> int:
+        """One etcd txn (no compares) per `transactions(puts, deletes)`: see Store.apply.
+
+        At most MAX_TXN_OPS operations each, as etcd's default --max-txn-ops
+        allows (an etcd set lower refuses them: one StoreError line naming it).
+        Entries are small: 128 of them stay far below etcd's --max-request-bytes
+        (1.5 MiB). A put on a lease that is gone fails its whole txn with
+        "requested lease not found": LeaseLost (_map_rpc).
+        """
+        revision = 0
+        for txn_puts, txn_deletes in transactions(puts, deletes):
+            ops = [KVService.txn_op_put(put.key, put.value, lease=put.lease) for put in txn_puts]
+            ops += [KVService.txn_op_delete(key) for key in txn_deletes]
+            revision = await self._txn(_what(txn_puts, txn_deletes), ops)
+        return revision
+
+    async def _txn(self, what: str, ops: list[Any]) -> int:
+        kv = self._kv()
+        answer = await self._call(what, lambda t: kv.txn([], ops, timeout=t))
+        return int(answer.header.revision)
+
     async def grant_lease(self, ttl: int) -> int:
         lease = self._lease()
         answer = await self._call("lease grant", lambda t: lease.grant(ttl, timeout=t))
@@ -277,6 +306,12 @@ class EtcdStore:
         if self._blocking is not None:
             self._blocking.close()
         await self._client.close()
+
+
+def _what(puts: Sequence[Put], deletes: Sequence[str]) -> str:
+    """A txn of apply in an error line: its size and its first key."""
+    first = puts[0].key if puts else (deletes[0] if deletes else "")
+    return f"apply of {len(puts)} puts and {len(deletes)} deletes ({first}...)"
 
 
 def _key_value(item: Any) -> KeyValue:
