@@ -59,7 +59,7 @@ def demo_spec(listen: int, upstream: int) -> Spec:
         service="demo",
         listen=("127.0.0.1", listen),
         upstream=("127.0.0.1", upstream),
-        middlebox=MiddleboxSpec(limit=LIMIT, consistency="watch"),
+        middlebox=(MiddleboxSpec(limit=LIMIT, consistency="watch"),),
         replicas=ReplicasSpec(count=1, min=1, max=4),
     )
 

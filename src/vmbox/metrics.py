@@ -61,6 +61,8 @@ class ScrapeError(Exception):
 
 RuleCounters = Callable[[], Mapping[str, Mapping[str, int]]]  # rule -> verdict -> packets
 RULE_VERDICTS = ("passed", "dropped", "shadow_dropped")
+# function -> verdict (pass, drop, held) -> packets: each function of a chain (vmbox.chain).
+FunctionVerdicts = Callable[[], Mapping[str, Mapping[str, int]]]
 
 
 class _ReplicaCollector(Collector):
@@ -70,11 +72,13 @@ class _ReplicaCollector(Collector):
         counters: Counters,
         gauges: Callable[[], Mapping[str, float]],
         rules: RuleCounters | None = None,
+        functions: FunctionVerdicts | None = None,
     ) -> None:
         self.labels = labels
         self.counters = counters
         self.gauges = gauges
         self.rules = rules
+        self.functions = functions
 
     def collect(self) -> Iterator[Metric]:
         for name, attr, doc in COUNTERS:
@@ -89,6 +93,22 @@ class _ReplicaCollector(Collector):
             gauge.add_metric(self.labels, float(value))
             yield gauge
         yield from self._rule_families()
+        yield from self._function_families()
+
+    def _function_families(self) -> Iterator[Metric]:
+        """Per-function verdicts of a chain: vmbox_function_packets_total{function,verdict}."""
+        counts = self.functions() if self.functions is not None else {}
+        if not counts:
+            return
+        family = CounterMetricFamily(
+            "vmbox_function_packets",
+            "Packets each function of the chain decided (held: waited for its state first).",
+            labels=(*LABELS, "function", "verdict"),
+        )
+        for function, by_verdict in counts.items():
+            for verdict, count in by_verdict.items():
+                family.add_metric([*self.labels, function, verdict], float(count))
+        yield family
 
     def _rule_families(self) -> Iterator[Metric]:
         """Per-rule counts (vmbox.functions.rules), when the middlebox has rules."""
@@ -142,9 +162,10 @@ class MetricsServer:
 class ReplicaMetrics(MetricsServer):
     """The /metrics endpoint of one replica.
 
-    `gauges` and `rules` (per-rule counts, vmbox_rule_packets_total{rule,verdict})
-    are called from the HTTP server's thread at scrape time: they must only
-    read (the middlebox's gauges() and rule_counters() do).
+    `gauges`, `rules` (per-rule counts, vmbox_rule_packets_total{rule,verdict})
+    and `functions` (a chain's per-function verdicts) are called from the HTTP
+    server's thread at scrape time: they must only read (the middlebox's
+    gauges() and rule_counters() do).
     """
 
     def __init__(
@@ -154,9 +175,10 @@ class ReplicaMetrics(MetricsServer):
         counters: Counters,
         gauges: Callable[[], Mapping[str, float]],
         rules: RuleCounters | None = None,
+        functions: FunctionVerdicts | None = None,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_ReplicaCollector([service, replica], counters, gauges, rules))
+        registry.register(_ReplicaCollector([service, replica], counters, gauges, rules, functions))
         super().__init__(registry)
 
 

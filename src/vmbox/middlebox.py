@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vmbox.group import Group
+from vmbox.keyed import KeyedTable, Wait
 from vmbox.packet import Packet, Verdict
 
 
@@ -49,7 +50,12 @@ class Middlebox(ABC):
 
     Subclasses set `state`, implement `process`, and react to `update`. A
     middlebox whose items depend on its config (one limit per rule) passes
-    them as `items`; `self.items` is what the replica makes views of.
+    them as `items`; `self.items` is what the replica makes views of. A
+    middlebox with keyed state (vmbox.keyed: one entry per connection, say)
+    puts a KeyedTable per table in `self.tables`; the replica gives each
+    shared one a driver (vmbox.state.keyedsync), and `process` may then
+    answer a `Wait` for a packet it cannot decide before an entry is read or
+    written (the data plane holds that packet alone).
     """
 
     state: ClassVar[tuple[StateItem, ...]] = ()
@@ -63,10 +69,14 @@ class Middlebox(ABC):
             item.name: config_value(config, item.config_key) for item in self.items
         }
         self.group = group
+        self.tables: dict[str, KeyedTable] = {}
 
     @abstractmethod
-    def process(self, packet: Packet, now: float) -> Verdict:
-        """Decide one packet. Synchronous, no I/O; `now` is seconds since the epoch."""
+    def process(self, packet: Packet, now: float) -> Verdict | Wait:
+        """Decide one packet. Synchronous, no I/O; `now` is seconds since the epoch.
+
+        Only a middlebox with keyed tables answers a Wait (one its table gave it).
+        """
 
     def start(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called with the time when the replica begins to serve traffic, and again when

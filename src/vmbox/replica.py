@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmbox.allocator import MemoryReturn
+from vmbox.chain import Chain, Held
 from vmbox.dataplane.counters import Counters
 from vmbox.dataplane.drain import Drain, DrainResult
 from vmbox.dataplane.nfqueue import NfqueueDriver
@@ -43,10 +44,11 @@ from vmbox.enforce.rates import add_offered, node_rates, source_rates
 from vmbox.functions import get_function
 from vmbox.group import Group
 from vmbox.metrics import ReplicaMetrics
-from vmbox.middlebox import Middlebox, config_value
+from vmbox.middlebox import Middlebox
 from vmbox.packet import Packet, Verdict
-from vmbox.spec import GatewaySpec, Spec, parse_spec
+from vmbox.spec import GatewaySpec, MiddleboxSpec, Spec, parse_spec
 from vmbox.spec.changes import template_of
+from vmbox.spec.items import spec_items
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
 from vmbox.state.demand import DemandAware
@@ -61,6 +63,7 @@ from vmbox.state.epoch import (
 from vmbox.state.epochsync import EpochSync
 from vmbox.state.health import FAIL_MODE_CODES
 from vmbox.state.healthprobe import HealthProbe
+from vmbox.state.keyedsync import KeyedSync
 from vmbox.state.membership import Membership
 from vmbox.state.standby import Standby
 from vmbox.state.store import Store, StoreError
@@ -115,36 +118,53 @@ class Replica:
         self.replica_id = replica_id
         self.store = store
         self.metrics_port = metrics_port
-        config = spec.middlebox.model_dump()
         # Until every member acknowledges a group change, shares stay safe (vmbox.state.epoch);
         # a fresh replica takes nothing until then.
+        limiter = spec.ratelimit
         self.guard = ResizeGuard(
-            replica_id, spec.middlebox.window, enabled=spec.middlebox.resize_guard
+            replica_id, spec.window, enabled=limiter is None or limiter.resize_guard
         )
-        self.middlebox: Middlebox = get_function(spec.middlebox.function).build(
-            config, self.guard.group
+        # The functions in order (vmbox.chain); `middlebox` is the first, which the kernel
+        # driver and the demand split follow (a kernel-enforced chain is a ratelimit alone).
+        self.chain = Chain(
+            [
+                (
+                    section.function,
+                    get_function(section.function).build(section.model_dump(), self.guard.group),
+                )
+                for section in spec.chain
+            ]
         )
+        self.middlebox: Middlebox = self.chain.stages[0]
         self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
         self.counters = Counters()
         self.memory = MemoryReturn()
         self.views: dict[str, View] = {}
         self.members = 0
-        for item in self.middlebox.items:
-            if item.shared:
-                self.views[item.name] = make_view(
-                    spec.middlebox.consistency,
-                    store,
-                    keys.state_key(spec.service, item.name),
-                    item,
-                    config_value(config, item.config_key),
-                    poll_interval=spec.middlebox.poll_interval,
-                    on_change=self._on_change(item.name),
-                    ttl=spec.lease_ttl,
-                    ack_key=keys.fence_key(spec.service, item.name, replica_id),
-                )
-                if isinstance(self.views[item.name], FencedView):
-                    # Closed until its first probe confirms it is current (vmbox.state.fence).
-                    self.middlebox.update(values={item.name: item.closed})
+        for found in spec_items(spec):
+            item, section = found.item, found.section
+            assert isinstance(section, MiddleboxSpec), "only a ratelimit declares scalar items"
+            self.views[item.name] = make_view(
+                section.consistency,
+                store,
+                keys.state_key(spec.service, item.name),
+                item,
+                found.seed,
+                poll_interval=section.poll_interval,
+                on_change=self._on_change(item.name),
+                ttl=spec.lease_ttl,
+                ack_key=keys.fence_key(spec.service, item.name, replica_id),
+            )
+            if isinstance(self.views[item.name], FencedView):
+                # Closed until its first probe confirms it is current (vmbox.state.fence).
+                self.chain.update(values={item.name: item.closed})
+        # Keyed tables (a firewall's connections): read on a miss, written behind the
+        # packet path, durable where the function asks (vmbox.state.keyedsync).
+        self.keyed: dict[str, KeyedSync] = {
+            name: KeyedSync(store, keys.keyed_prefix(spec.service, name), table)
+            for name, table in self.chain.tables.items()
+            if table.shared
+        }
         # The fail policy's answer for every packet while the store is down
         # (None: the middlebox decides); the health probe sets and clears it.
         self.fail_verdict: Verdict | None = None
@@ -159,14 +179,18 @@ class Replica:
         self.inpath: NfqueueDriver | None = None
         self.node: NodeDriver | None = None
         if spec.gateway is not None and spec.gateway.enforce == "kernel":
-            self.node = self._node_driver(spec, spec.gateway, replica_id, config)
+            self.node = self._node_driver(spec, spec.gateway, replica_id)
         elif spec.gateway is not None:
             try:
                 queue = queue_of(spec.service, replica_id, spec.gateway.queue)
             except ValueError as exc:
                 raise ReplicaConfigError(f"{exc}: an in-path replica's id says its queue") from None
             self.inpath = NfqueueDriver(
-                spec.gateway.namespace, queue, self.decide, counters=self.counters, barrier=barrier
+                spec.gateway.namespace,
+                queue,
+                self.decide if len(self.chain.stages) == 1 and not self.keyed else self.decide_held,
+                counters=self.counters,
+                barrier=barrier,
             )
         else:
             self.relay = UdpRelay(
@@ -178,9 +202,14 @@ class Replica:
                 idle_timeout=spec.flow_idle_timeout,
                 max_flows=flow_budget(spec.max_flows),
             )
-        rule_counters = self.node.rule_counters if self.node else self.middlebox.rule_counters
+        rule_counters = self.node.rule_counters if self.node else self.chain.rule_counters
         self.metrics = ReplicaMetrics(
-            spec.service, replica_id, self.counters, self.gauges, rule_counters
+            spec.service,
+            replica_id,
+            self.counters,
+            self.gauges,
+            rule_counters,
+            self.chain.verdicts if len(self.chain.stages) > 1 else None,
         )
         self.membership: Membership | None = None
         self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demandsync)
@@ -192,9 +221,7 @@ class Replica:
         self.bound = False  # its address or queue is bound (_bind)
         self.created = time.monotonic()  # a process this young is still starting
 
-    def _node_driver(
-        self, spec: Spec, gateway: GatewaySpec, replica_id: str, config: dict[str, Any]
-    ) -> NodeDriver:
+    def _node_driver(self, spec: Spec, gateway: GatewaySpec, replica_id: str) -> NodeDriver:
         """enforce: kernel: the table of replica <service>-<n> in node n's namespace."""
         try:
             node = replica_number(spec.service, replica_id)
@@ -202,13 +229,15 @@ class Replica:
             raise ReplicaConfigError(
                 f"{exc}: a kernel-enforcing replica's id names its node"
             ) from None
+        limiter = spec.chain[0]
+        assert isinstance(limiter, MiddleboxSpec), "the spec allows a kernel ratelimit alone"
         try:
             table = Table(
                 spec.service,
-                kernel_rules(config),
+                kernel_rules(limiter.model_dump()),
                 interface=gateway.interface,
-                size=spec.middlebox.max_sources,  # the sources a replica tracks, as in Python
-                demand=spec.middlebox.split == "demand",
+                size=limiter.max_sources,  # the sources a replica tracks, as in Python
+                demand=limiter.split == "demand",
             )
         except NftablesError as exc:
             raise ReplicaConfigError(str(exc)) from None
@@ -239,7 +268,7 @@ class Replica:
 
     def _on_change(self, name: str) -> Callable[[Any], None]:
         def apply(value: Any) -> None:
-            self.middlebox.update(values={name: value})
+            self.chain.update(values={name: value})
             if self.node is not None:
                 self.node.changed()
 
@@ -251,13 +280,53 @@ class Replica:
             self.node.fail(verdict)
 
     def decide(self, packet: Packet, now: float) -> Verdict:
-        """The relay's decide callable: the fail policy's verdict, else the middlebox's."""
+        """The relay's decide callable: the fail policy's verdict, else the middlebox's.
+
+        For a chain of one function with no keyed state, whose answer is always a verdict.
+        """
         if now >= self.epoch.due:
             self.epoch.catch_up(now)  # a resize guard due to lift: before this window starts
         verdict = self.fail_verdict
         if verdict is None:
-            return self.middlebox.process(packet, now)
+            answer = self.middlebox.process(packet, now)
+            assert isinstance(answer, Verdict), "a Wait needs decide_held"
+            return answer
         return verdict
+
+    def decide_held(self, packet: Packet, now: float) -> Verdict | asyncio.Future[Verdict]:
+        """The in-path driver's decide callable for a chain: a verdict, or one to come.
+
+        A stage that must wait for a keyed entry (read, or made durable) holds
+        this packet alone: the driver gets a future and decides the packets
+        behind it meanwhile (vmbox.dataplane.nfqueue).
+        """
+        if now >= self.epoch.due:
+            self.epoch.catch_up(now)
+        if self.fail_verdict is not None:
+            return self.fail_verdict
+        answer = self.chain.process(packet, now)
+        if isinstance(answer, Held):
+            return asyncio.ensure_future(self._held(packet, answer))
+        return answer
+
+    async def _held(self, packet: Packet, held: Held) -> Verdict:
+        """Do what each Wait asks, then decide the packet from the stage that waited."""
+        answer: Verdict | Held = held
+        while isinstance(answer, Held):
+            wait = answer.wait
+            sync = self.keyed[wait.table]
+            if wait.commit:
+                await sync.commit(wait.key)
+                answer = self.chain.resume(packet, time.time(), answer.stage)
+                continue
+            await sync.fetch(wait.key)
+            try:
+                if self.fail_verdict is not None:
+                    return self.fail_verdict
+                answer = self.chain.resume(packet, time.time(), answer.stage)
+            finally:
+                sync.settled(wait.key)
+        return answer
 
     def _barrier(self, views: list[StrongView]) -> Callable[[], Awaitable[None]]:
         async def read_all() -> None:
@@ -289,7 +358,7 @@ class Replica:
             self.inpath.read_kernel_counters()  # the kernel's drops at this queue
         if self.node is not None:
             self.node.read_blocking()  # the table's counters, fresh for this scrape
-        values = dict(self.middlebox.gauges())
+        values = dict(self.chain.gauges())
         values["members"] = float(self.members)
         values["ready"] = float(self.ready)
         values["standby"] = float(self.standby)
@@ -320,14 +389,15 @@ class Replica:
 
     def _demand_sharing(self, membership: Membership) -> DemandSharing | None:
         """The demand reporter and watch, when the spec splits by demand."""
-        mb = self.spec.middlebox
-        if mb.split != "demand" or not isinstance(self.middlebox, DemandAware):
+        mb = self.spec.ratelimit
+        limiter = self.chain.first(DemandAware)
+        if mb is None or mb.split != "demand" or limiter is None:
             return None
         return DemandSharing(
             self.store,
             self.spec.service,
             self.replica_id,
-            self.middlebox,
+            limiter,
             lambda: membership.lease,
             interval=mb.report_interval,
             max_sources=mb.report_max_sources,
@@ -345,7 +415,7 @@ class Replica:
 
     def _apply_group(self, group: Group) -> None:
         self.members = len(set(group.members) | {self.replica_id})
-        self.middlebox.update(group=group)
+        self.chain.update(group=group)
         if self.node is not None:
             self.node.changed()
 
@@ -356,7 +426,7 @@ class Replica:
         if self.node is not None:
             self.node.check()  # a node that is not there: no membership, a restart later
         if not self.standby:
-            self.middlebox.start(time.time())
+            self.chain.start(time.time())
         if self.relay is not None:
             try:  # resolved now, so the bind at a window boundary is immediate (_bind)
                 await self.relay.prepare()
@@ -394,6 +464,7 @@ class Replica:
                 tasks.append(group.create_task(self.demand.run()))
             tasks.append(group.create_task(self.health.run()))
             tasks.append(group.create_task(self._return_memory()))
+            tasks.extend(group.create_task(sync.run()) for sync in self.keyed.values())
             tasks.append(group.create_task(self._bind(self.membership)))
             await self.stopping.wait()
             if self.drain_first:
@@ -418,8 +489,8 @@ class Replica:
         # nothing in the current window (start), nothing until the group has acked
         # it anew (the guard). Before the new lease is used: a fenced item opens
         # only after a probe on it.
-        self.middlebox.start(time.time())
-        self.middlebox.update()
+        self.chain.start(time.time())
+        self.chain.update()
         self.epoch.rejoined()
 
     async def _registration_moment(self) -> None:
@@ -428,7 +499,7 @@ class Replica:
         wider margin, its loop being slow to apply its own registration."""
         starting = time.monotonic() - self.created < STARTING_FOR
         margin = REGISTER_MARGIN_STARTING if starting else REGISTER_MARGIN_RUNNING
-        delay = registration_delay(time.time(), self.spec.middlebox.window, margin)
+        delay = registration_delay(time.time(), self.spec.window, margin)
         if delay:
             await asyncio.sleep(delay)
 
@@ -440,8 +511,8 @@ class Replica:
         """Give freed memory back once flows and sources have idled out (vmbox.allocator)."""
         while True:
             await asyncio.sleep(MEMORY_CHECK)
-            self.middlebox.idle(time.time())
-            held = self.counters.flows + int(self.middlebox.gauges().get("sources", 0))
+            self.chain.idle(time.time())
+            held = self.counters.flows + int(self.chain.gauges().get("sources", 0))
             self.memory.check(held, time.monotonic())
 
     async def _stand_by(self, group: asyncio.TaskGroup, tasks: list[asyncio.Task[Any]]) -> None:
@@ -481,7 +552,7 @@ class Replica:
             before_register=self._registration_moment,
         )
         self.standby = False
-        self.middlebox.start(time.time())
+        self.chain.start(time.time())
         tasks.append(group.create_task(spare.retire(self.membership)))
         log.info("replica %s promoted from standby", self.replica_id)
 
@@ -502,7 +573,7 @@ class Replica:
         controller steers to it. A port or queue that cannot be bound stops the
         replica with one line (ReplicaConfigError).
         """
-        window = self.spec.middlebox.window
+        window = self.spec.window
         started = time.time()
         while not self.holding_share:
             await asyncio.sleep(0.01)
@@ -575,7 +646,7 @@ class Replica:
                 self._drain = Drain(
                     self.relay_driver,
                     timeout=self.spec.replicas.drain_timeout,
-                    window=self.spec.middlebox.window,
+                    window=self.spec.window,
                 )
                 await self._drain.begin()
                 await self._mark_draining()
@@ -605,6 +676,10 @@ class Replica:
     async def _leave(self) -> None:
         # Take nothing from here on: the siblings' shares grow once the lease goes.
         self.epoch.leaving()
+        for sync in self.keyed.values():
+            # The connections' latest states, for the siblings that carry them on.
+            with contextlib.suppress(StoreError, asyncio.TimeoutError):
+                await asyncio.wait_for(sync.flush(), LEAVE_TIMEOUT)
         if self.node is not None and self.bound:
             # In the node's table before the lease goes, not when its task comes to it.
             with contextlib.suppress(EnforceError, asyncio.TimeoutError):

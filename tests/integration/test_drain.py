@@ -316,7 +316,7 @@ async def watch_leave(svc: Service, victim: str, other: str, within: float) -> t
     while not (left and full) and time.monotonic() < deadline:
         if not left and victim not in await svc.members():
             left = time.monotonic()
-        if not full and (await scrape(metrics)).get("vmbox_share") == svc.spec.middlebox.limit:
+        if not full and (await scrape(metrics)).get("vmbox_share") == svc.spec.limiter.limit:
             full = time.monotonic()
         await asyncio.sleep(0.01)
     return left, full

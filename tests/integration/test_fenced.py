@@ -110,7 +110,7 @@ async def _write_here(svc: Service) -> tuple[float, subprocess.CompletedProcess[
 
 async def one_run(svc: Service, endpoint: str, in_process: bool = False) -> Run:
     service = svc.spec.service
-    if svc.spec.middlebox.consistency == "fenced":
+    if svc.spec.limiter.consistency == "fenced":
         reopened = await write_fenced(svc.store, service, "limit", str(OPEN).encode(), 10)
         assert reopened.done, reopened
     else:

@@ -67,7 +67,7 @@ def test_the_open_row_uses_watch_because_fenced_refuses_open() -> None:
     refused = fenced_open_refused()
     assert refused is not None and "fail: open" in refused
     spec = partition_spec("p", "closed", "fenced")
-    assert spec.fail == "closed" and spec.middlebox.consistency == "fenced"
+    assert spec.fail == "closed" and spec.limiter.consistency == "fenced"
     assert spec.store_timeout < spec.lease_ttl  # the policy applies before the lease can expire
 
 

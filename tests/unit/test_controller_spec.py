@@ -100,7 +100,7 @@ def test_the_controller_follows_an_applied_spec() -> None:
 
         # A rollout: one more replica with the new spec; no old one drained before it is in.
         fenced = wider.model_copy(
-            update={"middlebox": wider.middlebox.model_copy(update={"consistency": "fenced"})}
+            update={"middlebox": (wider.limiter.model_copy(update={"consistency": "fenced"}),)}
         )
         await store.put(keys.spec_key("web"), fenced.to_json().encode())
         await controller.reconcile()

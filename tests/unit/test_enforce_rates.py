@@ -25,7 +25,7 @@ from vmbox.spec import parse_spec
 def built(middlebox: dict[str, Any], members: tuple[str, ...]) -> tuple[Middlebox, Table]:
     addresses = {"listen": "127.0.0.1:1", "upstream": "127.0.0.1:2"}
     spec = parse_spec({"service": "web", **addresses, "middlebox": middlebox})
-    config = spec.middlebox.model_dump()
+    config = spec.limiter.model_dump()
     box = get_function("ratelimit").build(config, Group(members, "r1"))
     return box, Table("web", kernel_rules(config))
 

@@ -99,7 +99,7 @@ def test_a_member_alive_but_silent_times_the_wait_out() -> None:
 
 def test_items_by_name_or_by_rule_and_values_checked_as_replicas_do() -> None:
     spec = load_spec(EXAMPLE)
-    names = [rule.name for rule in spec.middlebox.rules or () if rule.action == "ratelimit"]
+    names = [rule.name for rule in spec.limiter.rules or () if rule.action == "ratelimit"]
     assert names, "the example has ratelimit rules"
     assert find_item(spec, names[0]).name == f"rules.{names[0]}.limit"
     assert find_item(spec, f"rules.{names[0]}.limit").name == f"rules.{names[0]}.limit"
@@ -122,6 +122,6 @@ def test_a_fenced_spec_cannot_fail_open() -> None:
         "upstream": "127.0.0.1:9100",
         "middlebox": {"limit": 5, "consistency": "fenced"},
     }
-    assert parse_spec(base | {"fail": "closed"}, "t").middlebox.consistency == "fenced"
+    assert parse_spec(base | {"fail": "closed"}, "t").limiter.consistency == "fenced"
     with pytest.raises(SpecError, match="fail: open would pass what a fenced item must hold"):
         parse_spec(base | {"fail": "open"}, "t")

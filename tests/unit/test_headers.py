@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from vmbox.dataplane.headers import parse
-from vmbox.packet import ICMP, ICMPV6, TCP, UDP, Packet
+from vmbox.packet import ACK, ICMP, ICMPV6, SYN, TCP, UDP, Packet
 
 GRE = 47
 
@@ -84,12 +84,31 @@ def test_ipv4_udp() -> None:
 def test_ipv4_tcp_with_options_reads_ports_after_the_options() -> None:
     options = b"\x01\x01\x01\x00" * 3  # NOPs and an end of list: IHL 8
     packet = v4(TCP, tcp(443, 51000), options=options)
-    assert parse(packet) == Packet("198.18.0.1", 443, len(packet), TCP, "198.19.0.2", 51000)
+    assert parse(packet) == Packet(
+        "198.18.0.1", 443, len(packet), TCP, "198.19.0.2", 51000, flags=SYN
+    )
 
 
-def test_ipv4_icmp_has_no_ports() -> None:
+def test_ipv4_icmp_echo_carries_its_identifier_as_ports_and_its_type_as_flags() -> None:
     packet = v4(ICMP, ICMP_ECHO)
-    assert parse(packet) == Packet("198.18.0.1", 0, len(packet), ICMP, "198.19.0.2", 0)
+    ident = struct.unpack_from("!H", ICMP_ECHO, 4)[0]
+    assert parse(packet) == Packet(
+        "198.18.0.1", ident, len(packet), ICMP, "198.19.0.2", ident, flags=8
+    )
+
+
+def test_ipv4_icmp_other_than_echo_has_no_ports() -> None:
+    unreachable = struct.pack("!BBHI", 3, 3, 0, 0) + b"\0" * 28
+    packet = v4(ICMP, unreachable)
+    assert parse(packet) == Packet("198.18.0.1", 0, len(packet), ICMP, "198.19.0.2", 0, flags=3)
+
+
+def test_tcp_flags_are_read_and_a_header_cut_before_them_is_none() -> None:
+    packet = v4(TCP, struct.pack("!HHIIBBHHH", 1, 2, 1, 0, 5 << 4, SYN | ACK, 65535, 0, 0))
+    parsed = parse(packet)
+    assert parsed is not None and parsed.flags == SYN | ACK
+    assert parse(packet[: 20 + 13]) is None
+    assert parse(packet[: 20 + 14]) == parsed
 
 
 def test_ipv4_other_protocol_has_no_ports() -> None:
@@ -118,8 +137,8 @@ def test_ipv6_udp_tcp_icmpv6() -> None:
     t = v6(TCP, tcp(80, 60000))
     i = v6(ICMPV6, struct.pack("!BBHHH", 128, 0, 0, 1, 1))
     assert parse(u) == Packet("2001:2::1", 1234, len(u), UDP, "2001:2:0:1::2", 5201)
-    assert parse(t) == Packet("2001:2::1", 80, len(t), TCP, "2001:2:0:1::2", 60000)
-    assert parse(i) == Packet("2001:2::1", 0, len(i), ICMPV6, "2001:2:0:1::2", 0)
+    assert parse(t) == Packet("2001:2::1", 80, len(t), TCP, "2001:2:0:1::2", 60000, flags=SYN)
+    assert parse(i) == Packet("2001:2::1", 1, len(i), ICMPV6, "2001:2:0:1::2", 1, flags=128)
 
 
 def test_ipv6_skips_extension_headers() -> None:
@@ -131,7 +150,9 @@ def test_ipv6_skips_extension_headers() -> None:
 def test_ipv6_skips_ah() -> None:
     ah = struct.pack("!BBHII", TCP, 4, 0, 1, 1) + b"\0" * 12  # (4 + 2) * 4 = 24 bytes
     packet = v6(51, ah + tcp(22, 40000))
-    assert parse(packet) == Packet("2001:2::1", 22, len(packet), TCP, "2001:2:0:1::2", 40000)
+    assert parse(packet) == Packet(
+        "2001:2::1", 22, len(packet), TCP, "2001:2:0:1::2", 40000, flags=SYN
+    )
 
 
 def test_ipv6_fragments() -> None:

@@ -42,7 +42,9 @@ def verdicts(
     for now, packet in packets:
         if idle_at(now):
             mb.idle(now - 0.001)
-        out.append(mb.process(packet, now))
+        verdict = mb.process(packet, now)
+        assert isinstance(verdict, Verdict)  # a ratelimit never waits
+        out.append(verdict)
     return out
 
 

@@ -129,7 +129,7 @@ def test_the_configmap_holds_the_spec_the_pods_run() -> None:
     assert stored.relay.listen == ("0.0.0.0", 9000)  # the Service reaches the pod's address
     assert stored.metrics_host == "0.0.0.0"  # so do the probe and Prometheus
     assert stored.relay.upstream == ("echo.default.svc", 9100)
-    assert stored.middlebox.limit == 100 and stored.replicas.memory_limit == 70 * 1024**2
+    assert stored.limiter.limit == 100 and stored.replicas.memory_limit == 70 * 1024**2
 
 
 def test_a_low_port_gets_the_unprivileged_port_sysctl_and_no_capability() -> None:

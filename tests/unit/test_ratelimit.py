@@ -31,7 +31,7 @@ def test_registered_under_its_name() -> None:
 
 
 def test_an_unknown_function_names_the_known_ones() -> None:
-    with pytest.raises(KeyError, match=r"'nat'.*known: ratelimit"):
+    with pytest.raises(KeyError, match=r"'nat'.*known: firewall, ratelimit"):
         get_function("nat")
 
 

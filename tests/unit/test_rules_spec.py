@@ -102,8 +102,8 @@ def test_rules_normalise_and_survive_the_store_round_trip() -> None:
         ),
     ]
     parsed = parse_spec(spec(limit=100, rules=rules))
-    assert parsed.middlebox.rules is not None
-    a, b = parsed.middlebox.rules
+    assert parsed.limiter.rules is not None
+    a, b = parsed.limiter.rules
     assert (a.match.dport, a.match.src, b.match.dport) == ("8000-8099", "2001:db8::/32", 53)
     import json
 
@@ -112,8 +112,8 @@ def test_rules_normalise_and_survive_the_store_round_trip() -> None:
 
 def test_the_rules_example_loads() -> None:
     loaded = load_spec(EXAMPLE)
-    assert loaded.middlebox.rules is not None and len(loaded.middlebox.rules) >= 3
-    assert {r.action for r in loaded.middlebox.rules} == {"accept", "drop", "ratelimit"}
+    assert loaded.limiter.rules is not None and len(loaded.limiter.rules) >= 3
+    assert {r.action for r in loaded.limiter.rules} == {"accept", "drop", "ratelimit"}
 
 
 def test_rule_counters_are_exported_with_a_rule_label() -> None:

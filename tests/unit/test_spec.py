@@ -34,8 +34,8 @@ def good() -> dict[str, Any]:
 
 def test_the_example_spec_loads() -> None:
     spec = load_spec(EXAMPLE)
-    assert spec.middlebox.limit == 100
-    assert spec.middlebox.poll_interval == pytest.approx(0.1)
+    assert spec.limiter.limit == 100
+    assert spec.limiter.poll_interval == pytest.approx(0.1)
     assert spec.relay.listen == ("127.0.0.1", 9000)
     assert spec.store == "managed"
 
@@ -253,12 +253,12 @@ def test_what_the_kernel_cannot_enforce_is_refused_with_one_line(
 def test_the_kernel_reports_demand_every_half_second_unless_told() -> None:
     """Each report reads the node's table: 0.5 s by default, 0.25 s at the least."""
     spec = parse_spec(kernel(middlebox={"limit": 5, "split": "demand"}), "web.yaml")
-    assert spec.middlebox.report_interval == 0.5
+    assert spec.limiter.report_interval == 0.5
     assert parse_spec(json.loads(spec.to_json()), "stored") == spec
     told = kernel(middlebox={"limit": 5, "split": "demand", "report_interval": "250ms"})
-    assert parse_spec(told, "web.yaml").middlebox.report_interval == 0.25
+    assert parse_spec(told, "web.yaml").limiter.report_interval == 0.25
     relay = parse_spec(good() | {"middlebox": {"limit": 5, "split": "demand"}}, "w")
-    assert relay.middlebox.report_interval == 0.1
+    assert relay.limiter.report_interval == 0.1
 
 
 def test_the_kernel_example_loads_with_a_node_per_replica() -> None:

@@ -305,7 +305,7 @@ def test_each_bad_value_is_one_line_naming_its_field(path: Path_, value: Any) ->
 def test_valid_specs_parse(data: dict[str, Any]) -> None:
     spec = parse_spec(data, SOURCE)
     assert spec.service == data["service"]
-    assert spec.middlebox.limit == data["middlebox"]["limit"]
+    assert spec.limiter.limit == data["middlebox"]["limit"]
 
 
 @FAST

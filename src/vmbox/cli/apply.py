@@ -26,10 +26,9 @@ from vmbox import context
 from vmbox.cli.setitem import TIMEOUT_SLACK, SetError, fence_or_fail
 from vmbox.control.host import host_of, live_hosts
 from vmbox.control.publish import publish
-from vmbox.functions import get_function
-from vmbox.middlebox import config_value
 from vmbox.spec import Spec, parse_spec
 from vmbox.spec.changes import Changes, diff, template_of
+from vmbox.spec.items import spec_items
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import EtcdStore, connect
@@ -89,18 +88,14 @@ def _show(changes: Changes) -> None:
 async def _write(store: EtcdStore, stored: Spec, spec: Spec) -> None:
     """The live items first (fenced when the running replicas are), then the spec."""
     service = spec.service
-    if stored.middlebox.consistency == "fenced":
-        config = spec.middlebox.model_dump()
-        old_config = stored.middlebox.model_dump()
-        items = get_function(spec.middlebox.function).state_items(config)
-        function = get_function(stored.middlebox.function)
-        old_items = {i.name: i for i in function.state_items(old_config)}
-        for item in items:
-            old = old_items.get(item.name)
-            if not item.shared or old is None:
+    if stored.consistency == "fenced":
+        old_items = {found.item.name: found for found in spec_items(stored)}
+        for found in spec_items(spec):
+            item, old = found.item, old_items.get(found.item.name)
+            if old is None:
                 continue  # a new item: the spec seeds it, and the rollout brings its readers
-            value = config_value(config, item.config_key)
-            if value == config_value(old_config, old.config_key):
+            value = found.seed
+            if value == old.seed:
                 continue
             wait = stored.lease_ttl + TIMEOUT_SLACK
             then = "; the spec is not written"

@@ -12,13 +12,11 @@ nobody waits for it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
 
-from vmbox.functions import get_function
 from vmbox.functions.rules import limit_item
 from vmbox.middlebox import StateItem, StateValueError
 from vmbox.spec import Spec, parse_spec
+from vmbox.spec.items import spec_items
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import connect
@@ -38,10 +36,7 @@ class SetError(Exception):
 
 def find_item(spec: Spec, name: str) -> StateItem:
     """The shared item NAME means: an item's own name (`limit`, `rules.web.limit`) or a rule's."""
-    config: Mapping[str, Any] = spec.middlebox.model_dump()
-    items = {
-        i.name: i for i in get_function(spec.middlebox.function).state_items(config) if i.shared
-    }
+    items = {found.item.name: found.item for found in spec_items(spec)}
     item = items.get(name) or items.get(limit_item(name))
     if item is None:
         known = ", ".join(sorted(items)) or "none"
@@ -79,11 +74,11 @@ async def set_item(
         spec = parse_spec(json.loads(kv.value), "stored spec")
         item = find_item(spec, name)
         raw = parse_value(item, value)
-        if spec.middlebox.consistency != "fenced":
+        if spec.consistency != "fenced":
             revision = await store.put(keys.state_key(service, item.name), raw)
             print(
                 f"{service}: {item.name} = {raw.decode()} at revision {revision}; not fenced "
-                f"(consistency: {spec.middlebox.consistency}): replicas apply it when they see it",
+                f"(consistency: {spec.consistency}): replicas apply it when they see it",
                 flush=True,  # a script reading the pipe learns it is written now
             )
             return

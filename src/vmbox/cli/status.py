@@ -16,6 +16,7 @@ from vmbox.control.host import hosted_services
 from vmbox.control.status import ListedService, RateTracker, render, render_list, snapshot
 from vmbox.spec import parse_spec
 from vmbox.spec.changes import template_of
+from vmbox.spec.items import limit_of
 from vmbox.state import keys
 from vmbox.state.access import StoreSpec, connect_kwargs
 from vmbox.state.etcd import EtcdStore, connect
@@ -67,8 +68,7 @@ async def show_all(targets: list[tuple[StoreSpec, list[str]]]) -> list[str]:
                 await snapshot(store, name, tracker, 0)  # first scrape: rates need two
             await asyncio.sleep(1.0)
             for name, spec in specs.items():
-                mb = spec.middlebox
-                limit = str(mb.limit) if mb.limit is not None else f"{len(mb.rules or ())} rules"
+                limit = limit_of(spec)
                 listed.append(
                     ListedService(
                         await snapshot(store, name, tracker, 0),

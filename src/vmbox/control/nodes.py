@@ -36,7 +36,7 @@ class NodeTables:
         self.service = spec.service
         self.gateway = gateway
         self.table = Table(
-            spec.service, kernel_rules(spec.middlebox.model_dump()), interface=gateway.interface
+            spec.service, kernel_rules(spec.chain[0].model_dump()), interface=gateway.interface
         )
         self.most = spec.replicas.max
 

@@ -44,10 +44,22 @@ async def publish_changed(store: Store, spec: Spec) -> bool:
 
 
 async def _seed_state(store: Store, spec: Spec, old_spec: dict[str, Any] | None) -> None:
-    config = spec.middlebox.model_dump()
-    old_config = old_spec.get("middlebox", {}) if old_spec else {}
-    assert isinstance(old_config, dict)
-    for item in get_function(spec.middlebox.function).state_items(config):
+    old_stages = old_spec.get("middlebox", ()) if old_spec else ()
+    if isinstance(old_stages, dict):
+        old_stages = (old_stages,)
+    old_by_function = {
+        stage.get("function", "ratelimit"): stage for stage in old_stages if isinstance(stage, dict)
+    }
+    for stage in spec.chain:
+        config = stage.model_dump()
+        old_config = old_by_function.get(stage.function, {})
+        await _seed_items(store, spec, stage.function, config, old_config)
+
+
+async def _seed_items(
+    store: Store, spec: Spec, function: str, config: dict[str, Any], old_config: dict[str, Any]
+) -> None:
+    for item in get_function(function).state_items(config):
         if not item.shared:
             continue
         seed = config_value(config, item.config_key)

@@ -6,8 +6,10 @@ header), cut to the driver's copy range, so `parse` reads only headers: the
 size comes from the IP header's length field, not from how much was copied.
 
 What it returns: IPv4 and IPv6 (hop-by-hop, routing, destination-options,
-fragment and AH extension headers skipped), with TCP and UDP ports; ICMP,
-ICMPv6, a fragment that is not the first and any other protocol get ports 0.
+fragment and AH extension headers skipped), with TCP and UDP ports and TCP's
+flags; ICMP and ICMPv6 with their type in `flags` and, for an echo request or
+reply, its identifier as both ports; a fragment that is not the first and any
+other protocol get ports 0.
 A TCP or UDP packet longer than the egress `mtu` is a GSO packet (the queue
 hands those over whole, vmbox.dataplane.nfqueue): its `segments` are the
 packets it becomes on the wire, ceil(payload / (mtu - its headers)), and its
@@ -29,13 +31,14 @@ from __future__ import annotations
 import socket
 import struct
 
-from vmbox.packet import TCP, UDP, Packet
+from vmbox.packet import ECHO_REPLY, ECHO_REQUEST, ICMP, ICMPV6, TCP, UDP, Packet
 
 # version/IHL, total length, flags/fragment offset, protocol, source, destination
 _V4 = struct.Struct("!BxH2xHxB2x4s4s")
 # payload length, next header, source, destination (after the 4-byte version/class/label)
 _V6 = struct.Struct("!4xHBx16s16s")
 _PORTS = struct.Struct("!HH")
+_ECHO_ID = struct.Struct("!4xH")  # an ICMP echo's identifier, after type, code and checksum
 _TCP_OFFSET = struct.Struct("!12xB")  # TCP data offset (header length in words, high nibble)
 _EXT = struct.Struct("!BB")  # next header, length field of an extension header
 _FRAG = struct.Struct("!B1xH")  # next header, offset (13 bits) and flags
@@ -51,11 +54,14 @@ AH = 51
 DEST_OPTS = 60
 _SKIPPED = frozenset((HOP_BY_HOP, ROUTING, DEST_OPTS, AH))
 _PORTED = frozenset((TCP, UDP))
+_ECHOES = {proto: frozenset((ECHO_REQUEST[proto], ECHO_REPLY[proto])) for proto in (ICMP, ICMPV6)}
 # Extension headers skipped in a row before the packet is judged malformed;
 # real packets carry a few, a longer chain is an attempt to hide the ports.
 MAX_EXTENSIONS = 8
 MTU = 1500  # the default egress MTU: packets longer than it are GSO packets
 UDP_HEADER = 8
+ICMP_HEADER = 8  # type, code, checksum, then (echo) identifier and sequence
+_TCP_FLAGS_END = 14  # a TCP header is read up to its flags byte
 
 Buffer = bytes | bytearray | memoryview
 
@@ -81,9 +87,11 @@ def _parse_v4(data: Buffer, mtu: int) -> Packet | None:
         return None
     sport = dport = 0
     if proto in _PORTED and not frag & 0x1FFF:
-        if len(data) < hlen + 4 or total < hlen + 4:
+        need = hlen + (_TCP_FLAGS_END if proto == TCP else 4)
+        if len(data) < need or total < need:
             return None
         sport, dport = _PORTS.unpack_from(data, hlen)
+        flags = data[hlen + 13] if proto == TCP else 0
         if total > mtu:
             return _segmented(
                 data,
@@ -95,7 +103,20 @@ def _parse_v4(data: Buffer, mtu: int) -> Packet | None:
                 sport,
                 _ntop(_AF_INET, dst),
                 dport,
+                flags,
             )
+        return Packet(
+            _ntop(_AF_INET, src), sport, total, proto, _ntop(_AF_INET, dst), dport, 1, flags
+        )
+    if proto == ICMP and not frag & 0x1FFF:
+        if len(data) < hlen + ICMP_HEADER or total < hlen + ICMP_HEADER:
+            return None
+        kind = data[hlen]
+        if kind in _ECHOES[ICMP]:
+            sport = dport = _ECHO_ID.unpack_from(data, hlen)[0]
+        return Packet(
+            _ntop(_AF_INET, src), sport, total, proto, _ntop(_AF_INET, dst), dport, 1, kind
+        )
     return Packet(_ntop(_AF_INET, src), sport, total, proto, _ntop(_AF_INET, dst), dport)
 
 
@@ -128,9 +149,11 @@ def _parse_v6(data: Buffer, mtu: int) -> Packet | None:
         return None
     sport = dport = 0
     if proto in _PORTED and first:
-        if len(data) < offset + 4 or end < offset + 4:
+        need = offset + (_TCP_FLAGS_END if proto == TCP else 4)
+        if len(data) < need or end < need:
             return None
         sport, dport = _PORTS.unpack_from(data, offset)
+        flags = data[offset + 13] if proto == TCP else 0
         if end > mtu:
             return _segmented(
                 data,
@@ -142,7 +165,20 @@ def _parse_v6(data: Buffer, mtu: int) -> Packet | None:
                 sport,
                 _ntop(_AF_INET6, dst),
                 dport,
+                flags,
             )
+        return Packet(
+            _ntop(_AF_INET6, src), sport, end, proto, _ntop(_AF_INET6, dst), dport, 1, flags
+        )
+    if proto == ICMPV6 and first:
+        if len(data) < offset + ICMP_HEADER or end < offset + ICMP_HEADER:
+            return None
+        kind = data[offset]
+        if kind in _ECHOES[ICMPV6]:
+            sport = dport = _ECHO_ID.unpack_from(data, offset)[0]
+        return Packet(
+            _ntop(_AF_INET6, src), sport, end, proto, _ntop(_AF_INET6, dst), dport, 1, kind
+        )
     return Packet(_ntop(_AF_INET6, src), sport, end, proto, _ntop(_AF_INET6, dst), dport)
 
 
@@ -156,6 +192,7 @@ def _segmented(
     sport: int,
     dst: str,
     dport: int,
+    flags: int,
 ) -> Packet | None:
     """A GSO packet (longer than `mtu`; its L4 header at `offset`): its segments and wire size."""
     if proto == TCP:
@@ -169,4 +206,4 @@ def _segmented(
         return None
     segments = max(1, -(-(total - headers) // per))
     size = total + (segments - 1) * headers
-    return Packet(src, sport, size, proto, dst, dport, segments)
+    return Packet(src, sport, size, proto, dst, dport, segments, flags)

@@ -25,6 +25,12 @@ are held (the kernel keeps them queued) and decided in batches after each
 barrier, as the UDP relay does. Without a barrier a packet costs one
 `is None` test for it.
 
+A chain with keyed state (vmbox.keyed: a firewall's connections) may answer
+a future instead of a verdict: that packet alone stays queued in the kernel
+while its state is read or written, and gets its verdict when the future is
+done; the packets behind it are decided meanwhile (passed ones accepted one
+by one while any is held, since a batch verdict would accept the held ones).
+
 Errors the operator can cause (missing namespace, no permission, a queue held
 by another process) become an OSError whose str() is one line.
 """
@@ -56,7 +62,8 @@ __all__ = ["COPY_RANGE", "NfqueueDriver", "QueueError"]
 
 log = logging.getLogger(__name__)
 
-Decide = Callable[[Packet, float], Verdict]
+# A verdict now, or (a middlebox waiting for its state: vmbox.keyed) one to come.
+Decide = Callable[[Packet, float], "Verdict | asyncio.Future[Verdict]"]
 Barrier = Callable[[], Awaitable[None]]
 
 # Bytes of each packet copied to us: enough for an IPv4 header with options
@@ -203,6 +210,8 @@ class NfqueueDriver:
         self._proc_fd: int | None = None
         self._pending: list[tuple[Any, Packet]] = []
         self._accept_upto = -1  # the last passed packet's id, until _flush accepts them
+        self._held = 0  # packets whose verdict is to come (a future from decide)
+        self.held_total = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -353,10 +362,44 @@ class NfqueueDriver:
         if verdict is Verdict.PASS:
             counters.passed += 1
             counters.bytes_passed += packet.size
-            self._accept_upto = pkt.id  # accepted by the wakeup's batch verdict (_flush)
-        else:
+            if self._held:
+                pkt.accept()  # a batch verdict would sweep up the held packets before it
+            else:
+                self._accept_upto = pkt.id  # accepted by the wakeup's batch verdict (_flush)
+        elif verdict is Verdict.DROP:
             counters.dropped += 1
             pkt.drop()
+        else:
+            self._hold(pkt, packet, verdict)
+
+    def _hold(self, pkt: Any, packet: Packet, later: asyncio.Future[Verdict]) -> None:
+        """Keep `pkt` queued in the kernel until its verdict comes; the others go on.
+
+        While any packet is held, passed packets are accepted one by one: a
+        batch verdict accepts every queued packet up to an id, held ones too.
+        """
+        self._flush()  # the packets passed before it, by id, before it is held
+        self._held += 1
+        self.held_total += 1
+
+        def done(future: asyncio.Future[Verdict]) -> None:
+            self._held -= 1
+            if self._nfq is None:
+                return  # unbound: the kernel dropped what we held
+            verdict = Verdict.DROP
+            if not future.cancelled() and future.exception() is None:
+                verdict = future.result()
+            elif not future.cancelled():
+                log.warning("nfqueue: a held packet's decision failed: %s", future.exception())
+            if verdict is Verdict.PASS:
+                self.counters.passed += 1
+                self.counters.bytes_passed += packet.size
+                pkt.accept()
+            else:
+                self.counters.dropped += 1
+                pkt.drop()
+
+        later.add_done_callback(done)
 
     def _verdict(self, pkt: Any, packet: Packet, now: float) -> None:
         try:
@@ -365,7 +408,9 @@ class NfqueueDriver:
             # One bad decision never stops the driver; a firewall that fails drops.
             log.exception("nfqueue: decide failed; dropping")
             verdict = Verdict.DROP
-        if verdict is Verdict.PASS:
+        if not isinstance(verdict, Verdict):
+            self._hold(pkt, packet, verdict)
+        elif verdict is Verdict.PASS:
             self.counters.passed += 1
             self.counters.bytes_passed += packet.size
             pkt.accept()
@@ -419,7 +464,7 @@ class NfqueueDriver:
         while True:
             now = self.monotonic()
             quiet = now - self.last_packet
-            if (quiet >= idle and not self._pending) or now >= deadline:
+            if (quiet >= idle and not self._pending and not self._held) or now >= deadline:
                 return
             await asyncio.sleep(max(0.01, min(idle - quiet, deadline - now, idle / 4)))
 

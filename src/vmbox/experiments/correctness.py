@@ -105,7 +105,7 @@ def correctness_spec(replicas: int) -> Spec:
         service=f"correctness-{replicas}",
         listen=("127.0.0.1", free_udp_port()),
         upstream=("127.0.0.1", free_udp_port()),
-        middlebox=MiddleboxSpec(limit=LIMIT, consistency="watch"),
+        middlebox=(MiddleboxSpec(limit=LIMIT, consistency="watch"),),
         replicas=ReplicasSpec(count=replicas, min=1, max=max(COUNTS)),
         lease_ttl=2,
     )

@@ -299,13 +299,15 @@ async def new_sources(
     await asyncio.sleep(1.0)  # the tables' elements are freed after an RCU grace period
     rates = labload.Rates.between(first, last)
     advance()
+    limiter = spec.ratelimit
+    assert limiter is not None, "a kernel-enforced service runs a ratelimit"
     return SourcesFlood(
         nodes,
         sent.packets,
         ran,
         rates.offered,
         rates.received,
-        spec.middlebox.max_sources,
+        limiter.max_sources,
         tuple(e for e, _ in tables),
         sum(o for _, o in tables),
         (before_slab, end_slab, slab_kib()),

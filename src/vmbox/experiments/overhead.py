@@ -188,8 +188,10 @@ def overhead_spec(variant: Variant) -> Spec:
         service=f"overhead-{variant.name}",
         listen=("127.0.0.1", free_udp_port()),
         upstream=("127.0.0.1", free_udp_port()),
-        middlebox=MiddleboxSpec(
-            limit=NO_LIMIT, consistency=variant.consistency, poll_interval=variant.poll_interval
+        middlebox=(
+            MiddleboxSpec(
+                limit=NO_LIMIT, consistency=variant.consistency, poll_interval=variant.poll_interval
+            ),
         ),
         lease_ttl=2,
     )

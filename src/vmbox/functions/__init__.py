@@ -16,6 +16,7 @@ from vmbox.middlebox import Function
 
 SHIPPED: dict[str, str] = {
     "ratelimit": "vmbox.functions.ratelimit",
+    "firewall": "vmbox.functions.firewall",
 }
 _extra: dict[str, Function] = {}
 

@@ -82,14 +82,14 @@ def parse_ports(dport: int | str | None) -> tuple[int, int]:
     return int(low), int(high or low)
 
 
-def _network(cidr: str | None) -> Network | None:
+def network_of(cidr: str | None) -> Network | None:
     if cidr is None:
         return None
     net = ipaddress.ip_network(cidr)
     return net.version, int(net.network_address), int(net.broadcast_address)
 
 
-def _address(text: str) -> tuple[int, int] | None:
+def address_of(text: str) -> tuple[int, int] | None:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -125,8 +125,8 @@ class Rule:
         self.shadow = bool(spec.get("shadow", False))
         self.by_bytes = spec.get("unit") == "bytes"
         self.limiter = limiter
-        self.src = _network(match.get("src"))
-        self.dst = _network(match.get("dst"))
+        self.src = network_of(match.get("src"))
+        self.dst = network_of(match.get("dst"))
         self.matched = 0
         self.dropped = 0
         self.shadow_dropped = 0
@@ -141,7 +141,7 @@ class Rule:
         }
 
 
-def _covers(network: Network | None, address: tuple[int, int] | None) -> bool:
+def covers(network: Network | None, address: tuple[int, int] | None) -> bool:
     if network is None:
         return True
     return (
@@ -157,10 +157,10 @@ class AddressMasks:
         self.cache: dict[str, int] = {}
 
     def miss(self, text: str) -> int:
-        address = _address(text)
+        address = address_of(text)
         mask = 0
         for bit, network in self.networks:
-            if _covers(network, address):
+            if covers(network, address):
                 mask |= bit
         if len(self.cache) >= ADDRESS_CACHE:
             self.cache.clear()

@@ -231,7 +231,7 @@ def disruption_budget(mb: Mapping[str, Any]) -> dict[str, Any]:
 
 def grace_seconds(spec: Spec) -> int:
     """terminationGracePeriodSeconds: above the longest drain a replica may take."""
-    return math.ceil(spec.replicas.drain_timeout + spec.middlebox.window) + GRACE_MARGIN
+    return math.ceil(spec.replicas.drain_timeout + spec.window) + GRACE_MARGIN
 
 
 def deployment(mb: Mapping[str, Any], spec: Spec, *, replicas: int, image: str) -> dict[str, Any]:

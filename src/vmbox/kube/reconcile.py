@@ -291,10 +291,13 @@ def restart_hash(spec: Spec) -> str:
     data = json.loads(pod_spec(spec).to_json())
     data.pop("replicas", None)
     data.pop("autoscale", None)
-    box = data.get("middlebox") or {}
-    box.pop("limit", None)
-    for rule in box.get("rules") or ():
-        rule.pop("limit", None)
+    stages = data.get("middlebox") or []
+    for box in stages:
+        box.pop("limit", None)
+        for rule in box.get("rules") or ():
+            rule.pop("limit", None)
+    if len(stages) == 1:
+        data["middlebox"] = stages[0]  # one function's section hashes as it always did
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

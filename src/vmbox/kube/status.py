@@ -54,10 +54,13 @@ def timestamp(now: float) -> str:
 def limit(spec: Spec) -> tuple[str, int] | None:
     """The limit `shares` divides, and how `kubectl get` shows it: `middlebox.limit`, or
     without it the first ratelimit rule's."""
-    window = f"{spec.middlebox.window:g}s"
-    if spec.middlebox.limit is not None:
-        return f"{spec.middlebox.limit} per {window}", spec.middlebox.limit
-    for rule in spec.middlebox.rules or ():
+    limiter = spec.ratelimit
+    if limiter is None:
+        return None
+    window = f"{limiter.window:g}s"
+    if limiter.limit is not None:
+        return f"{limiter.limit} per {window}", limiter.limit
+    for rule in limiter.rules or ():
         if rule.action == "ratelimit" and rule.limit is not None:
             return f"rule {rule.name}: {rule.limit} {rule.unit} per {window}", rule.limit
     return None

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vmbox.functions import get_function
+from vmbox.middlebox import Function
 from vmbox.spec.model import Spec
 
 Kind = Literal["refused", "live", "controller", "rollout"]
@@ -50,6 +51,9 @@ IMMUTABLE: dict[str, str] = {
     "gateway": "the gateway's path is installed once for the service",
     "middlebox.function": "another function is another service",
     "middlebox.window": "every replica's windows must begin together",
+    "middlebox.ratelimit.function": "another function is another service",
+    "middlebox.ratelimit.window": "every replica's windows must begin together",
+    "middlebox.firewall.function": "another function is another service",
     "store": "the replicas keep their state there",
     "metrics_host": "the controller's /metrics is bound to it",
     "replicas.memory_limit": "`vmbox up` made the replicas' cgroups with it",
@@ -124,6 +128,10 @@ def diff(old: Spec, new: Spec) -> Changes:
     before, after = dict(_flatten(_plain(old))), dict(_flatten(_plain(new)))
     live = _live_paths(old) | _live_paths(new)
     changes = []
+    was, now = _functions(old), _functions(new)
+    if was != now and (len(old.chain) > 1 or len(new.chain) > 1):
+        # Functions added to or taken from a chain: another function is another service.
+        changes.append(Change("middlebox.function", was, now, "refused"))
     for path in sorted(before.keys() | after.keys()):
         was, now = before.get(path, MISSING), after.get(path, MISSING)
         if was != now:
@@ -144,8 +152,23 @@ def template_of(spec: Spec) -> str:
 
 
 def _plain(spec: Spec) -> dict[str, Any]:
+    """The spec as JSON data; one function's section as `middlebox`, a chain's by function."""
     data: dict[str, Any] = json.loads(spec.to_json())
+    stages = data["middlebox"]
+    if len(stages) == 1:
+        data["middlebox"] = stages[0]
+    else:
+        data["middlebox"] = {stage["function"]: stage for stage in stages}
     return data
+
+
+def _functions(spec: Spec) -> str:
+    return ",".join(stage.function for stage in spec.chain)
+
+
+def _stage_path(spec: Spec, function: str) -> str:
+    """Where _plain puts a function's section: `middlebox`, or `middlebox.<function>`."""
+    return "middlebox" if len(spec.chain) == 1 else f"middlebox.{function}"
 
 
 def _flatten(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -166,13 +189,22 @@ def _named(value: Any) -> bool:
 
 def _live_paths(spec: Spec) -> set[str]:
     """The dotted paths (as _flatten names them) of the spec's shared items' seeds."""
-    config = spec.middlebox.model_dump(mode="json")
     paths = set()
-    for item in get_function(spec.middlebox.function).state_items(config):
+    for stage in spec.chain:
+        config = stage.model_dump(mode="json")
+        paths |= _item_paths(
+            config, get_function(stage.function), _stage_path(spec, stage.function)
+        )
+    return paths
+
+
+def _item_paths(config: dict[str, Any], function: Function, prefix: str) -> set[str]:
+    paths = set()
+    for item in function.state_items(config):
         if not item.shared:
             continue
         node: Any = config
-        path = "middlebox"
+        path = prefix
         for part in item.config_key.split("."):
             if isinstance(node, list):
                 node = node[int(part)]

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from vmbox.spec.firewall import FirewallSpec
 from vmbox.spec.sections import (
     MAX_FLOWS,
     AutoscaleSpec,
@@ -36,6 +45,22 @@ from vmbox.state.access import StoreSpec
 # split: demand under enforce: kernel: each report reads the node's table first.
 KERNEL_REPORT_INTERVAL = 0.5  # seconds, unless the spec says
 KERNEL_MIN_REPORT_INTERVAL = 0.25
+
+
+FUNCTIONS = ("ratelimit", "firewall")
+
+
+def _function_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("function", "ratelimit"))
+    return str(getattr(value, "function", "ratelimit"))
+
+
+# One function's section; `function` says which (ratelimit when unset).
+Stage = Annotated[
+    Annotated[MiddleboxSpec, Tag("ratelimit")] | Annotated[FirewallSpec, Tag("firewall")],
+    Discriminator(_function_of),
+]
 
 
 class SpecError(ValueError):
@@ -62,7 +87,8 @@ class Spec(SpecModel):
     listen: Address | None = None
     upstream: Address | None = None
     gateway: GatewaySpec | None = None
-    middlebox: MiddleboxSpec
+    # One function, or a chain of them run in order (vmbox.chain): a list.
+    middlebox: tuple[Stage, ...]
     replicas: ReplicasSpec = ReplicasSpec()
     autoscale: AutoscaleSpec | None = None
     store: Store = "managed"
@@ -78,6 +104,68 @@ class Spec(SpecModel):
     # Unset with replicas.memory_limit: what fits that limit (flows_for_memory).
     max_flows: PositiveInt = MAX_FLOWS
     flow_idle_timeout: Duration = 30.0
+
+    @field_validator("middlebox", mode="before")
+    @classmethod
+    def _chain(cls, value: Any) -> Any:
+        """One function's section (a mapping) or a list of them; each function once."""
+        if isinstance(value, dict | SpecModel):
+            value = (value,)
+        if not isinstance(value, list | tuple):
+            raise ValueError("expected a function's section or a list of them")
+        if not value:
+            raise ValueError("needs at least one function")
+        seen: dict[str, int] = {}
+        for index, stage in enumerate(value):
+            name = _function_of(stage)
+            if name not in FUNCTIONS:
+                where = f"{index}.function: " if len(value) > 1 else "function: "
+                raise ValueError(
+                    f"{where}unknown middlebox function {name!r} (known: "
+                    f"{', '.join(sorted(FUNCTIONS))})"
+                )
+            if name in seen:
+                raise ValueError(
+                    f"{index}.function: {name} is already function {seen[name]} of the chain "
+                    "(a chain holds each function once)"
+                )
+            seen[name] = index
+        return tuple(value)
+
+    @property
+    def chain(self) -> tuple[MiddleboxSpec | FirewallSpec, ...]:
+        """The functions a replica runs, in order."""
+        return self.middlebox
+
+    @property
+    def ratelimit(self) -> MiddleboxSpec | None:
+        """The chain's ratelimit section, if it has one."""
+        return next((s for s in self.middlebox if isinstance(s, MiddleboxSpec)), None)
+
+    @property
+    def limiter(self) -> MiddleboxSpec:
+        """The ratelimit section, for callers that only run one; ValueError without it."""
+        limiter = self.ratelimit
+        if limiter is None:
+            raise ValueError(f"service {self.service} runs no ratelimit")
+        return limiter
+
+    @property
+    def firewall(self) -> FirewallSpec | None:
+        """The chain's firewall section, if it has one."""
+        return next((s for s in self.middlebox if isinstance(s, FirewallSpec)), None)
+
+    @property
+    def window(self) -> float:
+        """The ratelimit's window, on which replicas align their resizes (1 s without one)."""
+        limiter = self.ratelimit
+        return 1.0 if limiter is None else limiter.window
+
+    @property
+    def consistency(self) -> str:
+        """The ratelimit's consistency mode (`local` without one: nothing scalar is shared)."""
+        limiter = self.ratelimit
+        return "local" if limiter is None else limiter.consistency
 
     @field_validator("store", mode="before")
     @classmethod
@@ -135,7 +223,7 @@ class Spec(SpecModel):
     def _fenced_fails_closed(self) -> Spec:
         # `fail: open` passes every packet once etcd is away: a fenced item must admit
         # nothing then (vmbox.state.fence), or `vmbox set`'s promise would not hold.
-        if self.middlebox.consistency == "fenced" and self.fail == "open":
+        if self.consistency == "fenced" and self.fail == "open":
             raise ValueError(
                 "fail: open would pass what a fenced item must hold while etcd is away; "
                 "use fail: static or closed with consistency: fenced"
@@ -148,13 +236,18 @@ class Spec(SpecModel):
         # not: what needs per-source shares or a read per packet stays with python.
         if self.gateway is None or self.gateway.enforce != "kernel":
             return self
-        mb = self.middlebox
+        mb = self.ratelimit
+        if mb is None or len(self.middlebox) > 1:
+            raise ValueError(
+                "middlebox: enforce: kernel runs the ratelimit function alone; "
+                "a firewall or a chain needs enforce: python"
+            )
         if mb.split == "demand" and "report_interval" not in mb.model_fields_set:
             # Each report reads the node's table first (one nft call, 20-40 ms): every
             # 100 ms that would be a core's worth for four nodes. The model is frozen;
             # this is still its validation.
             update = {"report_interval": KERNEL_REPORT_INTERVAL}
-            object.__setattr__(self, "middlebox", mb.model_copy(update=update))
+            object.__setattr__(self, "middlebox", (mb.model_copy(update=update),))
         elif mb.split == "demand" and mb.report_interval < KERNEL_MIN_REPORT_INTERVAL:
             raise ValueError(
                 f"middlebox.report_interval: under enforce: kernel each demand report reads "
@@ -162,10 +255,27 @@ class Spec(SpecModel):
                 f"{KERNEL_MIN_REPORT_INTERVAL:g} s (the default there is "
                 f"{KERNEL_REPORT_INTERVAL:g} s), not {mb.report_interval:g} s"
             )
-        if self.middlebox.consistency == "strong":
+        if self.consistency == "strong":
             raise ValueError(
                 "middlebox.consistency: strong reads the store per packet, and under "
                 "enforce: kernel vmbox sees no packet; use watch, poll, fenced or local"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _firewall_sees_both_ways(self) -> Spec:
+        # A stateful firewall must see every packet of a connection, both ways.
+        if self.firewall is None:
+            return self
+        if self.gateway is None:
+            raise ValueError(
+                "middlebox: function firewall sits in the packet path: use dataplane: nfqueue "
+                "with a gateway (the relay sees neither TCP nor the replies)"
+            )
+        if self.gateway.interface is not None:
+            raise ValueError(
+                "gateway.interface: function firewall must see the replies too; leave "
+                "interface unset so every forwarded packet is the service's"
             )
         return self
 
@@ -187,10 +297,14 @@ class Spec(SpecModel):
         return self.model_dump_json()
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, single: bool = False) -> str:
     parts = list(error["loc"])
     if parts[:2] == ["store", "external"]:
         del parts[1]  # the union's tag, not a field the operator wrote
+    if parts[:1] == ["middlebox"] and len(parts) > 2 and parts[2] in FUNCTIONS:
+        del parts[2]  # the function's tag
+    if single and parts[:2] == ["middlebox", 0]:
+        del parts[1]  # one section, not a list: no index
     # A key the operator wrote may hold a line break: show it as repr() does.
     location = ".".join(str(p) if str(p).isprintable() else short_repr(p) for p in parts)
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -217,7 +331,8 @@ def parse_spec(data: Any, source: str = "spec") -> Spec:
         first = exc.errors()[0]
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise SpecError(f"{source}: {_describe(first)}{suffix}") from None
+        single = not isinstance(data.get("middlebox"), list)
+        raise SpecError(f"{source}: {_describe(first, single)}{suffix}") from None
 
 
 def load_spec(path: str | Path) -> Spec:

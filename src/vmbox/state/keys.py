@@ -82,6 +82,12 @@ def demand_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/demand/{replica}"
 
 
+def keyed_prefix(service: str, table: str) -> str:
+    # A middlebox's keyed table (vmbox.keyed): one key per entry, each on a lease that
+    # ends it by itself (vmbox.state.leaseslots); the firewall's is `conns`.
+    return f"{ROOT}{service}/keyed/{table}/"
+
+
 def samples_key(service: str) -> str:
     # The monitor's latest sample of every replica, one JSON object, for `vmbox status`.
     return f"{ROOT}{service}/samples"
