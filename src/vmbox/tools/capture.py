@@ -36,10 +36,17 @@ class CaptureError(RuntimeError):
 class Capture:
     """tcpdump on `interface` in `namespace`, for packets matching `bpf`."""
 
-    def __init__(self, namespace: str, interface: str, bpf: str) -> None:
+    def __init__(
+        self, namespace: str, interface: str, bpf: str, *, immediate: bool = False
+    ) -> None:
         self.namespace = namespace
         self.interface = interface
         self.bpf = bpf
+        # libpcap hands tcpdump its packets a buffer at a time, after up to 1 s, and tcpdump
+        # stopped by SIGINT does not drain the buffer: a short run's packets, or the last
+        # second's, were never written. `immediate` hands each over as it comes (more
+        # wakeups: for sessions of a few thousand packets/s, not line-rate floods).
+        self.immediate = immediate
         self._dir = tempfile.TemporaryDirectory(prefix="vmbox-capture-")
         self.path = Path(self._dir.name) / "capture.pcap"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -47,6 +54,7 @@ class Capture:
 
     def start(self) -> None:
         argv = ["tcpdump", "-i", self.interface, "-n", "-U", "-s", "128", "-w", str(self.path)]
+        argv += ["--immediate-mode"] if self.immediate else []
         log = (Path(self._dir.name) / "stderr").open("wb")
         try:
             self._proc = subprocess.Popen(
@@ -83,6 +91,11 @@ class Capture:
     def read(self) -> list[tuple[float, str]]:
         """(time, source) of the packets in the file so far; tcpdump may still be running
         (a packet half written at the end is left out: what came before it is good)."""
+        return list(parse(self.lines()))
+
+    def lines(self) -> list[str]:
+        """tcpdump's own text of the packets in the file so far (`-n -tt`), one per line:
+        for callers that read more than the source (vmbox.tools.tcpgaps)."""
         done = subprocess.run(
             ["tcpdump", "-r", str(self.path), "-n", "-tt"],
             capture_output=True,
@@ -92,7 +105,7 @@ class Capture:
         )
         if done.returncode != 0 and not done.stdout and self._proc is None:
             raise CaptureError(f"tcpdump -r: {' '.join(done.stderr.split())[:200]}")
-        return list(parse(done.stdout.splitlines()))
+        return done.stdout.splitlines()
 
     def _kill(self) -> None:
         if self._proc is not None:
