@@ -92,18 +92,23 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """One queued write: a put of `value` (None: a delete) the store may drop after `expires`."""
+    """One queued write: a put of `value` (None: a delete) the store may drop after `expires`.
+
+    `seq` orders a table's writes: a commit ends only when a write at least as
+    new as the durable put is reported written.
+    """
 
     key: str
     value: bytes | None
     expires: float
+    seq: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
 class _Entry:
     value: Any
     stale: bool = False  # read again at the next use (invalidate())
-    committing: bool = False  # a durable put not yet confirmed
+    commit: int = 0  # the seq of a durable put not yet confirmed (0: none)
 
 
 @dataclass(slots=True)
@@ -146,6 +151,8 @@ class KeyedTable:
         self._outbox: OrderedDict[str, Write] = OrderedDict()
         self._fetching: set[str] = set()
         self._outcomes: dict[str, Any] = {}  # what a read found, until the driver settles it
+        self._inflight: dict[str, int] = {}  # keys of writes taken and not yet reported
+        self._seq = 0
         self._tokens = float(fetch_burst)
         self._refilled: float | None = None
 
@@ -156,7 +163,7 @@ class KeyedTable:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            if entry.committing:
+            if entry.commit:
                 return Wait(self.name, key, commit=True)
             if entry.stale and self.shared and key not in self._outcomes:
                 if key in self._fetching or self._may_fetch(now):
@@ -187,26 +194,26 @@ class KeyedTable:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(value)
-            self._bound()
         else:
             entry.value = value
             entry.stale = False
             self._entries.move_to_end(key)
         self._outcomes.pop(key, None)
         if not self.shared:
+            self._bound()
             return None
-        self._queue(Write(key, self.item.encode(value), expires))
+        write = self._queue(key, self.item.encode(value), expires)
         if durable:
-            entry.committing = True
-            return Wait(self.name, key, commit=True)
-        return None
+            entry.commit = write.seq  # before the bound: a commit is never evicted
+        self._bound()
+        return Wait(self.name, key, commit=True) if durable else None
 
     def delete(self, key: str, expires: float) -> None:
         """Forget the entry and queue its delete (a lost delete stops mattering at `expires`)."""
         self._entries.pop(key, None)
         self._outcomes.pop(key, None)
         if self.shared:
-            self._queue(Write(key, None, expires))
+            self._queue(key, None, expires)
 
     def forget(self, key: str) -> None:
         """Drop the entry from memory only (the store keeps it, and its lease ends it)."""
@@ -227,7 +234,7 @@ class KeyedTable:
         if not self.shared:
             return
         for key, entry in self._entries.items():
-            if not entry.committing and key not in self._outbox:
+            if not self._dirty(key, entry):
                 entry.stale = True
 
     # -- the driver's side -------------------------------------------------------------
@@ -235,7 +242,7 @@ class KeyedTable:
     def committing(self, key: str) -> bool:
         """A durable put of `key` is not yet confirmed."""
         entry = self._entries.get(key)
-        return entry is not None and entry.committing
+        return entry is not None and entry.commit > 0
 
     @property
     def queued(self) -> int:
@@ -251,6 +258,8 @@ class KeyedTable:
         """Every queued write, oldest first; the table forgets them (written() reports back)."""
         writes = list(self._outbox.values())
         self._outbox.clear()
+        for write in writes:
+            self._inflight[write.key] = self._inflight.get(write.key, 0) + 1
         return writes
 
     def written(self, writes: list[Write], ok: bool) -> list[str]:
@@ -263,17 +272,23 @@ class KeyedTable:
         policy's business, not each packet's).
         """
         done = []
+        for write in writes:
+            left = self._inflight.get(write.key, 0) - 1
+            if left > 0:
+                self._inflight[write.key] = left
+            else:
+                self._inflight.pop(write.key, None)
         if ok:
             self.counts.writes += len(writes)
         else:
             self.counts.write_failures += len(writes)
             for write in writes:
                 if write.key not in self._outbox:
-                    self._queue(write)
+                    self._requeue(write)
         for write in writes:
             entry = self._entries.get(write.key)
-            if entry is not None and entry.committing:
-                entry.committing = False
+            if entry is not None and 0 < entry.commit <= write.seq:
+                entry.commit = 0
                 done.append(write.key)
         return done
 
@@ -282,8 +297,12 @@ class KeyedTable:
         self._fetching.discard(key)
         self.counts.fetches += 1
         entry = self._entries.get(key)
-        if entry is not None and (entry.committing or key in self._outbox):
-            entry.stale = False  # this replica's own write is newer than what was read
+        if key in self._outbox or key in self._inflight or (entry is not None and entry.commit):
+            # This replica's own write (a put or a delete) is newer than what was read.
+            if entry is not None:
+                entry.stale = False
+            else:
+                self._outcomes[key] = None
             return
         value = None
         if raw is not None:
@@ -331,19 +350,35 @@ class KeyedTable:
         self._tokens -= 1.0
         return True
 
-    def _bound(self) -> None:
-        while len(self._entries) > self.max_entries:
-            for key, entry in self._entries.items():
-                if not entry.committing:
-                    del self._entries[key]
-                    self.counts.evicted += 1
-                    break
-            else:
-                return  # every entry is mid-commit: the next commit frees one
+    def _dirty(self, key: str, entry: _Entry) -> bool:
+        """Memory holds something newer than the store may (a write queued or in flight)."""
+        return bool(entry.commit) or key in self._outbox or key in self._inflight
 
-    def _queue(self, write: Write) -> None:
+    def _bound(self) -> None:
+        """Evict least recently used entries past max_entries: clean ones first (the store
+        has them), then dirty ones (their writes stay queued; a read of them meanwhile
+        is ignored); never one mid-commit."""
+        while len(self._entries) > self.max_entries:
+            victim = next((k for k, e in self._entries.items() if not self._dirty(k, e)), None)
+            if victim is None:
+                victim = next((k for k, e in self._entries.items() if not e.commit), None)
+            if victim is None:
+                return  # every entry is mid-commit: the next commit frees one
+            del self._entries[victim]
+            self.counts.evicted += 1
+
+    def _queue(self, key: str, value: bytes | None, expires: float) -> Write:
+        self._seq += 1
+        write = Write(key, value, expires, self._seq)
+        self._requeue(write)
+        return write
+
+    def _requeue(self, write: Write) -> None:
         self._outbox.pop(write.key, None)
         self._outbox[write.key] = write
         while len(self._outbox) > 2 * self.max_entries:
-            self._outbox.popitem(last=False)
+            _, dropped = self._outbox.popitem(last=False)
             self.counts.dropped_writes += 1
+            entry = self._entries.get(dropped.key)
+            if entry is not None and entry.commit:
+                entry.commit = 0  # its packets go on: the driver releases them (committing())
