@@ -319,8 +319,8 @@ class Replica:
                 await sync.commit(wait.key)
                 answer = self.chain.resume(packet, time.time(), answer.stage)
                 continue
-            await sync.fetch(wait.key)
             try:
+                await sync.fetch(wait.key)  # counts this packet among the key's waiters
                 if self.fail_verdict is not None:
                     return self.fail_verdict
                 answer = self.chain.resume(packet, time.time(), answer.stage)
