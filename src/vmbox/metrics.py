@@ -182,12 +182,22 @@ class ReplicaMetrics(MetricsServer):
         super().__init__(registry)
 
 
+# Families whose label sets a reader needs apart: also kept as name/label/label
+# (e.g. 'vmbox_function_packets_total/firewall/drop'), beside the sum.
+APART = {"vmbox_function_packets_total": ("function", "verdict")}
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sample name -> value summed over label sets (e.g. 'vmbox_packets_received_total')."""
+    """Sample name -> value summed over label sets (e.g. 'vmbox_packets_received_total');
+    the families in APART also by their labels ('vmbox_function_packets_total/firewall/drop')."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+            labels = APART.get(sample.name)
+            if labels:
+                name = "/".join((sample.name, *(sample.labels.get(label, "") for label in labels)))
+                values[name] = values.get(name, 0.0) + float(sample.value)
     return values
 
 

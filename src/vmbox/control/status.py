@@ -5,7 +5,9 @@ rates come from two scrapes of each replica's Prometheus metrics; the tracker
 keeps the previous scrape so a live view needs one scrape per refresh. Memory
 and CPU come from the controller's monitor, which publishes its latest sample
 of every replica at /vmbox/<service>/samples. Warm spares (standby/<id>) get a
-row each after the members, marked `(spare)`: no share, no traffic.
+row each after the members, marked `(spare)`: no share, no traffic. A chain or a
+firewall adds a table of each function's verdicts per replica and in total, and
+a line of the firewall's connections and drops by reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from rich.console import Group as RichGroup
 from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from vmbox.control import events
 from vmbox.control.monitor import Sample, read_samples
@@ -29,6 +32,15 @@ from vmbox.state.standby import list_standby
 from vmbox.state.store import Store
 
 RATES = ("packets_received_total", "packets_passed_total", "packets_dropped_total")
+# A chain's vmbox_function_packets_total{function,verdict}, one value per label set:
+# "function_packets_total/<function>/<verdict>" (vmbox.metrics.parse_metrics keeps them apart).
+FUNCTION_PREFIX = "function_packets_total/"
+VERDICTS = ("pass", "drop", "held")
+FIREWALL_DROPPED = "firewall_dropped_"  # + reason: the firewall's drop counts (gauges)
+
+
+def function_key(function: str, verdict: str) -> str:
+    return f"{FUNCTION_PREFIX}{function}/{verdict}"
 
 
 @dataclass
@@ -69,9 +81,12 @@ class RateTracker:
         if previous is None or now <= previous[0]:
             return {}
         span = now - previous[0]
+        counted = RATES + tuple(
+            name for name in values if name.startswith((FUNCTION_PREFIX, FIREWALL_DROPPED))
+        )
         return {
             name: max(0.0, values.get(name, 0.0) - previous[1].get(name, 0.0)) / span
-            for name in RATES
+            for name in counted
         }
 
 
@@ -126,7 +141,7 @@ async def snapshot(
 
 
 def render(status: ServiceStatus, title: str = "") -> RenderableType:
-    """A kubectl-like table of replicas, then the recent events."""
+    """A kubectl-like table of replicas, a chain's or firewall's verdicts, the recent events."""
     n = len(status.spares)
     spares = f", {n} warm spare{'s' if n != 1 else ''}" if n else ""
     table = Table(
@@ -174,10 +189,102 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
     if status.controller:
         notes.append(f"controller metrics: http://{status.controller}/metrics")
     table.caption = "\n".join(notes) or None
-    lines = Table.grid(padding=(0, 1))
-    for ev in status.events:
-        lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)
-    return RichGroup(table, lines) if status.events else table
+    parts: list[RenderableType] = [table, *render_functions(status)]
+    if status.events:
+        lines = Table.grid(padding=(0, 1))
+        for ev in status.events:
+            lines.add_row(time.strftime("%H:%M:%S", time.localtime(ev.time)), ev.kind, ev.message)
+        parts.append(lines)
+    return RichGroup(*parts) if len(parts) > 1 else table
+
+
+def render_functions(status: ServiceStatus) -> list[RenderableType]:
+    """A chain's or a firewall's verdicts: a table of PASS/s, DROP/s and HELD/s per function
+    and replica (with a total), then the firewall's line; nothing for a plain ratelimit."""
+    names, chained = _functions(status)
+    if not names:
+        return []
+    firewall = "firewall" in names
+    table = Table(title="functions: " + " → ".join(names), title_justify="left")
+    for column in ("FUNCTION", "REPLICA", "PASS/s", "DROP/s", "HELD/s"):
+        table.add_column(column, justify="left" if column in {"FUNCTION", "REPLICA"} else "right")
+    if firewall:
+        table.add_column("CONNS", justify="right")
+        table.add_column("HALF-OPEN", justify="right")
+    rows = [row for row in status.replicas if not row.error]
+    for name in names:
+        cells = [_function_cells(row, name, chained)[: 5 if firewall else 3] for row in rows]
+        for row, numbers in zip(rows, cells, strict=True):
+            table.add_row(name, row.replica, *map(_num, numbers))
+        if len(rows) > 1:
+            table.add_row(
+                name, "total", *(_num(_sum(column)) for column in zip(*cells, strict=True))
+            )
+        if table.rows:
+            table.rows[-1].end_section = True
+    line = firewall_line(status)
+    return [table, Text(line)] if line else [table]
+
+
+def firewall_line(status: ServiceStatus) -> str:
+    """firewall: 12 connections (3 half-open); dropped/s: not_allowed 4, no_connection 120.
+
+    The counts add up each replica's table: a connection whose packets moved to another
+    replica counts in both until the first forgets it."""
+    rows = [row for row in status.replicas if "firewall_connections" in row.values]
+    if not rows:
+        return ""
+    conns = sum(row.values["firewall_connections"] for row in rows)
+    half_open = sum(row.values.get("firewall_half_open", 0.0) for row in rows)
+    reasons = sorted(
+        {name for row in rows for name in row.values if name.startswith(FIREWALL_DROPPED)}
+    )
+    if not any(row.rates for row in rows):
+        dropped = "-"  # one scrape so far: rates need two
+    else:
+        totals = {name: sum(row.rates.get(name, 0.0) for row in rows) for name in reasons}
+        shown = [
+            f"{name.removeprefix(FIREWALL_DROPPED)} {_num(rate)}"
+            for name, rate in totals.items()
+            if rate > 0
+        ]
+        dropped = ", ".join(shown) or "none"
+    return (
+        f"firewall: {_num(conns)} connections ({_num(half_open)} half-open); dropped/s: {dropped}"
+    )
+
+
+def _functions(status: ServiceStatus) -> tuple[list[str], bool]:
+    """The functions in chain order, and whether their verdicts are counted apart (a chain).
+    A firewall alone decides every packet: its verdicts are the replica's PASSED and DROPPED."""
+    names: dict[str, None] = {}
+    for row in status.replicas:
+        for key in row.values:
+            if key.startswith(FUNCTION_PREFIX):
+                names.setdefault(key.split("/")[1], None)
+    if names:
+        return list(names), True
+    alone = any("firewall_connections" in row.values for row in status.replicas)
+    return (["firewall"], False) if alone else ([], False)
+
+
+def _function_cells(row: ReplicaRow, name: str, chained: bool) -> list[float | None]:
+    """PASS/s, DROP/s, HELD/s, then CONNS and HALF-OPEN for the firewall."""
+    r = row.rates
+    if not r:
+        rates: list[float | None] = [None] * 3  # one scrape so far
+    elif chained:
+        rates = [r.get(function_key(name, verdict)) for verdict in VERDICTS]
+    else:
+        rates = [r.get(RATES[1]), r.get(RATES[2]), None]
+    if name != "firewall":
+        return [*rates, None, None]
+    return [*rates, row.values.get("firewall_connections"), row.values.get("firewall_half_open")]
+
+
+def _sum(values: tuple[float | None, ...]) -> float | None:
+    known = [value for value in values if value is not None]
+    return sum(known) if known else None
 
 
 @dataclass(frozen=True)
