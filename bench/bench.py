@@ -20,6 +20,14 @@ enforcing in the kernel (`enforce: kernel`), hping3 floods with no table, a
 non-binding limit on every node, and one node against the Python in-path
 driver, offered beside passed.
 
+As root, the firewall rows (bench/firewall.py): a lab per path, with no
+queue rule, ratelimit alone, firewall alone and the chain ratelimit then
+firewall (one replica each, both directions queued); ping round trips (in
+rotating rounds, as the relay's latency) and iperf3 TCP through each, as
+ratios against no queue rule and ratelimit alone; then sequential new TCP
+connections (curl): connect and first-byte times, the firewall's etcd writes
+per connection, and its entries in etcd after. About 30 s.
+
 As root with a writable memory cgroup, the memory rows (bench/memory.py): one
 replica run as the service runs it, in its own memory cgroup, its working set
 idle, per open flow and per tracked source (from BENCH_MEMORY_FLOWS new flows,
@@ -42,7 +50,10 @@ mean in the same round, and beside `x local` the 90% interval of that median
 (the 8th to 17th smallest of 24 ratios). Then the in-path and the memory tables
 when they ran.
 `--csv PATH` also writes the same figures as CSV
-(the memory rows, whose columns differ, to PATH's stem + `-memory.csv`).
+(the memory and firewall rows, whose columns differ, to PATH's stem +
+`-memory.csv` and `-firewall.csv`; the firewall's ping rows also in PATH).
+`--only PART` (repeatable: relay, inpath, kernel, memory, firewall) runs those
+parts alone.
 Progress goes to stderr while the variants run.
 The machine is shared and noisy, so only the ratios of one run mean
 anything; run it twice before believing a difference under 10%.
@@ -67,6 +78,20 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
+from firewall import (
+    CONNECTIONS,
+    PING_INTERVAL,
+    PINGS,
+    ROUNDS,
+    TCP_SECONDS,
+    TIME_WAIT,
+    Meter,
+    PathFigures,
+    cut,
+    paired,
+)
+from firewall import measure as measure_firewall
+from firewall import why_not as why_not_firewall
 from inpath import InpathFigures, why_not
 from inpath import measure as measure_inpath
 from kernel import measure as measure_kernel
@@ -452,8 +477,9 @@ def write_csv(
     results: dict[str, Figures],
     inpath: dict[str, InpathFigures] | None = None,
     kernel: list[Point] | None = None,
+    firewall: dict[str, PathFigures] | None = None,
 ) -> None:
-    base = results["plain"]
+    base = results.get("plain")
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(
@@ -476,9 +502,9 @@ def write_csv(
                     name,
                     f"{BLAST_RATE:.0f}",
                     f"{f.throughput:.0f}",
-                    f"{f.throughput / base.throughput:.3f}",
+                    "" if base is None else f"{f.throughput / base.throughput:.3f}",
                     f"{f.mean_ms:.4f}",
-                    "" if f is base else f"{f.paired(base):.3f}",
+                    "" if base is None or f is base else f"{f.paired(base):.3f}",
                     x_local(results, f, 3),
                     x_local_interval(results, f, 3),
                     f"{f.p50_ms:.4f}",
@@ -510,69 +536,282 @@ def write_csv(
                 ratio = p.received / fleet.received if fleet else 0.0
                 row = [f"kernel {p.part}", f"{p.offered:.0f}", f"{p.received:.0f}"]
                 writer.writerow([*row, f"{ratio:.3f}", "", "", "", "", "", ""])
+        if firewall:
+            # The ping round trips alone (the rest, in other units, in the -firewall.csv).
+            for name, fig in firewall.items():
+                mean = statistics.fmean(fig.rtts)
+                p50, p99 = cut(fig.rtts, 50), cut(fig.rtts, 99)
+                row = [f"firewall {name}", "", "", "", f"{mean:.4f}", "", "", ""]
+                writer.writerow([*row, f"{p50:.4f}", f"{p99:.4f}"])
 
 
-Results = tuple[
-    dict[str, Figures], dict[str, InpathFigures] | None, MemoryFigures | None, list[Point] | None
-]
+def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return "" if a is None or not b else f"{a / b:.{digits}f}"
 
 
-async def run_all() -> Results:
-    progress = Console(stderr=True)
-    inpath, memory, kernel = None, None, None
-    skip, skip_memory, skip_kernel = why_not(), why_not_memory(), why_not_kernel()
+def shown(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def waits(m: Meter) -> str:
+    """What the firewall read from etcd, and (a chain) the packets it held, in one phase."""
+    if m.fetches is None:
+        return ""
+    return f"{m.fetches:.0f} / {'-' if m.held is None else f'{m.held:.0f}'}"
+
+
+def by_rounds(f: PathFigures, other: PathFigures, what: str, digits: int = 2) -> tuple[str, str]:
+    """`what`'s (pings, connects, first_bytes) paired ratio over `other`'s, and its interval;
+    blank against itself."""
+    if f is other:
+        return "", ""
+    mid, low, high = paired(getattr(f, what), getattr(other, what))
+    return f"{mid:.{digits}f}", f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def report_firewall(fw: dict[str, PathFigures]) -> Table:
+    """Established packets: ping and iperf3 TCP per path, against no rule and ratelimit."""
+    bare, rl = fw["no queue rule"], fw["ratelimit"]
+    table = Table(
+        title=f"firewall, established packets: ping -i {PING_INTERVAL:g}, {PINGS} round trips "
+        f"per path in {ROUNDS} rotating rounds (ratios: median of the rounds' p50 ratios, "
+        f"90% interval); iperf3 TCP -t {TCP_SECONDS} once per path, offered (its sender) "
+        "beside received; one replica, both directions queued",
+        title_justify="left",
+    )
+    columns: tuple[str, ...] = ("path", "p50 ms", "p99 ms", "x no rule", "x ratelimit")
+    columns += ("x rl 90%", "offered Gb/s", "recv Gb/s", "x no rule", "x ratelimit")
+    columns += ("ping fetch/held", "tcp fetch/held")
+    for name in columns:
+        table.add_column(name, justify="left" if name == "path" else "right")
+    for name, f in fw.items():
+        x_rl, x_rl_90 = by_rounds(f, rl, "pings") if f is not bare else ("", "")
+        table.add_row(
+            name,
+            f"{cut(f.rtts, 50):.3f}",
+            f"{cut(f.rtts, 99):.3f}",
+            by_rounds(f, bare, "pings")[0],
+            x_rl,
+            x_rl_90,
+            f"{f.offered_bps / 1e9:.2f}",
+            f"{f.received_bps / 1e9:.2f}",
+            "" if f is bare else ratio(f.received_bps, bare.received_bps),
+            "" if f is bare or f is rl else ratio(f.received_bps, rl.received_bps),
+            waits(f.pinged),
+            waits(f.streamed),
+        )
+    return table
+
+
+def report_connections(fw: dict[str, PathFigures]) -> Table:
+    """New connections: curl's connect and first-byte times, etcd writes, keys left."""
+    rl = fw["ratelimit"]
+    table = Table(
+        title=f"firewall, new connections: {CONNECTIONS} sequential HTTP requests per path from "
+        f"curl in {ROUNDS} rotating rounds (a TCP connection each, the server closes), ms; "
+        "ratios against ratelimit alone by rounds; the firewall's etcd writes and held packets "
+        f"per connection; its keys right after and later (TIME_WAIT {TIME_WAIT:g} s)",
+        title_justify="left",
+    )
+    columns: tuple[str, ...] = ("path", "conns", "connect p50", "p90", "x rl", "x rl 90%")
+    columns += ("1st byte p50", "p90", "x rl", "x rl 90%", "writes/conn", "held/conn")
+    columns += ("keys after", "keys later")
+    for name in columns:
+        table.add_column(name, justify="left" if name == "path" else "right")
+    for name, f in fw.items():
+        later = "" if f.keys_later is None else f"{f.keys_later} at {f.later_s:.1f} s"
+        table.add_row(
+            name,
+            str(len(f.connect_ms)),
+            f"{cut(f.connect_ms, 50):.3f}",
+            f"{cut(f.connect_ms, 90):.3f}",
+            *by_rounds(f, rl, "connects"),
+            f"{cut(f.first_byte_ms, 50):.3f}",
+            f"{cut(f.first_byte_ms, 90):.3f}",
+            *by_rounds(f, rl, "first_bytes"),
+            shown(f.per_connection(f.opened.writes), 2),
+            shown(f.per_connection(f.opened.held), 2),
+            "" if f.keys_after is None else str(f.keys_after),
+            later,
+        )
+    return table
+
+
+FIREWALL_COLUMNS = (
+    "path",
+    "ping_p50_ms",
+    "ping_p99_ms",
+    "ping_x_no_rule",
+    "ping_x_ratelimit",
+    "ping_x_ratelimit_90",
+    "tcp_offered_bps",
+    "tcp_received_bps",
+    "tcp_x_no_rule",
+    "tcp_x_ratelimit",
+    "ping_fetches",
+    "ping_held",
+    "tcp_fetches",
+    "tcp_held",
+    "connections",
+    "connect_p50_ms",
+    "connect_p90_ms",
+    "connect_x_ratelimit",
+    "connect_x_ratelimit_90",
+    "first_byte_p50_ms",
+    "first_byte_p90_ms",
+    "first_byte_x_ratelimit",
+    "first_byte_x_ratelimit_90",
+    "writes_per_connection",
+    "held_per_connection",
+    "keys_after",
+    "keys_later",
+    "later_s",
+)
+
+
+def firewall_row(f: PathFigures, bare: PathFigures, rl: PathFigures) -> list[object]:
+    """One path's figures after its name, in FIREWALL_COLUMNS' order."""
+    return [
+        f"{cut(f.rtts, 50):.4f}",
+        f"{cut(f.rtts, 99):.4f}",
+        by_rounds(f, bare, "pings", 3)[0],
+        *(by_rounds(f, rl, "pings", 3) if f is not bare else ("", "")),
+        f"{f.offered_bps:.0f}",
+        f"{f.received_bps:.0f}",
+        "" if f is bare else ratio(f.received_bps, bare.received_bps, 3),
+        "" if f is bare or f is rl else ratio(f.received_bps, rl.received_bps, 3),
+        shown(f.pinged.fetches, 0),
+        shown(f.pinged.held, 0),
+        shown(f.streamed.fetches, 0),
+        shown(f.streamed.held, 0),
+        len(f.connect_ms),
+        f"{cut(f.connect_ms, 50):.4f}",
+        f"{cut(f.connect_ms, 90):.4f}",
+        *by_rounds(f, rl, "connects", 3),
+        f"{cut(f.first_byte_ms, 50):.4f}",
+        f"{cut(f.first_byte_ms, 90):.4f}",
+        *by_rounds(f, rl, "first_bytes", 3),
+        shown(f.per_connection(f.opened.writes), 3),
+        shown(f.per_connection(f.opened.held), 3),
+        "" if f.keys_after is None else f.keys_after,
+        "" if f.keys_later is None else f.keys_later,
+        "" if f.keys_later is None else f"{f.later_s:.1f}",
+    ]
+
+
+def write_firewall_csv(path: Path, fw: dict[str, PathFigures]) -> None:
+    bare, rl = fw["no queue rule"], fw["ratelimit"]
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(FIREWALL_COLUMNS)
+        for name, f in fw.items():
+            writer.writerow([name, *firewall_row(f, bare, rl)])
+
+
+def firewall_csv_path(path: Path) -> Path:
+    """Beside the main CSV: bench.csv -> bench-firewall.csv."""
+    return path.with_name(f"{path.stem}-firewall{path.suffix or '.csv'}")
+
+
+PARTS = ("relay", "inpath", "kernel", "memory", "firewall")
+
+
+@dataclass
+class Results:
+    relay: dict[str, Figures] = field(default_factory=dict)
+    inpath: dict[str, InpathFigures] | None = None
+    memory: MemoryFigures | None = None
+    kernel: list[Point] | None = None
+    firewall: dict[str, PathFigures] | None = None
+
+
+async def run_relay(store: EtcdStore, progress: Console) -> dict[str, Figures]:
     upstream = ("127.0.0.1", free_udp_port())
     echo = spawn(["-m", "vmbox", "echo", "--listen", f"{upstream[0]}:{upstream[1]}"])
     try:
-        async with private_store() as store:
-            async with contextlib.AsyncExitStack() as stack:
-                with progress.status("starting the plain relay and a replica in each mode"):
-                    targets = {"plain": await plain(stack, upstream)}
-                    for mode in MODES:
-                        targets[mode] = await replica(stack, store, mode, upstream)
-                with progress.status(
-                    f"measuring throughput one by one, then latency in {LATENCY_ROUNDS} rounds"
-                ):
-                    results = await measure(targets)
-            if skip is None:
-                with (
-                    progress.status("measuring in-path: a lab, no queue rule, then nfqueue"),
-                    tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
-                ):
-                    inpath = await measure_inpath(store, Path(logs))
-            if skip_kernel is None:
-                with progress.status("measuring the kernel rows: a fleet, floods through it"):
-                    kernel = await measure_kernel(store)
-            if skip_memory is None:
-                with progress.status("measuring memory: idle, then new flows, then idle-out"):
-                    memory = await measure_memory(store)
+        async with contextlib.AsyncExitStack() as stack:
+            with progress.status("starting the plain relay and a replica in each mode"):
+                targets = {"plain": await plain(stack, upstream)}
+                for mode in MODES:
+                    targets[mode] = await replica(stack, store, mode, upstream)
+            with progress.status(
+                f"measuring throughput one by one, then latency in {LATENCY_ROUNDS} rounds"
+            ):
+                return await measure(targets)
     finally:
         stop(echo)
-    if skip is not None:
-        progress.print(f"in-path rows skipped: {skip}")
-    if skip_memory is not None:
-        progress.print(f"memory rows skipped: {skip_memory}")
-    if skip_kernel is not None:
-        progress.print(f"kernel rows skipped: {skip_kernel}")
-    return results, inpath, memory, kernel
+
+
+async def run_all(parts: tuple[str, ...] = PARTS) -> Results:
+    progress = Console(stderr=True)
+    out = Results()
+    skips = {
+        "inpath": why_not(),
+        "kernel": why_not_kernel(),
+        "memory": why_not_memory(),
+        "firewall": why_not_firewall(),
+    }
+    run = {part: part in parts and skips.get(part) is None for part in PARTS}
+    async with private_store() as store:
+        if run["relay"]:
+            out.relay = await run_relay(store, progress)
+        if run["inpath"]:
+            with (
+                progress.status("measuring in-path: a lab, no queue rule, then nfqueue"),
+                tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
+            ):
+                out.inpath = await measure_inpath(store, Path(logs))
+        if run["kernel"]:
+            with progress.status("measuring the kernel rows: a fleet, floods through it"):
+                out.kernel = await measure_kernel(store)
+        if run["memory"]:
+            with progress.status("measuring memory: idle, then new flows, then idle-out"):
+                out.memory = await measure_memory(store)
+        if run["firewall"]:
+            with (
+                progress.status(
+                    "measuring the firewall: a lab, no rule, ratelimit, firewall, both"
+                ),
+                tempfile.TemporaryDirectory(prefix="vmbox-bench-") as logs,
+            ):
+                out.firewall = await measure_firewall(store, Path(logs))
+    for part, skip in skips.items():
+        if part in parts and skip is not None:
+            progress.print(f"{part} rows skipped: {skip}")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the figures as CSV")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PARTS,
+        metavar="PART",
+        help=f"run this part alone (repeatable; one of {', '.join(PARTS)}; default all)",
+    )
     args = parser.parse_args()
-    results, inpath, memory, kernel = uvloop.run(run_all())
-    Console(width=max(Console().width, 120)).print(report(results))
-    if inpath is not None:
-        Console(width=max(Console().width, 120)).print(report_inpath(results, inpath))
-    if kernel is not None:
-        Console(width=max(Console().width, 120)).print(report_kernel(kernel))
-    if memory is not None:
-        Console(width=max(Console().width, 120)).print(report_memory(memory))
+    got = uvloop.run(run_all(tuple(args.only or PARTS)))
+    console = Console(width=max(Console().width, 120))
+    if got.relay:
+        console.print(report(got.relay))
+    if got.inpath is not None:
+        console.print(report_inpath(got.relay, got.inpath))
+    if got.kernel is not None:
+        console.print(report_kernel(got.kernel))
+    if got.memory is not None:
+        console.print(report_memory(got.memory))
+    if got.firewall is not None:
+        wide = Console(width=max(Console().width, 170))  # 12 and 14 columns
+        wide.print(report_firewall(got.firewall))
+        wide.print(report_connections(got.firewall))
     if args.csv:
-        write_csv(args.csv, results, inpath, kernel)
-        if memory is not None:
-            write_memory_csv(memory_csv_path(args.csv), memory)
+        write_csv(args.csv, got.relay, got.inpath, got.kernel, got.firewall)
+        if got.memory is not None:
+            write_memory_csv(memory_csv_path(args.csv), got.memory)
+        if got.firewall is not None:
+            write_firewall_csv(firewall_csv_path(args.csv), got.firewall)
 
 
 if __name__ == "__main__":
