@@ -295,7 +295,12 @@ def _judge(
         cut_limit_after=healed.get("vmbox_limit", -1.0),
         min_second=min(counts, default=0),
     )
-    result.check(strict == 0, f"{strict:,} packets over the limit within single seconds")
+    result.check(
+        strict == 0,
+        f"{strict:,} packets over the limit within single seconds (received/s from {first}: "
+        f"{counts}; {LIMIT} until {int(marks.returned)}, then {NEW_LIMIT}; cut {cut_s}, "
+        f"healed {healed_s})",
+    )
     result.check(others_over == 0, f"the other replica passed {others_over:,} over the limit")
     result.check(
         at_heal.get("vmbox_fail_policy_active") == 1.0,
