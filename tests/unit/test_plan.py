@@ -465,7 +465,9 @@ def test_a_promoted_spare_crashes_as_a_serving_replica() -> None:
 
 def test_waiting_spares_are_not_steered_to() -> None:
     backoff = {"web-2": Backoff(1, 5.0, True), "web-3": Backoff(1, 5.0, True, standby=True)}
-    assert serving({"web-1"}, ids(1), backoff, set()) == ("web-1", "web-2")
+    # A crashed serving replica stays in the path only while no other serves.
+    assert serving(set(), set(), backoff, set()) == ("web-2",)
+    assert serving({"web-1"}, ids(1), backoff, set()) == ("web-1",)
 
 
 # -- rollouts (invariant 7) ----------------------------------------------------------

@@ -57,7 +57,7 @@ from vmbox.control.plan import (
 from vmbox.control.publish import publish
 from vmbox.control.scaling import ScaleLoop
 from vmbox.enforce.node import alive_for
-from vmbox.runtime.base import EXIT_CONFIG, Exited, Runtime
+from vmbox.runtime.base import EXIT_CONFIG, Exited, ExitWatch, Runtime
 from vmbox.spec import Spec, SpecError, parse_spec
 from vmbox.spec.changes import diff, template_of
 from vmbox.state import keys
@@ -225,8 +225,16 @@ class Controller:
 
     async def reconcile(self) -> float | None:
         """One level-based pass: read, plan, act; returns seconds until a restart is due."""
-        for exited in self.runtime.reap():
-            await self._on_exit(exited)
+        ended = [(exited, self._note_exit(exited)) for exited in self.runtime.reap()]
+        if ended and self.path is not None:
+            # In-path, a crashed replica's queue leaves the steering first (plan.serving),
+            # before the store writes below: until then its flows meet a queue nobody reads.
+            # The store unreachable: the plan's steering below, or the pass's retry, does it.
+            with contextlib.suppress(StoreError):
+                bound = await self._bound()
+                await self._steer(bound, set(self.runtime.running()), set(self.draining))
+        for exited, standby in ended:
+            await self._on_exit(exited, standby)
         await self._finish_drains()
         await self._follow_spec()
         desired = await self.read_desired()
@@ -347,7 +355,11 @@ class Controller:
         """Put the service in the gateway's path, steering to the replicas adopted."""
         assert self.path is not None
         replicas = serving(
-            await self._bound(), set(self.runtime.running()), self.backoff, set(self.draining)
+            await self._bound(),
+            set(self.runtime.running()),
+            self.backoff,
+            set(self.draining),
+            keep_crashed=self.tables is not None,
         )
         try:
             await self.path.install(replicas)
@@ -362,7 +374,10 @@ class Controller:
     async def _steer(self, bound: Set[str], running: Set[str], leaving: Set[str]) -> None:
         """Rewrite the gateway's steering when the serving replicas changed."""
         assert self.path is not None
-        replicas = serving(bound, set(running), self.backoff, leaving)
+        # Under enforce: kernel a dead replica's node table goes on enforcing its share
+        # while its place is held (_hold_place): its node stays in the route.
+        keep = self.tables is not None
+        replicas = serving(bound, set(running), self.backoff, leaving, keep_crashed=keep)
         before = self.path.describe()
         try:
             changed = await self.path.sync(replicas)
@@ -420,11 +435,19 @@ class Controller:
                 what = "stopped spare" if spare else "drained and stopped replica"
                 await self.event("stop", f"{what} {rid} in {took:.1f}s", replica=rid)
 
-    async def _on_exit(self, exited: Exited) -> None:
+    def _note_exit(self, exited: Exited) -> bool:
+        """Book a replica's exit: its crash backoff (a spare's if it was one, returned)."""
         rid = exited.replica_id
         standby = rid in self.spares
         self.spares.discard(rid)
         self.promoting.discard(rid)
+        now = time.monotonic()
+        self.backoff[rid] = crashed(self.backoff.get(rid), exited.ran_for, now, standby)
+        return standby
+
+    async def _on_exit(self, exited: Exited, standby: bool) -> None:
+        """Act on a booked exit: its member goes (or its place is held), and an event."""
+        rid = exited.replica_id
         member = (await self._members()).get(rid)
         if self.tables is not None and not standby and member is not None and member.lease:
             # Its node's table goes on enforcing its last share: keep its place in the
@@ -437,9 +460,7 @@ class Controller:
             raise PermanentError(
                 exited.last_log_line or f"replica {rid} exited with a config error"
             )
-        state = crashed(self.backoff.get(rid), exited.ran_for, time.monotonic(), standby)
-        self.backoff[rid] = state
-        delay = restart_delay(state.failures)
+        delay = restart_delay(self.backoff[rid].failures)
         detail = f": {exited.last_log_line}" if exited.last_log_line else ""
         what = "spare" if standby else "replica"
         await self.event(
@@ -528,9 +549,17 @@ class Controller:
             # alone until then (the in-path demo, whose tick is 0.5 s, once read 65 of 100
             # in a second at 2 replicas).
             helpers.append(asyncio.create_task(self._wake_on(keys.members_prefix(self.service))))
+        # A replica that exits wakes a pass at once (the local runtime watches each one's
+        # pidfd): in-path, a crashed replica's queue leaves the steering in milliseconds.
+        exits = self.runtime if isinstance(self.runtime, ExitWatch) else None
+        if exits is not None:
+            exits.watch_exits(self.wake.set)
         delay = 0.2
         try:
             while True:
+                # Cleared before the pass, not after: a wake during the pass (an exit, a
+                # member change) brings the next one at once instead of being lost.
+                self.wake.clear()
                 try:
                     requeue_after = await self.reconcile()
                     delay = 0.2
@@ -539,7 +568,6 @@ class Controller:
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
                     continue
-                self.wake.clear()
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that lands as the event is set, and the loop lives on.
                 with contextlib.suppress(TimeoutError):
@@ -547,6 +575,8 @@ class Controller:
                     async with asyncio.timeout(wait):
                         await self.wake.wait()
         finally:
+            if exits is not None:
+                exits.watch_exits(None)
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)

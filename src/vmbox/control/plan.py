@@ -75,7 +75,9 @@ running and waiting mean serving ones, and promoted spares count as started.
 For an in-path service, `serving` says which replicas' queues the gateway
 steers traffic to (vmbox.dataplane.steering); the controller rewrites the
 steering before it drains a replica, so a leaving replica's queue is out of
-the path before it is told to stop.
+the path before it is told to stop, and in the pass that follows a crash
+(the runtime wakes it), so a crashed replica's flows move to the living ones
+(unless none other serves).
 
 Crash backoff: the n-th consecutive crash of a replica waits
 `restart_delay(n)` (0.2 s doubling up to 10 s); a crash of a replica that ran
@@ -232,16 +234,32 @@ def _by_number(rid: str) -> tuple[int, str]:
 
 
 def serving(
-    bound: Set[str], running: Set[str], backoff: Mapping[str, Backoff], leaving: Set[str]
+    bound: Set[str],
+    running: Set[str],
+    backoff: Mapping[str, Backoff],
+    leaving: Set[str],
+    *,
+    keep_crashed: bool = False,
 ) -> tuple[str, ...]:
     """The replicas an in-path service's traffic is steered to, by replica number.
 
     A replica enters once it runs and its member info says it has bound its
     queue (it binds once registered, its resize guard down and a new window
-    begun, so it can decide what it gets); one that crashed stays, waiting for
-    its restart, so its share of the flows meets the fail policy in the kernel
-    meanwhile rather than moving; one that is leaving (draining, or about to be
-    drained by this pass, or a waiting one forgotten) is out.
+    begun, so it can decide what it gets). One that crashed (a backoff entry,
+    not a spare's, and not running with its queue bound: waiting for its
+    restart, or restarted and not bound yet) is out while any other replica
+    serves, so its flows re-hash onto the living ones at once rather than meet
+    a queue nobody reads; when none other serves it stays, since there is
+    nowhere to move its flows, and the fail policy in the kernel applies to
+    them until its restart binds again. With `keep_crashed` (kernel
+    enforcement: a dead replica's node table goes on enforcing its last share
+    while the controller holds its place) a crashed replica always stays. One
+    that is leaving (draining, or about to be drained by this pass, or a
+    waiting one forgotten) is out.
     """
-    chosen = (set(bound) & set(running)) | {r for r, b in backoff.items() if not b.standby}
-    return tuple(sorted(chosen - set(leaving), key=_by_number))
+    live = set(bound) & set(running)
+    dead = {r for r, b in backoff.items() if not b.standby} - live
+    chosen = live - set(leaving)
+    if keep_crashed or not chosen:
+        chosen |= dead - set(leaving)
+    return tuple(sorted(chosen, key=_by_number))

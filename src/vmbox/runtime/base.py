@@ -1,13 +1,16 @@
 """The runtime protocol: where replicas run (local processes now, pods later).
 
 The controller (vmbox.control.controller) drives a runtime through this
-protocol only, so it never knows whether a replica is a process or a pod.
+protocol only, so it never knows whether a replica is a process or a pod. A
+runtime that can tell at once when a replica exits also offers `ExitWatch`;
+the controller then reconciles at that moment instead of at its next tick.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # A replica exits with this code for a problem no restart can fix (busy port,
 # bad spec); the controller then stops restarting it and reports the cause.
@@ -70,3 +73,15 @@ class Runtime(Protocol):
         ...
 
     def stop_all(self, timeout: float = 5.0) -> None: ...
+
+
+@runtime_checkable
+class ExitWatch(Protocol):
+    """A runtime that can say at once that one of its replicas exited."""
+
+    def watch_exits(self, wake: Callable[[], None] | None) -> None:
+        """Call `wake` (on the calling event loop) as soon as a replica exits, for the
+        replicas running now and those started or adopted later; None stops it.
+
+        Level-based: `wake` says only that something ended; `reap` says what."""
+        ...

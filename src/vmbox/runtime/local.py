@@ -13,6 +13,10 @@ with that limit (vmbox.runtime.cgroups), like a pod; `usage()` then reads the
 cgroup, else psutil. `cgroup_note` says which and why.
 
 Each replica's output goes to a log file whose last line explains a crash.
+A controller that asks (`watch_exits`, vmbox.runtime.base.ExitWatch) is woken
+the moment a replica exits (vmbox.runtime.pidwatch: each replica's pidfd on
+the controller's event loop), so a crash is seen in milliseconds, not at the
+next tick; `reap` still says what ended.
 An external etcd's TLS and auth settings reach replicas as flags naming files
 (`--etcd-ca`, `--etcd-password-file`, ...), never as the password itself:
 every user can read a process's command line.
@@ -20,6 +24,7 @@ every user can read a process's command line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from vmbox.runtime.cgroups import (
     is_root,
     join_command,
 )
+from vmbox.runtime.pidwatch import PidWatch
 from vmbox.state.access import StoreSpec, replica_flags
 
 log = logging.getLogger(__name__)
@@ -113,6 +119,7 @@ class LocalRuntime:
         # stop() runs in worker threads (drains) while start() and reap() run on
         # the event loop: cgroup creation and removal must not interleave.
         self._lock = threading.Lock()
+        self._exits: PidWatch | None = None  # watch_exits: wakes the controller at an exit
 
     def command(self, replica_id: str, standby: bool = False) -> list[str]:
         tie = [] if self.adoptable else ["--parent-pid", str(os.getpid())]
@@ -151,6 +158,8 @@ class LocalRuntime:
             oom = cgroup.oom_kills() if cgroup else 0
             log_path = self.log_dir / f"{replica_id}.log"
             self._procs[replica_id] = _Proc(replica_id, popen.pid, popen, log_path, cgroup, oom)
+        if self._exits is not None:
+            self._exits.watch(popen.pid)
         return ReplicaState(replica_id, popen.pid, running=True)
 
     def _spawn(
@@ -181,7 +190,23 @@ class LocalRuntime:
         oom = cgroup.oom_kills() if cgroup else 0
         log_path = self.log_dir / f"{replica_id}.log"
         self._procs[replica_id] = _Proc(replica_id, pid, None, log_path, cgroup, oom)
+        if self._exits is not None:
+            self._exits.watch(pid)
         return True
+
+    def watch_exits(self, wake: Callable[[], None] | None) -> None:
+        """Call `wake` on the running event loop as soon as a replica (running now,
+        started or adopted later) exits, whoever ended it; None stops watching.
+
+        Only a wake-up: the controller's next pass reaps and reads what is."""
+        if self._exits is not None:
+            self._exits.close()
+            self._exits = None
+        if wake is None:
+            return
+        self._exits = PidWatch(asyncio.get_running_loop(), wake)
+        for proc in list(self._procs.values()):
+            self._exits.watch(proc.pid)
 
     def stop(self, replica_id: str, timeout: float = 5.0) -> None:
         """SIGTERM (the replica drains its flows and leaves), SIGKILL after `timeout`."""
