@@ -79,6 +79,16 @@ EXPERIMENTS: Registry[RunFunction] = Registry(
             budget=420,
             small_budget=200,
         ),
+        Entry(
+            name="firewall",
+            module="vmbox.experiments.firewall",
+            function="run",
+            summary="A stateful firewall in the packet path of a lab: kill -9 of a stream's "
+            "replica (shared vs local state), 1 -> 4 -> 1 replicas, the policy on every count, "
+            "a SYN flood of spoofed sources.",
+            budget=420,
+            small_budget=180,
+        ),
     ],
     signature="run(out_dir, *, scale, console)",
 )
