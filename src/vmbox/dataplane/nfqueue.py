@@ -391,15 +391,19 @@ class NfqueueDriver:
                 verdict = future.result()
             elif not future.cancelled():
                 log.warning("nfqueue: a held packet's decision failed: %s", future.exception())
-            if verdict is Verdict.PASS:
-                self.counters.passed += 1
-                self.counters.bytes_passed += packet.size
-                pkt.accept()
-            else:
-                self.counters.dropped += 1
-                pkt.drop()
+            self._apply(pkt, packet, verdict)
 
         later.add_done_callback(done)
+
+    def _apply(self, pkt: Any, packet: Packet, verdict: Verdict) -> None:
+        """Give one packet its verdict now, on its own (not by the wakeup's batch)."""
+        if verdict is Verdict.PASS:
+            self.counters.passed += 1
+            self.counters.bytes_passed += packet.size
+            pkt.accept()
+        else:
+            self.counters.dropped += 1
+            pkt.drop()
 
     def _verdict(self, pkt: Any, packet: Packet, now: float) -> None:
         try:
@@ -408,15 +412,10 @@ class NfqueueDriver:
             # One bad decision never stops the driver; a firewall that fails drops.
             log.exception("nfqueue: decide failed; dropping")
             verdict = Verdict.DROP
-        if not isinstance(verdict, Verdict):
-            self._hold(pkt, packet, verdict)
-        elif verdict is Verdict.PASS:
-            self.counters.passed += 1
-            self.counters.bytes_passed += packet.size
-            pkt.accept()
+        if isinstance(verdict, Verdict):
+            self._apply(pkt, packet, verdict)
         else:
-            self.counters.dropped += 1
-            pkt.drop()
+            self._hold(pkt, packet, verdict)
 
     async def _barrier_loop(self) -> None:
         """Decide each held batch only after a barrier that began after it arrived."""
