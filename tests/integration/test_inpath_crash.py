@@ -45,6 +45,7 @@ from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
 from vmbox.lab.plan import SERVER_IF
+from vmbox.lab.procs import wait_listening
 from vmbox.metrics import scrape
 from vmbox.testbed import Service, inpath_spec
 from vmbox.tools.capture import Capture
@@ -78,19 +79,10 @@ def iperf3_server(lab: LabPlan) -> Iterator[None]:
         exec_argv("server", ["iperf3", "-s", "-1", "-p", str(PORT)], lab.prefix),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        for _ in range(50):  # listening once `ss` shows its port (a bounded wait)
-            listening = subprocess.run(
-                exec_argv("server", ["ss", "-Htln", f"sport = :{PORT}"], lab.prefix),
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-            if listening.stdout.strip():
-                break
-            time.sleep(0.1)
+        wait_listening(lab, "server", PORT, server)
         yield
     finally:
         server.kill()
