@@ -51,6 +51,7 @@ from vmbox.spec.changes import template_of
 from vmbox.spec.items import spec_items
 from vmbox.state import keys
 from vmbox.state.access import AccessError, StoreSpec, connect_kwargs
+from vmbox.state.aggregator import Aggregation
 from vmbox.state.demand import DemandAware
 from vmbox.state.demandsync import DemandSharing
 from vmbox.state.epoch import (
@@ -112,8 +113,19 @@ class Replica:
         *,
         metrics_port: int = 0,
         standby: bool = False,
+        headless: bool = False,
+        aggregated: bool = True,
     ) -> None:
         self.spec = spec
+        # No sockets (the control-plane simulation, vmbox.experiments.controlplane): no
+        # relay, queue or node bound, no metrics server; packets come through `decide`.
+        # Everything that talks to the store runs as in a real replica.
+        self.headless = headless
+        # The group's demand reports and resize acks reach this replica summarised by
+        # the service's aggregator (vmbox.state.aggregator); False: by watching every
+        # replica's keys itself, the protocol before the aggregator (N^2 watch events),
+        # kept for the simulation's before/after comparison.
+        self.aggregated = aggregated
         self.standby = standby  # a warm spare until promoted (`_stand_by`)
         self.replica_id = replica_id
         self.store = store
@@ -138,7 +150,9 @@ class Replica:
         self.middlebox: Middlebox = self.chain.stages[0]
         # A function without keyed tables never answers a Wait (decide's fast path).
         self._process_one = cast(Callable[[Packet, float], Verdict], self.middlebox.process)
-        self.epoch = EpochSync(store, spec.service, self.guard, self._apply_group)
+        self.epoch = EpochSync(
+            store, spec.service, self.guard, self._apply_group, follow_acks=not aggregated
+        )
         self.counters = Counters()
         self.memory = MemoryReturn()
         self.views: dict[str, View] = {}
@@ -215,6 +229,7 @@ class Replica:
         )
         self.membership: Membership | None = None
         self.demand: DemandSharing | None = None  # split: demand (vmbox.state.demandsync)
+        self.aggregation: Aggregation | None = None  # vmbox.state.aggregator
         self.stopping = asyncio.Event()
         self.drain_first = False  # set by stop(drain=True), i.e. SIGTERM
         self._drain: Drain | None = None
@@ -384,6 +399,8 @@ class Replica:
             values["state_fence_acks"] = float(sum(v.acks for v in fenced))
         if self.demand is not None:
             values.update(self.demand.gauges())
+        if self.aggregation is not None:
+            values.update(self.aggregation.gauges())
         values.update(self.memory.gauges())
         return values
 
@@ -405,6 +422,22 @@ class Replica:
             # first reads it, and each new snapshot of the reports may move its rates.
             gather=self.node.gather if self.node is not None else None,
             on_snapshot=self.node.changed if self.node is not None else None,
+            follow=not self.aggregated,
+        )
+
+    def _aggregation(self) -> Aggregation | None:
+        """The summaries' follower and candidate aggregator (None: the protocol before it)."""
+        if not self.aggregated:
+            return None
+        mb = self.spec.ratelimit
+        return Aggregation(
+            self.store,
+            self.spec.service,
+            self.replica_id,
+            self._member_lease,
+            on_acks=self.epoch.see_summary,
+            on_demand=self.demand.take if self.demand is not None else None,
+            interval=mb.report_interval if mb is not None else 0.1,
         )
 
     async def _follow_members(self) -> None:
@@ -423,22 +456,21 @@ class Replica:
         """Serve until `stop()` or cancellation; leave the group on the way out.
 
         A spare stands by first (`_stand_by`) and starts serving when promoted."""
-        if self.node is not None:
+        if self.node is not None and not self.headless:
             self.node.check()  # a node that is not there: no membership, a restart later
         if not self.standby:
             self.chain.start(time.time())
-        if self.relay is not None:
+        if self.relay is not None and not self.headless:
             try:  # resolved now, so the bind at a window boundary is immediate (_bind)
                 await self.relay.prepare()
             except OSError as exc:
                 raise ReplicaConfigError(str(exc)) from None
-        port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
+        metrics = ""
+        if not self.headless:
+            port = self.metrics.start(self.spec.metrics_host, self.metrics_port)
+            metrics = f"{self.spec.metrics_host}:{port}"
         # `template`: which spec it runs, so a rollout knows whom to replace (vmbox.spec.changes).
-        info = {
-            "pid": os.getpid(),
-            "metrics": f"{self.spec.metrics_host}:{port}",
-            "template": template_of(self.spec),
-        }
+        info = {"pid": os.getpid(), "metrics": metrics, "template": template_of(self.spec)}
         self.membership = Membership(
             self.store,
             self.spec.service,
@@ -462,6 +494,9 @@ class Replica:
             self.demand = self._demand_sharing(self.membership)
             if self.demand is not None:
                 tasks.append(group.create_task(self.demand.run()))
+            self.aggregation = self._aggregation()
+            if self.aggregation is not None:
+                tasks.append(group.create_task(self.aggregation.run()))
             tasks.append(group.create_task(self.health.run()))
             tasks.append(group.create_task(self._return_memory()))
             tasks.extend(group.create_task(sync.run()) for sync in self.keyed.values())
@@ -472,6 +507,13 @@ class Replica:
             await self._leave()
             for task in tasks:
                 task.cancel()
+        if not self.headless:
+            await self._close_driver()
+        self.metrics.stop()
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _close_driver(self) -> None:
         if self.node is not None:
             # Left: its share is 0 now, and stays so in the table (NodeDriver.stop).
             await self.node.stop(close=True)
@@ -479,9 +521,6 @@ class Replica:
             await self.inpath.close()
         else:
             await self.relay_driver.close()
-        self.metrics.stop()
-        if self.fatal is not None:
-            raise self.fatal
 
     def _registered_again(self, lease: int) -> None:
         # The lease was lost (a partition longer than the TTL): the others may have
@@ -580,6 +619,9 @@ class Replica:
         now = time.time()
         if int(now / window) == int(started / window):
             await asyncio.sleep(window - now % window)
+        if self.headless:
+            self.bound = True
+            return
         try:
             if self.node is not None:
                 await self.node.start()

@@ -40,6 +40,11 @@ def parse_report(raw: bytes) -> Report | None:
         data = json.loads(raw)
     except ValueError:
         return None
+    return report_of(data)
+
+
+def report_of(data: object) -> Report | None:
+    """A decoded report (a JSON object of positive counts), or None."""
     if not isinstance(data, dict):
         return None
     report = {}

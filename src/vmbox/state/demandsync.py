@@ -12,11 +12,15 @@ that dies or leaves takes its report with it. That is one write per replica
 per interval whatever the number of sources, and none while the report is the
 same as the last one (an idle replica writes `{}` once).
 
-`watch_demand` follows the prefix (re-listing after store errors, like
-`watch_members`) and the replica hands each snapshot, replica -> source ->
-packets, to the middlebox, which re-divides the sources whose counts changed.
-A report of an unchanged replica is the same object from one snapshot to the
-next, so the middlebox can tell what changed cheaply.
+The group's reports reach the middlebox through `DemandSharing.take`: from
+the service's aggregator (vmbox.state.aggregator, the default: one summary
+key per interval), or, with `follow` (the protocol before the aggregator,
+kept for the control-plane simulation's comparison), from this replica's own
+`watch_demand` of the prefix (re-listing after store errors, like
+`watch_members`). Either way the middlebox gets snapshots, replica -> source
+-> packets, and re-divides the sources whose counts changed. A report of an
+unchanged replica is the same object from one snapshot to the next, so the
+middlebox can tell what changed cheaply.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from vmbox.state import keys
 from vmbox.state.demand import DemandAware, Report, encode_report, parse_report
-from vmbox.state.store import LeaseLost, Store, StoreError
+from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
 
 log = logging.getLogger("vmbox.state.demand")  # the logger name operators know
 
@@ -103,6 +107,11 @@ def _parsed(key: str, raw: bytes) -> Report:
     return report
 
 
+def parsed_report(kv: KeyValue) -> Report:
+    """The report at `kv`, or an empty one (logged) if it does not parse."""
+    return _parsed(kv.key, kv.value)
+
+
 async def watch_demand(
     store: Store, service: str, *, retry: float = 0.5
 ) -> AsyncIterator[dict[str, Report]]:
@@ -147,8 +156,12 @@ class DemandSharing:
         max_sources: int,
         gather: Callable[[], Awaitable[None]] | None = None,
         on_snapshot: Callable[[], None] | None = None,
+        follow: bool = True,
     ) -> None:
         self.store = store
+        # Watch every replica's report here (the protocol before the aggregator: N^2
+        # watch events); False: the aggregator's summary comes through `take`.
+        self.follow = follow
         self.service = service
         self.middlebox = middlebox
         self.reporter = DemandReporter(
@@ -168,14 +181,19 @@ class DemandSharing:
         """Report and follow until cancelled."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.reporter.run())
-            group.create_task(self._follow())
+            if self.follow:
+                group.create_task(self._follow())
 
     async def _follow(self) -> None:
         async for reports in watch_demand(self.store, self.service):
-            self.middlebox.set_demand(reports)
-            self.snapshots += 1
-            if self.on_snapshot is not None:
-                self.on_snapshot()
+            self.take(reports)
+
+    def take(self, reports: Mapping[str, Report]) -> None:
+        """A new snapshot of the group's reports (its own watch's, or the aggregator's)."""
+        self.middlebox.set_demand(reports)
+        self.snapshots += 1
+        if self.on_snapshot is not None:
+            self.on_snapshot()
 
     def gauges(self) -> dict[str, float]:
         return {"demand_report_writes": float(self.reporter.writes)}

@@ -62,6 +62,27 @@ that leaves takes 0 before it revokes its lease (`leaving`), so its last
 packets do not count against a group that no longer includes it. Windows
 coincide across replicas only as far as their clocks agree, as before.
 
+Acks through the aggregator (vmbox.state.aggregator, the default): a replica
+does not watch every ack; the service's aggregator does, and publishes the
+sets every one of whose members acked them, each with the latest window their
+acks declare, tagged with the store revision of the ack snapshot it read
+(vmbox.state.summary). A replica turns a summary newer than the last it took
+back into acks: each member of a complete set acks that set and declares its
+latest window. For the guard that is the snapshot of the acks at that
+revision with the incomplete sets' acks left out, seen later than its own
+watch would have seen it, and the argument above holds as it is: a set is
+still taken as acked only once every member wrote an ack of it, and an ack
+still means "applied" (it was written after the member applied the set,
+before the aggregator read it, before the replica saw the summary). Leaving
+acks out only keeps a set from settling (the safe side), and a set's declared
+windows are kept from the moment it is seen complete (`_declared`): a
+member's later ack is of a later set and says nothing more about this one.
+Taking only newer revisions keeps a replaced aggregator that does not yet
+know it (its lease lost) from moving a replica back; even an older summary
+would only show acks that were once true. tests/unit/test_epoch.py runs the
+brute force through aggregators too: replaced ones, stale ones, summaries
+as late as the acks themselves could be.
+
 A member that never acks (its store is away) keeps the others guarded; the
 guarded share is the union's split, so after a pure join it costs nothing and
 after a leave it costs the leaver's part until the ack comes. An ack that
@@ -166,6 +187,10 @@ class ResizeGuard:
         # ones before it; the guard is down once only the view is left.
         self._sets: list[frozenset[str]] = [frozenset()]
         self._acked_at: list[float | None] = [None]
+        # The latest first window the members' acks declared when the set was seen
+        # acked by all (None: one of them declared none), kept from then on: a member's
+        # later ack is of a later set and says nothing more about this one.
+        self._declared: list[int | None] = [None]
         self._left = False
 
     @property
@@ -206,6 +231,7 @@ class ResizeGuard:
                 self.since = now
             self._sets.append(new)
             self._acked_at.append(None)
+            self._declared.append(None)
             if len(self._sets) > MAX_SETS:
                 self._fold()
             self._settle(now)
@@ -250,6 +276,7 @@ class ResizeGuard:
             return
         self._sets = [frozenset(), self.view]
         self._acked_at = [None, None]
+        self._declared = [None, None]
         self.view_window = self._window_of(now) + 1  # what my next ack declares
         self.acks, self.ack_windows = {}, {}
         self.since = now
@@ -269,10 +296,9 @@ class ResizeGuard:
         at = self._acked_at[i]
         if at is None:
             return None
-        declared = [self.ack_windows.get(m) for m in self._sets[i]]
-        if any(w is None for w in declared):
+        latest = self._declared[i]
+        if latest is None:
             return self._boundary_after(at)
-        latest = max(w for w in declared if w is not None)
         return min(self._boundary_after(at), latest * self.window)
 
     def _fold(self) -> None:
@@ -281,6 +307,7 @@ class ResizeGuard:
         merged = a | b if self.me in a and self.me in b else a if self.me not in a else b
         self._sets[1:3] = [merged]
         self._acked_at[1:3] = [None]  # a union nobody acks: never a settle point
+        self._declared[1:3] = [None]
 
     def _acked(self, members: frozenset[str]) -> bool:
         return self.me in members and all(self.acks.get(m) == members for m in members)
@@ -291,6 +318,9 @@ class ResizeGuard:
         for i in range(1, len(self._sets)):
             if self._acked_at[i] is None and self._acked(self._sets[i]):
                 self._acked_at[i] = now  # every member applied it by now
+                declared = [self.ack_windows.get(m) for m in self._sets[i]]
+                if all(w is not None for w in declared):
+                    self._declared[i] = max(w for w in declared if w is not None)
         ready = [
             i
             for i in range(1, len(self._sets))
@@ -300,6 +330,7 @@ class ResizeGuard:
             return
         self._sets = self._sets[ready[-1] :]
         self._acked_at = [None, *self._acked_at[ready[-1] + 1 :]]
+        self._declared = [None, *self._declared[ready[-1] + 1 :]]
         if not self.guarded:
             self.last_duration = now - (self.since if self.since is not None else now)
             self.lifted_at = now

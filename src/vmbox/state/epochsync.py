@@ -44,10 +44,14 @@ class EpochSync:
         apply: Callable[[Group], None],
         *,
         clock: Callable[[], float] = time.time,
+        follow_acks: bool = True,
     ) -> None:
         self.store = store
         self.service = service
         self.guard = guard
+        # Watch every replica's ack here (the protocol before the aggregator: N^2 watch
+        # events per resize); False: the aggregator's summary comes through `see_summary`.
+        self.follow_acks = follow_acks
         self.apply = apply
         self.clock = clock
         self.key = keys.ack_key(service, guard.me)
@@ -67,7 +71,8 @@ class EpochSync:
         self._apply()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow_members())
-            tasks.create_task(self._follow_acks())
+            if self.follow_acks:
+                tasks.create_task(self._follow_acks())
             tasks.create_task(self._write_acks(lease))
             tasks.create_task(self._timer())
 
@@ -108,6 +113,12 @@ class EpochSync:
             ):
                 self._written = None  # deleted or overwritten behind our back
                 self._dirty.set()
+
+    def see_summary(self, acks: dict[str, frozenset[str]], windows: dict[str, int]) -> None:
+        """The acks of the sets every member acked, from the aggregator's summary
+        (vmbox.state.summary.as_acks): the guard takes them as its own watch's."""
+        self.guard.see_acks(acks, self.clock(), windows)
+        self._apply()
 
     def leaving(self) -> None:
         """Take nothing from now on (before the lease is revoked): see ResizeGuard.leaving."""

@@ -82,6 +82,18 @@ def demand_key(service: str, replica: str) -> str:
     return f"{ROOT}{service}/demand/{replica}"
 
 
+def summary_prefix(service: str) -> str:
+    # The aggregator's keys (vmbox.state.aggregator), all on the aggregator's member
+    # lease: `leader` (who it is), `demand` (the group's heaviest demand, one key),
+    # `acks` (the member sets every member has acked). Each replica watches this prefix
+    # instead of every other replica's report and ack.
+    return f"{ROOT}{service}/summary/"
+
+
+def summary_key(service: str, name: str) -> str:
+    return f"{ROOT}{service}/summary/{name}"
+
+
 def keyed_prefix(service: str, table: str) -> str:
     # A middlebox's keyed table (vmbox.keyed): one key per entry, each on a lease that
     # ends it by itself (vmbox.state.leaseslots); the firewall's is `conns`.
