@@ -68,65 +68,65 @@ def leaders(*members: Member) -> list[str]:
     return [m.me for m in members if m.aggregation.leading]
 
 
-def test_one_leader_and_its_summaries_reach_everyone() -> None:
-    async def main() -> None:
-        store = MemoryStore()
-        group = [Member(store, f"r{i}") for i in range(4)]
+async def one_leader_and_its_summaries_reach_everyone(store: Store) -> None:
+    group = [Member(store, f"r{i}") for i in range(4)]
+    for m in group:
+        await m.join()
+    async with running(*group):
+        await until(lambda: len(leaders(*group)) == 1, 2)
+        names = {m.me for m in group}
         for m in group:
-            await m.join()
-        async with running(*group):
-            await until(lambda: len(leaders(*group)) == 1, 2)
-            names = {m.me for m in group}
-            for m in group:
-                await m.ack(names, 7)
-            want_acks = (dict.fromkeys(names, frozenset(names)), dict.fromkeys(names, 7))
-            await until(lambda: all(m.acks and m.acks[-1] == want_acks for m in group), 2)
-            assert all(m.acks[0] == ({}, {}) for m in group)  # before the acks: none complete
-            assert all(len(m.acks) <= 3 for m in group)  # not one summary per ack
-            await group[0].report({"10.0.0.1": 40})
-            await group[2].report({"10.0.0.1": 10, "10.0.0.2": 3})
-            want = {"r0": {"10.0.0.1": 40}, "r2": {"10.0.0.1": 10, "10.0.0.2": 3}}
-            await until(lambda: all(m.demand and m.demand[-1] == want for m in group), 2)
-            taken = [len(m.demand) for m in group]
-            await asyncio.sleep(0.3)  # six intervals of unchanged reports: no new summary
-            assert [len(m.demand) for m in group] == taken
-            assert len(leaders(*group)) == 1
-            kv = await store.get(keys.summary_key(SERVICE, "demand"))
-            leader = next(m for m in group if m.aggregation.leading)
-            assert kv is not None and kv.lease == leader.lease  # it goes with its writer
+            await m.ack(names, 7)
+        want_acks = (dict.fromkeys(names, frozenset(names)), dict.fromkeys(names, 7))
+        await until(lambda: all(m.acks and m.acks[-1] == want_acks for m in group), 2)
+        assert all(m.acks[0] == ({}, {}) for m in group)  # before the acks: none complete
+        assert all(len(m.acks) <= 3 for m in group)  # not one summary per ack
+        await group[0].report({"10.0.0.1": 40})
+        await group[2].report({"10.0.0.1": 10, "10.0.0.2": 3})
+        want = {"r0": {"10.0.0.1": 40}, "r2": {"10.0.0.1": 10, "10.0.0.2": 3}}
+        await until(lambda: all(m.demand and m.demand[-1] == want for m in group), 2)
+        taken = [len(m.demand) for m in group]
+        await asyncio.sleep(0.3)  # six intervals of unchanged reports: no new summary
+        assert [len(m.demand) for m in group] == taken
+        assert len(leaders(*group)) == 1
+        kv = await store.get(keys.summary_key(SERVICE, "demand"))
+        leader = next(m for m in group if m.aggregation.leading)
+        assert kv is not None and kv.lease == leader.lease  # it goes with its writer
 
-    asyncio.run(main())
+
+def test_one_leader_and_its_summaries_reach_everyone() -> None:
+    asyncio.run(one_leader_and_its_summaries_reach_everyone(MemoryStore()))
+
+
+async def a_dead_leader_is_replaced_and_a_stale_summary_is_ignored(store: Store) -> None:
+    group = [Member(store, f"r{i}") for i in range(3)]
+    for m in group:
+        await m.join()
+    async with running(*group):
+        await until(lambda: len(leaders(*group)) == 1, 2)
+        await group[1].report({"a": 5})
+        await until(lambda: all(m.demand for m in group), 2)
+        first = next(m for m in group if m.aggregation.leading)
+        await store.revoke_lease(first.lease)  # as the controller does for an exited replica
+        first.lease = 0
+        others = [m for m in group if m is not first]
+        replaced = await until(lambda: len(leaders(*others)) == 1, 2)
+        assert replaced < 1.0
+        if first is not group[1]:
+            await group[1].report({"a": 6})
+            await until(lambda: all(m.demand[-1] == {"r1": {"a": 6}} for m in others), 2)
+        # A summary older than the last taken changes nothing (an old leader's write).
+        taken = [len(m.demand) for m in others]
+        stale = encode_demand(DemandSummary(1, {"r9": {"b": 1}}))
+        leader = next(m for m in others if m.aggregation.leading)
+        await store.put(keys.summary_key(SERVICE, "demand"), stale, lease=leader.lease)
+        await asyncio.sleep(0.2)
+        assert all(m.demand[-1] != {"r9": {"b": 1}} for m in others)
+        assert [len(m.demand) for m in others] >= taken
 
 
 def test_a_dead_leader_is_replaced_and_a_stale_summary_is_ignored() -> None:
-    async def main() -> None:
-        store = MemoryStore()
-        group = [Member(store, f"r{i}") for i in range(3)]
-        for m in group:
-            await m.join()
-        async with running(*group):
-            await until(lambda: len(leaders(*group)) == 1, 2)
-            await group[1].report({"a": 5})
-            await until(lambda: all(m.demand for m in group), 2)
-            first = next(m for m in group if m.aggregation.leading)
-            await store.revoke_lease(first.lease)  # as the controller does for an exited replica
-            first.lease = 0
-            others = [m for m in group if m is not first]
-            replaced = await until(lambda: len(leaders(*others)) == 1, 2)
-            assert replaced < 1.0
-            if first is not group[1]:
-                await group[1].report({"a": 6})
-                await until(lambda: all(m.demand[-1] == {"r1": {"a": 6}} for m in others), 2)
-            # A summary older than the last taken changes nothing (an old leader's write).
-            taken = [len(m.demand) for m in others]
-            stale = encode_demand(DemandSummary(1, {"r9": {"b": 1}}))
-            leader = next(m for m in others if m.aggregation.leading)
-            await store.put(keys.summary_key(SERVICE, "demand"), stale, lease=leader.lease)
-            await asyncio.sleep(0.2)
-            assert all(m.demand[-1] != {"r9": {"b": 1}} for m in others)
-            assert [len(m.demand) for m in others] >= taken
-
-    asyncio.run(main())
+    asyncio.run(a_dead_leader_is_replaced_and_a_stale_summary_is_ignored(MemoryStore()))
 
 
 def test_nobody_leads_without_a_lease_and_garbage_is_survived() -> None:
