@@ -124,6 +124,7 @@ def test_up_scale_status_and_clean_stop(etcd: EtcdServer, tmp_path: Path) -> Non
         for column in ("SHARE", "RECEIVED/s", "MEM%", "CPU%", "STORE"):
             assert column in status  # piped output keeps every column whole
         assert "controller metrics: http://127.0.0.1:" in status, status
+        assert "aggregator (demand and ack summaries): clitest-" in status, status
         line = one_error_line(vmbox("scale", "clitest", "9", env=env))
         assert "1 to 4" in line
     finally:

@@ -176,3 +176,12 @@ def test_status_scrapes_function_labels_from_a_replica() -> None:
     assert row.error == "" and row.values["packets_received_total"] == 4
     assert row.values[function_key("firewall", "drop")] == 1
     assert gone.error.startswith("127.0.0.1:") and "\n" not in gone.error
+
+
+def test_status_names_the_aggregator() -> None:
+    rows = [
+        _rated(rid, {"aggregator_leading": lead}, {"aggregator_leading": lead})
+        for rid, lead in (("web-1", 0.0), ("web-2", 1.0))
+    ]
+    text = _text(render(ServiceStatus("web", "2", rows, [], 0.0)))
+    assert "aggregator (demand and ack summaries): web-2" in text

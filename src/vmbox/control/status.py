@@ -188,6 +188,9 @@ def render(status: ServiceStatus, title: str = "") -> RenderableType:
         notes.append("* resident set size read with psutil (no memory cgroup)")
     if status.controller:
         notes.append(f"controller metrics: http://{status.controller}/metrics")
+    leading = [row.replica for row in status.replicas if row.values.get("aggregator_leading")]
+    if leading:  # vmbox.state.aggregator: two for a moment while one has lost its lease
+        notes.append(f"aggregator (demand and ack summaries): {', '.join(leading)}")
     table.caption = "\n".join(notes) or None
     parts: list[RenderableType] = [table, *render_functions(status)]
     if status.events:
