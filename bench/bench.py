@@ -232,7 +232,14 @@ async def replica(
             "service": service,
             "listen": f"127.0.0.1:{free_udp_port()}",
             "upstream": f"{upstream[0]}:{upstream[1]}",
-            "middlebox": {"limit": 1_000_000_000, "consistency": mode, "poll_interval": "100ms"},
+            # split: even, so each row is its mode's cost alone: demand, the default,
+            # would add its per-packet count and its reports to every row.
+            "middlebox": {
+                "limit": 1_000_000_000,
+                "consistency": mode,
+                "poll_interval": "100ms",
+                "split": "even",
+            },
         }
     )
     await store.put(keys.spec_key(service), spec.to_json().encode())

@@ -110,7 +110,8 @@ async def measure(store: EtcdStore, log_dir: Path) -> dict[str, InpathFigures]:
         )
         await asyncio.sleep(0.5)
         results = {"no queue rule": await asyncio.to_thread(_measure, plan, server)}
-        spec = inpath_spec("bench-inpath", plan, 1, limit=1_000_000_000)
+        # split: even: the driver's cost, without demand's reports (the default's).
+        spec = inpath_spec("bench-inpath", plan, 1, limit=1_000_000_000, split="even")
         async with running_service(store, spec, log_dir=log_dir):
             await asyncio.sleep(1.0)  # past the replica's first window, which admits nothing
             results["nfqueue"] = await asyncio.to_thread(_measure, plan, server)

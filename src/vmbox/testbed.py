@@ -334,7 +334,8 @@ class Service:
     spec: Spec
     store: EtcdStore
     # A relay service's echo at spec.relay.upstream; its history stays readable
-    # after the service has ended. None for an in-path one: its servers run in the lab.
+    # after the service has ended. None for an in-path one (its servers run in the
+    # lab) or when the caller runs the upstream server itself (`echo=False`).
     upstream: EchoServer | None
     controller: Controller
     runtime: LocalRuntime
@@ -343,7 +344,10 @@ class Service:
     @property
     def echo(self) -> EchoServer:
         if self.upstream is None:
-            raise SetupError(f"{self.spec.service} is in-path: no echo upstream of vmbox's")
+            raise SetupError(
+                f"{self.spec.service} has no echo upstream of vmbox's (in-path, or its "
+                "upstream server is the caller's)"
+            )
         return self.upstream
 
     async def members(self) -> dict[str, MemberInfo]:
@@ -381,6 +385,7 @@ async def running_service(
     adoptable: bool = False,
     on_event: Callable[[events.Event], None] | None = None,
     attempts: int = 3,
+    echo: bool = True,
 ) -> AsyncIterator[Service]:
     """An echo server at the spec's upstream and the spec's replicas, all ready.
 
@@ -391,10 +396,12 @@ async def running_service(
     controller ticks every `tick` s and serves its metrics on `metrics_port`
     (None: none); `on_event` sees its events (starts, scale decisions) as they
     happen. Replicas of a runtime that is not `adoptable` die with this process.
+    With `echo=False` no echo is started: the caller runs the relay's upstream
+    server (a real one, such as `iperf3 -s`) and counts what it received.
     """
     make = spec if callable(spec) else (lambda: spec)
     tries = attempts if callable(spec) else 1
-    options = _Options(log_dir, tick, metrics_port, adoptable, on_event)
+    options = _Options(log_dir, tick, metrics_port, adoptable, on_event, echo)
     for attempt in range(1, tries + 1):
         async with contextlib.AsyncExitStack() as stack:
             try:
@@ -414,12 +421,13 @@ class _Options:
     metrics_port: int | None
     adoptable: bool
     on_event: Callable[[events.Event], None] | None
+    echo: bool = True
 
 
 @asynccontextmanager
 async def _one_service(store: EtcdStore, spec: Spec, options: _Options) -> AsyncIterator[Service]:
     temporary = options.log_dir is None
-    relay = spec.dataplane == "relay"
+    relay = spec.dataplane == "relay" and options.echo
     async with upstream_echo(spec.relay.upstream) if relay else _no_echo() as echo:
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix=f"vmbox-{spec.service}-"))
         runtime = LocalRuntime(

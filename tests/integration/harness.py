@@ -41,16 +41,17 @@ def make_spec(
 
 @asynccontextmanager
 async def running_service(
-    endpoints: list[str], spec: Spec, log_dir: Path
+    endpoints: list[str], spec: Spec, log_dir: Path, *, echo: bool = True
 ) -> AsyncIterator[Service]:
     """The testbed's service on `endpoints`, its replicas ready; logs in `log_dir`.
 
     As under `vmbox up`, its replicas are adoptable and its controller serves metrics.
+    `echo=False`: no echo at the upstream (the test runs its own server there).
     """
     async with (
         testbed.connected(endpoints) as store,
         testbed.running_service(
-            store, spec, log_dir=log_dir, adoptable=True, metrics_port=0
+            store, spec, log_dir=log_dir, adoptable=True, metrics_port=0, echo=echo
         ) as service,
     ):
         yield service

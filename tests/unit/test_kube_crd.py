@@ -149,6 +149,19 @@ def test_a_bad_spec_is_refused_on_the_field_pydantic_names(data: dict[str, Any])
     assert any(field.startswith(path) for path in paths), (paths, line)
 
 
+def test_the_split_says_demand_is_the_default_and_even_the_reference_design() -> None:
+    """No default in the CRD (the operator's pydantic fills it in): the description says it."""
+    spec = crd.schema()["properties"]["spec"]["properties"]
+    split = spec["middlebox"]["properties"]["split"]
+    assert split["enum"] == ["demand", "even"] and "default" not in split
+    assert "demand (the default" in split["description"]
+    assert "even (limit / n per replica, the reference design's behaviour)" in split["description"]
+    data = test_spec.good()
+    assert parse_spec(data).limiter.split == "demand"
+    data["middlebox"]["split"] = "even"
+    assert not list(VALIDATOR.iter_errors(middlebox(data)))
+
+
 def test_durations_sizes_and_addresses_in_the_forms_a_crd_can_hold() -> None:
     def refused(**change: Any) -> bool:
         data = test_spec.good()

@@ -45,6 +45,7 @@ def test_the_example_spec_loads() -> None:
     [
         (("middlebox", "limit"), -5, "middlebox.limit"),
         (("middlebox", "consistency"), "eventual", "middlebox.consistency"),
+        (("middlebox", "split"), "evenly", "middlebox.split"),
         (("middlebox", "window"), "soon", "middlebox.window"),
         (("middlebox", "poll_interval"), "0ms", "middlebox.poll_interval"),
         (("listen",), "127.0.0.1", "listen"),
@@ -64,6 +65,26 @@ def test_a_bad_field_is_named(path: tuple[str, ...], value: Any, field: str) -> 
     message = str(err.value)
     assert message.startswith(f"web.yaml: {field}: ")
     assert "\n" not in message
+
+
+def test_demand_is_the_default_split_and_even_is_kept() -> None:
+    """Issue 18: a one-flow source gets its limit through any number of replicas by default."""
+    assert parse_spec(good()).limiter.split == "demand"
+    even = good()
+    even["middlebox"]["split"] = "even"
+    assert parse_spec(even).limiter.split == "even"
+
+
+@pytest.mark.parametrize("value", ["evenly", "", 2, "Demand"])
+def test_a_bad_split_names_the_choices_and_the_reference_designs(value: Any) -> None:
+    data = good()
+    data["middlebox"]["split"] = value
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, "web.yaml")
+    message = str(err.value)
+    assert message.startswith("web.yaml: middlebox.split: must be demand (the default"), message
+    assert "even (limit / n per replica, the reference design's behaviour)" in message
+    assert message.endswith(f"(got {value!r})") and "\n" not in message
 
 
 def test_unknown_and_missing_fields() -> None:
@@ -255,6 +276,19 @@ def test_the_kernel_reports_demand_every_half_second_unless_told() -> None:
     spec = parse_spec(kernel(middlebox={"limit": 5, "split": "demand"}), "web.yaml")
     assert spec.limiter.report_interval == 0.5
     assert parse_spec(json.loads(spec.to_json()), "stored") == spec
+    # demand is the default split, but not under the kernel (its tables over-admit a
+    # source spread over the nodes under demand): a kernel spec that names none runs even.
+    unnamed = parse_spec(kernel(middlebox={"limit": 5}), "web.yaml")
+    assert unnamed.limiter.split == "even" and unnamed.limiter.report_interval == 0.1
+    assert parse_spec(json.loads(unnamed.to_json()), "stored") == unnamed
+    with pytest.raises(SpecError, match=r"middlebox\.report_interval: under enforce: kernel"):
+        parse_spec(
+            kernel(middlebox={"limit": 5, "split": "demand", "report_interval": "100ms"}),
+            "web.yaml",
+        )
+    # Under even there is no report: the interval is left as written.
+    even = parse_spec(kernel(middlebox={"limit": 5, "split": "even"}), "web.yaml")
+    assert even.limiter.report_interval == 0.1
     told = kernel(middlebox={"limit": 5, "split": "demand", "report_interval": "250ms"})
     assert parse_spec(told, "web.yaml").limiter.report_interval == 0.25
     relay = parse_spec(good() | {"middlebox": {"limit": 5, "split": "demand"}}, "w")

@@ -64,7 +64,7 @@ middleboxes = st.fixed_dictionaries(
     optional={
         "function": st.just("ratelimit"),
         "window": durations,
-        "split": st.just("even"),
+        "split": st.sampled_from(["demand", "even"]),
         "consistency": st.sampled_from(["local", "poll", "watch", "strong"]),
         "poll_interval": durations,
         "max_sources": st.integers(1, 10**6),

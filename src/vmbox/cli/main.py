@@ -329,7 +329,8 @@ def _target(
 def demo(duration: float, dataplane: str) -> None:
     """The reference experiment in one command.
 
-    A private etcd, an echo server, a ratelimit service at 100 packets/s and a
+    A private etcd, an echo server, a ratelimit service at 100 packets/s (under
+    the reference design's `split: even`; a spec's default is `demand`) and a
     client ramping from 10 to 300 packets/s; the service is scaled 1 -> 2 -> 4
     replicas during the run. Ends with a summary table. With --dataplane
     nfqueue the service sits in a lab's gateway and two clients (hping3, UDP

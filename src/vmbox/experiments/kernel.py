@@ -3,9 +3,12 @@
 A fleet lab of its own (`vmbox lab up --nodes N`: a router spreading flows over
 N nodes by ECMP, vmbox.lab) and services with `enforce: kernel` (one replica
 per node, each keeping an nftables table at its share; the controller keeps
-the route to the nodes that enforce). Three parts, every figure from the
+the route to the nodes that enforce). Five parts, every figure from the
 kernel's own counters (the client's and the server's interfaces, vmbox.labload)
-with the offered rate beside it:
+with the offered rate beside it. Every part but the skew names `split: even`,
+the reference design's split its figures were published under (demand, the
+default, would add a report reading each node's table every 0.5 s: a cost of
+its own, and under part 5's flood a read of the whole set):
 
 1. **Limit across nodes.** One source, a new flow per packet (hping3), at 3x
    the limit (paced) or as fast as hping3 goes (`--flood`) where 3x is more
@@ -135,7 +138,7 @@ def python_spec(name: str, lab: LabPlan, node: int, limit: int) -> Spec:
             "service": name,
             "dataplane": "nfqueue",
             "gateway": {"namespace": lab.namespace(f"node{node}"), "interface": NODE_CLIENT_IF},
-            "middlebox": {"function": "ratelimit", "limit": limit},
+            "middlebox": {"function": "ratelimit", "limit": limit, "split": "even"},
             "replicas": {"count": 1, "min": 1, "max": 1},
             "lease_ttl": 2,
         },
@@ -200,7 +203,8 @@ async def limits(
     points = []
     source = lab.client_addresses[0]
     for limit, counts in size.limits:
-        async with running_service(store, kernel_spec(f"klim{limit}", lab, 1, limit=limit)) as svc:
+        spec = kernel_spec(f"klim{limit}", lab, 1, limit=limit, split="even")
+        async with running_service(store, spec) as svc:
             for nodes in counts:
                 await _settle(svc, lab, nodes)
                 rates, load = await _measure(lab, [source], 3.0 * limit, size)
@@ -279,7 +283,7 @@ async def new_sources(
     nodes = 1
     bound = SMALL_SET if size.sources < 10**6 else None
     extra = {} if bound is None else {"max_sources": bound}
-    spec = kernel_spec("kflood", lab, nodes, limit=FLOOD_LIMIT, **extra)
+    spec = kernel_spec("kflood", lab, nodes, limit=FLOOD_LIMIT, split="even", **extra)
     table = "vmbox_" + spec.service.replace("-", "_")
     before_slab = slab_kib()
     async with running_service(store, spec) as svc:
@@ -329,7 +333,8 @@ async def throughput(
     every = lab.nodes
     await asyncio.to_thread(set_nodes, lab, range(1, every + 1))
     await flood("no table", every, None)
-    async with running_service(store, kernel_spec("kfast", lab, every, limit=NON_BINDING)) as svc:
+    fast = kernel_spec("kfast", lab, every, limit=NON_BINDING, split="even")
+    async with running_service(store, fast) as svc:
         await _settle(svc, lab, every)
         await flood("kernel", every, NON_BINDING)
         if not size.one_node:
@@ -352,7 +357,8 @@ async def resize(
     steps = (1, lab.nodes, 1)
     seconds = size.resize_hold * len(steps) + 6.0
     timeline: list[tuple[float, int]] = []
-    async with running_service(store, kernel_spec("kresize", lab, 1, limit=RESIZE_LIMIT)) as svc:
+    spec = kernel_spec("kresize", lab, 1, limit=RESIZE_LIMIT, split="even")
+    async with running_service(store, spec) as svc:
         await _settle(svc, lab, 1)
         load, _, _ = _load(lab, [source], 3.0 * RESIZE_LIMIT, seconds)
         with ServerCount(lab, [source]) as count:

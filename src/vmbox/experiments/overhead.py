@@ -189,8 +189,13 @@ def overhead_spec(variant: Variant) -> Spec:
         listen=("127.0.0.1", free_udp_port()),
         upstream=("127.0.0.1", free_udp_port()),
         middlebox=(
+            # split: even, so that `base` keeps no shared state and each mode's figure is
+            # its own cost (demand, the default, would add its reports to every variant).
             MiddleboxSpec(
-                limit=NO_LIMIT, consistency=variant.consistency, poll_interval=variant.poll_interval
+                limit=NO_LIMIT,
+                consistency=variant.consistency,
+                poll_interval=variant.poll_interval,
+                split="even",
             ),
         ),
         lease_ttl=2,
@@ -366,7 +371,8 @@ def notes(size: Size, rtts: dict[str, list[list[float]]]) -> list[str]:
         f"one-replica service that runs throughout; each other variant runs beside it in turn, "
         f"after {WARMUP} uncounted warm-up packets through each.",
         f"`base` is the same relay with consistency `local` (no shared state) and a limit "
-        f"of {NO_LIMIT:,}/s (no limit); every variant has that limit, so nothing is dropped.",
+        f"of {NO_LIMIT:,}/s (no limit); every variant has that limit, so nothing is dropped, "
+        "and `split: even`, so no demand reports add to a mode's cost.",
         "Latency is the client's round trip: client -> replica -> echo -> replica -> client, "
         "with the client and the echo server in one process.",
         "Verdicts judge paired ratios: the median over its rounds of a variant's slice mean "

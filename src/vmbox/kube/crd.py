@@ -239,7 +239,9 @@ STATUS = {
         "limit": {"type": "string", "description": "The service's limit, for printing."},
         "shares": {
             "type": "object",
-            "description": "Each replica pod's share of the limit, by pod name.",
+            "description": "Each ready replica pod's even share of the limit (limit / n), by "
+            "pod name: what each source gets there under split: even; under split: demand "
+            "(the default) what a source no demand report has yet gets.",
             "additionalProperties": {"type": "number"},
         },
         "lastScale": {

@@ -6,8 +6,9 @@ pods (the scale subresource's statusReplicasPath is `.status.replicas`),
 `selector` is the replica pods' label selector (its labelSelectorPath, so a
 HorizontalPodAutoscaler could target a Middlebox), `shares` what each ready pod
 holds of the limit under the even split (vmbox.sharing.even, as the replicas
-compute it; `limit` says which limit), `lastScale` the last change of the
-desired count and why.
+compute it; `limit` says which limit: under the default `split: demand` it is
+what a source in no demand report gets, a reported one's share following where
+its traffic arrives), `lastScale` the last change of the desired count and why.
 
 Conditions (metav1.Condition): Ready (as many ready pods as the target),
 Progressing (the Deployment being created, scaled, drained or rolled out),

@@ -50,6 +50,17 @@ def flows_for_memory(limit: int) -> int:
 
 Consistency = Literal["local", "poll", "watch", "strong", "fenced"]
 
+# middlebox.split's choices, for the CRD's description and the spec's error line.
+SPLIT_CHOICES = (
+    "demand (the default: per source, in proportion to what each replica was offered) "
+    "or even (limit / n per replica, the reference design's behaviour)"
+)
+SPLIT_DESCRIPTION = (
+    "How the limit is divided among the replicas: "
+    + SPLIT_CHOICES
+    + ". Under even a source whose traffic is one flow reaches one replica and gets limit / n."
+)
+
 
 class SpecModel(BaseModel):
     """Unknown fields are errors; a validated spec does not change."""
@@ -73,9 +84,11 @@ class MiddleboxSpec(SpecModel):
     # share of `burst` (default: one window's worth, i.e. `limit`).
     algorithm: Literal["fixed_window", "token_bucket"] = "fixed_window"
     burst: PositiveInt | None = None
-    # even: limit / n per replica; demand: per source, in proportion to what
-    # each replica was offered (reported every report_interval).
-    split: Literal["even", "demand"] = "even"
+    # demand (the default): per source, in proportion to what each replica was
+    # offered (reported every report_interval), so a source whose traffic is one
+    # flow, on one replica, still gets the limit; even: limit / n per replica, the
+    # reference design's behaviour (no reports; such a source gets limit / n).
+    split: Literal["demand", "even"] = Field(default="demand", description=SPLIT_DESCRIPTION)
     report_interval: Duration = 0.1
     report_max_sources: PositiveInt = 256
     demand_floor: Annotated[float, Field(ge=0, le=0.5)] = 0.05

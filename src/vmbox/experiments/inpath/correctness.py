@@ -54,7 +54,7 @@ async def measure(store: EtcdStore, lab: LabPlan, replicas: int, scale: Scale) -
     """One fresh service with `replicas` replicas; both clients step through the offers."""
     rates, step = STEPS[scale]
     sources = dict(zip(PROTOS, lab.client_addresses, strict=False))
-    spec = inpath_spec(f"correct{replicas}", lab, replicas)
+    spec = inpath_spec(f"correct{replicas}", lab, replicas, split="even")  # the reference's
     out: list[Second] = []
     async with running_service(store, spec):
         await asyncio.sleep(0.5)  # every replica has seen the others
@@ -135,7 +135,8 @@ def notes(rates: Sequence[float], step: float) -> list[str]:
         f"In the packet path (dataplane nfqueue, flows spread by HMARK over the replicas' "
         f"queues): a UDP client and a TCP client (hping3 SYNs), each from its own address "
         f"with a new source port per packet, offered {offers} packets/s, {step:.0f} s each; "
-        f"limit {LIMIT}/s per source, consistency `watch`, even split.",
+        f"limit {LIMIT}/s per source, consistency `watch`, `split: even` (the reference "
+        f"design's).",
         f"Received = what tcpdump at the server counted from that client in each whole "
         f"second of a step. Plateau: offers of at least {PLATEAU:g} x the limit; ok when "
         f"the mean is within {TOLERANCE:.0%} of the limit.",

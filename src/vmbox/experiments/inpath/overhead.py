@@ -6,7 +6,8 @@ ping runs from the lab's client namespace to its server every few
 milliseconds: `none` is the lab with no service (the gateway only forwards);
 `local`, `poll` (every 100 ms) and `strong` (a linearizable etcd read per
 packet, or per batch of packets that arrive while one is pending) are a
-one-replica in-path service whose limit (1,000,000/s) never binds. Only the
+one-replica in-path service whose limit (1,000,000/s) never binds, under
+`split: even` (no demand reports beside the mode's own cost). Only the
 echo requests cross the queue (the service steers what arrives from the
 client side). Rounds alternate the order of the variants, each round a fresh
 service. Writes overhead_nfqueue.csv, overhead_nfqueue_rtts.csv and the PNG.
@@ -77,8 +78,15 @@ async def firewall(store: EtcdStore, lab: LabPlan, variant: str, r: int) -> Asyn
     if variant == "none":
         yield
         return
+    # split: even: each variant's cost alone (demand, the default, would add its reports).
     spec = inpath_spec(
-        f"over{variant}{r}", lab, 1, limit=NO_LIMIT, consistency=variant, poll_interval=0.1
+        f"over{variant}{r}",
+        lab,
+        1,
+        limit=NO_LIMIT,
+        consistency=variant,
+        poll_interval=0.1,
+        split="even",
     )
     async with running_service(store, spec):
         await until_second(0.1)  # a replica admits nothing in the window it joined in
