@@ -26,7 +26,15 @@ def entry(module: str) -> Entry:
 
 def test_the_published_figures_skew_and_kernel_are_registered_and_available() -> None:
     names = [e.name for e in EXPERIMENTS.entries]
-    assert names == ["correctness", "overhead", "scaling", "skew", "kernel", "firewall"]
+    assert names == [
+        "correctness",
+        "overhead",
+        "scaling",
+        "skew",
+        "kernel",
+        "firewall",
+        "controlplane",
+    ]
     assert all(not e.optional and e.installed() for e in EXPERIMENTS.entries)
     assert EXPERIMENTS.available() == list(EXPERIMENTS.entries)
     assert all(callable(EXPERIMENTS.load(e)) for e in EXPERIMENTS.entries)

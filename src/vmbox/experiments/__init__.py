@@ -89,6 +89,16 @@ EXPERIMENTS: Registry[RunFunction] = Registry(
             budget=420,
             small_budget=180,
         ),
+        Entry(
+            name="controlplane",
+            module="vmbox.experiments.controlplane",
+            function="run",
+            summary="Simulated replicas (real, headless) against a private etcd: etcd's "
+            "writes, watch events, CPU and bytes as N replicas and S services grow, before "
+            "and after the aggregator; limit change reach, resize settle, accuracy.",
+            budget=1200,
+            small_budget=150,
+        ),
     ],
     signature="run(out_dir, *, scale, console)",
 )
