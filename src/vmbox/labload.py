@@ -37,6 +37,7 @@ from vmbox.lab.plan import CLIENT_IF, SERVER_IF, router_node_if
 
 ONE_FLOW_PORT = 40000  # hping3's source port when a load is one flow
 GRACE = 10.0  # seconds a sender may take past its run (start-up, the iperf3 result exchange)
+PACED_TAIL = 0.5  # seconds a paced hping3 may run past its planned end (its pacing's drift)
 BASE_PORT = 5201
 _SENT = re.compile(r"(\d+) packets transmitted")
 
@@ -154,7 +155,10 @@ def hping3_paced(
         raise LabError("hping3_paced: give at least one source, a positive rate and duration")
     pace = ["-i", f"u{max(1, int(1_000_000 / rate))}", "-c", str(max(1, int(rate * seconds)))]
     flow = ["-s", str(ONE_FLOW_PORT), "-k"] if one_flow else []
-    return _hping3(plan, sources, seconds, ["hping3", "--udp", *pace, *flow], port)
+    # After its last packet hping3 waits up to 1 s for answers, which never come for the
+    # packets a limit dropped: SIGINT (it prints its count then) once its run is over.
+    timeout = ["timeout", "-s", "INT", "-k", "2", f"{seconds + PACED_TAIL:g}"]
+    return _hping3(plan, sources, seconds, [*timeout, "hping3", "--udp", *pace, *flow], port)
 
 
 def hping3_new_sources(

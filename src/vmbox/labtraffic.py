@@ -52,7 +52,9 @@ from vmbox.lab.procs import (
 from vmbox.tools import tcpgaps
 from vmbox.tools.capture import Capture
 
-GRACE = 10.0  # seconds a client may run past its planned end before it is killed
+# Seconds a client may run past its planned end before it is killed (TcpStream and
+# HttpDownload take another: a run that breaks its sessions on purpose need not wait).
+GRACE = 10.0
 INTERVAL = 0.1  # iperf3's report interval: the finest it takes
 STREAM_PORT, UDP_PORT, HTTP_PORT, OPEN_PORT, SCAN_PORT = 5401, 5402, 80, 8080, 20000
 STREAM_RATE = "50M"  # bits/s: packets every few ms, so a gap shows; little CPU and capture
@@ -237,6 +239,7 @@ class TcpStream(_Session):
         rate: str | None = STREAM_RATE,
         port: int = STREAM_PORT,
         source: str | None = None,
+        grace: float = GRACE,
     ) -> None:
         if int(seconds) != seconds or seconds < 1:
             raise LabError(
@@ -245,10 +248,11 @@ class TcpStream(_Session):
         super().__init__(plan)
         self.seconds, self.rate, self.port = seconds, rate, port
         self.source = source or plan.client_addresses[0]
+        self.grace = grace  # s the client may run past its planned end (GRACE)
         self._began = 0.0
 
     def start(self) -> Self:
-        server, bound, port = _server(self.plan), self.seconds + GRACE, str(self.port)
+        server, bound, port = _server(self.plan), self.seconds + self.grace, str(self.port)
         self._fresh()
         try:
             self._watch(SERVER_IF, f"tcp and dst host {server} and dst port {port}")
@@ -266,12 +270,13 @@ class TcpStream(_Session):
         return self
 
     def result(self) -> StreamResult:
-        """Wait for the stream's end (interrupted `seconds + GRACE` after the start) and
+        """Wait for the stream's end (interrupted `seconds + grace` after the start) and
         measure it."""
         client = self._started()
         try:
             # Past timeout's SIGINT (iperf3 then prints what it has) and its SIGKILL.
-            code, out, err = finish(client, self._began + self.seconds + GRACE + KILL_AFTER + 2)
+            deadline = self._began + self.seconds + self.grace + KILL_AFTER + 2
+            code, out, err = finish(client, deadline)
             ended = time.time()
             segments = self._segments()
         finally:
@@ -350,13 +355,14 @@ class HttpDownload(_Session):
         port: int = HTTP_PORT,
         pace: Literal["server", "curl"] = "server",
         source: str | None = None,
+        grace: float = GRACE,
     ) -> None:
         if size <= 0 or rate <= 0:
             raise LabError("http_download: give a positive size and rate")
         super().__init__(plan)
         self.size, self.rate, self.port, self.pace = size, rate, port, pace
         self.source = source or plan.client_addresses[0]
-        self.bound = size / rate + GRACE
+        self.bound = size / rate + grace  # curl gives up this long after its start
         self._began = 0.0
 
     def start(self) -> Self:
@@ -384,7 +390,7 @@ class HttpDownload(_Session):
         return self
 
     def result(self) -> DownloadResult:
-        """Wait for curl's end (it gives up `size / rate + GRACE` s after the start)."""
+        """Wait for curl's end (it gives up `size / rate + grace` s after the start)."""
         client = self._started()
         try:
             code, out, err = finish(client, self._began + self.bound + 2 + KILL_AFTER + 2)

@@ -1,8 +1,9 @@
 """Every registered fault at small scale: each row survived, lost no state, stayed in limit.
 
-One run of all the faults (about a minute: each starts its own etcd, echo
-server and replicas) is shared by the module's tests. `make faults` runs the
-same faults at full scale (`python -m vmbox.faults`).
+One run of all the faults (about two minutes: each starts its own etcd, echo
+server and replicas; the light rows that judge counts side by side,
+vmbox.faults.runner.TOGETHER) is shared by the module's tests. `make faults`
+runs the same faults at full scale, each alone (`python -m vmbox.faults`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from vmbox.dataplane import steering
 from vmbox.etcdserver import EtcdServer
 from vmbox.lab import LabPlan, exec_argv
 from vmbox.lab.plan import SERVER_IF
+from vmbox.labload import PACED_TAIL
 from vmbox.metrics import scrape
 from vmbox.spec import parse_spec
 from vmbox.state.standby import list_standby
@@ -51,15 +53,17 @@ def server_address(lab: LabPlan) -> str:
 
 
 def hping(lab: LabPlan, proto: str, rate: float, seconds: float, port: int = 9000) -> list[str]:
-    """hping3 from the first client address: a new source port per packet (one flow each)."""
+    """hping3 from the first client address: a new source port per packet (one flow each).
+
+    Stopped with SIGINT (it prints its count then) half a second past its planned end:
+    after its last packet it waits up to 1 s for answers, which the packets the limit
+    dropped never get (vmbox.labload.PACED_TAIL)."""
     flag = {"udp": ["--udp"], "tcp": ["-S"], "icmp": ["--icmp"]}[proto]
     count = int(rate * seconds)
     interval = f"u{int(1_000_000 / rate)}"
-    return exec_argv(
-        "client",
-        ["hping3", *flag, "-p", str(port), "-i", interval, "-c", str(count), server_address(lab)],
-        lab.prefix,
-    )
+    stop = ["timeout", "-s", "INT", "-k", "2", f"{seconds + PACED_TAIL:g}"]
+    argv = ["hping3", *flag, "-p", str(port), "-i", interval, "-c", str(count)]
+    return exec_argv("client", [*stop, *argv, server_address(lab)], lab.prefix)
 
 
 def offer(lab: LabPlan, proto: str, seconds: float = LOAD_SECONDS) -> tuple[list[int], float]:
@@ -229,16 +233,21 @@ def test_each_rule_applies_to_exactly_the_traffic_it_matches(
         return in_lab(lab, "client", argv).returncode == 0
 
     def reachability() -> dict[str, bool]:
-        return {
-            "ping v4 from 1": ping(one, server4),
-            "ping v6 from 1": ping(one6, server6),
-            "ping v4 from 2": ping(two, server4),
-            "ping v6 from 2": ping(two6, server6),
-            "tcp 8080 v4": curl(one, f"http://{server4}:8080/"),
-            "tcp 8080 v6": curl(one6, f"http://[{server6}]:8080/"),
-            "tcp 9090 v4": curl(one, f"http://{server4}:9090/"),
-            "tcp 9090 v6": curl(one6, f"http://[{server6}]:9090/"),
+        """Every probe at once: each is its own flow and waits for its own answer (a dropped
+        one times out: 1 s for ping, 2 s for curl), so in turn they took about 8 s."""
+        probes: dict[str, Callable[[], bool]] = {
+            "ping v4 from 1": lambda: ping(one, server4),
+            "ping v6 from 1": lambda: ping(one6, server6),
+            "ping v4 from 2": lambda: ping(two, server4),
+            "ping v6 from 2": lambda: ping(two6, server6),
+            "tcp 8080 v4": lambda: curl(one, f"http://{server4}:8080/"),
+            "tcp 8080 v6": lambda: curl(one6, f"http://[{server6}]:8080/"),
+            "tcp 9090 v4": lambda: curl(one, f"http://{server4}:9090/"),
+            "tcp 9090 v6": lambda: curl(one6, f"http://[{server6}]:9090/"),
         }
+        with ThreadPoolExecutor(len(probes)) as pool:
+            running = {name: pool.submit(probe) for name, probe in probes.items()}
+        return {name: future.result() for name, future in running.items()}
 
     async def scenario() -> tuple[dict[str, bool], list[int], list[int]]:
         spec = inpath_spec("rules", lab, 2, limit=None, rules=RULES)
@@ -259,9 +268,13 @@ def test_each_rule_applies_to_exactly_the_traffic_it_matches(
             )
             try:
                 await asyncio.sleep(1.5)
-                seen = await asyncio.to_thread(reachability)
-                limited = await asyncio.to_thread(offer_udp, lab, 5001)
-                closed = await asyncio.to_thread(offer_udp, lab, 7000)
+                # At once too: the probes, the limited port and the closed one are each
+                # matched by a rule of their own and counted apart at the server.
+                seen, limited, closed = await asyncio.gather(
+                    asyncio.to_thread(reachability),
+                    asyncio.to_thread(offer_udp, lab, 5001),
+                    asyncio.to_thread(offer_udp, lab, 7000),
+                )
                 return seen, limited, closed
             finally:
                 for proc in (http, other):

@@ -71,6 +71,7 @@ async def resize(svc: Service, target: int) -> Outcome:
                 members = set(snapshot)
                 changes.append(time.time())
 
+    # At most 10 s; stopped once the window has been counted (nothing reads it after).
     plan = LoadPlan(svc.spec.relay.listen, rate=300, sources=1, flows=64, duration=10.0)
     load = asyncio.create_task(run_load(plan))
     watcher = asyncio.create_task(follow())
@@ -86,9 +87,10 @@ async def resize(svc: Service, target: int) -> Outcome:
         window = math.floor(changes[mark]) - 1
         await asyncio.sleep(window + SECONDS + 0.3 - time.time())
         gauges = await svc.gauges()
-        await load
     finally:
-        watcher.cancel()
+        for task in (load, watcher):
+            task.cancel()
+        await asyncio.gather(load, watcher, return_exceptions=True)
     counts = dict(svc.echo.history)
     per_second = [counts.get(s, 0) for s in range(window, window + SECONDS)]
     over = sum(max(0, c - LIMIT) for c in per_second)

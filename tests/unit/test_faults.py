@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from vmbox.faults import FAULTS, NONE, FaultResult, Say, Scale
-from vmbox.faults.runner import fault_table, main, run_entry
+from vmbox.faults import FAULTS, NONE, FaultResult, Say, Scale, runner
+from vmbox.faults.runner import fault_table, main, run_all, run_entry, stages
 from vmbox.faults.sender import _Seconds, source_address
 from vmbox.faults.snapshot import state_lost
 from vmbox.faults.traffic import over_limit
@@ -21,7 +21,16 @@ from vmbox.middlebox import MAX_STATE_INT, StateValueError, parse_positive_int
 from vmbox.registry import Entry, NotRunnable
 
 FAKE = '''"""Stand-in faults."""
+import asyncio
+
 from vmbox.faults import FaultResult
+
+
+async def slow(scale, say):
+    say("start")
+    await asyncio.sleep(0.05)
+    say("end")
+    return FaultResult("slow", injected=1, survived=True)
 
 
 async def fine(scale, say):
@@ -46,7 +55,7 @@ def not_async(scale, say):
 def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Entry]:
     (tmp_path / "vmbox_fake_faults.py").write_text(FAKE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    names = ("fine", "broken", "lossy", "not_async")
+    names = ("fine", "broken", "lossy", "not_async", "slow")
     return {n: Entry(n, "vmbox_fake_faults", n, "a fake", budget=5, small_budget=5) for n in names}
 
 
@@ -88,6 +97,38 @@ def test_run_entry_bounds_a_fault_by_its_budget(monkeypatch: pytest.MonkeyPatch)
     entry = Entry("stuck", "x", "stuck", "", budget=60, small_budget=0.1)
     row = asyncio.run(run_entry(entry, "small", print))
     assert row.problems == ["did not finish within 0 s"] and not row.survived
+
+
+def test_at_small_scale_only_the_light_count_judged_rows_run_side_by_side() -> None:
+    entries = FAULTS.available()
+    for scale in ("small", "full"):
+        staged = stages(entries, scale)
+        assert sorted(e.name for stage in staged for e in stage) == sorted(e.name for e in entries)
+    together = [[e.name for e in stage] for stage in stages(entries, "small") if len(stage) > 1]
+    assert together == [
+        ["odd datagrams", "upstream vanished", "corrupt etcd values"],
+        ["replica churn", "controller restart"],
+        ["partition (static)", "partition (closed)", "partition (open)", "kernel kill"],
+    ]
+    alone = [stage[0].name for stage in stages(entries, "small") if len(stage) == 1]
+    assert alone == ["flood", "etcd member loss", "in-path kill"]  # in registry order
+    assert all(len(stage) == 1 for stage in stages(entries, "full"))
+
+
+def test_run_all_runs_a_stage_side_by_side_and_keeps_the_rows_in_order(
+    fakes: dict[str, Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = (Entry(n, "vmbox_fake_faults", "slow", "", 5, 5) for n in ("a", "b"))
+    monkeypatch.setattr(runner, "TOGETHER", {"small": (frozenset({"a", "b"}),), "full": ()})
+    # b comes after fine: it runs beside a, at a's place, and its row stays where it was.
+    entries = [first, fakes["fine"], second, fakes["lossy"]]
+    lines: list[str] = []
+    rows = asyncio.run(run_all(entries, "small", lines.append))
+    assert [row.fault for row in rows] == ["slow", "fine", "slow", "lossy"]
+    assert lines == ["start", "start", "end", "end", "fine: injected"]  # a and b together
+    lines.clear()
+    asyncio.run(run_all(entries, "full", lines.append))
+    assert lines == ["start", "end", "fine: injected", "start", "end"]  # in turn
 
 
 def test_the_runner_exits_1_when_a_row_is_not_ok(

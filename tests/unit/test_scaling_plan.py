@@ -9,10 +9,19 @@ memory phase's load must be able to cross the trigger at all.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from vmbox.experiments import EXPERIMENTS
-from vmbox.experiments.scaling.phases import MEMORY_UP, PHASES, PhasePlan, phase_spec
+from vmbox.experiments.scaling.phases import (
+    MEMORY_UP,
+    PHASES,
+    WARM_AFTER,
+    PhasePlan,
+    phase_spec,
+    stages,
+)
 from vmbox.registry import Scale
 from vmbox.spec.sections import FLOW_MEMORY, IDLE_MEMORY
 
@@ -70,3 +79,20 @@ def test_memory_load_ramps_linearly_and_holds_its_end() -> None:
     assert plan.rate_at(0) == start
     assert plan.rate_at(plan.load_for / 2) == pytest.approx((start + end) / 2)
     assert plan.rate_at(plan.load_for * 3) == end
+
+
+@pytest.mark.parametrize("scale", ["full", "small"])
+def test_every_phase_runs_once_in_its_order_and_only_the_packet_rate_twins_together(
+    scale: str,
+) -> None:
+    staged = stages(scale)
+    assert [plan for stage in staged for plan in stage] == list(PHASES[scale])
+    together = [stage for stage in staged if len(stage) > 1]
+    if scale == "small":  # the suite's run: the twins paired, the memory phase alone
+        assert [[p.name for p in stage] for stage in together] == [["pps", "pps-warm"]]
+        (pps, warm) = together[0]
+        # The same load, a tick apart (phases.WARM_AFTER); only the spare differs.
+        assert replace(pps, warm=warm.warm, idle=pps.idle + WARM_AFTER) == warm
+        assert warm.warm == 1
+    else:
+        assert together == []

@@ -15,10 +15,10 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -32,6 +32,7 @@ from rich.progress import (
 from vmbox.etcdserver import find_etcd
 
 Scale = Literal["full", "small"]
+T = TypeVar("T")
 
 
 class ExperimentError(Exception):
@@ -109,6 +110,18 @@ def machine_info() -> dict[str, str]:
         "etcd": etcd_version(),
         "event loop": loop,
     }
+
+
+async def side_by_side(*runs: Coroutine[Any, Any, T]) -> list[T]:
+    """Run `runs` at once; their results, in order. When one fails the others are cancelled
+    and its exception is raised as it is, not in an ExceptionGroup, so that an expected
+    failure (ExperimentError, an OSError) still ends the experiment in one line."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run) for run in runs]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def new_progress(console: Console) -> Progress:

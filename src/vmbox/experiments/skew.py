@@ -7,14 +7,16 @@ one replica. With 4 replicas and a limit of 100/s:
   to that replica's quarter, under `demand` to the limit;
 - mixed: that heavy one-flow source beside 20 sources each spread over 4
   flows at 150/s; under `demand` every source should get its 100/s.
-Each split runs in a fresh 4-replica service; per-source rates are the replies
-each source's own client counted (the server sees the replicas' upstream
-addresses, not the sources). Writes skew.csv and skew.png.
+Each split runs in a fresh 4-replica service, the two side by side (the
+one-flow cases at once, the mixed ones in turn); per-source rates are the
+replies each source's own client counted (the server sees the replicas'
+upstream addresses, not the sources). Writes skew.csv and skew.png.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,10 +24,19 @@ from functools import partial
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress, TaskID
 
 from vmbox.experiments import plots
-from vmbox.experiments.results import ExperimentResult, ReportRow, Scale, new_progress, write_csv
+from vmbox.experiments.results import (
+    ExperimentResult,
+    ReportRow,
+    Scale,
+    new_progress,
+    side_by_side,
+    write_csv,
+)
 from vmbox.spec import Spec, parse_spec
+from vmbox.state.etcd import EtcdStore
 from vmbox.testbed import free_udp_port, private_store, running_service
 from vmbox.tools.load import LoadPlan, LoadResult, run_load
 
@@ -38,6 +49,15 @@ SPREAD_SOURCES, SPREAD_FLOWS, SPREAD_RATE = 20, 4, 150.0
 SKIP = 2  # seconds at the start of each case left out (the demand reports converge)
 SECONDS = {"full": 12.0, "small": 5.0}
 SETTLE = 2.5  # a fresh group holds no share until the resize guard lifts at a boundary
+AGE_OUT = 1.5  # between two cases on one service: the last case's reports age out
+# The cases each split runs ("one flow" first: the splits run it at once). The small run
+# (the suite's) leaves out the mixed case under `even`: no verdict reads it (nothing was
+# published for it; the report shows it unjudged), and `demand` runs the same load, so
+# it cost the suite 6.5 s and checked nothing. The full run has every case.
+CASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "full": {"even": ("one flow", "mixed"), "demand": ("one flow", "mixed")},
+    "small": {"even": ("one flow",), "demand": ("one flow", "mixed")},
+}
 
 
 @dataclass
@@ -94,19 +114,32 @@ async def run_case(target: tuple[str, int], split: str, case: str, seconds: floa
 
 
 async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> ExperimentResult:
-    seconds = SECONDS[scale]
-    runs: list[CaseRun] = []
+    """Both splits' services side by side: their one-flow cases (a source at 300/s each) at
+    once, the mixed cases (21 sources, the cores' worth) one after the other."""
+    seconds, cases = SECONDS[scale], CASES[scale]
+    got: dict[tuple[str, str], CaseRun] = {}
+    together = asyncio.Barrier(sum("one flow" in cases[split] for split in SPLITS))
+    alone = asyncio.Lock()
+
+    async def split_run(store: EtcdStore, split: str, progress: Progress, bar: TaskID) -> None:
+        async with running_service(store, partial(skew_spec, split)) as service:
+            await asyncio.sleep(SETTLE)
+            for i, case in enumerate(cases[split]):
+                if i:
+                    await asyncio.sleep(AGE_OUT)
+                if case == "one flow":
+                    await together.wait()
+                async with alone if case == "mixed" else contextlib.nullcontext():
+                    progress.update(bar, description=f"{split}: {case}")
+                    run = await run_case(service.spec.relay.listen, split, case, seconds)
+                got[(split, case)] = run
+                progress.advance(bar)
+
     async with private_store() as store:
         with new_progress(console) as progress:
-            bar = progress.add_task("skew", total=len(SPLITS) * 2)
-            for split in SPLITS:
-                async with running_service(store, partial(skew_spec, split)) as service:
-                    await asyncio.sleep(SETTLE)
-                    for case in ("one flow", "mixed"):
-                        progress.update(bar, description=f"{split}: {case}")
-                        runs.append(await run_case(service.spec.relay.listen, split, case, seconds))
-                        progress.advance(bar)
-                        await asyncio.sleep(1.5)  # the last case's reports age out
+            bar = progress.add_task("skew", total=sum(len(cases[split]) for split in SPLITS))
+            await side_by_side(*(split_run(store, split, progress, bar) for split in SPLITS))
+    runs = [got[(split, case)] for split in SPLITS for case in cases[split]]
     return summarise(runs, out_dir, console)
 
 
@@ -157,6 +190,8 @@ def report_rows(runs: list[CaseRun]) -> list[ReportRow]:
         )
     )
     for split in SPLITS:
+        if (split, "mixed") not in by:  # left out of the small run (CASES)
+            continue
         means = by[(split, "mixed")]
         worst = max(means.values(), key=lambda v: abs(v - LIMIT))
         rows.append(

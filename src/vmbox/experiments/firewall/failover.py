@@ -21,6 +21,7 @@ from vmbox.experiments.firewall.sessions import SessionRun, Traffic
 from vmbox.experiments.firewall.setup import State, carrier, firewall_spec
 from vmbox.experiments.firewall.witness import binned, stall_over
 from vmbox.lab import LabPlan
+from vmbox.labtraffic import GRACE
 from vmbox.state.etcd import EtcdStore
 from vmbox.testbed import running_service
 
@@ -51,12 +52,18 @@ class Failover:
 
 
 async def failover(
-    store: EtcdStore, lab: LabPlan, state: State, seconds: int, round_: int = 1
+    store: EtcdStore,
+    lab: LabPlan,
+    state: State,
+    seconds: int,
+    round_: int = 1,
+    grace: float = GRACE,
 ) -> Failover:
-    """One kill of the stream's replica under `state`; the stream lasts `seconds`."""
+    """One kill of the stream's replica under `state`; the stream lasts `seconds`, its
+    clients stopped `grace` s past that if they have not ended (sessions.Traffic)."""
     spec = firewall_spec(f"fwkill-{state}{round_}", lab, state, REPLICAS)
     async with running_service(store, spec) as svc:
-        with Traffic(lab, seconds) as traffic:
+        with Traffic(lab, seconds, grace) as traffic:
             started = traffic.start_stream()
             await asyncio.sleep(LEAD)
             rid, pid, rates = await carrier(svc)

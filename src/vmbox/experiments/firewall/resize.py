@@ -21,6 +21,7 @@ from vmbox.experiments.firewall.sessions import SessionRun, Traffic
 from vmbox.experiments.firewall.setup import State, firewall_spec
 from vmbox.experiments.firewall.witness import binned, window_gap
 from vmbox.lab import LabPlan
+from vmbox.labtraffic import GRACE
 from vmbox.state.etcd import EtcdStore
 from vmbox.testbed import READY_TIMEOUT, running_service
 
@@ -47,12 +48,15 @@ class Resize:
         return binned(self.run.data, self.run.began, 0.0, self.ended - self.run.began + 0.5)
 
 
-async def resize(store: EtcdStore, lab: LabPlan, state: State, seconds: int, hold: float) -> Resize:
-    """1 -> 4 -> 1 under `state`, holding each count `hold` s; the stream lasts `seconds`."""
+async def resize(
+    store: EtcdStore, lab: LabPlan, state: State, seconds: int, hold: float, grace: float = GRACE
+) -> Resize:
+    """1 -> 4 -> 1 under `state`, holding each count `hold` s; the stream lasts `seconds`,
+    its clients stopped `grace` s past that if they have not ended (sessions.Traffic)."""
     spec = firewall_spec(f"fwsize-{state}", lab, state, 1)
     marks: list[tuple[str, float, float]] = []
     async with running_service(store, spec) as svc:
-        with Traffic(lab, seconds) as traffic:
+        with Traffic(lab, seconds, grace) as traffic:
             traffic.start_stream()
             await traffic.download_on(svc, None, 0.0)
             await asyncio.sleep(LEAD)

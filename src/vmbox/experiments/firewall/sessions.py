@@ -22,6 +22,7 @@ from vmbox.experiments.firewall.witness import data_segments, window_gap
 from vmbox.lab import LabPlan
 from vmbox.lab.plan import SERVER_IF
 from vmbox.labtraffic import (
+    GRACE,
     HTTP_PORT,
     STREAM_PORT,
     DownloadResult,
@@ -80,14 +81,15 @@ class SessionRun:
 
 
 class Traffic:
-    """A stream of `seconds` with its capture, and a download lasting about as long."""
+    """A stream of `seconds` with its capture, and a download lasting about as long; each
+    client is stopped `grace` s past its planned end if it has not ended (labtraffic)."""
 
-    def __init__(self, lab: LabPlan, seconds: int) -> None:
-        self.lab, self.seconds = lab, seconds
+    def __init__(self, lab: LabPlan, seconds: int, grace: float = GRACE) -> None:
+        self.lab, self.seconds, self.grace = lab, seconds, grace
         server = str(lab.describe()["server"]["address"])
         bpf = f"tcp and dst host {server} and dst port {STREAM_PORT}"
         self.capture = Capture(lab.namespace("server"), SERVER_IF, bpf, immediate=True)
-        self.stream = TcpStream(lab, seconds)  # from the first client address
+        self.stream = TcpStream(lab, seconds, grace=grace)  # from the first client address
         self.download: HttpDownload | None = None
         self.began = 0.0  # epoch
         self._tries = 0
@@ -105,7 +107,9 @@ class Traffic:
         sources = self.lab.client_addresses
         self._tries += 1
         source, port = sources[self._tries % len(sources)], HTTP_PORT + self._tries - 1
-        return HttpDownload(self.lab, size, DOWNLOAD_RATE, port=port, source=source)
+        return HttpDownload(
+            self.lab, size, DOWNLOAD_RATE, port=port, source=source, grace=self.grace
+        )
 
     async def download_on(self, svc: Service, rid: str | None, latest: float) -> bool | None:
         """Start the download (to last until the stream's end); with `rid`, start another,

@@ -7,22 +7,33 @@ reaches one replica. one flow: a source at 300/s over one flow (under `even`
 held to a quarter of the limit, under `demand` to the limit); mixed: that
 source beside spread sources at 150/s over 4 flows each. What each
 source got through is what tcpdump at the server counted from its address.
-Writes skew_nfqueue.csv.
+Each split has a lab and a service of its own, side by side (the one-flow
+cases at once, the mixed ones in turn). Writes skew_nfqueue.csv.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress, TaskID
 
 from vmbox.experiments.inpath.setup import experiment_lab
-from vmbox.experiments.results import ExperimentResult, ReportRow, Scale, new_progress, write_csv
+from vmbox.experiments.results import (
+    ExperimentResult,
+    ReportRow,
+    Scale,
+    new_progress,
+    side_by_side,
+    write_csv,
+)
 from vmbox.lab import LabPlan
 from vmbox.labclients import Flood, ServerCount
+from vmbox.state.etcd import EtcdStore
 from vmbox.testbed import inpath_spec, private_store, running_service, until_second
 from vmbox.tools.capture import full_seconds, per_second
 
@@ -30,13 +41,21 @@ NAME = "skew-nfqueue"
 LIMIT = 100
 REPLICAS = 4
 SPLITS = ("even", "demand")
-CASES = ("one flow", "mixed")
+CASES_ALL = ("one flow", "mixed")
 HEAVY_RATE, SPREAD_RATE = 300.0, 150.0
 SPREAD_FLOWS = 4  # per spread source, one hping3 each (a flow per packet starves `demand`)
 SPREAD = {"full": 20, "small": 6}  # spread sources
 SECONDS = {"full": 12.0, "small": 6.0}
 SKIP = 2  # whole seconds at the start of each case left out (demand reports converge)
 SETTLE = 2.5  # a fresh group holds no share until the resize guard lifts at a boundary
+AGE_OUT = 1.5  # between two cases on one service: the last case's reports age out
+# The cases each split runs ("one flow" first: the splits run it at once). As the relay
+# experiment's (vmbox.experiments.skew.CASES), the small run leaves out the mixed case
+# under `even`, which no verdict reads.
+CASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "full": {"even": CASES_ALL, "demand": CASES_ALL},
+    "small": {"even": ("one flow",), "demand": CASES_ALL},
+}
 
 
 async def run_case(lab: LabPlan, case: str, spread: int, seconds: float) -> dict[str, list[int]]:
@@ -67,20 +86,39 @@ async def run_case(lab: LabPlan, case: str, spread: int, seconds: float) -> dict
 
 
 async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> ExperimentResult:
-    spread, seconds = SPREAD[scale], SECONDS[scale]
+    """Each split in a lab of its own, side by side: the one-flow cases (a source at 300/s
+    each) at once, the mixed cases one after the other (as the relay experiment's)."""
+    spread, seconds, cases = SPREAD[scale], SECONDS[scale], CASES[scale]
     got: dict[tuple[str, str], dict[str, list[int]]] = {}
-    with experiment_lab("skew", clients=1 + spread) as lab, new_progress(console) as progress:
-        bar = progress.add_task("skew", total=len(SPLITS) * len(CASES))
+    together = asyncio.Barrier(sum("one flow" in cases[split] for split in SPLITS))
+    alone = asyncio.Lock()
+
+    async def split_run(
+        store: EtcdStore, lab: LabPlan, split: str, progress: Progress, bar: TaskID
+    ) -> None:
+        spec = inpath_spec(f"skew{split}", lab, REPLICAS, split=split)
+        async with running_service(store, spec):
+            await asyncio.sleep(SETTLE)
+            for i, case in enumerate(cases[split]):
+                if i:
+                    await asyncio.sleep(AGE_OUT)
+                if case == "one flow":
+                    await together.wait()
+                async with alone if case == "mixed" else contextlib.nullcontext():
+                    progress.update(bar, description=f"{split}: {case}")
+                    got[(split, case)] = await run_case(lab, case, spread, seconds)
+                progress.advance(bar)
+
+    with contextlib.ExitStack() as labs, new_progress(console) as progress:
+        lab_of = {
+            split: labs.enter_context(experiment_lab("skew", 1 + spread, tag=split[0]))
+            for split in SPLITS
+        }
+        bar = progress.add_task("skew", total=sum(len(cases[split]) for split in SPLITS))
         async with private_store() as store:
-            for split in SPLITS:
-                spec = inpath_spec(f"skew{split}", lab, REPLICAS, split=split)
-                async with running_service(store, spec):
-                    await asyncio.sleep(SETTLE)
-                    for case in CASES:
-                        progress.update(bar, description=f"{split}: {case}")
-                        got[(split, case)] = await run_case(lab, case, spread, seconds)
-                        progress.advance(bar)
-                        await asyncio.sleep(1.5)  # the last case's reports age out
+            await side_by_side(
+                *(split_run(store, lab_of[split], split, progress, bar) for split in SPLITS)
+            )
     csv_path = write_csv(
         out_dir / "skew_nfqueue.csv",
         ("case", "split", "source", "second", "received"),
@@ -122,6 +160,8 @@ def report_rows(got: dict[tuple[str, str], dict[str, list[int]]]) -> list[Report
         ),
     ]
     for split in SPLITS:
+        if (split, "mixed") not in got:  # left out of the small run (CASES)
+            continue
         m = means(got[(split, "mixed")])
         worst = max(m.values(), key=lambda v: abs(v - LIMIT))
         rows.append(

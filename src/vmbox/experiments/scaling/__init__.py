@@ -12,7 +12,9 @@ sample the autoscaler saw is recorded:
   count, come back down.
 - pps: steps of packet rate (one source, 64 flows, a limit of 100/s) scale the
   service up on packets per second and, once the load stops, down to min; the
-  server's received rate is recorded every second to show the limit held.
+  server's received rate is recorded every second to show the limit held. It
+  runs twice, without and with a warm spare (pps-warm), for the reaction times;
+  at small scale the two side by side, paired (phases.SIDE_BY_SIDE).
 
 Writes scaling_samples.csv (one row per replica per sample), scaling_events.csv
 (decisions, with the reaction time from the first sample over the threshold to

@@ -2,7 +2,9 @@
 
 Called through vmbox.experiments.scaling (the registry's entry). Records every
 sample the autoscaler saw, every decision and each replica's first passed
-packet into a PhaseRun (record.py), then hands the runs to summary.py.
+packet into a PhaseRun (record.py), then hands the runs to summary.py. The
+phases run in the stages phases.stages gives: in turn, except the two
+packet-rate phases at small scale, which run side by side.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 
 from vmbox.control import events
 from vmbox.control.controller import Controller
-from vmbox.experiments.results import ExperimentResult, Scale, new_progress
-from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PHASES, PROBE_RATE, PhasePlan, phase_spec
+from vmbox.experiments.results import ExperimentResult, Scale, new_progress, side_by_side
+from vmbox.experiments.scaling.phases import MEMORY_LIMIT, PROBE_RATE, PhasePlan, phase_spec, stages
 from vmbox.experiments.scaling.record import PhaseRun
 from vmbox.experiments.scaling.summary import summarise
 from vmbox.metrics import scrape
@@ -118,29 +121,30 @@ async def _steps(run: PhaseRun) -> None:
         run.load_spans.append((began, time.time()))
 
 
-async def run_phase(store: EtcdStore, plan: PhasePlan, console: Console) -> PhaseRun:
+async def run_phase(store: EtcdStore, plan: PhasePlan, progress: Progress) -> PhaseRun:
+    """One phase on a fresh service of its own; its bar on `progress` (one display for all
+    the phases, which may run side by side)."""
     cgroups, _ = open_cgroups(f"scaling-{plan.name}", parse_size(MEMORY_LIMIT))
 
     def make_spec() -> Spec:
         return phase_spec(plan, free_udp_port(), free_udp_port(), cgroup=cgroups is not None)
 
     run = PhaseRun(plan, make_spec())
-    with new_progress(console) as progress:
-        bar = progress.add_task(f"{plan.name}: starting", total=plan.total)
-        async with running_service(store, make_spec, on_event=_listener(run)) as service:
-            run.spec = service.spec
-            run.memory_source = service.runtime.cgroup_note
-            run.t0 = time.time()
-            recorder = asyncio.create_task(_record(service.controller, run))
-            try:
-                progress.update(bar, description=f"{plan.name}: idle, then load, then settle")
-                await _drive(service.controller, run, lambda s: progress.advance(bar, s))
-            finally:
-                recorder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await recorder
-        run.server = dict(service.echo.history)
-        progress.update(bar, completed=plan.total, description=f"{plan.name}: done")
+    bar = progress.add_task(f"{plan.name}: starting", total=plan.total)
+    async with running_service(store, make_spec, on_event=_listener(run)) as service:
+        run.spec = service.spec
+        run.memory_source = service.runtime.cgroup_note
+        run.t0 = time.time()
+        recorder = asyncio.create_task(_record(service.controller, run))
+        try:
+            progress.update(bar, description=f"{plan.name}: idle, then load, then settle")
+            await _drive(service.controller, run, lambda s: progress.advance(bar, s))
+        finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
+    run.server = dict(service.echo.history)
+    progress.update(bar, completed=plan.total, description=f"{plan.name}: done")
     return run
 
 
@@ -148,7 +152,9 @@ async def run(out_dir: Path, *, scale: Scale = "full", console: Console) -> Expe
     result = ExperimentResult(NAME)
     runs: list[PhaseRun] = []
     async with private_store() as store:
-        for plan in PHASES[scale]:
-            runs.append(await run_phase(store, plan, console))
+        with new_progress(console) as progress:
+            for stage in stages(scale):
+                # A stage's phases side by side (phases.SIDE_BY_SIDE), kept in their order.
+                runs += await side_by_side(*(run_phase(store, p, progress) for p in stage))
     summarise(runs, out_dir, result, console)
     return result
