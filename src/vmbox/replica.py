@@ -438,6 +438,7 @@ class Replica:
             on_acks=self.epoch.see_summary,
             on_demand=self.demand.take if self.demand is not None else None,
             interval=mb.report_interval if mb is not None else 0.1,
+            window=mb.window if mb is not None else 1.0,
         )
 
     async def _follow_members(self) -> None:

@@ -17,6 +17,7 @@ of a group add up to exactly `total`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
@@ -48,6 +49,40 @@ def even_share(total: int, group: Group) -> int:
         old = even(total, group.previous, group.me) if group.me in group.previous else 0
         share = min(share, old)
     return share
+
+
+# When the demand summary a window divides by is written: a quarter interval before
+# the end of each report interval (the reports are written at its middle).
+SUMMARY_PHASE = 0.75
+
+
+def _micros(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def next_tick(now: float, interval: float) -> int:
+    """The first summary tick after `now`: tick `i` falls at (i + SUMMARY_PHASE) * interval."""
+    return math.floor(now / interval - SUMMARY_PHASE) + 1
+
+
+def tick_time(tick: int, interval: float) -> float:
+    return (tick + SUMMARY_PHASE) * interval
+
+
+def window_tick(window_id: int, window: float, interval: float) -> int:
+    """The tick whose summary window `window_id` divides by: the last one before it begins.
+
+    Integer microseconds, so the aggregator (`closes_window`) and every replica
+    name the same tick for the same window.
+    """
+    w, i = _micros(window), _micros(interval)
+    return -((3 * i - 4 * window_id * w) // (4 * i)) - 1  # ceil((4 id w - 3 i) / 4 i) - 1
+
+
+def closes_window(tick: int, window: float, interval: float) -> bool:
+    """Whether `tick` is some window's `window_tick` (the next tick is in a later window)."""
+    w, i = _micros(window), _micros(interval)
+    return (4 * tick + 7) * i // (4 * w) > (4 * tick + 3) * i // (4 * w)
 
 
 def floor_ratio(floor: float) -> tuple[int, int]:

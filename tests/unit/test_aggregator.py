@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 
 from tests.conftest import until
+from vmbox import sharing
 from vmbox.state import keys
 from vmbox.state.aggregator import Aggregation
 from vmbox.state.demand import Report
@@ -30,15 +31,20 @@ class Member:
         self.store, self.me, self.lease = store, me, 0
         self.acks: list[tuple[dict[str, frozenset[str]], dict[str, int]]] = []
         self.demand: list[dict[str, Report]] = []
+        self.ticks: list[int | None] = []
         self.aggregation = Aggregation(
             store,
             SERVICE,
             me,
             lambda: self.lease,
             on_acks=lambda acks, windows: self.acks.append((acks, windows)),
-            on_demand=self.demand.append,
+            on_demand=self.took,
             interval=0.05,
         )
+
+    def took(self, reports: dict[str, Report], tick: int | None) -> None:
+        self.demand.append(reports)
+        self.ticks.append(tick)
 
     async def join(self, ttl: int = 10) -> None:
         self.lease = await self.store.grant_lease(ttl)
@@ -86,8 +92,15 @@ async def one_leader_and_its_summaries_reach_everyone(store: Store) -> None:
         want = {"r0": {"10.0.0.1": 40}, "r2": {"10.0.0.1": 10, "10.0.0.2": 3}}
         await until(lambda: all(m.demand and m.demand[-1] == want for m in group), 2)
         taken = [len(m.demand) for m in group]
-        await asyncio.sleep(0.3)  # six intervals of unchanged reports: no new summary
-        assert [len(m.demand) for m in group] == taken
+        await asyncio.sleep(0.3)  # six intervals of unchanged reports: no new summary...
+        for m, before in zip(group, taken, strict=True):
+            # ...but the last tick before a window begins (one in 0.3 s at most).
+            again = m.ticks[before:]
+            assert len(again) <= 1 and all(
+                t is not None and sharing.closes_window(t, 1.0, 0.05) for t in again
+            ), again
+        ticks = [t for t in group[0].ticks if t is not None]
+        assert ticks == sorted(ticks) and len(set(ticks)) == len(ticks)
         assert len(leaders(*group)) == 1
         kv = await store.get(keys.summary_key(SERVICE, "demand"))
         leader = next(m for m in group if m.aggregation.leading)

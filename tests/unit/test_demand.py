@@ -108,7 +108,7 @@ class Offered:
     def take_demand(self) -> dict[str, int]:
         return dict(self.offered)
 
-    def set_demand(self, reports: Mapping[str, Mapping[str, int]]) -> None:
+    def set_demand(self, reports: Mapping[str, Mapping[str, int]], tick: int | None = None) -> None:
         self.seen.append({replica: dict(report) for replica, report in reports.items()})
 
 

@@ -59,8 +59,12 @@ class RateLimiter(Middlebox):
         offered, self.offered = self.offered, {}
         return offered
 
-    def set_demand(self, reports: Mapping[str, Report]) -> None:
-        """Take the latest demand reports of the group: replica -> source -> offered."""
+    def set_demand(self, reports: Mapping[str, Report], tick: int | None = None) -> None:
+        """Take the latest demand reports of the group: replica -> source -> offered.
+
+        `tick`: the summary tick they were written for (the aggregator's); None
+        when they apply at once. Only the fixed window's use of it differs.
+        """
         self.latest_reports = reports
         if self.demand:
             self.demand_changed(self.index.replace(reports, self.keep_reports()))

@@ -287,7 +287,7 @@ class RuleSet(Middlebox):
                 offered[f"{name}|{source}"] = count
         return offered
 
-    def set_demand(self, reports: Mapping[str, Mapping[str, int]]) -> None:
+    def set_demand(self, reports: Mapping[str, Mapping[str, int]], tick: int | None = None) -> None:
         """Hand each rule's limiter its part of every replica's report."""
         split: dict[str, dict[str, dict[str, int]]] = {name: {} for name in self.limiters}
         for replica, report in reports.items():
@@ -299,7 +299,7 @@ class RuleSet(Middlebox):
                 if part is not None:
                     part[replica][source] = count
         for name, limiter in self.limiters.items():
-            limiter.set_demand(split[name])
+            limiter.set_demand(split[name], tick)
 
 
 def _proto(spec: Mapping[str, Any]) -> str:

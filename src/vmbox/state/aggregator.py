@@ -11,9 +11,12 @@ key it is, on its current lease, leads:
 - it watches every replica's ack (`acks/`) and publishes the complete sets
   whenever they change (a resize: a write or two, not one per ack);
 - under `split: demand` it watches every replica's report (`demand/`) and
-  publishes the heaviest of them once per report interval, a quarter interval
-  after the reports (which are written half an interval off the windows'
-  boundaries), so a window begins on one summary everyone has.
+  publishes the heaviest of them once per report interval when they changed,
+  a quarter interval after the reports (which are written half an interval
+  off the windows' boundaries), each summary named by its tick. The last
+  tick before each window is written even when nothing changed: every
+  replica divides that window by it, and waits for it if it begins the
+  window without it (vmbox.functions.fixedwindow).
 
 Its summaries live on its lease too: a leader that dies takes them and its
 key with it when the lease expires (at once when the controller revokes the
@@ -33,9 +36,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
+from vmbox import sharing
 from vmbox.state import keys
 from vmbox.state.demand import Report
 from vmbox.state.demandsync import parsed_report
@@ -71,8 +76,9 @@ class Aggregation:
         lease: Callable[[], int],
         *,
         on_acks: Callable[[dict[str, frozenset[str]], dict[str, int]], None],
-        on_demand: Callable[[dict[str, Report]], None] | None = None,
+        on_demand: Callable[[dict[str, Report], int | None], None] | None = None,
         interval: float = 0.1,
+        window: float = 1.0,
         max_pairs: int = MAX_PAIRS,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,6 +89,7 @@ class Aggregation:
         self.on_acks = on_acks
         self.on_demand = on_demand  # None: the service does not split by demand
         self.interval = interval
+        self.window = window  # the rate limit's: each window's last tick is always written
         self.max_pairs = max_pairs
         self.clock = clock
         self.leader_key = keys.summary_key(service, "leader")
@@ -127,7 +134,7 @@ class Aggregation:
             taken = parse_demand(demand.value)
             if taken is not None and taken.revision > self.demand_revision:
                 self.demand_revision = taken.revision
-                self.on_demand(taken.reports)
+                self.on_demand(taken.reports, taken.tick)
 
     async def _campaign(self) -> None:
         while True:
@@ -195,6 +202,7 @@ class Aggregation:
     async def _summarise_demand(self, lease: int) -> None:
         latest: tuple[int, dict[str, Report]] = (0, {})
         written: dict[str, Report] | None = None
+        last = -1  # the tick last written
 
         async def follow() -> None:
             nonlocal latest
@@ -207,16 +215,22 @@ class Aggregation:
             while True:
                 # A quarter interval after the reports (written half an interval off the
                 # windows' boundaries), a quarter before the next boundary.
-                phase = (self.clock() - 0.75 * self.interval) % self.interval
-                await asyncio.sleep(self.interval - phase)
+                tick = sharing.next_tick(self.clock(), self.interval)
+                await asyncio.sleep(max(0.0, sharing.tick_time(tick, self.interval) - self.clock()))
                 revision, reports = latest
                 if not revision:
                     continue
                 cut = heaviest(reports, self.max_pairs)
-                if cut != written and await self._write(
-                    "demand", encode_demand(DemandSummary(revision, cut)), lease
+                # The tick a window divides by is written even if nothing changed, and
+                # one a late loop skipped is made up for at once, so a replica that has
+                # no summary of that tick yet knows one is coming.
+                window_id = math.floor(sharing.tick_time(tick, self.interval) / self.window)
+                due = sharing.window_tick(window_id, self.window, self.interval)
+                closing = sharing.closes_window(tick, self.window, self.interval)
+                if (cut != written or closing or last < due) and await self._write(
+                    "demand", encode_demand(DemandSummary(revision, cut, tick)), lease
                 ):
-                    written = cut
+                    written, last = cut, tick
 
     def gauges(self) -> dict[str, float]:
         return {

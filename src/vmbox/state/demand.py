@@ -23,7 +23,9 @@ class DemandAware(Protocol):
 
     def take_demand(self) -> dict[str, int]: ...
 
-    def set_demand(self, reports: Mapping[str, Mapping[str, int]]) -> None: ...
+    def set_demand(
+        self, reports: Mapping[str, Mapping[str, int]], tick: int | None = None
+    ) -> None: ...
 
 
 def encode_report(offered: Mapping[str, int], max_sources: int) -> bytes:

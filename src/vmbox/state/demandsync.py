@@ -176,6 +176,10 @@ class DemandSharing:
         )
         self.on_snapshot = on_snapshot  # after the middlebox took each snapshot
         self.snapshots = 0
+        if not follow:
+            # Summaries come named by their tick: until the first, a window waits a
+            # little for it, then divides by no report (the even share) like everyone.
+            middlebox.set_demand({}, -1)
 
     async def run(self) -> None:
         """Report and follow until cancelled."""
@@ -188,9 +192,10 @@ class DemandSharing:
         async for reports in watch_demand(self.store, self.service):
             self.take(reports)
 
-    def take(self, reports: Mapping[str, Report]) -> None:
-        """A new snapshot of the group's reports (its own watch's, or the aggregator's)."""
-        self.middlebox.set_demand(reports)
+    def take(self, reports: Mapping[str, Report], tick: int | None = None) -> None:
+        """A new snapshot of the group's reports: its own watch's (no tick: it applies
+        at once), or the aggregator's, named by the summary tick it was written for."""
+        self.middlebox.set_demand(reports, tick)
         self.snapshots += 1
         if self.on_snapshot is not None:
             self.on_snapshot()

@@ -22,6 +22,12 @@ declared: the synthesized acks answer both as the real ones did at the
 summary's revision. Why that keeps the guard's proof: see
 vmbox.state.epoch ("Acks through the aggregator").
 
+The demand summary also names its tick: every window divides by the summary
+of the last tick before it begins (vmbox.sharing.window_tick), so replicas
+that begin a window late, or take a summary late, still divide it alike
+(vmbox.functions.fixedwindow). The aggregator writes that tick's summary even
+when nothing changed, so a replica can tell "unchanged" from "not here yet".
+
 Both carry the store revision of the snapshot they summarise (`rev`); a
 replica takes a summary only if it is newer than the last it took, so two
 aggregators for a moment (one that lost its lease and does not know yet)
@@ -46,6 +52,7 @@ MAX_PAIRS = 4096
 class DemandSummary:
     revision: int
     reports: dict[str, Report]
+    tick: int | None = None  # the summary tick it was written for (vmbox.sharing.next_tick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,9 @@ def heaviest(reports: Mapping[str, Mapping[str, int]], max_pairs: int) -> dict[s
 
 
 def encode_demand(summary: DemandSummary) -> bytes:
-    body = {"rev": summary.revision, "reports": _sorted(summary.reports)}
+    body: dict[str, object] = {"rev": summary.revision, "reports": _sorted(summary.reports)}
+    if summary.tick is not None:
+        body["tick"] = summary.tick
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -92,8 +101,10 @@ def parse_demand(raw: bytes) -> DemandSummary | None:
     data = _object(raw)
     if data is None:
         return None
-    revision, bodies = data.get("rev"), data.get("reports")
+    revision, bodies, tick = data.get("rev"), data.get("reports"), data.get("tick")
     if not isinstance(revision, int) or not _count(revision) or not isinstance(bodies, dict):
+        return None
+    if tick is not None and not (isinstance(tick, int) and _count(tick)):
         return None
     reports: dict[str, Report] = {}
     for replica, body in bodies.items():
@@ -101,7 +112,7 @@ def parse_demand(raw: bytes) -> DemandSummary | None:
         if report is None:
             return None
         reports[replica] = report
-    return DemandSummary(revision, reports)
+    return DemandSummary(revision, reports, tick)
 
 
 def complete_sets(acks: Mapping[str, Ack]) -> tuple[tuple[frozenset[str], int | None], ...]:
