@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from collections.abc import Callable, Mapping
 
 from tests.conftest import until
@@ -177,3 +179,45 @@ def test_replicas_see_each_others_reports_through_the_store() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_a_timer_that_fires_early_does_not_make_a_second_report() -> None:
+    """asyncio may fire a timer up to its clock's resolution early; a report loop
+    that then reported again at once wrote a near-empty report between two full
+    ones, and a window that divided by it gave its source the even share."""
+    store = MemoryStore()
+
+    async def main() -> int:
+        lease = await store.grant_lease(10)
+        collected: list[float] = []
+
+        def collect() -> dict[str, int]:
+            collected.append(time.time())
+            return {"10.0.0.1": len(collected)}  # always changed: every report is written
+
+        # Every other reading 2 ms behind: a wake-up that looks early (float rounding
+        # at today's epoch, about 2e-7 s, does the same to a loop that trusts it).
+        readings = itertools.count()
+
+        def clock() -> float:
+            return time.time() - (0.002 if next(readings) % 2 else 0.0)
+
+        reporter = DemandReporter(
+            store,
+            "web",
+            "r1",
+            collect,
+            lambda: lease,
+            interval=0.05,
+            max_sources=2,
+            clock=clock,
+        )
+        task = asyncio.create_task(reporter.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gaps = [b - a for a, b in itertools.pairwise(collected)]
+        assert all(gap > 0.03 for gap in gaps), gaps
+        return len(collected)
+
+    assert 8 <= asyncio.run(main()) <= 11

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -67,11 +68,17 @@ class DemandReporter:
 
     async def run(self) -> None:
         """Report every interval until cancelled; never raises StoreError."""
+        slot = -1
         while True:
-            # Half an interval off the epoch's multiples of it, so a report
-            # never races the start of a rate-limit window (which freezes shares).
-            phase = (self.clock() - self.interval / 2) % self.interval
-            await asyncio.sleep(self.interval - phase)
+            # Half an interval off the epoch's multiples of it, so a report never
+            # races the start of a rate-limit window. Each slot once, and not before
+            # its time: a timer that fires a little early (asyncio allows its clock's
+            # resolution) must not make a second report of a few milliseconds, whose
+            # near-empty counts the aggregator would pass on as the source's demand.
+            slot = max(slot + 1, math.floor(self.clock() / self.interval - 0.5) + 1)
+            due = (slot + 0.5) * self.interval
+            while (wait := due - self.clock()) > 0:
+                await asyncio.sleep(wait)
             await self.report()
 
     async def report(self) -> bool:
