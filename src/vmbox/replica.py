@@ -359,9 +359,13 @@ class Replica:
 
     @property
     def holding_share(self) -> bool:
-        """Registered, and the group it sees is settled (its resize guard is down)."""
+        """Registered, the group it sees settled (its resize guard down), and under
+        the demand split through the aggregator, its first summary taken (before
+        it a window waits for one, vmbox.functions.fixedwindow)."""
         registered = self.membership is not None and self.membership.registered.is_set()
-        return registered and not self.guard.guarded
+        demand = self.demand
+        summarised = demand is None or demand.follow or demand.snapshots > 0
+        return registered and not self.guard.guarded and summarised
 
     @property
     def ready(self) -> bool:

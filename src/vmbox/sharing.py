@@ -70,19 +70,31 @@ def tick_time(tick: int, interval: float) -> float:
 
 
 def window_tick(window_id: int, window: float, interval: float) -> int:
-    """The tick whose summary window `window_id` divides by: the last one before it begins.
+    """The tick whose summary window `window_id` divides by: the last one at least an
+    interval before the window begins (at the defaults 125 ms before it), so the
+    summary is at every replica when the window begins but for one far behind.
 
     Integer microseconds, so the aggregator (`closes_window`) and every replica
     name the same tick for the same window.
     """
     w, i = _micros(window), _micros(interval)
-    return -((3 * i - 4 * window_id * w) // (4 * i)) - 1  # ceil((4 id w - 3 i) / 4 i) - 1
+    return (4 * window_id * w - 7 * i) // (4 * i)  # (i + 3/4) I <= id W - I
 
 
 def closes_window(tick: int, window: float, interval: float) -> bool:
-    """Whether `tick` is some window's `window_tick` (the next tick is in a later window)."""
+    """Whether `tick` is the `window_tick` of the window after it."""
     w, i = _micros(window), _micros(interval)
-    return (4 * tick + 7) * i // (4 * w) > (4 * tick + 3) * i // (4 * w)
+    after = -(-(4 * tick + 7) * i // (4 * w))  # the first window an interval past the tick
+    return window_tick(after, window, interval) == tick
+
+
+def owed_tick(tick: int, window: float, interval: float) -> int:
+    """The latest window tick at or before `tick`: a summary named `tick` or later
+    tells every replica that window's summary is in (the aggregator writes one at
+    each tick until a write has covered it)."""
+    w = math.floor(tick_time(tick, interval) / window) + 1  # the window about to begin
+    due = window_tick(w, window, interval)
+    return due if due <= tick else window_tick(w - 1, window, interval)
 
 
 def floor_ratio(floor: float) -> tuple[int, int]:

@@ -151,9 +151,13 @@ def test_one_flow_on_four_replicas(etcd: EtcdServer, tmp_path: Path, split: str)
     if split == "even":
         assert all(20 <= c <= 30 for c in seconds), seconds  # the flaw: 100 / 4
     else:
-        # Within 2 report intervals of the start, and the limit from the first second on.
-        assert past_even <= 2 * REPORT_INTERVAL + 0.05, past_even
-        assert all(95 <= c <= 105 for c in seconds), seconds
+        # A source new in a window takes the even share until the window ends (raising
+        # it within the window could pass more than the limit when a source's traffic
+        # moves, DESIGN.md "Which summary a window divides by"); from the next window
+        # on, the demand split's 97 of 100 with 4 replicas.
+        assert seconds[0] <= 26, seconds
+        assert past_even <= 1.0 + 0.1, past_even
+        assert all(95 <= c <= 100 for c in seconds[1:]), seconds
 
 
 def test_mixed_heavy_and_spread_sources_each_get_the_limit(

@@ -53,8 +53,9 @@ def run(
     events: list[tuple[float, int, str, str, object]] = []  # (time, order, kind, replica, data)
     order = 0
     # Summaries: one per tick; each replica takes them in order, each after a delay
-    # below the grace a window waits (written a quarter interval before the boundary).
-    most = (GRACE_INTERVALS + 0.2) * INTERVAL
+    # below what a window waits for its own (written an interval and a quarter
+    # before the window begins, then the grace).
+    most = (GRACE_INTERVALS + 1.2) * INTERVAL
     first = sharing.next_tick(START, INTERVAL)
     last = sharing.next_tick(START + windows * WINDOW, INTERVAL)
     arrived = dict.fromkeys(names, 0.0)
@@ -163,6 +164,9 @@ def test_a_summary_for_a_window_is_written_by_the_tick_each_replica_names() -> N
             tick = sharing.window_tick(window_id, window, interval)
             begins = window_id * window
             after = sharing.tick_time(tick + 1, interval)
-            assert sharing.tick_time(tick, interval) < begins <= after
-            assert sharing.closes_window(tick, window, interval)
+            assert sharing.tick_time(tick, interval) <= begins - interval < after
+            assert sharing.closes_window(tick, window, interval) or window < interval
             assert not sharing.closes_window(tick - 1, window, interval) or window < interval
+            # A summary named `tick` or later covers the window; one before does not.
+            assert sharing.owed_tick(tick, window, interval) == tick or window < interval
+            assert sharing.owed_tick(tick - 1, window, interval) < tick

@@ -13,10 +13,11 @@ key it is, on its current lease, leads:
 - under `split: demand` it watches every replica's report (`demand/`) and
   publishes the heaviest of them once per report interval when they changed,
   a quarter interval after the reports (which are written half an interval
-  off the windows' boundaries), each summary named by its tick. The last
-  tick before each window is written even when nothing changed: every
-  replica divides that window by it, and waits for it if it begins the
-  window without it (vmbox.functions.fixedwindow).
+  off the windows' boundaries), each summary named by its tick. The tick
+  a window divides by (the last one at least an interval before it begins,
+  vmbox.sharing.window_tick) is written even when nothing changed, and made
+  up for at the next tick if the loop missed it: a replica that begins the
+  window without it waits for it (vmbox.functions.fixedwindow).
 
 Its summaries live on its lease too: a leader that dies takes them and its
 key with it when the lease expires (at once when the controller revokes the
@@ -36,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -89,13 +89,13 @@ class Aggregation:
         self.on_acks = on_acks
         self.on_demand = on_demand  # None: the service does not split by demand
         self.interval = interval
-        self.window = window  # the rate limit's: each window's last tick is always written
+        self.window = window  # the rate limit's: the tick each window divides by is always written
         self.max_pairs = max_pairs
         self.clock = clock
         self.leader_key = keys.summary_key(service, "leader")
         self.leader: tuple[str, int] | None = None  # (replica, lease) holding the key
         self.acks_revision = -1  # of the last summary taken
-        self.demand_revision = -1
+        self.demand_revision = (-1, -1)  # (revision, tick) of the last demand summary taken
         self.elections_won = 0
         self.summaries_written = 0
         self.summary_errors = 0
@@ -132,8 +132,13 @@ class Aggregation:
             if self.on_demand is None or demand is None:
                 continue
             taken = parse_demand(demand.value)
-            if taken is not None and taken.revision > self.demand_revision:
-                self.demand_revision = taken.revision
+            # The same reports again under a later tick (a window's tick is written
+            # even when nothing changed) are news too: the window waits for them.
+            if taken is None:
+                continue
+            order = (taken.revision, -1 if taken.tick is None else taken.tick)
+            if order > self.demand_revision:
+                self.demand_revision = order
                 self.on_demand(taken.reports, taken.tick)
 
     async def _campaign(self) -> None:
@@ -212,11 +217,15 @@ class Aggregation:
 
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(follow())
+            tick = -1
             while True:
                 # A quarter interval after the reports (written half an interval off the
-                # windows' boundaries), a quarter before the next boundary.
-                tick = sharing.next_tick(self.clock(), self.interval)
-                await asyncio.sleep(max(0.0, sharing.tick_time(tick, self.interval) - self.clock()))
+                # windows' boundaries), a quarter before the next boundary; each tick
+                # once, and not before its time (a timer may fire a little early).
+                tick = max(tick + 1, sharing.next_tick(self.clock(), self.interval))
+                due = sharing.tick_time(tick, self.interval)
+                while (wait := due - self.clock()) > 0:
+                    await asyncio.sleep(wait)
                 revision, reports = latest
                 if not revision:
                     continue
@@ -224,10 +233,8 @@ class Aggregation:
                 # The tick a window divides by is written even if nothing changed, and
                 # one a late loop skipped is made up for at once, so a replica that has
                 # no summary of that tick yet knows one is coming.
-                window_id = math.floor(sharing.tick_time(tick, self.interval) / self.window)
-                due = sharing.window_tick(window_id, self.window, self.interval)
-                closing = sharing.closes_window(tick, self.window, self.interval)
-                if (cut != written or closing or last < due) and await self._write(
+                due = sharing.owed_tick(tick, self.window, self.interval)
+                if (cut != written or last < due) and await self._write(
                     "demand", encode_demand(DemandSummary(revision, cut, tick)), lease
                 ):
                     written, last = cut, tick

@@ -23,7 +23,7 @@ summary's revision. Why that keeps the guard's proof: see
 vmbox.state.epoch ("Acks through the aggregator").
 
 The demand summary also names its tick: every window divides by the summary
-of the last tick before it begins (vmbox.sharing.window_tick), so replicas
+of its tick, an interval before it begins (vmbox.sharing.window_tick), so replicas
 that begin a window late, or take a summary late, still divide it alike
 (vmbox.functions.fixedwindow). The aggregator writes that tick's summary even
 when nothing changed, so a replica can tell "unchanged" from "not here yet".
