@@ -12,7 +12,9 @@ share, and a replica absent from the old group takes nothing.
 
 Shares are whole packets. Every replica computes the same integer shares from
 the same inputs (integer arithmetic, ties broken by replica id), so the shares
-of a group add up to exactly `total`.
+of a group add up to exactly `total`. For `demand` the inputs must be the same
+too: `window_tick` names the aggregator's summary a window divides by, the same
+at every replica.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def window_tick(window_id: int, window: float, interval: float) -> int:
     interval before the window begins (at the defaults 125 ms before it), so the
     summary is at every replica when the window begins but for one far behind.
 
-    Integer microseconds, so the aggregator (`closes_window`) and every replica
+    Integer microseconds, so the aggregator (`owed_tick`) and every replica
     name the same tick for the same window.
     """
     w, i = _micros(window), _micros(interval)

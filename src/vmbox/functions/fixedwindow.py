@@ -49,7 +49,7 @@ from vmbox.packet import Packet, Verdict
 _NONE: Mapping[str, int] = MappingProxyType({})
 _NONE_REPORTS: Mapping[str, Report] = MappingProxyType({})
 # How long after a window begins it waits for its summary, in report intervals
-# (the summary is written a quarter interval before the window begins).
+# (the summary is written an interval and a quarter before the window begins).
 GRACE_INTERVALS = 2
 MAX_SUMMARIES = 64  # named summaries kept (about 10 a window at the defaults)
 
