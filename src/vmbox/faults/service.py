@@ -27,8 +27,9 @@ def fault_spec(service: str, replicas: int = 1, **middlebox: Any) -> Spec:
             "listen": f"127.0.0.1:{free_udp_port()}",
             "upstream": f"127.0.0.1:{free_udp_port()}",
             # even, named: under the default demand split the `corrupt etcd values` and
-            # `controller restart` faults let 8-19 packets over the limit in a run (none
-            # under even), not yet explained (DESIGN.md "Rate limiting", what demand lacks).
+            # `controller restart` faults let 8-19 packets over the limit in a run before
+            # windows divided by their tick's summary; 0 in one run of each since
+            # (DESIGN.md "Rate limiting", what demand lacks).
             "middlebox": {"function": "ratelimit", "limit": LIMIT, "split": "even"} | middlebox,
             "replicas": {"count": replicas, "min": 1, "max": 4},
             "lease_ttl": 2,
