@@ -19,6 +19,8 @@ at every replica.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -107,6 +109,15 @@ def floor_ratio(floor: float) -> tuple[int, int]:
 
 def replica_set(members: Sequence[str], me: str) -> tuple[str, ...]:
     """The replicas a split is over: the members plus me, sorted."""
+    if isinstance(members, tuple):
+        return _replica_set(members, me)
+    return tuple(sorted(set(members) | {me}))
+
+
+@functools.lru_cache(maxsize=64)
+def _replica_set(members: tuple[str, ...], me: str) -> tuple[str, ...]:
+    # A group's set is asked for once per source it divides: sorting hundreds of
+    # members for each of hundreds of sources was most of a replica's work at scale.
     return tuple(sorted(set(members) | {me}))
 
 
@@ -125,28 +136,46 @@ def source_share(
     is sorted and contains `me` (see `replica_set`). Replica r weighs
     w_r = d_r + floor * D / n, D the source's offered total over the n
     replicas, and gets floor(total * w_r / W) plus, with `remainders`, one
-    for the largest remainders, so the shares add up to `total` exactly.
+    for the largest remainders (ties to the replica first in sorted order),
+    so the shares add up to `total` exactly.
+
+    O(k log n) for a source that k of the n replicas saw: the replicas it
+    offered nothing all weigh the same, so they are counted together.
     """
-    offered = [counts.get(r, 0) for r in replicas]
-    demand = sum(offered)
+    n = len(replicas)
+    mine = bisect.bisect_left(replicas, me)
+    if mine == n or replicas[mine] != me:
+        raise ValueError(f"{me!r} is not in the replicas a share is divided over")
+    seen = []  # (position in `replicas`, packets) of the replicas the source offered some
+    for replica, offered in counts.items():
+        if offered:
+            at = bisect.bisect_left(replicas, replica)
+            if at < n and replicas[at] == replica:
+                seen.append((at, offered))
+    demand = sum(offered for _, offered in seen)
     if demand <= 0:
         return None
     p, q = floor
-    n = len(replicas)
     # Scaled by q * n so everything stays an integer: sum of weights = n*D*(p+q).
     whole = n * demand * (p + q)
     extra = p * demand
-    mine = replicas.index(me)
-    base, mine_rem = divmod(total * (offered[mine] * q * n + extra), whole)
+    base, mine_rem = divmod(total * (counts.get(me, 0) * q * n + extra), whole)
     if not remainders:
         return base
-    left = total
+    idle_share, idle_rem = divmod(total * extra, whole)  # each replica it offered nothing
+    left = total - (n - len(seen)) * idle_share
     ahead = 0  # replicas that come before me for a leftover packet
-    for i, d in enumerate(offered):
-        share, rem = divmod(total * (d * q * n + extra), whole)
+    seen_before_me = 0
+    for at, offered in seen:
+        share, rem = divmod(total * (offered * q * n + extra), whole)
         left -= share
-        if rem > mine_rem or (rem == mine_rem and i < mine):
+        if rem > mine_rem or (rem == mine_rem and at < mine):
             ahead += 1
+        seen_before_me += at < mine
+    if idle_rem > mine_rem:
+        ahead += n - len(seen)
+    elif idle_rem == mine_rem:
+        ahead += mine - seen_before_me  # the idle replicas sorted before me
     return base + (1 if ahead < left else 0)
 
 

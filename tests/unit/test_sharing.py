@@ -140,3 +140,61 @@ def test_the_guarded_demand_share_never_exceeds_the_share_under_a_smaller_group(
     under_union = source_share(total, counts, union, "a", ratio, remainders=False)
     if under_smaller is not None and under_union is not None:
         assert under_union <= under_smaller
+
+
+def _share_by_every_replica(
+    total: int,
+    counts: dict[str, int],
+    replicas: tuple[str, ...],
+    me: str,
+    floor: tuple[int, int],
+    remainders: bool,
+) -> int | None:
+    """source_share as first written: every replica's weight and remainder, one by one."""
+    offered = [counts.get(r, 0) for r in replicas]
+    demand = sum(offered)
+    if demand <= 0:
+        return None
+    p, q = floor
+    n = len(replicas)
+    whole, extra = n * demand * (p + q), p * demand
+    mine = replicas.index(me)
+    base, mine_rem = divmod(total * (offered[mine] * q * n + extra), whole)
+    if not remainders:
+        return base
+    left, ahead = total, 0
+    for i, d in enumerate(offered):
+        share, rem = divmod(total * (d * q * n + extra), whole)
+        left -= share
+        if rem > mine_rem or (rem == mine_rem and i < mine):
+            ahead += 1
+    return base + (1 if ahead < left else 0)
+
+
+@given(
+    st.integers(0, 10_000),
+    # Zero counts, and replicas outside the set (a member that left), as reports have.
+    st.dictionaries(st.sampled_from("abcdefghij"), st.integers(0, 500), max_size=10),
+    st.sets(st.sampled_from("abcdefgh"), min_size=1),
+    st.data(),
+    st.floats(0, 0.5),
+    st.booleans(),
+)
+def test_the_share_counts_the_idle_replicas_together_and_gets_what_counting_each_gets(
+    total: int,
+    counts: dict[str, int],
+    members: set[str],
+    data: st.DataObject,
+    floor: float,
+    remainders: bool,
+) -> None:
+    replicas = replica_set(tuple(members), "a")
+    ratio = floor_ratio(floor)
+    for me in replicas:
+        want = _share_by_every_replica(total, counts, replicas, me, ratio, remainders)
+        assert source_share(total, counts, replicas, me, ratio, remainders=remainders) == want
+    many = replica_set(tuple(f"r{i:03d}" for i in range(data.draw(st.integers(1, 300)))), "r000")
+    spread = {r: data.draw(st.integers(0, 50)) for r in data.draw(st.lists(st.sampled_from(many)))}
+    me = data.draw(st.sampled_from(many))
+    want = _share_by_every_replica(total, spread, many, me, ratio, remainders)
+    assert source_share(total, spread, many, me, ratio, remainders=remainders) == want
