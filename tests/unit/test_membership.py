@@ -16,6 +16,7 @@ from vmbox.state import keys
 from vmbox.state.membership import (
     MemberInfo,
     Membership,
+    latest_only,
     list_members,
     watch_members,
     watch_snapshots,
@@ -186,5 +187,76 @@ def test_snapshots_drop_values_the_parser_rejects_and_keep_odd_members() -> None
         with contextlib.suppress(asyncio.CancelledError):
             await task
         assert seen == [(3, {"r2": 7}), (last, {"r1": 7, "r2": 7}), (last + 1, {"r1": 7})]
+
+    asyncio.run(main())
+
+
+def test_a_busy_consumer_of_snapshots_gets_the_newest_and_skips_the_rest() -> None:
+    async def main() -> None:
+        produced = asyncio.Queue[int | None]()
+
+        async def source() -> AsyncIterator[int]:
+            while (item := await produced.get()) is not None:
+                yield item
+
+        got: list[int] = []
+        busy = asyncio.Event()
+
+        async def consume() -> None:
+            async with contextlib.aclosing(latest_only(source())) as items:
+                async for item in items:
+                    got.append(item)
+                    await busy.wait()  # the consumer's write, taking its time
+                    busy.clear()
+
+        task = asyncio.create_task(consume())
+        produced.put_nowait(1)
+        await until(lambda: got == [1], 1)
+        for item in range(2, 9):  # while it is busy
+            produced.put_nowait(item)
+        await until(lambda: produced.empty(), 1)
+        await asyncio.sleep(0.01)
+        busy.set()
+        await until(lambda: got == [1, 8], 1)  # 2..7 were replaced before it looked
+        produced.put_nowait(9)
+        busy.set()
+        await until(lambda: got == [1, 8, 9], 1)
+        produced.put_nowait(None)  # the source ends: so does the consumer
+        busy.set()
+        await asyncio.wait_for(task, 1)
+
+    asyncio.run(main())
+
+
+def test_latest_only_passes_the_source_error_on_and_stops_its_reader_when_closed() -> None:
+    async def main() -> None:
+        async def failing() -> AsyncIterator[int]:
+            yield 1
+            raise RuntimeError("the watch broke")
+
+        seen = []
+        try:
+            async for item in latest_only(failing()):
+                seen.append(item)
+        except RuntimeError as exc:
+            assert str(exc) == "the watch broke"
+        else:
+            raise AssertionError("the source's error was swallowed")
+        assert seen == [1]
+
+        before = len(asyncio.all_tasks())
+
+        async def endless() -> AsyncIterator[int]:
+            n = 0
+            while True:
+                n += 1
+                yield n
+                await asyncio.sleep(0)
+
+        async with contextlib.aclosing(latest_only(endless())) as items:
+            async for _ in items:
+                break
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == before  # the reader is gone with it
 
     asyncio.run(main())

@@ -91,6 +91,39 @@ def test_a_set_is_complete_only_when_every_member_acked_it() -> None:
     assert complete_sets(acks(a=("a", 0))) == ((frozenset("a"), 0),)
 
 
+def _complete_by_every_member(
+    acks: dict[str, Ack],
+) -> tuple[tuple[frozenset[str], int | None], ...]:
+    """complete_sets as first written: every member of every acked set looked up."""
+    out = []
+    for members in {ack.members for ack in acks.values()}:
+        if members and all((a := acks.get(m)) and a.members == members for m in members):
+            windows = [w for m in members if (w := acks[m].window) is not None]
+            out.append((members, max(windows) if len(windows) == len(members) else None))
+    return tuple(sorted(out, key=lambda item: sorted(item[0])))
+
+
+def test_complete_sets_grouped_by_acker_are_those_found_member_by_member() -> None:
+    rng = random.Random(11)
+    names = "abcdefg"
+    for _ in range(2000):
+        snapshot = {
+            r: Ack(
+                frozenset(n for n in names if rng.random() < 0.5),  # may lack r, or be empty
+                1,
+                rng.choice([None, rng.randint(0, 3)]),
+            )
+            for r in names
+            if rng.random() < 0.9
+        }
+        # Half the time most of them agree, as after a resize.
+        if rng.random() < 0.5 and snapshot:
+            agreed = frozenset(rng.sample(names, rng.randint(1, len(names))))
+            for r in agreed & set(snapshot):
+                snapshot[r] = Ack(agreed, 1, snapshot[r].window)
+        assert complete_sets(snapshot) == _complete_by_every_member(snapshot)
+
+
 def test_ack_summaries_round_trip_and_garbage_is_none() -> None:
     summary = AckSummary(9, ((frozenset("ab"), 8), (frozenset("c"), None)))
     assert parse_acks(encode_acks(summary)) == summary

@@ -45,7 +45,7 @@ from vmbox.state import keys
 from vmbox.state.demand import Report
 from vmbox.state.demandsync import parsed_report
 from vmbox.state.epoch import parse_ack
-from vmbox.state.membership import watch_snapshots
+from vmbox.state.membership import latest_only, watch_snapshots
 from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
 from vmbox.state.summary import (
     MAX_PAIRS,
@@ -195,14 +195,16 @@ class Aggregation:
 
     async def _summarise_acks(self, lease: int) -> None:
         written: tuple[tuple[frozenset[str], int | None], ...] | None = None
-        async for revision, acks in watch_snapshots(
-            self.store, keys.acks_prefix(self.service), parse_ack
-        ):
-            complete = complete_sets(acks)
-            if complete != written and await self._write(
-                "acks", encode_acks(AckSummary(revision, complete)), lease
-            ):
-                written = complete
+        # Only the newest snapshot when the writes fall behind: a join of N replicas
+        # makes about N^2 ack events, and each look costs O(N).
+        snapshots = watch_snapshots(self.store, keys.acks_prefix(self.service), parse_ack)
+        async with contextlib.aclosing(latest_only(snapshots)) as newest:
+            async for revision, acks in newest:
+                complete = complete_sets(acks)
+                if complete != written and await self._write(
+                    "acks", encode_acks(AckSummary(revision, complete)), lease
+                ):
+                    written = complete
 
     async def _summarise_demand(self, lease: int) -> None:
         latest: tuple[int, dict[str, Report]] = (0, {})

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -103,6 +103,43 @@ async def watch_snapshots(
         except StoreError as exc:
             log.debug("watch of %s interrupted: %s", prefix, exc)
         await asyncio.sleep(retry)
+
+
+async def latest_only(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """The items of `source`, but only the newest of those that came while the
+    consumer was busy (its loop body awaiting): for snapshots, where each one
+    replaces the one before, so a slow consumer catches up in one step instead
+    of working through every snapshot in between (the aggregator, at a join of
+    hundreds of replicas, sees an ack event per replica per member change).
+
+    `source` is read by a task of its own; its end or error ends this one.
+    Close it (contextlib.aclosing) to stop that task when the consumer stops.
+    """
+    newest: list[T] = []
+    fresh = asyncio.Event()
+
+    async def pump() -> None:
+        async for item in source:
+            newest[:] = [item]
+            fresh.set()
+
+    reader = asyncio.create_task(pump())
+    waiter: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            if not fresh.is_set():
+                waiter = asyncio.create_task(fresh.wait())
+                await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    reader.result()  # its error, or its end
+                    return
+            fresh.clear()
+            yield newest.pop()
+    finally:
+        running = [task for task in (waiter, reader) if task is not None]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 class Membership:
