@@ -163,7 +163,8 @@ def notes(results: Sequence[PointResult], size: Size) -> list[str]:
         f"{'' if members == size.members else f' on this machine, {size.members} from 4 cores'}"
         f", auth on); the replicas are vmbox.replica.Replica "
         "with headless=True (no sockets: membership, views, resize guard acks, demand "
-        "reports and health probes as in production) in 1-4 worker processes, sharing one "
+        "reports and health probes as in production) in 1-4 worker processes at nice 10 "
+        "(below the etcd they measure), sharing one "
         "etcd connection per 64 replicas of a worker. Spec: split: demand, window 1 s, "
         "consistency: watch, lease_ttl 3 s.",
         f"Measured over {size.measure:g} s of whole windows once every replica held its "
