@@ -172,9 +172,9 @@ def worker_count(replicas: int, cores: int) -> int:
 
 
 def ready_timeout(size: Size, point: Point) -> float:
-    """A join of N replicas in a few processes costs them O(N^2) member events each
-    (their own processes' worth of work, shared here by a few cores): 256 took
-    about 24 s on 2 cores."""
+    """A join of N replicas costs each O(N) member events of O(N) work, which a
+    deployment spreads over N processes and the simulation puts on a few cores:
+    256 took 24-37 s on 2."""
     return size.ready_timeout + min(0.1 * point.total, 40.0)
 
 
