@@ -108,6 +108,8 @@ class Flood:
         self.argv = exec_argv("client", argv, plan.prefix)
         self.seconds = seconds
         self._proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None  # hping3's, once stopped
+        self.said = ""  # its stderr, once stopped
 
     def __enter__(self) -> Flood:
         self._proc = subprocess.Popen(
@@ -128,7 +130,10 @@ class Flood:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self.returncode = self._proc.returncode
         if self._proc.stderr is not None:
+            # What hping3 said (bounded): a flood that sent nothing says why here.
+            self.said = self._proc.stderr.read(4096).decode(errors="replace").strip()
             self._proc.stderr.close()
         self._proc = None
 

@@ -62,6 +62,9 @@ def flood(plan: LabPlan) -> tuple[list[int], labload.Rates]:
             time.sleep(0.05)
     time.sleep(0.1)
     after, end = node_rx(plan), labload.snapshot(plan)
+    # One CI run saw [2, 0, 0, 0] here (passing alone and under load since): if it comes
+    # back, hping3's own words say whether it sent at all.
+    print(f"hping3 exited {sender.returncode}: {sender.said!r}")
     return [b - a for a, b in zip(before, after, strict=True)], labload.Rates.between(start, end)
 
 
