@@ -85,20 +85,18 @@ def window_tick(window_id: int, window: float, interval: float) -> int:
     return (4 * window_id * w - 7 * i) // (4 * i)  # (i + 3/4) I <= id W - I
 
 
-def closes_window(tick: int, window: float, interval: float) -> bool:
-    """Whether `tick` is the `window_tick` of the window after it."""
-    w, i = _micros(window), _micros(interval)
-    after = -(-(4 * tick + 7) * i // (4 * w))  # the first window an interval past the tick
-    return window_tick(after, window, interval) == tick
-
-
 def owed_tick(tick: int, window: float, interval: float) -> int:
     """The latest window tick at or before `tick`: a summary named `tick` or later
     tells every replica that window's summary is in (the aggregator writes one at
-    each tick until a write has covered it)."""
-    w = math.floor(tick_time(tick, interval) / window) + 1  # the window about to begin
-    due = window_tick(w, window, interval)
-    return due if due <= tick else window_tick(w - 1, window, interval)
+    each tick until a write has covered it). `tick` is itself a window's tick
+    exactly when this returns it.
+
+    The window is the last one whose `window_tick` is at most `tick`: by
+    `window_tick`'s arithmetic, the last v with 4 v W < (4 tick + 11) I.
+    """
+    w, i = _micros(window), _micros(interval)
+    last = -(-(4 * tick + 11) * i // (4 * w)) - 1
+    return window_tick(last, window, interval)
 
 
 def floor_ratio(floor: float) -> tuple[int, int]:

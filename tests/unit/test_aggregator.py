@@ -97,7 +97,7 @@ async def one_leader_and_its_summaries_reach_everyone(store: Store) -> None:
             # ...but the last tick before a window begins (one in 0.3 s at most).
             again = m.ticks[before:]
             assert len(again) <= 1 and all(
-                t is not None and sharing.closes_window(t, 1.0, 0.05) for t in again
+                t is not None and sharing.owed_tick(t, 1.0, 0.05) == t for t in again
             ), again
         ticks = [t for t in group[0].ticks if t is not None]
         assert ticks == sorted(ticks) and len(set(ticks)) == len(ticks)
