@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import time
 from collections.abc import Callable, Mapping
 
@@ -195,12 +196,14 @@ def test_a_timer_that_fires_early_does_not_make_a_second_report() -> None:
             collected.append(time.time())
             return {"10.0.0.1": len(collected)}  # always changed: every report is written
 
-        # Every other reading 2 ms behind: a wake-up that looks early (float rounding
-        # at today's epoch, about 2e-7 s, does the same to a loop that trusts it).
-        readings = itertools.count()
+        # Half the readings, at random, 2 ms behind: a wake-up that looks early (float
+        # rounding at today's epoch, about 2e-7 s, does the same to a loop that trusts
+        # it). At random, not every other one: a loop that reads the clock twice per
+        # pass would otherwise never see an early wake-up.
+        behind = random.Random(7)
 
         def clock() -> float:
-            return time.time() - (0.002 if next(readings) % 2 else 0.0)
+            return time.time() - (0.002 if behind.random() < 0.5 else 0.0)
 
         reporter = DemandReporter(
             store,
