@@ -55,8 +55,11 @@ def even_share(total: int, group: Group) -> int:
     return share
 
 
+# When each demand report is written: the middle of its interval, half an interval off
+# the windows' boundaries, so a report never races the start of a window.
+REPORT_PHASE = 0.5
 # When the demand summary a window divides by is written: a quarter interval before
-# the end of each report interval (the reports are written at its middle).
+# the end of each report interval (a quarter after the reports).
 SUMMARY_PHASE = 0.75
 
 
@@ -64,13 +67,14 @@ def _micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
-def next_tick(now: float, interval: float) -> int:
-    """The first summary tick after `now`: tick `i` falls at (i + SUMMARY_PHASE) * interval."""
-    return math.floor(now / interval - SUMMARY_PHASE) + 1
+def next_tick(now: float, interval: float, phase: float = SUMMARY_PHASE) -> int:
+    """The first tick after `now`: tick `i` falls at (i + phase) * interval (the
+    summary's ticks unless another phase is given)."""
+    return math.floor(now / interval - phase) + 1
 
 
-def tick_time(tick: int, interval: float) -> float:
-    return (tick + SUMMARY_PHASE) * interval
+def tick_time(tick: int, interval: float, phase: float = SUMMARY_PHASE) -> float:
+    return (tick + phase) * interval
 
 
 def window_tick(window_id: int, window: float, interval: float) -> int:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from vmbox import sharing
 from vmbox.state import keys
 from vmbox.state.demand import Report
-from vmbox.state.demandsync import parsed_report
+from vmbox.state.demandsync import each_tick, parsed_report
 from vmbox.state.epoch import parse_ack
 from vmbox.state.membership import latest_only, watch_snapshots
 from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
@@ -219,15 +219,9 @@ class Aggregation:
 
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(follow())
-            tick = -1
-            while True:
-                # A quarter interval after the reports (written half an interval off the
-                # windows' boundaries), a quarter before the next boundary; each tick
-                # once, and not before its time (a timer may fire a little early).
-                tick = max(tick + 1, sharing.next_tick(self.clock(), self.interval))
-                due = sharing.tick_time(tick, self.interval)
-                while (wait := due - self.clock()) > 0:
-                    await asyncio.sleep(wait)
+            # A quarter interval after the reports (written half an interval off the
+            # windows' boundaries), a quarter before the next boundary.
+            async for tick in each_tick(self.interval, sharing.SUMMARY_PHASE, self.clock):
                 revision, reports = latest
                 if not revision:
                     continue

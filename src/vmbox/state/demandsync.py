@@ -27,15 +27,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 
+from vmbox import sharing
 from vmbox.state import keys
 from vmbox.state.demand import DemandAware, Report, encode_report, parse_report
 from vmbox.state.store import KeyValue, LeaseLost, Store, StoreError
 
 log = logging.getLogger("vmbox.state.demand")  # the logger name operators know
+
+
+async def each_tick(
+    interval: float, phase: float, clock: Callable[[], float]
+) -> AsyncGenerator[int, None]:
+    """The ticks at (i + phase) * interval from now on (vmbox.sharing.tick_time), each
+    once and none before its time: a timer may fire a little early (asyncio allows its
+    clock's resolution), and a second pass through a tick would make a report (or a
+    summary) of a few milliseconds, whose near-empty counts pass for a source's demand.
+    A tick the caller's loop was too late for is skipped, not caught up."""
+    tick = -1
+    while True:
+        tick = max(tick + 1, sharing.next_tick(clock(), interval, phase))
+        due = sharing.tick_time(tick, interval, phase)
+        while (wait := due - clock()) > 0:
+            await asyncio.sleep(wait)
+        yield tick
 
 
 class DemandReporter:
@@ -68,17 +85,7 @@ class DemandReporter:
 
     async def run(self) -> None:
         """Report every interval until cancelled; never raises StoreError."""
-        slot = -1
-        while True:
-            # Half an interval off the epoch's multiples of it, so a report never
-            # races the start of a rate-limit window. Each slot once, and not before
-            # its time: a timer that fires a little early (asyncio allows its clock's
-            # resolution) must not make a second report of a few milliseconds, whose
-            # near-empty counts the aggregator would pass on as the source's demand.
-            slot = max(slot + 1, math.floor(self.clock() / self.interval - 0.5) + 1)
-            due = (slot + 0.5) * self.interval
-            while (wait := due - self.clock()) > 0:
-                await asyncio.sleep(wait)
+        async for _ in each_tick(self.interval, sharing.REPORT_PHASE, self.clock):
             await self.report()
 
     async def report(self) -> bool:
