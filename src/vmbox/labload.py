@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -40,6 +41,8 @@ GRACE = 10.0  # seconds a sender may take past its run (start-up, the iperf3 res
 PACED_TAIL = 0.5  # seconds a paced hping3 may run past its planned end (its pacing's drift)
 BASE_PORT = 5201
 _SENT = re.compile(r"(\d+) packets transmitted")
+
+log = logging.getLogger(__name__)
 
 
 def pktgen_available() -> bool:
@@ -206,6 +209,10 @@ def _hping3(
     sent = []
     for source, report in zip(sources, reports, strict=True):
         found = _SENT.search(report)
+        if not found or found.group(1) == "0":
+            # Twice in full test runs a lab's hping3 sent nothing, never alone: its own
+            # words, so the next time says why.
+            log.warning("hping3 from %s sent nothing; it said: %r", source, report[-2000:])
         sent.append(Sent(source, int(found.group(1)) if found else 0, seconds))
     return sent
 
