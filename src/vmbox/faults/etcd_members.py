@@ -273,7 +273,9 @@ async def _inject(
         f"{result.figures.get('recovered_max', 0):.1f} s; 2->3 in "
         f"{result.figures.get('scale_up_seconds', 0):.1f} s",
         f"watch: {len(set(revisions.acked) & set(revisions.seen))} of "
-        f"{len(revisions.acked)} acked revisions seen ({len(revisions.seen)} delivered); "
+        f"{len(revisions.acked)} acked revisions seen ({len(revisions.seen)} delivered, "
+        f"{len(revisions.unacknowledged())} of them from puts that failed or were retried "
+        f"and etcd committed all the same); "
         f"{run.limit_writes} limit writes, each seen by every replica's watch; "
         f"watch streams resumed {resumed[0]} times here, {resumed[1]:.0f} in the replicas",
     ]

@@ -6,9 +6,13 @@ seconds, noting the revision etcd acknowledged for each; a watcher on the
 service's own store (the client the controller and replicas use, whose watch
 resumes from the revision after the last one it delivered) records what it
 receives. `check()` then holds the watcher to every acknowledged revision,
-in order, each once. A put that timed out on the client may still have been
-committed (etcd had it, the answer was lost): the watcher may see it, and
-that is no miss.
+in order, each once, each carrying the number written at it. A put that
+failed on the client may still have been committed (etcd had it, the answer
+was lost): the watcher may see it, and that is no miss. The etcd client
+retries a put that failed with UNAVAILABLE (a leader change), so one number
+can also be committed twice, at two revisions, or a timed-out one later than
+the next: the numbers the watch delivers are in order only at the revisions
+etcd acknowledged, and those are the ones held to order.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ class RevisionCheck:
         self.key = key
         self.every = every
         self.acked: list[int] = []  # revisions etcd acknowledged, in write order
+        self.written: dict[int, int] = {}  # acknowledged revision -> the number put there
+        self.attempted = 0  # numbers 0 .. attempted - 1 were put, acknowledged or not
         self.failed = 0  # puts that raised (no quorum, member gone): maybe committed
         self.seen: list[int] = []  # revisions the watch delivered, in arrival order
-        self.values: list[int] = []  # and the numbers they carried
+        self.values: dict[int, int | None] = {}  # delivered revision -> the number it carried
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
@@ -59,10 +65,14 @@ class RevisionCheck:
     async def _write(self) -> None:
         number = 0
         while True:
+            self.attempted = number + 1
             try:
-                self.acked.append(await self.writer.put(self.key, str(number).encode()))
+                revision = await self.writer.put(self.key, str(number).encode())
             except StoreError:
                 self.failed += 1
+            else:
+                self.acked.append(revision)
+                self.written[revision] = number
             number += 1
             await asyncio.sleep(self.every)
 
@@ -70,8 +80,10 @@ class RevisionCheck:
         async for event in self.watcher.watch_prefix(self.key, start):
             if event.key == self.key and event.kind == "put":
                 self.seen.append(event.revision)
-                with contextlib.suppress(ValueError):
-                    self.values.append(int(event.value))
+                try:
+                    self.values[event.revision] = int(event.value)
+                except ValueError:
+                    self.values[event.revision] = None
 
     async def verify(self, within: float = 5.0) -> list[str]:
         """Stop writing, give the watch `within` s to catch up; the problems, one line each."""
@@ -97,7 +109,26 @@ class RevisionCheck:
             )
         if len(set(self.seen)) != len(self.seen):
             found.append(f"the watch delivered {len(self.seen) - len(set(self.seen))} twice")
-        for name, numbers in (("revisions", self.seen), ("values", self.values)):
-            if any(later <= earlier for earlier, later in itertools.pairwise(numbers)):
-                found.append(f"the watch delivered {name} out of order")
+        if any(later <= earlier for earlier, later in itertools.pairwise(self.seen)):
+            found.append("the watch delivered revisions out of order")
+        wrong = [r for r in self.seen if r in self.written and self.values[r] != self.written[r]]
+        if wrong:
+            found.append(
+                f"the watch delivered {len(wrong)} acknowledged revisions with a number other "
+                f"than the one put there (first at {wrong[0]})"
+            )
+        stray = [r for r in self.unacknowledged() if not self._was_put(self.values[r])]
+        if stray:
+            found.append(
+                f"the watch delivered {len(stray)} revisions carrying no number ever put "
+                f"(first at {stray[0]})"
+            )
         return found
+
+    def _was_put(self, number: int | None) -> bool:
+        return number is not None and 0 <= number < self.attempted
+
+    def unacknowledged(self) -> list[int]:
+        """Revisions delivered that no put was acknowledged at: failed or retried puts
+        etcd committed all the same."""
+        return [r for r in self.seen if r not in self.written]
