@@ -62,7 +62,8 @@ class Workers:
         return self
 
     def _spawn(self, index: int, plan: Path) -> subprocess.Popen[bytes]:
-        log = open(self.out / f"worker-{index}.log", "ab")  # noqa: SIM115 - closed in _end
+        # "wb": a rerun into the same directory replaces the log, as it does the plan.
+        log = open(self.out / f"worker-{index}.log", "wb")  # noqa: SIM115 - closed in _end
         self.logs.append(log)
         argv, preexec = with_parent_death_signal(
             [sys.executable, "-m", MODULE, str(plan)], signal.SIGKILL
