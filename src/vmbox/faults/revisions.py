@@ -5,7 +5,7 @@ on a connection of its own puts 0, 1, 2, ... to one key every `every`
 seconds, noting the revision etcd acknowledged for each; a watcher on the
 service's own store (the client the controller and replicas use, whose watch
 resumes from the revision after the last one it delivered) records what it
-receives. `check()` then holds the watcher to every acknowledged revision,
+receives. `verify()` then holds the watcher to every acknowledged revision,
 in order, each once, each carrying the number written at it. A put that
 failed on the client may still have been committed (etcd had it, the answer
 was lost): the watcher may see it, and that is no miss. The etcd client
