@@ -209,11 +209,12 @@ def _hping3(
     sent = []
     for source, report in zip(sources, reports, strict=True):
         found = _SENT.search(report)
-        if not found or found.group(1) == "0":
+        count = int(found.group(1)) if found else 0
+        if count == 0:
             # Twice in full test runs a lab's hping3 sent nothing, never alone: its own
             # words, so the next time says why.
             log.warning("hping3 from %s sent nothing; it said: %r", source, report[-2000:])
-        sent.append(Sent(source, int(found.group(1)) if found else 0, seconds))
+        sent.append(Sent(source, count, seconds))
     return sent
 
 
