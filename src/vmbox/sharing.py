@@ -210,14 +210,23 @@ def guarded_source_share(
     side down keeps its share at most its share under each of those groups.
     """
     share = source_share(total, counts, replica_set(group.members, group.me), group.me, floor)
-    if share is None or group.previous is None:
+    if group.previous is None:
         return share
     if group.me not in group.previous:
-        return 0
+        return None if share is None else 0  # a joiner takes nothing (its even share is 0)
     old = source_share(
         total, counts, replica_set(group.previous, group.me), group.me, floor, remainders=False
     )
-    return share if old is None else min(share, old)
+    if share is None and old is None:
+        return None  # offered under neither: the even share, which even_share guards
+    # A side none of whose replicas was offered the source would give it the even
+    # share: a source offered only to a replica that left (or only to a joiner)
+    # takes the smaller of that and the other side's demand share, not the even
+    # share alone. (A survivor that began its window after its sibling died once
+    # passed 34 of 100 beside the 97 the dead one had passed.)
+    new_side = even(total, group.members, group.me) if share is None else share
+    old_side = even(total, group.previous, group.me) if old is None else old
+    return min(new_side, old_side)
 
 
 def group_demand_shares(total: int, demand: Reports, group: Group, floor: float) -> dict[str, int]:

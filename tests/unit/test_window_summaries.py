@@ -174,3 +174,31 @@ def test_a_summary_for_a_window_is_written_by_the_tick_each_replica_names() -> N
             # intervals or more (shorter ones can have their ticks side by side).
             previous_is_one = sharing.owed_tick(tick - 1, window, interval) == tick - 1
             assert not previous_is_one or window < 2 * interval
+
+
+def test_a_survivor_beginning_its_window_after_the_only_replica_of_a_source_died() -> None:
+    """The source's one replica dies mid-window after passing its share; its flow moves
+    to a survivor that had not begun the window yet (no packet, no idle pass since the
+    boundary), so the survivor's window group is the one without the dead replica,
+    under the resize guard. The survivor's share of the source must stay its share
+    under the old set (the floor's), not the even share the new set would give a
+    source none of its members offered: CI once saw 131 of 100 from that."""
+    boxes = replicas(3)
+    window_id = int(START / WINDOW) + 3
+    tick = sharing.window_tick(window_id, WINDOW, INTERVAL)
+    summary = {"r0": {"s": 30}}  # only r0 was offered the source
+    for box in boxes.values():
+        box.set_demand(summary, tick)
+    begins = window_id * WINDOW
+    source = Packet("s", 1000, 64)
+    passed = Counter[str]()
+    for i in range(300):  # 300/s at r0 until it dies, half a second in
+        at = begins + i / 600
+        passed["r0"] += boxes["r0"].process(source, at) is Verdict.PASS
+    survivor = boxes["r1"]
+    survivor.update(group=Group(("r1", "r2"), "r1", previous=("r0", "r1", "r2")))
+    for i in range(150):  # then the flow at r1, which begins the window now
+        at = begins + 0.5 + i / 300
+        passed["r1"] += survivor.process(source, at) is Verdict.PASS
+    assert passed["r0"] >= 90, passed
+    assert sum(passed.values()) <= LIMIT, passed
